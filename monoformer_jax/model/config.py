@@ -1,0 +1,162 @@
+"""Model hyper-parameters as one frozen dataclass (hashable, so Linen modules can hold it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+T_EMBED_VARIANTS = ("adaln_before_decoder", "add_before_image_tokens")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The shared transformer: a LLaMA decoder plus MonoFormer's image path.
+
+  Defaults are the released MonoFormer ImageNet-256 model (TinyLlama-1.1B backbone, 32,004-token
+  vocabulary, SD-VAE latents 32x32x4, patch 2, `adaln_before_decoder`).
+  """
+  # LLaMA backbone.
+  vocab_size: int = 32004
+  hidden_size: int = 2048
+  intermediate_size: int = 5632
+  num_layers: int = 22
+  num_heads: int = 32
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0 means hidden_size // num_heads.
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 2048
+  initializer_range: float = 0.02
+  # Image path. Sizes are those of what the transformer diffuses: VAE latents, or pixels when the
+  # "autoencoder" is the identity (the embedded MNIST default: 28x28x1, patch 4).
+  image_height: int = 32
+  image_width: int = 32
+  image_channels: int = 4
+  patch_size: int = 2
+  learn_sigma: bool = True
+  t_embed: str = "adaln_before_decoder"
+  bidirectional_image: bool = True  # official use_bi_attn_img_tokens; False = the causal ablation.
+  use_pos_embed: bool = True
+  num_classes: int = 0  # > 0 adds a DiT-style label embedding (index num_classes = null class).
+  timestep_freq_dim: int = 256
+  # Numerics and memory.
+  dtype: str = "float32"  # compute dtype; parameters are always float32.
+  remat: str = "none"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    errors = []
+    if self.hidden_size % self.num_heads and not self.head_dim:
+      errors.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      errors.append(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+    for name, size in (("image_height", self.image_height), ("image_width", self.image_width)):
+      if size % self.patch_size:
+        errors.append(f"patch_size={self.patch_size} does not divide {name}={size}")
+    if self.t_embed not in T_EMBED_VARIANTS:
+      errors.append(f"t_embed={self.t_embed!r} is not one of {T_EMBED_VARIANTS}")
+    if self.remat not in REMAT_POLICIES:
+      errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
+    if self.timestep_freq_dim % 2:
+      errors.append(f"timestep_freq_dim={self.timestep_freq_dim} must be even")
+    if errors:
+      raise ValueError("invalid model config: " + "; ".join(errors))
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def grid_size(self) -> tuple[int, int]:
+    return self.image_height // self.patch_size, self.image_width // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    h, w = self.grid_size
+    return h * w
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * self.image_channels
+
+  @property
+  def output_channels(self) -> int:
+    return self.image_channels * (2 if self.learn_sigma else 1)
+
+  @property
+  def has_t_token(self) -> bool:
+    return self.t_embed == "add_before_image_tokens"
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a dict / ConfigDict, refusing unknown keys by name."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model config field(s): {', '.join(unknown)}; "
+                       f"known fields: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def tinyllama_monoformer(**overrides) -> ModelConfig:
+  """The paper's model: TinyLlama-1.1B with the 32,004-token vocabulary, ImageNet-256 latents."""
+  return ModelConfig(**overrides)
+
+
+def from_official_config(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
+  """Maps an official MonoFormer / HF LLaMA `config.json` dict onto ModelConfig.
+
+  The official image fields: `image_size` is in pixels (latent = image_size // 8, SD-VAE), and
+  `in_channels`, `patch_size`, `learn_sigma`, `decoder_t_embed`, `use_bi_attn_img_tokens`,
+  `use_pos_embed`. A plain LLaMA config (no image fields) gets the ImageNet-256 image defaults.
+  """
+  if cfg.get("tie_word_embeddings", False):
+    raise ValueError("tied input/output embeddings are not supported (LLaMA/TinyLlama untie them)")
+  if cfg.get("rope_scaling"):
+    raise ValueError(f"rope_scaling={cfg['rope_scaling']!r} is not supported")
+  heads = cfg["num_attention_heads"]
+  kw = dict(
+      vocab_size=cfg["vocab_size"],
+      hidden_size=cfg["hidden_size"],
+      intermediate_size=cfg["intermediate_size"],
+      num_layers=cfg["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=cfg.get("num_key_value_heads") or heads,
+      head_dim=cfg.get("head_dim") or 0,
+      rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+      rope_theta=float(cfg.get("rope_theta", 10000.0)),
+      max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+      initializer_range=cfg.get("initializer_range", 0.02),
+  )
+  if kw["head_dim"] == kw["hidden_size"] // heads:
+    kw["head_dim"] = 0
+  if "image_size" in cfg:
+    latent = cfg["image_size"] // 8
+    kw.update(
+        image_height=latent, image_width=latent,
+        image_channels=cfg.get("in_channels", 4),
+        patch_size=cfg.get("patch_size", 2),
+        learn_sigma=cfg.get("learn_sigma", True),
+        t_embed=cfg.get("decoder_t_embed", "adaln_before_decoder"),
+        bidirectional_image=bool(cfg.get("use_bi_attn_img_tokens", True)),
+        use_pos_embed=bool(cfg.get("use_pos_embed", True)),
+    )
+    if cfg.get("add_pos_embed_each_layer"):
+      raise ValueError("add_pos_embed_each_layer=True is not supported (the official configs use False)")
+    if not cfg.get("use_adaln_final_layer", True):
+      raise ValueError("use_adaln_final_layer=False is not supported (the official configs use True)")
+  kw.update(overrides)
+  return ModelConfig(**kw)

@@ -1,0 +1,153 @@
+"""LLaMA decoder building blocks with logical axis names (Hugging Face numerics).
+
+Parameter logical axes: 'vocab', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'norm'.
+Activation logical axes: 'activation_batch', 'activation_length', 'activation_embed',
+'activation_heads', 'activation_kv_heads', 'activation_mlp', 'activation_vocab'. The configs map
+both onto the mesh axes ('data', 'fsdp', 'tensor'); the model knows nothing of meshes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from monoformer_jax.model.config import ModelConfig
+
+Array = jax.Array
+
+
+def normal_init(stddev: float, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def zeros_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def constrain(x: Array, axes) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm: normalise in float32, cast back, then scale (the HF order)."""
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos/sin of shape (B, L, head_dim) for the HF rotate-half convention, in float32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x: (B, L, heads, D); cos/sin: (B, L, D). HF: x * cos + rotate_half(x) * sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  """Grouped-query attention over an explicit boolean mask.
+
+  With `kv_cache`, the new keys/values are written into the cache buffer at `cache_index` and the
+  queries attend over the whole buffer (the mask says which buffer slots are visible).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
+               kv_cache: Optional[dict] = None, cache_index=None):
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    d, h, kvh = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+    init = cfg.initializer_range
+
+    def proj(name, heads, axes):
+      return nn.DenseGeneral(features=(heads, d), use_bias=False, dtype=dtype,
+                             param_dtype=jnp.float32, name=name,
+                             kernel_init=normal_init(init, ("embed", axes, "head_dim")))
+
+    q = proj("q_proj", h, "heads")(x)
+    k = proj("k_proj", kvh, "kv_heads")(x)
+    v = proj("v_proj", kvh, "kv_heads")(x)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+
+    new_cache = None
+    if kv_cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype),
+                                                  cache_index, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype),
+                                                  cache_index, axis=1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(dtype), v_all.astype(dtype)
+
+    b, lq = q.shape[:2]
+    groups = h // kvh
+    # HF repeat_kv: query head i reads kv head i // groups.
+    q = q.reshape(b, lq, kvh, groups, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    # A finite minimum (as HF) keeps fully masked rows (padding queries) free of NaNs.
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, lq, h, d)
+    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+    out = nn.DenseGeneral(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype,
+                          param_dtype=jnp.float32, name="o_proj",
+                          kernel_init=normal_init(init, ("heads", "head_dim", "embed")))(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = cfg.compute_dtype
+
+    def dense(name, features, axes):
+      return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name,
+                      kernel_init=normal_init(cfg.initializer_range, axes))
+
+    gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm LLaMA block. Signature fits nn.scan: (carry, per-layer cache) -> (carry, cache)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, kv_cache, mask: Array, cos: Array, sin: Array, cache_index):
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
+    attn, new_cache = Attention(cfg, name="self_attn")(h, mask, cos, sin, kv_cache, cache_index)
+    x = x + attn
+    h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+    x = x + MLP(cfg, name="mlp")(h)
+    return x, new_cache

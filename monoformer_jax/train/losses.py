@@ -1,0 +1,34 @@
+"""Loss functions shared by the train steps, the evaluators and the parity checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def token_cross_entropy(logits: Array, targets: Array) -> Array:
+  """Per-token cross-entropy in float32, (B, L)."""
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - picked
+
+
+def lm_loss(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Array]:
+  """Mean next-token cross-entropy over the masked tokens (HF's mean over non-ignored labels).
+
+  Returns (loss, number of tokens). A batch with no trained token gives loss 0, as the official
+  code does for image-only batches.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  count = jnp.sum(mask)
+  total = jnp.sum(token_cross_entropy(logits, targets) * mask)
+  return total / jnp.maximum(count, 1.0), count
+
+
+def masked_mean(values: Array, mask: Array) -> Array:
+  """Mean of `values` over entries where `mask` is set (0 when none is)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
