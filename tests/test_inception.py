@@ -5,6 +5,9 @@ function by one returning a complete random state dict: He-scaled convolutions a
 norm, so activations keep their scale through the 90-odd layers and the pooled features depend on the
 input (PLATFORM.md). The same state dict, written with `torch.save`, is what our converter reads.
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -139,3 +142,50 @@ def test_converter_layout(reference):
   np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], state["fc.weight"].T)
   n_state = sum(v.size for k, v in state.items() if not k.endswith("num_batches_tracked"))
   assert sum(x.size for x in jax.tree_util.tree_leaves(variables)) == n_state
+
+
+def _write_images(path, images, **extra):
+  np.savez(path, arr_0=images, **extra)
+  return str(path)
+
+
+def test_tool_end_to_end(reference, tmp_path):
+  """The command-line tool on the .pth written by torch.save, in a fresh process."""
+  pytest.importorskip("monoformer_jax.convert.torch_checkpoint")
+  images = _write_images(tmp_path / "images.npz", reference["images"])
+  out = tmp_path / "features.npz"
+  result = subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.tools.inception_features", "--weights",
+       str(reference["path"]), "--images", images, "--out", str(out), "--batch-size", "1"],
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  with np.load(out) as features:
+    assert features["pool"].dtype == np.float32
+    np.testing.assert_allclose(features["pool"], reference["pool"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(features["logits"], reference["logits"], rtol=0,
+                               atol=1e-4 * max(1.0, np.abs(reference["logits"]).max()))
+
+
+def test_tool_names_the_problem(reference, tmp_path, capsys):
+  from monoformer_jax.tools import inception_features
+  good = _write_images(tmp_path / "good.npz", reference["images"])
+  cases = [
+      (["--weights", str(tmp_path / "nope.pth"), "--images", good], "--weights: no such file"),
+      (["--weights", str(reference["path"]), "--images", str(tmp_path / "nope.npz")],
+       "--images: no such file"),
+      (["--weights", str(reference["path"]),
+        "--images", _write_images(tmp_path / "f.npz", reference["images"].astype(np.float32))],
+       "must be uint8"),
+      (["--weights", str(reference["path"]),
+        "--images", _write_images(tmp_path / "g.npz", reference["images"][..., 0])],
+       "must have shape (N, H, W, 3)"),
+      (["--weights", str(reference["path"]),
+        "--images", _write_images(tmp_path / "k.npz", reference["images"]), "--key", "x"],
+       "has no array 'x'"),
+  ]
+  for argv, message in cases:
+    with pytest.raises(SystemExit) as info:
+      inception_features.main(argv + ["--out", str(tmp_path / "out.npz")])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / "out.npz").exists()
