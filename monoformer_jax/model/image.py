@@ -62,7 +62,7 @@ def timestep_frequencies(t: Array, dim: int, max_period: float = 10000.0) -> Arr
   """[cos(t f), sin(t f)] with f = exp(-ln(max_period) * k / (dim/2)) (cos first, as the official)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[..., None] * freqs
+  args = t.astype(jnp.float32)[..., None] * freqs.reshape((1,) * t.ndim + (half,))
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
