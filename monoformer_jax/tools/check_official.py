@@ -99,14 +99,16 @@ def _model_case(config, params, cases, special, prefix, with_images=True):
 
 
 def official_cfg_nchw(x_out: np.ndarray, scale: float) -> np.ndarray:
-  """The official forward_with_cfg mix on NCHW outputs: channels 0..2 guided, both halves."""
-  from monoformer_jax.diffusion import guided_output  # pylint: disable=import-outside-toplevel
-  nhwc = jnp.asarray(gc.nchw_to_nhwc(x_out))
-  half = nhwc.shape[0] // 2
-  guided = guided_output(nhwc[:half], nhwc[half:], scale, mode="official_first3")
-  uncond_guided = guided_output(nhwc[:half], nhwc[half:], scale, mode="official_first3",
-                                keep="uncond")
-  return gc.nhwc_to_nchw(np.concatenate([np.asarray(guided), np.asarray(uncond_guided)]))
+  """The official forward_with_cfg mix on NCHW [cond; uncond] outputs.
+
+  Only channels 0..2 are guided (DiT's "reproducibility" quirk) and the guided values are written
+  to both halves; the remaining channels stay per-row unguided.
+  """
+  half = x_out.shape[0] // 2
+  cond, uncond = x_out[:half], x_out[half:]
+  guided = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
+  return np.concatenate([np.concatenate([guided, cond[:, 3:]], axis=1),
+                         np.concatenate([guided, uncond[:, 3:]], axis=1)])
 
 
 def compute_all(path: str) -> tuple[dict, dict, dict]:
