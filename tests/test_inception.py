@@ -117,6 +117,13 @@ def test_logits_match_pytorch_fid(reference, ours):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
+def test_float_images_in_unit_range_match_uint8(reference, ours):
+  variables = inception_convert.convert_state_dict(reference["state"])
+  as_float = reference["images"].astype(np.float32) / 255.0
+  got = inception.InceptionFeatures(variables)(as_float)
+  np.testing.assert_allclose(got["pool"], ours["pool"], rtol=0, atol=1e-5)
+
+
 def test_converter_reports_missing_unexpected_and_misshapen_keys(reference):
   state = dict(reference["state"])
   del state["Mixed_6b.branch7x7_2.conv.weight"]

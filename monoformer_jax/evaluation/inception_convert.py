@@ -27,17 +27,18 @@ class ConversionError(ValueError):
 
 
 def _torch_name(collection: str, path: tuple[str, ...]) -> tuple[str, str]:
-  """Flax variable path -> (torch key, kind) where kind says how to transform the array."""
+  """Flax variable path -> (torch key, kind); kind says how the array is transformed."""
   *modules, leaf = path
+  prefix = ".".join(modules)
   if modules[-1] == "fc":
-    return ".".join(modules[:-1] + ["fc", {"kernel": "weight", "bias": "bias"}[leaf]]), (
+    return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}", (
         "dense" if leaf == "kernel" else "copy")
   if modules[-1] == "conv" and leaf == "kernel":
-    return ".".join(modules + ["weight"]), "conv"
+    return f"{prefix}.weight", "conv"
   if modules[-1] == "bn":
     for torch_leaf, (coll, flax_leaf) in _BN_NAMES.items():
-      if coll == collection and flax_leaf == leaf:
-        return ".".join(modules + [torch_leaf]), "copy"
+      if (coll, flax_leaf) == (collection, leaf):
+        return f"{prefix}.{torch_leaf}", "copy"
   raise AssertionError(f"unmapped Flax variable {collection}/{'/'.join(path)}")
 
 
