@@ -196,3 +196,16 @@ def test_tool_names_the_problem(reference, tmp_path, capsys):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
   assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_load_fid_inception_from_pth(reference, tmp_path, zip_format):
+  """Both torch.save formats: the released pt_inception-2015-12-05 file dates from 2019 (torch 1.x),
+  before the zip format became the default, so the reader must handle the legacy format too."""
+  pytest.importorskip("monoformer_jax.convert.torch_checkpoint")
+  path = tmp_path / "weights.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in reference["state"].items()}, path,
+             _use_new_zipfile_serialization=zip_format)
+  loaded = inception_convert.load_fid_inception(str(path))
+  direct = inception_convert.convert_state_dict(reference["state"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, direct)
