@@ -1,0 +1,344 @@
+"""Read PyTorch and safetensors checkpoints into NumPy, without torch and without running file code.
+
+    state = load_state_dict("diffusion_pytorch_model.safetensors")   # or .bin / .pth / .pt
+    state = load_state_dict("TinyLlama/")                            # a directory, sharded or not
+    state = load_state_dict("model.safetensors.index.json")          # shards merged
+    state = load_torch_state_dict("ckpt.pth", key="ema")             # pick a sub-dict
+
+`torch.save` (torch >= 1.6) writes a zip archive `<name>/data.pkl` + `<name>/data/<key>` (raw
+storage bytes) + `<name>/byteorder`. A pickle can call any importable function, so `data.pkl` is
+read with an unpickler whose `find_class` answers only the handful of globals a tensor
+state dict needs (`_ALLOWED_GLOBALS`) and raises `UnsafeCheckpointError` naming anything else:
+nothing from the file is executed. Tensors come back as NumPy arrays, copied out of their storage
+(views keep their own shape/stride/offset; storages shared by several views are read once).
+
+dtypes: float64/32/16, bfloat16 (as `ml_dtypes.bfloat16`, the dtype JAX uses; call
+`.astype(np.float32)` where you want plain NumPy), int64/32/16/8, uint8, bool, complex64/128.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping, Optional
+
+import ml_dtypes
+import numpy as np
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+  """The checkpoint's pickle asks for a global outside the tensors-only allow list."""
+
+
+# Storage class name (as pickled by torch.save) -> NumPy dtype.
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+}
+
+
+class _StorageType:
+  """Stands in for `torch.FloatStorage` & co.: only its dtype matters."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = _STORAGE_DTYPES[name]
+
+
+class _StorageRef:
+  """A `('storage', type, key, location, numel)` persistent record, not yet read."""
+
+  def __init__(self, dtype: np.dtype, key: str, numel: int):
+    self.dtype, self.key, self.numel = dtype, key, numel
+
+
+class _PendingTensor:
+  """What `_rebuild_tensor_v2` returns while unpickling; turned into an array afterwards.
+
+  Returning a plain class (rather than an ndarray) keeps pickle's BUILD opcode from reaching
+  `ndarray.__setstate__` with attacker-chosen state.
+  """
+
+  def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple):
+    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+  def __setstate__(self, state):
+    raise UnsafeCheckpointError("refusing to set state on a tensor (tensor subclasses unsupported)")
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+  del requires_grad, backward_hooks, metadata  # irrelevant for inference-time weights
+  if not isinstance(storage, _StorageRef):
+    raise UnsafeCheckpointError(f"tensor storage is a {type(storage).__name__}, not a record")
+  return _PendingTensor(storage, int(storage_offset), size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
+  del requires_grad, backward_hooks, unused
+  if not isinstance(data, _PendingTensor):
+    raise UnsafeCheckpointError("nn.Parameter wraps something that is not a tensor")
+  return data
+
+
+_ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Resolves only `_ALLOWED_GLOBALS`; storages become `_StorageRef`s."""
+
+  def __init__(self, file, source: str):
+    super().__init__(file)
+    self._source = source
+
+  def find_class(self, module, name):
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except KeyError:
+      raise UnsafeCheckpointError(
+          f"{self._source}: refusing to load global '{module}.{name}': only tensors, dicts and "
+          "plain Python values are allowed in a checkpoint read without torch") from None
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)):
+      raise UnsafeCheckpointError(f"{self._source}: unexpected persistent record {pid!r:.200}")
+    _, storage_type, key, _location, numel = pid
+    return _StorageRef(storage_type.dtype, str(key), int(numel))
+
+
+def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
+  """The '<name>/' folder holding data.pkl (torch names it after the file, so it varies)."""
+  pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
+  if not pickles:
+    if any(n.endswith("constants.pkl") for n in archive.namelist()):
+      raise ValueError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save file")
+    raise ValueError(f"{path}: zip archive without data.pkl; not a torch.save checkpoint")
+  return pickles[0][:-len("data.pkl")]
+
+
+def _check_zip_header(path: str) -> None:
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head.startswith(b"PK"):
+    raise ValueError(f"{path}: truncated or corrupt zip archive (no central directory)")
+  if head[:1] == b"\x80":
+    raise ValueError(f"{path}: unsupported legacy (pre-1.6, non-zip) PyTorch format; re-save it "
+                     "with torch.save(torch.load(path), new_path) under torch >= 1.6")
+  raise ValueError(f"{path}: not a PyTorch zip checkpoint (starts with {head!r})")
+
+
+class _StorageReader:
+  """Reads each `data/<key>` storage once, checking its size against the pickled record."""
+
+  def __init__(self, archive: zipfile.ZipFile, prefix: str, path: str, big_endian: bool):
+    self._archive, self._prefix, self._path, self._big = archive, prefix, path, big_endian
+    self._cache: dict[str, np.ndarray] = {}
+
+  def storage(self, ref: _StorageRef) -> np.ndarray:
+    if ref.key not in self._cache:
+      name = f"{self._prefix}data/{ref.key}"
+      try:
+        raw = self._archive.read(name)
+      except KeyError:
+        raise ValueError(f"{self._path}: missing storage record {name!r}") from None
+      except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{self._path}: corrupt storage record {name!r} ({e})") from e
+      dtype = ref.dtype.newbyteorder(">") if self._big and ref.dtype.itemsize > 1 else ref.dtype
+      if len(raw) != ref.numel * dtype.itemsize:
+        raise ValueError(f"{self._path}: storage {name!r} holds {len(raw)} bytes, the pickle "
+                         f"expects {ref.numel} x {dtype.itemsize}")
+      self._cache[ref.key] = np.frombuffer(raw, dtype=dtype)
+    return self._cache[ref.key]
+
+  def tensor(self, pending: _PendingTensor) -> np.ndarray:
+    storage = self.storage(pending.storage)
+    size, stride, offset = pending.size, pending.stride, pending.offset
+    if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
+      raise ValueError(f"{self._path}: invalid tensor geometry size={size} stride={stride}")
+    if 0 not in size:
+      # Bounds check before as_strided, which would otherwise read past the buffer.
+      last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+      if last >= storage.size:
+        raise ValueError(f"{self._path}: tensor size={size} stride={stride} offset={offset} "
+                         f"overruns storage {pending.storage.key!r} of {storage.size} elements")
+      view = np.lib.stride_tricks.as_strided(
+          storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
+          writeable=False)
+    else:
+      view = np.zeros(size, storage.dtype)
+    return np.array(view, dtype=storage.dtype.newbyteorder("="), copy=True)
+
+
+def _materialize(obj: Any, reader: _StorageReader) -> Any:
+  if isinstance(obj, _PendingTensor):
+    return reader.tensor(obj)
+  if isinstance(obj, dict):
+    return type(obj)((k, _materialize(v, reader)) for k, v in obj.items())
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_materialize(v, reader) for v in obj)
+  if isinstance(obj, (_StorageRef, _StorageType)):
+    raise ValueError("bare storages in a checkpoint are unsupported; save tensors instead")
+  return obj
+
+
+def load_torch_checkpoint(path: str | os.PathLike) -> Any:
+  """The whole object `torch.save` wrote, with tensors as NumPy arrays (nested dicts kept)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+  if not zipfile.is_zipfile(path):
+    _check_zip_header(path)
+  try:
+    with zipfile.ZipFile(path) as archive:
+      prefix = _archive_prefix(archive, path)
+      names = set(archive.namelist())
+      big_endian = (f"{prefix}byteorder" in names
+                    and archive.read(f"{prefix}byteorder").strip() == b"big")
+      with archive.open(f"{prefix}data.pkl") as f:
+        try:
+          obj = _RestrictedUnpickler(f, path).load()
+        except UnsafeCheckpointError:
+          raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+                IndexError) as e:
+          raise ValueError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from e
+      return _materialize(obj, _StorageReader(archive, prefix, path, big_endian))
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from e
+
+
+# Checked in order when a checkpoint wraps its weights (training scripts, Lightning, EMA copies).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema")
+
+
+def flatten_state_dict(tree: Mapping, sep: str = ".") -> dict[str, np.ndarray]:
+  """Nested dicts of arrays -> {'a.b.c': array}; non-array leaves (epochs, configs) are dropped."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, np.ndarray):
+      flat[str(key)] = value
+    elif isinstance(value, Mapping):
+      flat.update({f"{key}{sep}{k}": v for k, v in flatten_state_dict(value, sep).items()})
+  return flat
+
+
+def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None
+                          ) -> dict[str, np.ndarray]:
+  """A flat {name: array} state dict from a torch.save file.
+
+  `key` picks a sub-dict (dotted for nesting, e.g. "checkpoint.ema"). Without it, a top-level
+  dict holding no arrays but one of `_WRAPPER_KEYS` ("state_dict", "model", ...) is unwrapped;
+  whatever remains is flattened with '.'-joined names.
+  """
+  obj = load_torch_checkpoint(path)
+  if key is not None:
+    for part in key.split("."):
+      if not isinstance(obj, Mapping) or part not in obj:
+        raise KeyError(f"{os.fspath(path)}: no {part!r} in the checkpoint (looking up {key!r})")
+      obj = obj[part]
+  while (isinstance(obj, Mapping) and not any(isinstance(v, np.ndarray) for v in obj.values())):
+    wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if wrapper is None:
+      break
+    obj = obj[wrapper]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{os.fspath(path)}: holds a {type(obj).__name__}, not a dict of tensors")
+  return flatten_state_dict(obj)
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+  try:
+    return dict(safetensors.numpy.load_file(path))
+  except Exception as e:  # safetensors raises its own SafetensorError for bad headers/sizes
+    raise ValueError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _load_index(index_path: str) -> dict[str, np.ndarray]:
+  """Merges the shards named by a `*.index.json` weight_map, checking every key is found."""
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from e
+  folder = os.path.dirname(index_path)
+  merged: dict[str, np.ndarray] = {}
+  for shard in sorted(set(weight_map.values())):
+    shard_path = os.path.join(folder, shard)
+    if not os.path.isfile(shard_path):
+      raise FileNotFoundError(f"{index_path}: shard {shard!r} not found in {folder!r}")
+    for name, value in _load_single_file(shard_path).items():
+      if name in merged:
+        raise ValueError(f"{index_path}: tensor {name!r} appears in more than one shard")
+      merged[name] = value
+  missing = sorted(k for k in weight_map if k not in merged)
+  if missing:
+    raise ValueError(f"{index_path}: tensors listed in the index but absent from their shards: "
+                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  return merged
+
+
+def _load_single_file(path: str) -> dict[str, np.ndarray]:
+  if path.endswith(".index.json"):
+    return _load_index(path)
+  if path.endswith(".safetensors"):
+    return _load_safetensors(path)
+  if path.endswith((".bin", ".pth", ".pt", ".ckpt")):
+    return load_torch_state_dict(path)
+  raise ValueError(f"{path}: unknown checkpoint extension (want .safetensors, .bin, .pth, .pt, "
+                   ".ckpt, *.index.json or a directory)")
+
+
+# Well-known single-file names, best first; a directory is searched in this order.
+_KNOWN_FILES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
+                "model.safetensors", "diffusion_pytorch_model.safetensors",
+                "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json",
+                "pytorch_model.bin", "diffusion_pytorch_model.bin")
+_FALLBACK_PATTERNS = ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin",
+                      "*.pth", "*.pt")
+
+
+def _pick_in_directory(folder: str) -> str:
+  for name in _KNOWN_FILES:
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  for pattern in _FALLBACK_PATTERNS:
+    found = sorted(glob.glob(os.path.join(folder, pattern)))
+    if len(found) == 1:
+      return found[0]
+    if len(found) > 1:
+      raise ValueError(f"{folder}: several {pattern} files and no index to say which to load: "
+                       f"{[os.path.basename(p) for p in found]}; pass one file")
+  raise FileNotFoundError(f"{folder}: no checkpoint (.safetensors, .bin, .pth, .pt or index json)")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A flat {name: array} dict from a file (.safetensors/.bin/.pth/.pt/index json) or directory."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = _pick_in_directory(path)
+  elif not os.path.exists(path):
+    raise FileNotFoundError(f"no such checkpoint file or directory: {path!r}")
+  return _load_single_file(path)
