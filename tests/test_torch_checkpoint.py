@@ -161,10 +161,34 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         dst.writestr(info, src.read(info))
   with pytest.raises(ValueError, match=r"nostorage\.pt: missing storage record .*data/0"):
     load_state_dict(tmp_path / "nostorage.pt")
-  # Legacy (pre-1.6) files are pickles, not zips.
-  torch.save({"w": torch.randn(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-  with pytest.raises(ValueError, match="unsupported legacy"):
-    load_state_dict(tmp_path / "legacy.pt")
+  torch.save({"w": torch.randn(64)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+  data = (tmp_path / "legacy.pt").read_bytes()
+  (tmp_path / "legacy_cut.pt").write_bytes(data[:-10])
+  with pytest.raises(ValueError, match=r"legacy_cut\.pt: truncated; storage"):
+    load_state_dict(tmp_path / "legacy_cut.pt")
+  (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100))
+  with pytest.raises(ValueError, match=r"random\.pt: not a PyTorch checkpoint"):
+    load_state_dict(tmp_path / "random.pt")
+
+
+def test_legacy_format_roundtrips_exactly(tmp_path):
+  """Pre-1.6 torch.save (a pickle stream + raw storages): still how pytorch-fid ships weights."""
+  tensors = _random_tensors(torch.Generator().manual_seed(2))
+  path = tmp_path / "legacy.pth"
+  torch.save(tensors, path, _use_new_zipfile_serialization=False)
+  assert not zipfile.is_zipfile(path)
+  got = load_torch_state_dict(path)
+  assert set(got) == set(tensors)
+  for name, tensor in tensors.items():
+    _assert_same(got[name], tensor)
+  _Evil.marker = str(tmp_path / "pwned")
+  with open(tmp_path / "evil_legacy.pt", "wb") as f:
+    for header in (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}):
+      pickle.dump(header, f, protocol=2)
+    pickle.dump({"w": _Evil()}, f, protocol=2)
+  with pytest.raises(UnsafeCheckpointError, match="system"):
+    load_state_dict(tmp_path / "evil_legacy.pt")
+  assert not (tmp_path / "pwned").exists()
 
 
 def test_sharded_safetensors_and_directories(tmp_path):

@@ -6,7 +6,8 @@
     state = load_torch_state_dict("ckpt.pth", key="ema")             # pick a sub-dict
 
 `torch.save` (torch >= 1.6) writes a zip archive `<name>/data.pkl` + `<name>/data/<key>` (raw
-storage bytes) + `<name>/byteorder`. A pickle can call any importable function, so `data.pkl` is
+storage bytes) + `<name>/byteorder`; older torch wrote a stream of pickles followed by the raw
+storages (the "legacy" format, still used by e.g. pytorch-fid's Inception weights); both are read. A pickle can call any importable function, so `data.pkl` is
 read with an unpickler whose `find_class` answers only the handful of globals a tensor
 state dict needs (`_ALLOWED_GLOBALS`) and raises `UnsafeCheckpointError` naming anything else:
 nothing from the file is executed. Tensors come back as NumPy arrays, copied out of their storage
@@ -24,7 +25,7 @@ import json
 import os
 import pickle
 import zipfile
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
@@ -60,10 +61,13 @@ class _StorageType:
 
 
 class _StorageRef:
-  """A `('storage', type, key, location, numel)` persistent record, not yet read."""
+  """A `('storage', type, key, location, numel[, view])` persistent record, not yet read.
 
-  def __init__(self, dtype: np.dtype, key: str, numel: int):
-    self.dtype, self.key, self.numel = dtype, key, numel
+  `base_offset` is non-zero only for the legacy format's storage views (a slice of a root storage).
+  """
+
+  def __init__(self, dtype: np.dtype, key: str, numel: int, base_offset: int = 0):
+    self.dtype, self.key, self.numel, self.base_offset = dtype, key, numel, base_offset
 
 
 class _PendingTensor:
@@ -109,6 +113,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def __init__(self, file, source: str):
     super().__init__(file)
     self._source = source
+    self.storages: dict[str, _StorageRef] = {}  # root key -> record (the legacy reader sizes them)
 
   def find_class(self, module, name):
     try:
@@ -119,11 +124,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
           "plain Python values are allowed in a checkpoint read without torch") from None
 
   def persistent_load(self, pid):
-    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+    # Zip format: 5 fields. Legacy format: a sixth, (view_key, offset, view_numel) or None.
+    if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage"
         or not isinstance(pid[1], _StorageType)):
       raise UnsafeCheckpointError(f"{self._source}: unexpected persistent record {pid!r:.200}")
-    _, storage_type, key, _location, numel = pid
-    return _StorageRef(storage_type.dtype, str(key), int(numel))
+    _, storage_type, key, _location, numel = pid[:5]
+    view = pid[5] if len(pid) == 6 else None
+    base_offset = int(view[1]) if view else 0
+    ref = _StorageRef(storage_type.dtype, str(key), int(numel), base_offset)
+    self.storages.setdefault(ref.key, ref)
+    return ref
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
@@ -136,43 +146,43 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
   return pickles[0][:-len("data.pkl")]
 
 
-def _check_zip_header(path: str) -> None:
-  with open(path, "rb") as f:
-    head = f.read(4)
-  if head.startswith(b"PK"):
-    raise ValueError(f"{path}: truncated or corrupt zip archive (no central directory)")
-  if head[:1] == b"\x80":
-    raise ValueError(f"{path}: unsupported legacy (pre-1.6, non-zip) PyTorch format; re-save it "
-                     "with torch.save(torch.load(path), new_path) under torch >= 1.6")
-  raise ValueError(f"{path}: not a PyTorch zip checkpoint (starts with {head!r})")
+def _zip_storage_bytes(archive: zipfile.ZipFile, prefix: str, path: str):
+  """key -> bytes of `<prefix>data/<key>`, with the file and record named on failure."""
+
+  def read(key: str) -> bytes:
+    name = f"{prefix}data/{key}"
+    try:
+      return archive.read(name)
+    except KeyError:
+      raise ValueError(f"{path}: missing storage record {name!r}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      raise ValueError(f"{path}: corrupt storage record {name!r} ({e})") from e
+
+  return read
 
 
 class _StorageReader:
-  """Reads each `data/<key>` storage once, checking its size against the pickled record."""
+  """Reads each storage once (through `read_bytes(key)`), checking its size against the pickle."""
 
-  def __init__(self, archive: zipfile.ZipFile, prefix: str, path: str, big_endian: bool):
-    self._archive, self._prefix, self._path, self._big = archive, prefix, path, big_endian
+  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool):
+    self._read_bytes, self._path, self._big = read_bytes, path, big_endian
     self._cache: dict[str, np.ndarray] = {}
 
   def storage(self, ref: _StorageRef) -> np.ndarray:
     if ref.key not in self._cache:
-      name = f"{self._prefix}data/{ref.key}"
-      try:
-        raw = self._archive.read(name)
-      except KeyError:
-        raise ValueError(f"{self._path}: missing storage record {name!r}") from None
-      except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{self._path}: corrupt storage record {name!r} ({e})") from e
+      name = f"storage {ref.key!r}"
+      raw = self._read_bytes(ref.key)
       dtype = ref.dtype.newbyteorder(">") if self._big and ref.dtype.itemsize > 1 else ref.dtype
       if len(raw) != ref.numel * dtype.itemsize:
-        raise ValueError(f"{self._path}: storage {name!r} holds {len(raw)} bytes, the pickle "
+        raise ValueError(f"{self._path}: {name} holds {len(raw)} bytes, the pickle "
                          f"expects {ref.numel} x {dtype.itemsize}")
       self._cache[ref.key] = np.frombuffer(raw, dtype=dtype)
     return self._cache[ref.key]
 
   def tensor(self, pending: _PendingTensor) -> np.ndarray:
     storage = self.storage(pending.storage)
-    size, stride, offset = pending.size, pending.stride, pending.offset
+    size, stride = pending.size, pending.stride
+    offset = pending.offset + pending.storage.base_offset
     if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
       raise ValueError(f"{self._path}: invalid tensor geometry size={size} stride={stride}")
     if 0 not in size:
@@ -201,13 +211,17 @@ def _materialize(obj: Any, reader: _StorageReader) -> Any:
   return obj
 
 
-def load_torch_checkpoint(path: str | os.PathLike) -> Any:
-  """The whole object `torch.save` wrote, with tensors as NumPy arrays (nested dicts kept)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such checkpoint file: {path!r}")
-  if not zipfile.is_zipfile(path):
-    _check_zip_header(path)
+def _unpickle(f, path: str, what: str, unpickler: Optional[_RestrictedUnpickler] = None) -> Any:
+  try:
+    return (unpickler or _RestrictedUnpickler(f, path)).load()
+  except UnsafeCheckpointError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+          IndexError) as e:
+    raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
+
+
+def _load_zip(path: str) -> Any:
   try:
     with zipfile.ZipFile(path) as archive:
       prefix = _archive_prefix(archive, path)
@@ -215,16 +229,72 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
       big_endian = (f"{prefix}byteorder" in names
                     and archive.read(f"{prefix}byteorder").strip() == b"big")
       with archive.open(f"{prefix}data.pkl") as f:
-        try:
-          obj = _RestrictedUnpickler(f, path).load()
-        except UnsafeCheckpointError:
-          raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-                IndexError) as e:
-          raise ValueError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from e
-      return _materialize(obj, _StorageReader(archive, prefix, path, big_endian))
+        obj = _unpickle(f, path, "data.pkl")
+      reader = _StorageReader(_zip_storage_bytes(archive, prefix, path), path, big_endian)
+      return _materialize(obj, reader)
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from e
+
+
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+
+
+def _load_legacy(path: str) -> Any:
+  """The pre-1.6 format: five pickles (magic, protocol, sys_info, object, storage keys), then
+  each storage as an 8-byte element count followed by its raw bytes, in key order."""
+  with open(path, "rb") as f:
+    if _unpickle(f, path, "header") != _LEGACY_MAGIC:
+      raise ValueError(f"{path}: a pickle without torch's magic number; not a torch.save file")
+    protocol = _unpickle(f, path, "header")
+    if protocol != _LEGACY_PROTOCOL:
+      raise ValueError(f"{path}: unsupported legacy PyTorch protocol {protocol!r}")
+    sys_info = _unpickle(f, path, "header")
+    little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
+    unpickler = _RestrictedUnpickler(f, path)
+    obj = _unpickle(f, path, "object pickle", unpickler)
+    keys = _unpickle(f, path, "storage key list")
+    if not isinstance(keys, list):
+      raise ValueError(f"{path}: corrupt storage key list")
+    remaining = os.path.getsize(path) - f.tell()
+    raw = {}
+    for key in map(str, keys):
+      if key not in unpickler.storages:
+        raise ValueError(f"{path}: storage {key!r} listed but never used by a tensor")
+      header = f.read(8)
+      numel = int.from_bytes(header, "little" if little else "big")
+      nbytes = numel * unpickler.storages[key].dtype.itemsize
+      remaining -= 8 + nbytes
+      if len(header) < 8 or remaining < 0:  # checked before reading: numel may be garbage
+        raise ValueError(f"{path}: truncated; storage {key!r} runs past the end of the file")
+      raw[key] = f.read(nbytes)
+  missing = sorted(set(unpickler.storages) - set(raw))
+  if missing:
+    raise ValueError(f"{path}: missing storage record(s) {missing[:5]}")
+  return _materialize(obj, _StorageReader(raw.__getitem__, path, big_endian=not little))
+
+
+def load_torch_checkpoint(path: str | os.PathLike) -> Any:
+  """The whole object `torch.save` wrote, with tensors as NumPy arrays (nested dicts kept).
+
+  Reads the zip format (torch >= 1.6) and the legacy pickle-stream format (older torch, or
+  `_use_new_zipfile_serialization=False`); the pre-0.4 tar format is refused.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+  if zipfile.is_zipfile(path):
+    return _load_zip(path)
+  with open(path, "rb") as f:
+    head = f.read(512)
+  if head.startswith(b"PK"):
+    raise ValueError(f"{path}: truncated or corrupt zip archive (no central directory)")
+  if head[:1] == b"\x80":
+    return _load_legacy(path)
+  if head[257:262] == b"ustar":
+    raise ValueError(f"{path}: unsupported legacy tar-format PyTorch checkpoint (torch < 0.4); "
+                     "re-save it with torch.save(torch.load(path), new_path) under torch >= 1.6")
+  raise ValueError(f"{path}: not a PyTorch checkpoint (starts with {head[:4]!r})")
 
 
 # Checked in order when a checkpoint wraps its weights (training scripts, Lightning, EMA copies).
