@@ -16,6 +16,6 @@ import pytest  # noqa: E402
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def testdata():
   return TESTDATA

@@ -127,6 +127,10 @@ def from_official_config(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     raise ValueError("tied input/output embeddings are not supported (LLaMA/TinyLlama untie them)")
   if cfg.get("rope_scaling"):
     raise ValueError(f"rope_scaling={cfg['rope_scaling']!r} is not supported")
+  rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 nests the RoPE settings
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"rope_parameters={rope!r}: only the default RoPE is supported")
+  theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
   heads = cfg["num_attention_heads"]
   kw = dict(
       vocab_size=cfg["vocab_size"],
@@ -137,7 +141,7 @@ def from_official_config(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
       num_kv_heads=cfg.get("num_key_value_heads") or heads,
       head_dim=cfg.get("head_dim") or 0,
       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-      rope_theta=float(cfg.get("rope_theta", 10000.0)),
+      rope_theta=float(theta),
       max_position_embeddings=cfg.get("max_position_embeddings", 2048),
       initializer_range=cfg.get("initializer_range", 0.02),
   )
