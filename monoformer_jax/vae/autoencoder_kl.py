@@ -249,4 +249,5 @@ def init_params(config: VAEConfig, rng: jax.Array, image_size: Optional[int] = N
   """Fresh parameters, boxed with their logical axis names (nn.unbox for plain arrays)."""
   size = image_size or 2 * config.downsample_factor
   images = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-  return AutoencoderKL(config).init(rng, images)["params"]
+  # Jitted: op-by-op init of ~100 convolutions takes seconds even on tiny configs.
+  return jax.jit(AutoencoderKL(config).init)(rng, images)["params"]
