@@ -1,0 +1,113 @@
+"""Encode and decode images with a diffusers AutoencoderKL folder converted to Flax.
+
+  python -m monoformer_jax.tools.vae_roundtrip --vae sd-vae-ft-mse/ --images IN.npz --out OUT.npz
+
+IN.npz holds `images`: float32 (N, H, W, 3) in [-1, 1], H and W multiples of 8 for SD-VAE (or
+another name with --key). OUT.npz gets float32 `mean` and `logvar` (N, H/8, W/8, 4): the encoder's
+diagonal Gaussian (logvar clipped to [-30, 20] as diffusers does), and `decoded` (N, H, W, 3): the
+decoder applied to `mean` (unscaled; no 0.18215 round trip). Running diffusers' AutoencoderKL on
+the same images and comparing (`latent_dist.mean`, `.logvar`, `decode(mean).sample`, moved to
+NHWC) checks a conversion. The weights must be local; nothing is downloaded.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def _select_images(path: str, key: str | None) -> np.ndarray:
+  with np.load(path) as data:
+    keys = sorted(data.files)
+    if key is None:
+      key = "images" if "images" in keys else (keys[0] if len(keys) == 1 else None)
+      if key is None:
+        raise ValueError(f"{path} holds {keys} and no 'images'; name the array with --key")
+    if key not in keys:
+      raise ValueError(f"{path} has no array {key!r} (it holds {keys})")
+    images = data[key]
+  where = f"{path}[{key!r}]"
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"{where} must be floating-point images in [-1, 1], got dtype "
+                     f"{images.dtype} (for uint8 use images / 127.5 - 1)")
+  if images.ndim != 4:
+    raise ValueError(f"{where} must have shape (N, H, W, C), got {images.shape}")
+  if len(images) == 0:
+    raise ValueError(f"{where} holds no images")
+  if not np.all(np.isfinite(images)):
+    raise ValueError(f"{where} holds NaN or infinite values")
+  low, high = float(images.min()), float(images.max())
+  if low < -1.001 or high > 1.001:  # a little slack for rounding in the caller's scaling
+    raise ValueError(f"{where} must lie in [-1, 1], got values in [{low:.4g}, {high:.4g}]")
+  return images.astype(np.float32)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + "
+                      "diffusion_pytorch_model.safetensors or .bin), or a pipeline folder "
+                      "with vae/")
+  parser.add_argument("--images", required=True, help=".npz with float32 images (N, H, W, 3) "
+                      "in [-1, 1] under 'images'")
+  parser.add_argument("--out", required=True, help="output .npz (mean, logvar, decoded)")
+  parser.add_argument("--key", default=None, help="array name in --images (default: images, or "
+                      "the only array)")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype (parameters stay float32)")
+  args = parser.parse_args(argv)
+  if not os.path.isdir(args.vae):
+    parser.error(f"--vae: no such directory: {args.vae} (a local diffusers AutoencoderKL folder, "
+                 "e.g. a snapshot of stabilityai/sd-vae-ft-mse)")
+  if not os.path.isfile(args.images):
+    parser.error(f"--images: no such file: {args.images}")
+  if args.batch_size < 1:
+    parser.error(f"--batch-size must be positive, got {args.batch_size}")
+  return args, parser
+
+
+def _batched(fn, array: np.ndarray, batch_size: int):
+  """fn over fixed-size batches (the last one padded by repetition) so one compilation serves."""
+  outputs = []
+  for start in range(0, len(array), batch_size):
+    batch = array[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size and len(array) > batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    outputs.append([np.asarray(o)[:real] for o in fn(batch)])
+  return [np.concatenate(parts) for parts in zip(*outputs)]
+
+
+def main(argv=None) -> int:
+  args, parser = parse_args(argv)
+  try:
+    images = _select_images(args.images, args.key)
+  except ValueError as err:
+    parser.error(f"--images: {err}")
+  # Imported after argument checks so that usage errors come back without loading JAX.
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.vae import convert, latents  # pylint: disable=import-outside-toplevel
+  try:
+    config, params = convert.load_diffusers_vae(args.vae)
+  except (FileNotFoundError, ValueError) as err:  # ConversionError is a ValueError
+    parser.error(f"--vae {args.vae}: {err}")
+  factor = config.downsample_factor
+  if images.shape[-1] != config.in_channels or images.shape[1] % factor or images.shape[2] % factor:
+    parser.error(f"--images: shape {images.shape} does not fit this VAE: want (N, H, W, "
+                 f"{config.in_channels}) with H and W multiples of {factor}")
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+
+  def roundtrip(batch):
+    mean, logvar = latents.encode_moments(params, batch, config=config, dtype=dtype)
+    decoded = latents.decode_latents(params, mean, scale=1.0, config=config, dtype=dtype)
+    return mean, logvar, decoded
+
+  mean, logvar, decoded = _batched(roundtrip, images, args.batch_size)
+  np.savez(args.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32),
+           decoded=decoded.astype(np.float32))
+  print(f"wrote {args.out}: mean/logvar {mean.shape}, decoded {decoded.shape}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
