@@ -162,10 +162,15 @@ def _zip_storage_bytes(archive: zipfile.ZipFile, prefix: str, path: str):
 
 
 class _StorageReader:
-  """Reads each storage once (through `read_bytes(key)`), checking its size against the pickle."""
+  """Reads each storage once (through `read_bytes(key)`), checking its size against the pickle.
 
-  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool):
-    self._read_bytes, self._path, self._big = read_bytes, path, big_endian
+  A storage is dropped after the last tensor using it is copied out (`uses`), so peak memory is
+  about the checkpoint's size plus its largest storage, not twice the checkpoint.
+  """
+
+  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool,
+               uses: collections.Counter):
+    self._read_bytes, self._path, self._big, self._uses = read_bytes, path, big_endian, uses
     self._cache: dict[str, np.ndarray] = {}
 
   def storage(self, ref: _StorageRef) -> np.ndarray:
@@ -196,7 +201,23 @@ class _StorageReader:
           writeable=False)
     else:
       view = np.zeros(size, storage.dtype)
-    return np.array(view, dtype=storage.dtype.newbyteorder("="), copy=True)
+    tensor = np.array(view, dtype=storage.dtype.newbyteorder("="), copy=True)
+    self._uses[pending.storage.key] -= 1
+    if self._uses[pending.storage.key] <= 0:
+      self._cache.pop(pending.storage.key, None)
+    return tensor
+
+
+def _count_storage_uses(obj: Any, uses: collections.Counter) -> collections.Counter:
+  if isinstance(obj, _PendingTensor):
+    uses[obj.storage.key] += 1
+  elif isinstance(obj, dict):
+    for value in obj.values():
+      _count_storage_uses(value, uses)
+  elif isinstance(obj, (list, tuple)):
+    for value in obj:
+      _count_storage_uses(value, uses)
+  return uses
 
 
 def _materialize(obj: Any, reader: _StorageReader) -> Any:
@@ -230,7 +251,8 @@ def _load_zip(path: str) -> Any:
                     and archive.read(f"{prefix}byteorder").strip() == b"big")
       with archive.open(f"{prefix}data.pkl") as f:
         obj = _unpickle(f, path, "data.pkl")
-      reader = _StorageReader(_zip_storage_bytes(archive, prefix, path), path, big_endian)
+      reader = _StorageReader(_zip_storage_bytes(archive, prefix, path), path, big_endian,
+                              _count_storage_uses(obj, collections.Counter()))
       return _materialize(obj, reader)
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from e
@@ -271,7 +293,8 @@ def _load_legacy(path: str) -> Any:
   missing = sorted(set(unpickler.storages) - set(raw))
   if missing:
     raise ValueError(f"{path}: missing storage record(s) {missing[:5]}")
-  return _materialize(obj, _StorageReader(raw.__getitem__, path, big_endian=not little))
+  reader = _StorageReader(raw.pop, path, not little, _count_storage_uses(obj, collections.Counter()))
+  return _materialize(obj, reader)
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
