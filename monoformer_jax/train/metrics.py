@@ -1,0 +1,155 @@
+"""Metric writing (JSONL + TensorBoard via tensorboardX), FLOP counting and MFU.
+
+Only process 0 writes. `clu.metrics` accumulates per-step values between log points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+from monoformer_jax.model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, keyed by a substring of `device.device_kind`.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  for key, value in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return value
+  return None
+
+
+def forward_flops_per_sequence(config: ModelConfig, seq_len: int, image_tokens: int,
+                               lm_head: bool) -> float:
+  """Matmul FLOPs of one forward pass over one row (embedding gathers not counted).
+
+  Causal text attention is counted at half cost; a row holding generated-image tokens is counted
+  at full attention cost (bidirectional image block), as the issue asks.
+  """
+  h, d = config.hidden_size, config.dim_per_head
+  q, kv = config.num_heads * d, config.num_kv_heads * d
+  per_token_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size)
+  dense = seq_len * config.num_layers * per_token_layer
+  pairs = seq_len * seq_len if image_tokens else seq_len * (seq_len + 1) / 2
+  attention = config.num_layers * 4 * q * pairs
+  head = 2 * seq_len * h * config.vocab_size if lm_head else 0
+  image = 0
+  if image_tokens:
+    image = 2 * image_tokens * (config.patch_dim * h + h * 2 * h
+                                + h * config.patch_size ** 2 * config.output_channels)
+  return float(dense + attention + head + image)
+
+
+def train_flops_per_step(config: ModelConfig, batch_size: int, seq_len: int, image_tokens: int,
+                         lm_head: bool) -> float:
+  """Forward + backward = 3 x forward."""
+  return 3.0 * batch_size * forward_flops_per_sequence(config, seq_len, image_tokens, lm_head)
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0
+                 else v) for k, v in scalars.items()}
+    for k, v in clean.items():
+      if isinstance(v, float) and not math.isfinite(v):
+        clean[k] = None if math.isnan(v) else v
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    for k, v in clean.items():
+      if isinstance(v, float):
+        self._tb.add_scalar(k, v, int(step))
+
+  def write_image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, text, int(step))
+
+  def flush(self):
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Accumulator:
+  """Averages each metric over the steps since the last log (clu.metrics.Average per key)."""
+
+  def __init__(self):
+    self.values: dict = {}
+
+  def add(self, metrics: dict) -> None:
+    for k, v in metrics.items():
+      m = clu_metrics.Average.from_model_output(np.asarray(v, np.float32))
+      self.values[k] = m if k not in self.values else self.values[k].merge(m)
+
+  def compute_and_reset(self) -> dict:
+    out = {k: float(m.compute()) for k, m in self.values.items()}
+    self.values = {}
+    return out
+
+
+class Throughput:
+  """Tokens/s, images/s, TFLOP/s and MFU over a logging window (compile time left out)."""
+
+  def __init__(self):
+    self.reset()
+    kinds = {d.device_kind for d in jax.local_devices()}
+    self.device_kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    self.peak = peak_flops(self.device_kind)
+
+  def reset(self):
+    self.start = time.perf_counter()
+    self.tokens = self.images = self.flops = 0.0
+    self.steps = 0
+
+  def add(self, tokens: float, images: float, flops: float):
+    self.tokens += tokens
+    self.images += images
+    self.flops += flops
+    self.steps += 1
+
+  def report(self) -> dict:
+    dt = max(time.perf_counter() - self.start, 1e-9)
+    n = jax.device_count()
+    out = {"step_time_s": dt / max(self.steps, 1), "tokens_per_s": self.tokens / dt,
+           "images_per_s": self.images / dt, "tflops_per_device": self.flops / dt / n / 1e12}
+    if self.peak:
+      out["mfu"] = self.flops / dt / n / self.peak
+    return out

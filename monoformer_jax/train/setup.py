@@ -1,0 +1,181 @@
+"""Everything the trainer builds from a config: checks, tokenizer, objective, data, init, samples.
+
+`validate_config` runs before anything is compiled and names the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.train import sharding as sharding_lib
+
+IMAGE_SOURCES = ("mnist", "mnist_latents", "image_folder", "image_text_jsonl", "latents")
+TEXT_SOURCES = ("pydoc", "text_file", "chat_jsonl")
+OBJECTIVES = ("gaussian", "flow")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with the field named."""
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def validate_config(config) -> None:
+  """Cheap consistency checks, before any compile. Raises ConfigError naming the field."""
+  try:
+    model = ModelConfig.from_mapping(config.model)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model: {e}") from e
+  n_dev = jax.device_count()
+  try:
+    data_ax, fsdp_ax, _ = sharding_lib.mesh_shape(config.mesh.to_dict(), n_dev)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from e
+  dp = data_ax * fsdp_ax
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1:
+    _fail("optimizer.grad_accum_steps", f"must be >= 1, got {accum}")
+  weights = {k: config.schedule[k] for k in ("diffusion", "ar", "mixed")}
+  if any(v < 0 for v in weights.values()) or not any(v > 0 for v in weights.values()):
+    _fail("schedule", f"weights must be >= 0 with at least one > 0, got {weights}")
+  if weights["diffusion"] or weights["mixed"]:
+    _check_batch(config, "data.image_batch_size", dp, accum)
+    if config.data.image_source not in IMAGE_SOURCES:
+      _fail("data.image_source", f"{config.data.image_source!r} is not one of {IMAGE_SOURCES}")
+  if weights["ar"] or weights["mixed"]:
+    _check_batch(config, "data.text_batch_size", dp, accum)
+    if config.data.text_source not in TEXT_SOURCES:
+      _fail("data.text_source", f"{config.data.text_source!r} is not one of {TEXT_SOURCES}")
+  if config.objective.kind not in OBJECTIVES:
+    _fail("objective.kind", f"{config.objective.kind!r} is not one of {OBJECTIVES}")
+  if config.sampling.guidance_scale < 1:
+    _fail("sampling.guidance_scale", f"must be >= 1 (1 = no guidance), got "
+          f"{config.sampling.guidance_scale}")
+  if config.sampling.num_steps < 1:
+    _fail("sampling.num_steps", "must be >= 1")
+  if not 0 <= config.data.prompt_dropout < 1:
+    _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
+  if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
+    _fail("init_from", f"{config.init_from!r}: use hf:DIR, official:DIR or run:WORKDIR")
+  for field in ("num_train_steps", "log_every_steps"):
+    if config[field] < 1:
+      _fail(field, f"must be >= 1, got {config[field]}")
+  if model.num_heads % config.mesh.tensor and config.mesh.tensor > 0:
+    _fail("mesh.tensor", f"{config.mesh.tensor} does not divide model.num_heads={model.num_heads}")
+  if config.data.tokenizer == "train":
+    want = config.data.tokenizer_vocab_size + 4
+    if config.model.vocab_size < want:
+      _fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
+            f"{want} (data.tokenizer_vocab_size + 4 special tokens)")
+
+
+def _check_batch(config, field, dp, accum):
+  section, name = field.split(".")
+  value = config[section][name]
+  procs = jax.process_count()
+  if value % (dp * accum):
+    _fail(field, f"{value} is not divisible by the data-parallel size {dp} (mesh data x fsdp)"
+          + (f" times optimizer.grad_accum_steps={accum}" if accum > 1 else ""))
+  if value % procs:
+    _fail(field, f"{value} is not divisible by the number of processes {procs}")
+
+
+def config_hash(config) -> str:
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved_config(config, workdir: str, is_main: bool) -> None:
+  """Writes WORKDIR/config.json (what the run really used) and logs it."""
+  if not is_main:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("model") != json.loads(text)["model"]:
+      raise ConfigError(f"{workdir} holds a run of a different model (config.model differs from "
+                        f"{path}); use a new --workdir")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  print("resolved config:\n" + text, flush=True)
+
+
+def model_config_from(config, tokenizer) -> ModelConfig:
+  model = ModelConfig.from_mapping(config.model)
+  if tokenizer is not None and model.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({tokenizer.vocab_size})")
+  return model
+
+
+def build_objective(config):
+  from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
+  opts = config.objective.to_dict()
+  kind = opts.pop("kind")
+  learn_sigma = config.model.learn_sigma
+  if kind == "gaussian":
+    return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, **opts)
+  return diffusion.make_objective("flow")
+
+
+def initialise_from(config, state, shardings, model_config, optimizer, rng):
+  """Replaces fresh params (and EMA) by converted ones; the optimizer state restarts."""
+  from monoformer_jax.convert import checkpoints  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.convert.monoformer_weights import stack_layers  # pylint: disable=import-outside-toplevel
+  kind, path = config.init_from.split(":", 1)
+  if kind == "hf":
+    loaded_cfg, params = checkpoints.load_llama_checkpoint(
+        path, vocab_size=model_config.vocab_size, rng=rng,
+        image_height=model_config.image_height, image_width=model_config.image_width,
+        image_channels=model_config.image_channels, patch_size=model_config.patch_size,
+        t_embed=model_config.t_embed, learn_sigma=model_config.learn_sigma)
+  elif kind == "official":
+    loaded_cfg, params = checkpoints.load_official_checkpoint(path)
+  else:
+    from monoformer_jax.train.checkpointing import load_for_inference  # pylint: disable=import-outside-toplevel
+    _, loaded_cfg, params, _ = load_for_inference(path, use_ema=False)
+    params = jax.device_get(params)
+  mismatch = {f: (getattr(loaded_cfg, f), getattr(model_config, f))
+              for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                        "intermediate_size", "vocab_size", "image_channels", "patch_size")
+              if getattr(loaded_cfg, f) != getattr(model_config, f)}
+  if mismatch:
+    raise ConfigError(f"config.init_from={config.init_from!r} holds a different model: "
+                      + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in
+                                  mismatch.items()))
+  if model_config.scan_layers and "layers" not in params:
+    params = stack_layers(params, model_config.num_layers)
+  from monoformer_jax.train.state import place_params  # pylint: disable=import-outside-toplevel
+  params = place_params(params, shardings.params)
+  ema = place_params(jax.device_get(params), shardings.ema_params)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  print(f"initialised from {config.init_from}", flush=True)
+  return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+
+
+def flops_for(model_config: ModelConfig, kind: str, batch_size: int, seq_len: int,
+              image_slots: int) -> float:
+  from monoformer_jax.train.metrics import train_flops_per_step  # pylint: disable=import-outside-toplevel
+  image_tokens = model_config.num_patches * image_slots if kind != "ar" else 0
+  return train_flops_per_step(model_config, batch_size, seq_len, image_tokens,
+                              lm_head=(kind != "diffusion"))
+
+
+def image_seq_len(config, model_config: ModelConfig, prompt_tokens: int) -> int:
+  """Smallest static length that fits <s> prompt <|im_start|> [t] image <|im_end|> \\n </s>."""
+  if config.data.image_seq_len:
+    return int(config.data.image_seq_len)
+  n = 1 + prompt_tokens + 1 + int(model_config.has_t_token) + model_config.num_patches + 3
+  return int(math.ceil(n / 8) * 8)
