@@ -197,7 +197,9 @@ def test_sharded_safetensors_and_directories(tmp_path):
   shards = {"model-00001-of-00002.safetensors": {"a.weight": rng.normal(size=(3, 4)),
                                                  "a.bias": rng.normal(size=(4,))},
             "model-00002-of-00002.safetensors": {"b.weight": rng.normal(size=(2, 2)).astype(
-                np.float16), "b.count": rng.integers(0, 9, size=(5,))}}
+                np.float16), "b.count": rng.integers(0, 9, size=(5,)),
+                                                 "b.bf16": rng.normal(size=(3,)).astype(
+                                                     ml_dtypes.bfloat16)}}
   weight_map = {}
   for name, tensors in shards.items():
     save_file(tensors, str(tmp_path / name))
