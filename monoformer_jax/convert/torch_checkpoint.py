@@ -78,7 +78,9 @@ class _PendingTensor:
   """
 
   def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+    # int() here, inside the unpickler, so that junk geometry reads as a corrupt file.
+    self.storage, self.offset = storage, offset
+    self.size, self.stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
 
   def __setstate__(self, state):
     raise UnsafeCheckpointError("refusing to set state on a tensor (tensor subclasses unsupported)")
