@@ -158,7 +158,6 @@ def _write_images(path, images, **extra):
 
 def test_tool_end_to_end(reference, tmp_path):
   """The command-line tool on the .pth written by torch.save, in a fresh process."""
-  pytest.importorskip("monoformer_jax.convert.torch_checkpoint")
   images = _write_images(tmp_path / "images.npz", reference["images"])
   out = tmp_path / "features.npz"
   result = subprocess.run(
@@ -198,18 +197,10 @@ def test_tool_names_the_problem(reference, tmp_path, capsys):
   assert not (tmp_path / "out.npz").exists()
 
 
-@pytest.mark.parametrize("zip_format", [
-    True,
-    # torch_checkpoint reads only the zip format so far; strict, so this flips to a failure (and the
-    # marker must go) as soon as the legacy format is supported.
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="legacy (pre-1.6) torch.save format not read by convert.torch_checkpoint yet")),
-])
+@pytest.mark.parametrize("zip_format", [True, False])
 def test_load_fid_inception_from_pth(reference, tmp_path, zip_format):
   """Both torch.save formats: the released pt_inception-2015-12-05 file dates from 2019 (torch 1.x),
   before the zip format became the default, so the reader must handle the legacy format too."""
-  pytest.importorskip("monoformer_jax.convert.torch_checkpoint")
   path = tmp_path / "weights.pth"
   torch.save({k: torch.from_numpy(v) for k, v in reference["state"].items()}, path,
              _use_new_zipfile_serialization=zip_format)
