@@ -1,0 +1,279 @@
+"""grain pipelines: source -> per-process shard -> seeded shuffle per epoch -> sample -> rows.
+
+    MapDataset.source(src)[lo:hi]      this process's contiguous part (disjoint, covers the set)
+      .shuffle(seed).repeat(epochs)    a fresh permutation every epoch, a pure function of the seed
+      .map_with_index(make_sample)     tokenize / decode; per-sample randomness (template, CFG
+                                       dropout, latent noise) from rng(seed, shard, index)
+      .to_iter_dataset(ReadOptions)    threads read ahead, in order
+    BatchIterator                      lays samples into rows (RowBuilder): one per row, or packed
+
+Everything before the `BatchIterator` is random access, so a position in the stream is one integer.
+The iterator's state is the grain state of the first sample not yet placed in a returned batch
+(a sample read but not fitting the last row is handed back), so `set_state(get_state())` resumes at
+exactly the batches a run without the interruption would have seen. The state is a small JSON dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import grain
+import numpy as np
+
+from monoformer_jax.data import sequences as seq
+from monoformer_jax.model import inputs as inputs_lib
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  """Explicit shard, or this JAX process's (process_index, process_count)."""
+  if shard_index is None and shard_count is None:
+    import jax
+    return jax.process_index(), jax.process_count()
+  if shard_index is None or shard_count is None:
+    raise ValueError("give both shard_index and shard_count, or neither")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  return shard_index, shard_count
+
+
+def shard_bounds(n: int, shard_index: int, shard_count: int) -> tuple[int, int]:
+  """[lo, hi) of shard `shard_index`: contiguous, sizes differ by at most one."""
+  return n * shard_index // shard_count, n * (shard_index + 1) // shard_count
+
+
+def sample_dataset(source, make_sample: Callable, *, seed: int, shuffle: bool = True,
+                   num_epochs: int | None = None, shard_index: int | None = None,
+                   shard_count: int | None = None) -> grain.MapDataset:
+  """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
+  that are None (a source skipped them) become {"bad": True} so the iterator can count them."""
+  index, count = resolve_shard(shard_index, shard_count)
+  lo, hi = shard_bounds(len(source), index, count)
+  if hi <= lo:
+    raise ValueError(f"shard {index}/{count} of {source!r} is empty ({len(source)} records)")
+  ds = grain.MapDataset.source(source)[lo:hi]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+
+  def to_sample(i, record):
+    if record is None:
+      return {"bad": True}
+    # Independent of thread timing and of the other shards.
+    rng = np.random.default_rng([seed, index, i])
+    return make_sample(record, rng)
+
+  return ds.map_with_index(to_sample)
+
+
+class BatchIterator:
+  """Yields host-local NumPy batches in the model/inputs.py format; resumable via get/set_state.
+
+  packing=True puts consecutive samples into a row while they fit (tokens and image slots);
+  packing=False puts one sample per row. The last batch of a finite run is padded with empty rows.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, *, batch_size: int, seq_len: int,
+               num_image_slots: int, image_shape, num_patches: int, t_token: bool,
+               packing: bool, num_threads: int = 2, prefetch: int = 16, skipped_at_index: int = 0):
+    self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
+    self.num_image_slots, self.image_shape = num_image_slots, tuple(image_shape)
+    self.num_patches, self.t_token = num_patches, t_token
+    self.skipped_at_index = skipped_at_index
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self._it = iter(dataset.to_iter_dataset(options))
+    self._pending = None  # (sample, grain state before it): read, but did not fit the last row
+    self.num_skipped = 0
+
+  def __iter__(self):
+    return self
+
+  def _read(self):
+    if self._pending is not None:
+      item, self._pending = self._pending, None
+      return item
+    state = self._it.get_state()
+    return next(self._it), state
+
+  def __next__(self) -> dict:
+    batch = inputs_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots,
+                                   self.image_shape)
+    row, placed = 0, 0
+    builder = self._builder(batch, 0)
+    while row < self.batch_size:
+      try:
+        sample, state = self._read()
+      except StopIteration:
+        if not placed:
+          raise
+        break
+      if sample.get("bad"):
+        self.num_skipped += 1
+        continue
+      pieces, num_images = sample["pieces"], sample["num_images"]
+      if not builder.fits(pieces, num_images):
+        if builder.cursor == 0:
+          raise ValueError(
+              f"a sample of {builder.sample_length(pieces)} tokens / {num_images} images does not "
+              f"fit an empty row (seq_len {self.seq_len}, {self.num_image_slots} image slots)")
+        row += 1
+        if row == self.batch_size:
+          self._pending = (sample, state)
+          break
+        builder = self._builder(batch, row)
+      builder.add(pieces)
+      placed += 1
+      if not self.packing:
+        row += 1
+        if row < self.batch_size:
+          builder = self._builder(batch, row)
+    return batch
+
+  def _builder(self, batch, row):
+    return inputs_lib.RowBuilder(batch, row, self.num_patches, self.t_token)
+
+  @property
+  def stats(self) -> dict:
+    return {"skipped_records": self.num_skipped + self.skipped_at_index}
+
+  def get_state(self) -> dict:
+    grain_state = self._pending[1] if self._pending is not None else self._it.get_state()
+    return {"version": _STATE_VERSION, "grain": grain_state, "num_skipped": self.num_skipped}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"data iterator state of version {state.get('version')}, expected "
+                       f"{_STATE_VERSION}")
+    self._it.set_state(state["grain"])
+    self._pending = None
+    self.num_skipped = int(state.get("num_skipped", 0))
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Image objective.
+
+
+def image_to_float(image: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1]; float arrays (latents) pass through as float32."""
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+  return np.asarray(image, np.float32)
+
+
+def _record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
+  if "mean" in record:  # precomputed VAE posterior: sample it afresh every time (official)
+    from monoformer_jax.data.tfds_latents import sample_latent
+    return sample_latent(record, rng, latent_scale)
+  return image_to_float(record["image"])
+
+
+def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
+                        t_token: bool, seed: int = 0, image_shape=None,
+                        class_names=None, templates=seq.MAIN_TEMPLATES,
+                        prompt_prefix: str = seq.T2I_PREFIX, max_prompt_tokens: int | None = None,
+                        text_dropout: float = 0.1, train_text: bool = False,
+                        null_label: int | None = None, latent_scale: float = 1.0,
+                        seq_len: int | None = None, packing: bool = False,
+                        images_per_row: int = 1, shuffle: bool = True,
+                        num_epochs: int | None = None, shard_index: int | None = None,
+                        shard_count: int | None = None, num_threads: int = 2) -> BatchIterator:
+  """Image-generation batches from an image source (MNIST, image folder, image-text, latents).
+
+  The prompt is the record's "prompt" (prefixed by `prompt_prefix`, cut to `max_prompt_tokens`) or
+  its class name ("class_name", else `class_names[label]`) in a random template. With probability
+  `text_dropout` the prompt is dropped and the label set to `null_label` (CFG). `seq_len` defaults
+  to the smallest length that holds one sample (exact for class prompts). With packing, up to
+  `images_per_row` samples share a row of `seq_len` tokens.
+  """
+  tok = tokenizer
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
+  # Inspect a record of this process's own part (each process reads only its shard).
+  first = source[shard_bounds(len(source), shard_index, shard_count)[0]]
+  if first is None:
+    raise ValueError(f"{source!r}: the first record is bad; cannot infer the image shape")
+  if image_shape is None:
+    image_shape = _record_image(first, np.random.default_rng(0), latent_scale).shape
+  h, w, _ = image_shape
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
+  num_patches = (h // patch_size) * (w // patch_size)
+  names = class_names if class_names is not None else getattr(source, "class_names", None)
+  if null_label is None:
+    null_label = len(names) if names is not None else 0
+  has_prompt = "prompt" in first
+  if max_prompt_tokens is None:
+    if has_prompt or names is None:
+      raise ValueError("max_prompt_tokens is needed for free-text prompts")
+    max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
+  one = seq.image_seq_len(max_prompt_tokens, num_patches, t_token, tok)
+  seq_len = seq_len or one * (images_per_row if packing else 1)
+  if seq_len < one:
+    raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
+
+  def make_sample(record, rng):
+    image = _record_image(record, rng, latent_scale)
+    if image.shape != tuple(image_shape):
+      raise ValueError(f"{source!r}: an image of shape {image.shape}, expected "
+                       f"{tuple(image_shape)} (set image_size on the source)")
+    label = int(record.get("label", null_label))
+    if "prompt" in record:
+      prompt = record["prompt"]
+      prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+      prompt = prompt_prefix + prompt
+    else:
+      name = record.get("class_name") or names[label]
+      prompt = seq.class_prompt(name, rng, templates)
+    ids = tok.encode(prompt)[:max_prompt_tokens]
+    if rng.random() < text_dropout:
+      ids, label = [], null_label
+    return {"pieces": seq.image_sample(tok, ids, image, label, train_text), "num_images": 1}
+
+  ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                      shard_index=shard_index, shard_count=shard_count)
+  return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len,
+                       num_image_slots=images_per_row if packing else 1, image_shape=image_shape,
+                       num_patches=num_patches, t_token=t_token, packing=packing,
+                       num_threads=num_threads,
+                       skipped_at_index=getattr(source, "num_skipped_at_index", 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text objective.
+
+
+def make_text_iterator(source, tokenizer, *, batch_size: int, seq_len: int, seed: int = 0,
+                       packing: bool = True, train_on_prompt: bool = True,
+                       image_shape=(1, 1, 1), shuffle: bool = True,
+                       num_epochs: int | None = None, shard_index: int | None = None,
+                       shard_count: int | None = None, num_threads: int = 2) -> BatchIterator:
+  """Text batches `<s>...</s>` from {"text"} or chat {"turns"} records, cut to seq_len tokens.
+
+  packing=True packs several samples per row (segment ids keep them apart); False pads each
+  sample to seq_len. Batches carry one dummy image slot of `image_shape` (never marked real) so
+  both objectives share the batch keys.
+  """
+  tok = tokenizer
+
+  def make_sample(record, rng):
+    del rng
+    if "turns" in record:
+      segments = seq.chat_segments(tok, record["turns"], train_on_prompt)
+    else:
+      segments = [(tok.encode(record["text"]), True)]
+    return {"pieces": seq.text_sample(tok, segments, seq_len), "num_images": 0}
+
+  ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                      shard_index=shard_index, shard_count=shard_count)
+  return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len, num_image_slots=1,
+                       image_shape=image_shape, num_patches=1, t_token=False, packing=packing,
+                       num_threads=num_threads,
+                       skipped_at_index=getattr(source, "num_skipped_at_index", 0))

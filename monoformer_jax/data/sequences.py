@@ -1,0 +1,104 @@
+"""Samples in the official MonoFormer sequence formats, as `RowBuilder` pieces.
+
+A sample is a list of pieces ("text", ids, train) / ("image", array, label) (model/inputs.py):
+
+  image sample  <s> prompt <|im_start|>  [t-token] <P image tokens>  <|im_end|> \\n </s>
+  CFG dropout   <s> <|im_start|> [t] <P> <|im_end|> \\n </s>          (the prompt is dropped)
+  text sample   <s> user assistant </s>   (chat: every kept pair, in order)   or   <s> text </s>
+
+The official LM loss covers only samples that do not generate an image, so an image sample's text
+is untrained unless `train_text=True`. Class-conditional prompts come from the official templates.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from monoformer_jax.data.tokenizer import Tokenizer
+
+# single_image branch (the paper / ImageNet checkpoint) and main branch (adds one more).
+OFFICIAL_TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.")
+MAIN_TEMPLATES = OFFICIAL_TEMPLATES + ("an photo of {}.",)
+# Text-to-image prompts (JourneyDB) get this prefix in the official code.
+T2I_PREFIX = "Please generate an image of "
+# The prompt used for sampling and FID (`sample_ddp.py`).
+SAMPLING_TEMPLATE = "Please generate an image of {}."
+
+
+def class_prompt(class_name: str, rng: np.random.Generator,
+                 templates: Sequence[str] = MAIN_TEMPLATES) -> str:
+  """A class name put into a template chosen at random (as the official ImageNet loader does)."""
+  return templates[int(rng.integers(len(templates)))].format(class_name)
+
+
+def image_sample(tok: Tokenizer, prompt_ids: Sequence[int], image: np.ndarray, label: int,
+                 train_text: bool = False) -> list:
+  """`<s>{prompt}<|im_start|>` [image] `<|im_end|>\\n</s>`; an empty prompt is the CFG-dropout form."""
+  head = [tok.bos_id, *prompt_ids, tok.im_start_id]
+  tail = [tok.im_end_id, *tok.newline_ids, tok.eos_id]
+  return [("text", head, train_text), ("image", image, label), ("text", tail, train_text)]
+
+
+def sampling_prefix(tok: Tokenizer, prompt: str | None) -> list[int]:
+  """Ids before the image when sampling: `<s>{prompt}<|im_start|>` (None/"" = unconditional)."""
+  return [tok.bos_id, *(tok.encode(prompt) if prompt else []), tok.im_start_id]
+
+
+def text_sample(tok: Tokenizer, segments: Sequence[tuple[Sequence[int], bool]],
+                max_len: int) -> list:
+  """`<s> seg1 seg2 ... </s>` cut to at most max_len tokens; each segment carries its train flag.
+
+  bos is never a target; eos is trained with the last segment. Cutting drops the tail (and eos),
+  as the official `tokenizer_max_length` truncation does.
+  """
+  pieces, n = [], 1
+  pieces.append(("text", [tok.bos_id], False))
+  for ids, train in segments:
+    pieces.append(("text", list(ids), train))
+    n += len(ids)
+  last_train = segments[-1][1] if segments else True
+  pieces.append(("text", [tok.eos_id], last_train))
+  n += 1
+  if n > max_len:
+    pieces = _truncate_text(pieces, max_len)
+  # RowBuilder links adjacent text pieces of a sample into one next-token chain.
+  return [p for p in pieces if len(p[1])]
+
+
+def _truncate_text(pieces: list, max_len: int) -> list:
+  out, left = [], max_len
+  for kind, ids, train in pieces:
+    take = list(ids[:left])
+    out.append((kind, take, train))
+    left -= len(take)
+  return out
+
+
+def chat_segments(tok: Tokenizer, turns: Sequence[tuple[str, str]],
+                  train_on_prompt: bool = True) -> list[tuple[list[int], bool]]:
+  """[(user, assistant), ...] -> token segments. Each message is encoded on its own (its leading
+  SentencePiece space separates it from the previous one). train_on_prompt=True is the official
+  `train_on_source` (loss on user turns too); False trains on the assistant turns only."""
+  segs = []
+  for user, assistant in turns:
+    segs.append((tok.encode(user), train_on_prompt))
+    segs.append((tok.encode(assistant), True))
+  return segs
+
+
+def sample_length(pieces, num_patches: int, t_token: bool) -> int:
+  return sum(len(v) if k == "text" else num_patches + int(t_token) for k, v, _ in pieces)
+
+
+def image_seq_len(max_prompt_tokens: int, num_patches: int, t_token: bool,
+                  tok: Tokenizer) -> int:
+  """Smallest static row length holding one image sample with a prompt of max_prompt_tokens."""
+  return (1 + max_prompt_tokens + 1 + int(t_token) + num_patches + 1 + len(tok.newline_ids) + 1)
+
+
+def max_class_prompt_tokens(tok: Tokenizer, class_names: Sequence[str],
+                            templates: Sequence[str] = MAIN_TEMPLATES) -> int:
+  """Longest tokenized class prompt over every class and template (exact, so no truncation)."""
+  return max(len(tok.encode(t.format(c))) for c in class_names for t in templates)
