@@ -46,23 +46,41 @@ def shard_bounds(n: int, shard_index: int, shard_count: int) -> tuple[int, int]:
   return n * shard_index // shard_count, n * (shard_index + 1) // shard_count
 
 
+class _MarkBad:
+  """A source whose skipped records (None) become {"bad": True}: grain drops None elements
+  silently, and we want to count them."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i):
+    record = self.source[i]
+    return {"bad": True} if record is None else record
+
+  def __repr__(self) -> str:
+    return repr(self.source)
+
+
 def sample_dataset(source, make_sample: Callable, *, seed: int, shuffle: bool = True,
                    num_epochs: int | None = None, shard_index: int | None = None,
                    shard_count: int | None = None) -> grain.MapDataset:
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
-  that are None (a source skipped them) become {"bad": True} so the iterator can count them."""
+  a source skipped (None) come through as {"bad": True} so the iterator can count them."""
   index, count = resolve_shard(shard_index, shard_count)
   lo, hi = shard_bounds(len(source), index, count)
   if hi <= lo:
     raise ValueError(f"shard {index}/{count} of {source!r} is empty ({len(source)} records)")
-  ds = grain.MapDataset.source(source)[lo:hi]
+  ds = grain.MapDataset.source(_MarkBad(source))[lo:hi]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
 
   def to_sample(i, record):
-    if record is None:
-      return {"bad": True}
+    if record.get("bad"):
+      return record
     # Independent of thread timing and of the other shards.
     rng = np.random.default_rng([seed, index, i])
     return make_sample(record, rng)
