@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
       prompt_templates="official",
       lm_loss_on_image_prompts=False,
       latent_scale=1.0,
+      class_names_file="",           # JSON list (or {label: name}) of class names for prompts
+      max_prompt_tokens=64,          # free-text prompts (image-text JSONL) are cut to this
       worker_count=0,
       skip_bad_records=False,
       tokenizer="train",             # "train" (SentencePiece on the corpus, cached) or a .model path

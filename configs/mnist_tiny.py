@@ -44,9 +44,9 @@ def get_config(arg: str = ""):
     c.checkpoint_every_steps = 3
     c.sample_every_steps = 0
     c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, patch_size=7, vocab_size=260))
+                        num_kv_heads=2, patch_size=7, vocab_size=516))
     c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32,
-                       tokenizer_vocab_size=256))
+                       tokenizer_vocab_size=512))
     c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
     c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
   elif arg == "latent":

@@ -38,6 +38,8 @@ def maybe_initialize_distributed() -> None:
 
 def main(argv):
   del argv
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
   maybe_initialize_distributed()
   from monoformer_jax.train.setup import ConfigError  # pylint: disable=import-outside-toplevel
   from monoformer_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel

@@ -179,3 +179,140 @@ def image_seq_len(config, model_config: ModelConfig, prompt_tokens: int) -> int:
     return int(config.data.image_seq_len)
   n = 1 + prompt_tokens + 1 + int(model_config.has_t_token) + model_config.num_patches + 3
   return int(math.ceil(n / 8) * 8)
+
+
+def tokenizer_corpus(config) -> list[str]:
+  """Texts a tokenizer is trained on: the text corpus plus the image prompts it will see."""
+  from monoformer_jax.data import sequences as seq  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.data.sources import pydoc_passages  # pylint: disable=import-outside-toplevel
+  texts = []
+  if config.data.text_source == "pydoc":
+    texts.extend(pydoc_passages())
+  elif config.data.text_path:
+    source = _text_source(config, split="all")
+    for i in range(min(len(source), 200_000)):
+      rec = source[i]
+      if rec is None:
+        continue
+      texts.extend([rec["text"]] if "text" in rec else [t for pair in rec["turns"] for t in pair])
+  names = _class_names(config)
+  if names:
+    texts.extend(t.format(n) for n in names for t in seq.MAIN_TEMPLATES)
+  return texts
+
+
+def build_tokenizer(config, workdir: str):
+  """SentencePiece: a given .model file, or one trained on the corpus (cached in WORKDIR)."""
+  from monoformer_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  spec = config.data.tokenizer
+  if not spec:
+    raise ConfigError("config.data.tokenizer: give the path of a SentencePiece tokenizer.model "
+                      "(e.g. TinyLlama's), or 'train' to train one on the corpus")
+  if spec != "train":
+    if not os.path.isfile(spec):
+      raise ConfigError(f"config.data.tokenizer: no such file {spec!r}")
+    return tok_lib.load_sentencepiece(spec)
+  return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
+                                     os.path.join(workdir, "tokenizer"))
+
+
+def _class_names(config):
+  """Class names for label -> prompt: MNIST's, or a JSON list / {label: name} file."""
+  from monoformer_jax.data import mnist  # pylint: disable=import-outside-toplevel
+  if config.data.class_names_file:
+    path = config.data.class_names_file
+    if not os.path.isfile(path):
+      raise ConfigError(f"config.data.class_names_file: no such file {path!r}")
+    with open(path) as f:
+      names = json.load(f)
+    if isinstance(names, dict):
+      names = [names[k] for k in sorted(names, key=int)]
+    return [n if isinstance(n, str) else n[-1] for n in names]
+  if config.data.image_source in ("mnist", "mnist_latents"):
+    return list(mnist.CLASS_NAMES)
+  return None
+
+
+def _text_source(config, split="train"):
+  from monoformer_jax.data import sources  # pylint: disable=import-outside-toplevel
+  d = config.data
+  if d.text_source == "pydoc":
+    return sources.PydocSource(split="train" if split == "train" else "all")
+  if not d.text_path:
+    raise ConfigError(f"config.data.text_path: required for text_source={d.text_source!r}")
+  paths = d.text_path.split(",")
+  if d.text_source == "text_file":
+    return sources.TextFileSource(paths, skip_bad_records=d.skip_bad_records)
+  return sources.ChatJsonlSource(paths, skip_bad_records=d.skip_bad_records)
+
+
+def _image_source(config):
+  from monoformer_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.data import image_sources  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.data import tfds_latents  # pylint: disable=import-outside-toplevel
+  d = config.data
+  kind = d.image_source
+  if kind == "mnist":
+    return sources.MnistSource(split="train")
+  if not d.image_path:
+    raise ConfigError(f"config.data.image_path: required for image_source={kind!r}")
+  if kind in ("latents", "mnist_latents"):
+    return tfds_latents.latent_source(d.image_path, "train", class_names=_class_names(config))
+  size = config.model.image_height
+  if kind == "image_folder":
+    return image_sources.ImageFolderSource(d.image_path, image_size=size,
+                                           channels=config.model.image_channels,
+                                           skip_bad_records=d.skip_bad_records)
+  return image_sources.ImageTextJsonlSource(d.image_path.split(","), image_size=size,
+                                            channels=config.model.image_channels,
+                                            skip_bad_records=d.skip_bad_records)
+
+
+def build_data(config, model_config: ModelConfig, tokenizer) -> dict:
+  """{step kind: DataStream} for every kind the schedule uses."""
+  from monoformer_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.train.data_streams import DataStream, MixedIterator  # pylint: disable=import-outside-toplevel
+  d = config.data
+  procs = jax.process_count()
+  image_shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
+
+  def image_it(batch):
+    return pipeline.make_image_iterator(
+        _image_source(config), tokenizer, batch_size=batch // procs,
+        patch_size=model_config.patch_size, t_token=model_config.has_t_token, seed=config.seed,
+        image_shape=image_shape, text_dropout=d.prompt_dropout,
+        train_text=d.lm_loss_on_image_prompts, latent_scale=d.latent_scale,
+        seq_len=d.image_seq_len or None, class_names=_class_names(config),
+        max_prompt_tokens=(None if d.image_source != "image_text_jsonl"
+                           else d.max_prompt_tokens),
+        null_label=model_config.num_classes if model_config.num_classes else None,
+        num_threads=max(d.worker_count, 1))
+
+  def text_it(batch):
+    return pipeline.make_text_iterator(
+        _text_source(config), tokenizer, batch_size=batch // procs, seq_len=d.text_seq_len,
+        seed=config.seed + 1, packing=d.packing, image_shape=image_shape,
+        num_threads=max(d.worker_count, 1))
+
+  streams = {}
+  if config.schedule.diffusion > 0:
+    streams["diffusion"] = DataStream(image_it(d.image_batch_size), d.image_batch_size, True)
+  if config.schedule.ar > 0:
+    streams["ar"] = DataStream(text_it(d.text_batch_size), d.text_batch_size, False)
+  if config.schedule.mixed > 0:
+    total = d.image_batch_size + d.text_batch_size
+    streams["mixed"] = DataStream(MixedIterator(image_it(d.image_batch_size),
+                                                text_it(d.text_batch_size)), total, True)
+  return streams
+
+
+class PeriodicSampler:
+  """Writes sample grids (one row per class) and text samples into WORKDIR/samples/."""
+
+  def __init__(self, config, model_config, objective, tokenizer, workdir, writer, is_main):
+    self.config, self.model_config, self.objective = config, model_config, objective
+    self.tokenizer, self.writer, self.is_main = tokenizer, writer, is_main
+    self.dir = os.path.join(workdir, "samples")
+
+  def __call__(self, step: int, params) -> None:
+    pass

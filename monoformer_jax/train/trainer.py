@@ -68,7 +68,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
   tokenizer = setup_lib.build_tokenizer(config, workdir)
   model_config = setup_lib.model_config_from(config, tokenizer)
-  objective = setup_lib.build_objective(config)
+  needs_images = config.schedule.diffusion > 0 or config.schedule.mixed > 0
+  objective = setup_lib.build_objective(config) if needs_images else None
   optimizer = state_lib.make_optimizer(config.optimizer)
   lr_fn = state_lib.learning_rate_schedule(config.optimizer)
   data = setup_lib.build_data(config, model_config, tokenizer)
