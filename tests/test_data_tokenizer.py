@@ -64,6 +64,11 @@ def test_cache_reuse_and_retrain(trained, tmp_path):
   assert other.base_vocab_size <= 400
 
 
+def test_vocab_too_small_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="vocab_size=100"):
+    tok_lib.train_sentencepiece(["some words here"] * 10, 100, str(tmp_path))
+
+
 def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.model"):
     tok_lib.load_sentencepiece(str(tmp_path / "nope.model"))

@@ -127,13 +127,10 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
   if not texts:
     raise ValueError("train_sentencepiece: no texts to train on")
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size),
-      model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-      pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
-      # Small corpora: keep every character seen so nothing falls back to bytes needlessly.
-      character_coverage=1.0, hard_vocab_limit=False)
+  try:
+    _train(texts, vocab_size, model_type, buf)
+  except RuntimeError as e:  # e.g. a vocab_size below 256 byte pieces + the corpus characters
+    raise ValueError(f"train_sentencepiece(vocab_size={vocab_size}) failed: {e}") from e
   os.makedirs(out_dir, exist_ok=True)
   # Write model, then metadata, each atomically: a crash in between leaves a mismatch -> retrain.
   for path, data, mode in ((model_path, buf.getvalue(), "wb"),
@@ -143,3 +140,14 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
       f.write(data)
     os.replace(tmp, path)
   return load_sentencepiece(model_path)
+
+
+def _train(texts, vocab_size: int, model_type: str, buf) -> None:
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size),
+      model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+      pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+      # Keep every character seen. hard_vocab_limit=False: a corpus too small for vocab_size
+      # gives fewer pieces instead of failing (the specials then start at the smaller size).
+      character_coverage=1.0, hard_vocab_limit=False)
