@@ -165,6 +165,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
         save(step)
+        if os.environ.get("MONOFORMER_FAULT_KILL_AT_STEP") == str(step):
+          # Fault injection for the resume tests: die hard (no cleanup) once this step is saved.
+          ckpt.wait()
+          writer.flush()
+          os.kill(os.getpid(), signal.SIGKILL)
       if config.sample_every_steps and step % config.sample_every_steps == 0:
         sampler(step, state.ema_params)
       if preempt.requested:
