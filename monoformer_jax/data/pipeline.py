@@ -215,9 +215,12 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   # Inspect a record of this process's own part (each process reads only its shard).
-  first = source[shard_bounds(len(source), shard_index, shard_count)[0]]
+  lo, hi = shard_bounds(len(source), shard_index, shard_count)
+  first = next((r for r in (source[i] for i in range(lo, min(hi, lo + 100))) if r is not None),
+               None)
   if first is None:
-    raise ValueError(f"{source!r}: the first record is bad; cannot infer the image shape")
+    raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; "
+                     "cannot infer the image shape")
   if image_shape is None:
     image_shape = _record_image(first, np.random.default_rng(0), latent_scale).shape
   h, w, _ = image_shape

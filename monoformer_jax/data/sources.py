@@ -117,7 +117,7 @@ def _split_long(paragraph: str, max_chars: int) -> list[str]:
   return [p[:max_chars] for p in out]
 
 
-def pydoc_passages(max_chars: int = 400) -> list[str]:
+def pydoc_passages(max_chars: int = 200) -> list[str]:
   """The pydoc topics split into passages of at most `max_chars` characters, in a fixed order.
 
   Paragraphs (blank-line separated) have their line breaks and indentation folded into single
@@ -146,7 +146,7 @@ def pydoc_passages(max_chars: int = 400) -> list[str]:
 class PydocSource(Source):
   """{"text": passage} over `pydoc_passages(max_chars)`, optionally a fixed fraction held out."""
 
-  def __init__(self, max_chars: int = 400, split: str = "all", holdout_fraction: float = 0.05):
+  def __init__(self, max_chars: int = 200, split: str = "all", holdout_fraction: float = 0.05):
     passages = pydoc_passages(max_chars)
     if split == "all":
       self.passages = passages
