@@ -1,0 +1,102 @@
+"""Gaussian-diffusion samplers, each one `lax.scan` over the (respaced) steps.
+
+denoise_fn(x_t, model_t) -> model output (already guided), with model_t = timestep_map[i] as
+float32 (the ORIGINAL timestep) while the tables are indexed by the respaced index i.
+noise_fn(step, x) -> noise for loop step `step` (0 = the first, noisiest step); the default is
+per-sample (see noise.per_sample_noise_fn); the golden check passes recorded noise instead.
+The number of steps is the table length, hence static; the loop body is traced once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from monoformer_jax.diffusion import gaussian
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion, expand_to, gather
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _step_t(diffusion: GaussianDiffusion, i, x):
+  t = jnp.full((x.shape[0],), i, dtype=jnp.int32)
+  return t, gaussian.model_timesteps(diffusion, t)
+
+
+def ddpm_step(diffusion: GaussianDiffusion, model_output, x, t, noise, clip_denoised=False):
+  """Ancestral step x_t -> x_{t-1} ~ p(x_{t-1}|x_t); no noise is added at t == 0."""
+  pred = gaussian.p_mean_variance(diffusion, model_output, x, t, clip_denoised)
+  nonzero = expand_to(t != 0, x)
+  return pred.mean + nonzero * jnp.exp(0.5 * pred.log_variance) * noise, pred
+
+
+def ddim_step(diffusion: GaussianDiffusion, model_output, x, t, noise, eta=0.0,
+              clip_denoised=False):
+  """DDIM step x_t -> x_{t-1}; eta=0 is deterministic, eta=1 has the DDPM posterior variance."""
+  pred = gaussian.p_mean_variance(diffusion, model_output, x, t, clip_denoised)
+  eps = gaussian.predict_eps_from_xstart(diffusion, x, t, pred.pred_xstart)
+  ab = gather(diffusion.alphas_cumprod, t, x)
+  ab_prev = gather(diffusion.alphas_cumprod_prev, t, x)
+  sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * jnp.sqrt(1.0 - ab / ab_prev)
+  mean = pred.pred_xstart * jnp.sqrt(ab_prev) + jnp.sqrt(1.0 - ab_prev - sigma ** 2) * eps
+  nonzero = expand_to(t != 0, x)
+  return mean + nonzero * sigma * noise, pred
+
+
+def ddim_reverse_step(diffusion: GaussianDiffusion, model_output, x, t, clip_denoised=False):
+  """Deterministic DDIM step x_t -> x_{t+1} (encoding an image into its noise, eta = 0)."""
+  pred = gaussian.p_mean_variance(diffusion, model_output, x, t, clip_denoised)
+  eps = gaussian.predict_eps_from_xstart(diffusion, x, t, pred.pred_xstart)
+  ab_next = gather(diffusion.alphas_cumprod_next, t, x)
+  return pred.pred_xstart * jnp.sqrt(ab_next) + jnp.sqrt(1.0 - ab_next) * eps
+
+
+def _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory):
+  n = diffusion.num_timesteps
+
+  def body(x, k):
+    i = n - 1 - k
+    t, model_t = _step_t(diffusion, i, x)
+    out = denoise_fn(x, model_t)
+    x_next, pred = step_fn(k, out, x, t)
+    return x_next, ((x_next, pred.pred_xstart, out) if return_trajectory else None)
+
+  x, ys = jax.lax.scan(body, x_T, jnp.arange(n, dtype=jnp.int32))
+  if not return_trajectory:
+    return x
+  return x, {"sample": ys[0], "pred_xstart": ys[1], "model_output": ys[2]}
+
+
+def ddpm_sample_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_T, noise_fn,
+                     clip_denoised: bool = False, return_trajectory: bool = False):
+  """Ancestral sampling over all steps of `diffusion` (respace it to sample with fewer steps).
+
+  Returns x_0, or (x_0, trajectory) with per-step 'sample', 'pred_xstart', 'model_output'
+  stacked on a leading step axis.
+  """
+  def step_fn(k, out, x, t):
+    return ddpm_step(diffusion, out, x, t, noise_fn(k, x), clip_denoised)
+  return _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory)
+
+
+def ddim_sample_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_T, noise_fn,
+                     eta: float = 0.0, clip_denoised: bool = False,
+                     return_trajectory: bool = False):
+  """DDIM sampling over all steps of `diffusion`; with eta == 0 noise_fn may be None."""
+  def step_fn(k, out, x, t):
+    noise = jnp.zeros_like(x) if noise_fn is None else noise_fn(k, x)
+    return ddim_step(diffusion, out, x, t, noise, eta, clip_denoised)
+  return _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory)
+
+
+def ddim_reverse_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_0,
+                      clip_denoised: bool = False):
+  """Deterministic DDIM inversion x_0 -> x_T, the inverse of ddim_sample_loop with eta = 0."""
+  def body(x, i):
+    t, model_t = _step_t(diffusion, i, x)
+    return ddim_reverse_step(diffusion, denoise_fn(x, model_t), x, t, clip_denoised), None
+
+  x, _ = jax.lax.scan(body, x_0, jnp.arange(diffusion.num_timesteps, dtype=jnp.int32))
+  return x
