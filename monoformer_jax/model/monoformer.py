@@ -21,7 +21,7 @@ from monoformer_jax.model import inputs as inputs_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.image import (FinalLayer, TimestepEmbedder, patchify,
                                         sincos_pos_embed_2d, unpatchify)
-from monoformer_jax.model.layers import (DecoderLayer, RMSNorm, constrain, normal_init, rope_tables,
+from monoformer_jax.model.layers import (DecoderLayer, Linear, RMSNorm, constrain, normal_init, rope_tables,
                                          zeros_init)
 from monoformer_jax.model.mask import attention_mask, token_meta
 
@@ -169,9 +169,8 @@ class MonoFormer(nn.Module):
     if cache is not None:
       out["cache"] = new_cache
     if return_logits:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, param_dtype=jnp.float32, dtype=dtype,
-                        kernel_init=normal_init(cfg.initializer_range, ("embed", "vocab")),
-                        name="lm_head")(x)
+      logits = Linear((cfg.vocab_size,), 1, ("embed", "vocab"), dtype, cfg.initializer_range,
+                      name="lm_head")(x)
       out["logits"] = constrain(logits.astype(jnp.float32),
                                 ("activation_batch", "activation_length", "activation_vocab"))
     if images is not None and return_image:
