@@ -125,7 +125,8 @@ def q_mean_variance(diffusion: GaussianDiffusion, x_start, t):
   """Mean, variance and log variance of q(x_t | x_0)."""
   mean = gather(diffusion.sqrt_alphas_cumprod, t, x_start) * x_start
   one = jnp.ones_like(x_start)
-  variance = (1.0 - gather(diffusion.alphas_cumprod, t, x_start)) * one
+  # From the f64-derived sqrt(1 - ab): 1 - f32(ab) would lose digits at small t.
+  variance = jnp.square(gather(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start)) * one
   return mean, variance, jnp.log(variance)
 
 
