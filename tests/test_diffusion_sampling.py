@@ -1,0 +1,189 @@
+"""Samplers (DDPM, DDIM, inversion, flow ODE), guidance and per-sample noise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from monoformer_jax import diffusion as dif
+
+
+def _rand(seed, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def toy_eps_model(x, model_t):
+  """A smooth, t-dependent learn_sigma 'model' (eps then v), channels-last."""
+  tt = (model_t / 1000.0).reshape((-1,) + (1,) * (x.ndim - 1))
+  eps = 0.5 * x + 0.1 * jnp.roll(x, 1, axis=-1) + 0.1 * tt
+  return jnp.concatenate([eps, jnp.tanh(0.2 * x) + 0.5 * tt - 0.25], axis=-1)
+
+
+GAUSS_MEAN, GAUSS_STD = 0.4, 0.5
+BASE_ALPHAS_CUMPROD = jnp.asarray(np.cumprod(1 - dif.linear_betas(1000)), jnp.float32)
+
+
+def gaussian_data_eps_model(x, model_t):
+  """The exact E[eps | x_t] for data ~ N(GAUSS_MEAN, GAUSS_STD^2) per element (learn_sigma)."""
+  ab = BASE_ALPHAS_CUMPROD[model_t.astype(jnp.int32)].reshape((-1,) + (1,) * (x.ndim - 1))
+  eps = jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * GAUSS_MEAN) / (ab * GAUSS_STD ** 2 + 1 - ab)
+  return jnp.concatenate([eps, jnp.zeros_like(x)], axis=-1)
+
+
+def test_ddim_eta0_is_deterministic_and_invertible():
+  chain = dif.create_gaussian_diffusion(respacing="ddim100")
+  x_T = _rand(0, (3, 4, 4, 2))
+  run = jax.jit(lambda x, key, eta: dif.ddim_sample_loop(
+      chain, gaussian_data_eps_model, x, dif.per_sample_noise_fn(key, None, 3), eta=eta))
+  x0_a, x0_b = run(x_T, jax.random.PRNGKey(1), 0.0), run(x_T, jax.random.PRNGKey(2), 0.0)
+  np.testing.assert_array_equal(np.asarray(x0_a), np.asarray(x0_b))   # the rng does not matter
+  # The deterministic flow maps N(0, 1) onto the data law: x_0 = mean + std * x_T.
+  np.testing.assert_allclose(np.asarray(x0_a), GAUSS_MEAN + GAUSS_STD * np.asarray(x_T),
+                             atol=6e-2)   # 100 DDIM steps: ~2% discretisation error
+  back = jax.jit(lambda x: dif.ddim_reverse_loop(chain, gaussian_data_eps_model, x))(x0_a)
+  err = float(jnp.max(jnp.abs(back - x_T)))
+  assert err < 2e-2 * float(jnp.max(jnp.abs(x_T))), err
+  noisy_1, noisy_2 = run(x_T, jax.random.PRNGKey(1), 1.0), run(x_T, jax.random.PRNGKey(2), 1.0)
+  assert float(jnp.max(jnp.abs(noisy_1 - noisy_2))) > 1e-2   # eta > 0 does use the noise
+
+
+def test_ddim_eta1_equals_ddpm_with_posterior_variance():
+  """DDIM(eta=1) has the DDPM posterior mean and variance: same noise, same trajectory."""
+  chain = dif.create_gaussian_diffusion(respacing="25", learn_sigma=False, sigma_small=True)
+  model = lambda x, t: toy_eps_model(x, t)[..., :x.shape[-1]]   # noqa: E731
+  x_T, key = _rand(3, (2, 5, 3)), jax.random.PRNGKey(4)
+  noise_fn = dif.per_sample_noise_fn(key, None, 2)
+  ddpm = dif.ddpm_sample_loop(chain, model, x_T, noise_fn)
+  ddim = dif.ddim_sample_loop(chain, model, x_T, noise_fn, eta=1.0)
+  np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_is_one_compiled_loop():
+  """The model is traced once (loop body), whatever the number of steps."""
+  calls = []
+
+  def counting_model(x, t):
+    calls.append(1)
+    return toy_eps_model(x, t)
+  objective = dif.make_objective("gaussian")
+  fn = jax.jit(lambda x, key: objective.sample(counting_model, x, key, sampler="ddpm",
+                                               num_steps=50))
+  jaxpr = jax.make_jaxpr(lambda x, key: objective.sample(counting_model, x, key,
+                                                          num_steps=50))(
+      _rand(5, (2, 3, 2)), jax.random.PRNGKey(0))
+  assert "scan" in str(jaxpr) and len(calls) == 1
+  fn(_rand(5, (2, 3, 2)), jax.random.PRNGKey(0))
+  assert len(calls) == 2
+
+
+def test_per_sample_noise_does_not_depend_on_the_batch():
+  """Samples 4..7 come out the same drawn alone or inside a batch of 8 (noise by fold_in)."""
+  objective = dif.make_objective("gaussian")
+  key, start = jax.random.PRNGKey(6), jax.random.PRNGKey(7)
+  ids = jnp.arange(8)
+  x_T = dif.sample_noise(start, ids, (3, 3, 2))
+  part = dif.sample_noise(start, ids[4:], (3, 3, 2))
+  np.testing.assert_array_equal(np.asarray(x_T[4:]), np.asarray(part))
+  sample = jax.jit(lambda x, i: objective.sample(toy_eps_model, x, key, num_steps=10,
+                                                 sample_ids=i))
+  full, half = sample(x_T, ids), sample(part, ids[4:])
+  np.testing.assert_allclose(np.asarray(full[4:]), np.asarray(half), rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(full[:4] - full[4:]))) > 0.1   # different samples differ
+
+
+def test_guidance_scale_one_is_the_conditional_output():
+  cond, uncond = _rand(8, (2, 4, 4, 8)), _rand(9, (2, 4, 4, 8))
+  for mode in dif.CFG_MODES:
+    np.testing.assert_allclose(np.asarray(dif.guided_output(cond, uncond, 1.0, mode)),
+                               np.asarray(cond), rtol=1e-6, atol=1e-6)
+  # Through a doubled-batch model whose branches differ.
+  def model(x, t):   # the unconditional half [B, 2B) is offset by 1
+    uncond = (jnp.arange(x.shape[0]) >= x.shape[0] // 2).astype(x.dtype).reshape(-1, 1, 1, 1)
+    return toy_eps_model(x, t) + uncond
+  x, t = _rand(10, (2, 4, 4, 4)), jnp.array([300.0, 700.0])
+  guided = dif.cfg_denoise_fn(model, 1.0)(x, t)
+  np.testing.assert_allclose(np.asarray(guided), np.asarray(toy_eps_model(x, t)), atol=1e-5)
+
+
+def test_guidance_modes_guide_the_right_channels():
+  cond, uncond, s = _rand(11, (3, 2, 8)), _rand(12, (3, 2, 8)), 4.0
+  mixed = np.asarray(uncond + s * (cond - uncond))
+  eps_mode = np.asarray(dif.guided_output(cond, uncond, s, "eps"))
+  np.testing.assert_allclose(eps_mode[..., :4], mixed[..., :4], rtol=1e-6)
+  np.testing.assert_array_equal(eps_mode[..., 4:], np.asarray(cond[..., 4:]))
+  first3 = np.asarray(dif.guided_output(cond, uncond, s, "official_first3"))
+  np.testing.assert_allclose(first3[..., :3], mixed[..., :3], rtol=1e-6)
+  np.testing.assert_array_equal(first3[..., 3:], np.asarray(cond[..., 3:]))
+  no_sigma = np.asarray(dif.guided_output(cond, uncond, s, "eps", learn_sigma=False))
+  np.testing.assert_allclose(no_sigma, mixed, rtol=1e-6)
+  with pytest.raises(ValueError):
+    dif.guided_output(cond, uncond, s, "all")
+
+
+def test_forward_with_cfg_official_semantics():
+  """Second half of x_t ignored, guided channels 0..2 in both halves, the rest per row."""
+  x = jnp.concatenate([_rand(13, (2, 4, 4, 4)), 5.0 + _rand(14, (2, 4, 4, 4))])
+  t = jnp.full((4,), 500.0)
+  branch = jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1, 1, 1)
+  model = lambda x, t: toy_eps_model(x, t) * (1.0 + branch)   # noqa: E731  uncond rows differ
+  out = np.asarray(dif.forward_with_cfg(model, x, t, 4.0))
+  base = np.asarray(toy_eps_model(x[:2], t[:2]))
+  c, u = base, 2.0 * base
+  np.testing.assert_allclose(out[:2, ..., :3], (u + 4.0 * (c - u))[..., :3], rtol=1e-5)
+  np.testing.assert_allclose(out[2:, ..., :3], out[:2, ..., :3])
+  np.testing.assert_allclose(out[:2, ..., 3:], c[..., 3:], rtol=1e-6)
+  np.testing.assert_allclose(out[2:, ..., 3:], u[..., 3:], rtol=1e-6)
+
+
+def test_flow_samplers_integrate_exactly_where_they_should():
+  """Constant velocity: Euler and Heun land on x_T - v. Point-mass data: Euler hits it."""
+  x_T, v = _rand(15, (4, 3, 2)), _rand(16, (1, 3, 2))
+  const = lambda x, t: jnp.broadcast_to(v, x.shape)   # noqa: E731
+  for sampler in dif.FLOW_SAMPLERS:
+    out = dif.flow_sample_loop(const, x_T, 7, sampler)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x_T - v), rtol=1e-5, atol=1e-5)
+  target = _rand(17, (1, 3, 2))
+
+  def exact_velocity(x, model_t):   # E[noise - x0 | x_t] for data == target
+    t = (model_t / 1000.0).reshape(-1, 1, 1)
+    return (x - target) / t
+  out = dif.flow_sample_loop(exact_velocity, x_T, 10, "euler")
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(target), out.shape),
+                             atol=1e-5)
+
+
+def test_flow_objective_interface():
+  objective = dif.make_objective("flow")
+  x0, noise = _rand(18, (5, 4, 2)), _rand(19, (5, 4, 2))
+  t = objective.sample_timesteps(jax.random.PRNGKey(0), (5,))
+  assert t.dtype == jnp.float32 and np.all((np.asarray(t) >= 0) & (np.asarray(t) < 1))
+  np.testing.assert_allclose(np.asarray(objective.model_timesteps(t)), 1000 * np.asarray(t))
+  np.testing.assert_allclose(np.asarray(objective.add_noise(x0, noise, jnp.zeros(5))), x0)
+  np.testing.assert_allclose(np.asarray(objective.add_noise(x0, noise, jnp.ones(5))), noise)
+  x_t = objective.add_noise(x0, noise, t)
+  terms = objective.loss(noise - x0, x0, x_t, noise, t)
+  assert np.all(np.asarray(terms["loss"]) == 0) and terms["loss"].shape == (5,)
+  assert np.all(np.asarray(objective.loss(x0, x0, x_t, noise, t)["loss"]) > 0)
+  # A learn_sigma model's variance half is ignored.
+  wide = dif.make_objective("flow", learn_sigma=True)
+  assert wide.output_channels(4) == 8
+  out = jnp.concatenate([noise - x0, _rand(20, x0.shape)], -1)
+  assert np.all(np.asarray(wide.loss(out, x0, x_t, noise, t)["loss"]) == 0)
+  with pytest.raises(ValueError):
+    objective.sample(toy_eps_model, x0, None, sampler="ddpm", num_steps=3)
+
+
+def test_gaussian_objective_interface():
+  objective = dif.make_objective("gaussian", beta_schedule="linear", num_timesteps=1000)
+  assert objective.output_channels(4) == 8
+  t = objective.sample_timesteps(jax.random.PRNGKey(1), (2, 3))
+  assert t.shape == (2, 3) and t.dtype == jnp.int32
+  assert np.all((np.asarray(t) >= 0) & (np.asarray(t) < 1000))
+  assert objective.sampling_diffusion(20).num_timesteps == 20
+  np.testing.assert_array_equal(np.asarray(objective.sampling_diffusion(20).timestep_map)[[0, -1]],
+                                [0, 999])
+  with pytest.raises(ValueError):
+    objective.sample(toy_eps_model, _rand(0, (1, 2)), jax.random.PRNGKey(0), sampler="euler",
+                     num_steps=3)
+  with pytest.raises(ValueError):
+    dif.make_objective("vpred")
