@@ -127,14 +127,19 @@ class Attention(nn.Module):
       k, v = k_all.astype(dtype), v_all.astype(dtype)
 
     b, lq = q.shape[:2]
+    s_len = k.shape[1]
     groups = h // kvh
-    # HF repeat_kv: query head i reads kv head i // groups.
-    q = q.reshape(b, lq, kvh, groups, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    # HF repeat_kv: query head i reads kv head i // groups. The groups are folded into the query
+    # axis so both products are plain (batch, kv_head)-batched matmuls on every backend.
+    qh = q.reshape(b, lq, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * lq, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (1.0 / float(np.sqrt(d)))
+    scores = scores.reshape(b, kvh, groups, lq, s_len)
     # A finite minimum (as HF) keeps fully masked rows (padding queries) free of NaNs.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, lq, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kvh, groups * lq, s_len)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kvh, groups, lq, d)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     out = Linear((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, init,
                  name="o_proj")(out)
