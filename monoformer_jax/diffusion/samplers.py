@@ -45,12 +45,26 @@ def ddim_step(diffusion: GaussianDiffusion, model_output, x, t, noise, eta=0.0,
   return mean + nonzero * sigma * noise, pred
 
 
-def ddim_reverse_step(diffusion: GaussianDiffusion, model_output, x, t, clip_denoised=False):
-  """Deterministic DDIM step x_t -> x_{t+1} (encoding an image into its noise, eta = 0)."""
-  pred = gaussian.p_mean_variance(diffusion, model_output, x, t, clip_denoised)
-  eps = gaussian.predict_eps_from_xstart(diffusion, x, t, pred.pred_xstart)
-  ab_next = gather(diffusion.alphas_cumprod_next, t, x)
-  return pred.pred_xstart * jnp.sqrt(ab_next) + jnp.sqrt(1.0 - ab_next) * eps
+def ddim_reverse_step(diffusion: GaussianDiffusion, model_output, x, i, clip_denoised=False):
+  """Deterministic DDIM step from noise level alphas_cumprod_prev[i] up to alphas_cumprod[i].
+
+  Loop step i undoes sampling step i (x is at the level the sampler produces from index i), so
+  n steps from a clean x_0 land at the level of x_T. The eps is taken at the current point (the
+  usual DDIM-inversion approximation) with the model timestep of index max(i - 1, 0). The
+  official reverse loop instead treats x_0 as being at index 0 and ends at alpha_bar = 0; it is
+  unused by MonoFormer, and this one is the inverse of `ddim_sample_loop`.
+  """
+  t_eval = jnp.maximum(i - 1, 0)
+  t_eval = jnp.full((x.shape[0],), t_eval, dtype=jnp.int32)
+  pred = gaussian.p_mean_variance(diffusion, model_output, x, t_eval, clip_denoised)
+  eps = pred.eps
+  t = jnp.full((x.shape[0],), i, dtype=jnp.int32)
+  a_cur = gather(diffusion.alphas_cumprod_prev, t, x)
+  a_next = gather(diffusion.alphas_cumprod, t, x)
+  pred_xstart = (x - jnp.sqrt(1.0 - a_cur) * eps) / jnp.sqrt(a_cur)
+  if clip_denoised:
+    pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+  return pred_xstart * jnp.sqrt(a_next) + jnp.sqrt(1.0 - a_next) * eps
 
 
 def _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory):
@@ -95,8 +109,8 @@ def ddim_reverse_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_0,
                       clip_denoised: bool = False):
   """Deterministic DDIM inversion x_0 -> x_T, the inverse of ddim_sample_loop with eta = 0."""
   def body(x, i):
-    t, model_t = _step_t(diffusion, i, x)
-    return ddim_reverse_step(diffusion, denoise_fn(x, model_t), x, t, clip_denoised), None
+    _, model_t = _step_t(diffusion, jnp.maximum(i - 1, 0), x)
+    return ddim_reverse_step(diffusion, denoise_fn(x, model_t), x, i, clip_denoised), None
 
   x, _ = jax.lax.scan(body, x_0, jnp.arange(diffusion.num_timesteps, dtype=jnp.int32))
   return x
