@@ -127,7 +127,7 @@ def build_objective(config):
   learn_sigma = config.model.learn_sigma
   if kind == "gaussian":
     return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, **opts)
-  return diffusion.make_objective("flow")
+  return diffusion.make_objective("flow", learn_sigma=learn_sigma)
 
 
 def initialise_from(config, state, shardings, model_config, optimizer, rng):
