@@ -127,8 +127,8 @@ def test_learned_range_interpolates_log_variance():
   hi = dif.p_mean_variance(chain, jnp.concatenate([eps, jnp.ones_like(x)], -1), x, t)
   np.testing.assert_allclose(np.asarray(lo.log_variance[:, 0, 0]),
                              np.asarray(chain.posterior_log_variance_clipped[t]))
-  np.testing.assert_allclose(np.asarray(hi.log_variance[:, 0, 0]), np.log(np.asarray(chain.betas[t])),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(hi.log_variance[:, 0, 0]),
+                             np.log(np.asarray(chain.betas[t])), rtol=1e-6)
 
 
 def test_training_loss_gradients_split_between_mean_and_variance():
@@ -144,9 +144,8 @@ def test_training_loss_gradients_split_between_mean_and_variance():
   assert np.all(np.asarray(g_vb[..., :3]) == 0) and np.any(np.asarray(g_vb[..., 3:]) != 0)
   assert np.all(np.asarray(g_mse[..., 3:]) == 0) and np.any(np.asarray(g_mse[..., :3]) != 0)
   terms = dif.training_losses(chain, out, x0, x_t, noise, t)
-  np.testing.assert_allclose(np.asarray(terms["mse"]),
-                             np.mean((np.asarray(noise) - np.asarray(out[..., :3])) ** 2, (1, 2, 3)),
-                             rtol=1e-5)
+  expected_mse = np.mean((np.asarray(noise) - np.asarray(out[..., :3])) ** 2, (1, 2, 3))
+  np.testing.assert_allclose(np.asarray(terms["mse"]), expected_mse, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(terms["loss"]), np.asarray(terms["mse"] + terms["vb"]))
 
 

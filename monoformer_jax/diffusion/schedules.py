@@ -27,7 +27,8 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
   """Improved-DDPM cosine schedule: alpha_bar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2.
 
-  beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), capped at max_beta so the last step stays finite.
+  beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), capped at max_beta so the last step stays
+  finite.
   """
   def alpha_bar(s):
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -62,7 +63,8 @@ def spaced_timesteps(num_timesteps: int, respacing: str | int | None) -> list[in
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == wanted:
         return list(range(0, num_timesteps, stride))
-    raise ValueError(f"cannot take exactly {wanted} steps with an integer stride from {num_timesteps}")
+    raise ValueError(f"cannot take exactly {wanted} steps with an integer stride from "
+                     f"{num_timesteps}")
   counts = [int(part) for part in respacing.split(",")]
   section, extra = divmod(num_timesteps, len(counts))
   kept, start = [], 0
