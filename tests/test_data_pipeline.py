@@ -111,9 +111,9 @@ def test_two_shards_disjoint_and_covering(tok, packing):
     it = pipeline.make_text_iterator(src, tok, batch_size=4, seq_len=16, seed=1, packing=packing,
                                      num_epochs=1, shard_index=index, shard_count=2)
     ids = [i for b in _drain(it) for i in _text_ids(tok, b)]
-    lo, hi = pipeline.shard_bounds(n, index, 2)
-    assert sorted(ids) == list(range(lo, hi))  # each record once
-    assert set(src.reads) <= set(range(lo, hi))  # the process reads only its part
+    own = pipeline.shard_indices(n, index, 2, seed=1)
+    assert sorted(ids) == sorted(own)  # each record of the shard once
+    assert set(src.reads) <= set(own)  # the process reads only its part
     seen.append(set(ids))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(n))
 
@@ -125,7 +125,9 @@ def test_shard_from_jax_process(tok, monkeypatch):
   it = pipeline.make_image_iterator(src, tok, batch_size=4, patch_size=2, t_token=False,
                                     num_epochs=1)
   ids = [i for b in _drain(it) for i in _image_ids(b)]
-  assert sorted(ids) == list(range(15, 30)) and set(src.reads) <= set(range(15, 30))
+  own = pipeline.shard_indices(30, 1, 2, seed=0)
+  assert sorted(ids) == sorted(own) and set(src.reads) <= set(own)
+  assert len(own) == 15 and set(own) | set(pipeline.shard_indices(30, 0, 2, seed=0)) == set(range(30))
 
 
 def test_image_batches_padded_format(tok):

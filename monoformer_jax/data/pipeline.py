@@ -1,9 +1,13 @@
-"""grain pipelines: source -> per-process shard -> seeded shuffle per epoch -> sample -> rows.
+"""grain pipelines: source -> seeded global shuffle per epoch -> per-process stride -> rows.
 
-    MapDataset.source(src)[lo:hi]      this process's contiguous part (disjoint, covers the set)
+    MapDataset.source(src)
       .shuffle(seed).repeat(epochs)    a fresh permutation every epoch, a pure function of the seed
+      [index::count]                   this process's records: every count-th of the global stream
+                                       (disjoint, covering), so the union of the processes' k-th
+                                       batches is the single-process k-th batch
       .map_with_index(make_sample)     tokenize / decode; per-sample randomness (template, CFG
-                                       dropout, latent noise) from rng(seed, shard, index)
+                                       dropout, latent noise) from rng(seed, global position), so a
+                                       sample does not depend on the number of processes
       .to_iter_dataset(ReadOptions)    threads read ahead, in order
     BatchIterator                      lays samples into rows (RowBuilder): one per row, or packed
 
@@ -41,11 +45,6 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
   return shard_index, shard_count
 
 
-def shard_bounds(n: int, shard_index: int, shard_count: int) -> tuple[int, int]:
-  """[lo, hi) of shard `shard_index`: contiguous, sizes differ by at most one."""
-  return n * shard_index // shard_count, n * (shard_index + 1) // shard_count
-
-
 class _MarkBad:
   """A source whose skipped records (None) become {"bad": True}: grain drops None elements
   silently, and we want to count them."""
@@ -70,22 +69,37 @@ def sample_dataset(source, make_sample: Callable, *, seed: int, shuffle: bool = 
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
   a source skipped (None) come through as {"bad": True} so the iterator can count them."""
   index, count = resolve_shard(shard_index, shard_count)
-  lo, hi = shard_bounds(len(source), index, count)
-  if hi <= lo:
-    raise ValueError(f"shard {index}/{count} of {source!r} is empty ({len(source)} records)")
-  ds = grain.MapDataset.source(_MarkBad(source))[lo:hi]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  ds = shard_stream(_MarkBad(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                    shard_index=index, shard_count=count)
 
   def to_sample(i, record):
     if record.get("bad"):
       return record
-    # Independent of thread timing and of the other shards.
-    rng = np.random.default_rng([seed, index, i])
+    # Independent of thread timing and of the number of processes: keyed by the global position.
+    rng = np.random.default_rng([seed, i * count + index])
     return make_sample(record, rng)
 
   return ds.map_with_index(to_sample)
+
+
+def shard_stream(source, *, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                 shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
+  """This process's records in stream order: the global (shuffled, repeated) stream, strided."""
+  if len(source) < shard_count:
+    raise ValueError(f"{source!r} has {len(source)} records, fewer than the {shard_count} "
+                     "processes reading it")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat(num_epochs)[shard_index::shard_count]
+
+
+def shard_indices(n: int, shard_index: int, shard_count: int, *, seed: int,
+                  shuffle: bool = True) -> list[int]:
+  """The source indices a shard reads in the first epoch, in order."""
+  ds = shard_stream(grain.MapDataset.range(n), seed=seed, shuffle=shuffle, num_epochs=1,
+                    shard_index=shard_index, shard_count=shard_count)
+  return [int(ds[i]) for i in range(len(ds))]
 
 
 class BatchIterator:
@@ -215,9 +229,8 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   # Inspect a record of this process's own part (each process reads only its shard).
-  lo, hi = shard_bounds(len(source), shard_index, shard_count)
-  first = next((r for r in (source[i] for i in range(lo, min(hi, lo + 100))) if r is not None),
-               None)
+  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle)[:100]
+  first = next((r for r in (source[i] for i in own) if r is not None), None)
   if first is None:
     raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; "
                      "cannot infer the image shape")
