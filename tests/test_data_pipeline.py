@@ -102,6 +102,20 @@ def test_image_resume_with_random_prompts(tok):
   _same([next(resumed) for _ in range(8)], expected)
 
 
+def test_process_batches_concatenate_to_the_single_process_batch(tok):
+  """Block-wise dealing: the processes' k-th batches are the single-process k-th batch."""
+  def batches(index, count, batch_size):
+    it = pipeline.make_image_iterator(IdImages(40), tok, batch_size=batch_size, patch_size=2,
+                                      t_token=False, seed=3, shard_index=index, shard_count=count)
+    return [next(it) for _ in range(4)]
+  single = batches(0, 1, 8)
+  parts = [batches(p, 2, 4) for p in range(2)]
+  for k in range(4):
+    for key in single[k]:
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]),
+                                    single[k][key])
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_shards_disjoint_and_covering(tok, packing):
   n = 53
@@ -111,7 +125,7 @@ def test_two_shards_disjoint_and_covering(tok, packing):
     it = pipeline.make_text_iterator(src, tok, batch_size=4, seq_len=16, seed=1, packing=packing,
                                      num_epochs=1, shard_index=index, shard_count=2)
     ids = [i for b in _drain(it) for i in _text_ids(tok, b)]
-    own = pipeline.shard_indices(n, index, 2, seed=1)
+    own = pipeline.shard_indices(n, index, 2, seed=1, block=4)
     assert sorted(ids) == sorted(own)  # each record of the shard once
     assert set(src.reads) <= set(own)  # the process reads only its part
     seen.append(set(ids))
@@ -125,9 +139,10 @@ def test_shard_from_jax_process(tok, monkeypatch):
   it = pipeline.make_image_iterator(src, tok, batch_size=4, patch_size=2, t_token=False,
                                     num_epochs=1)
   ids = [i for b in _drain(it) for i in _image_ids(b)]
-  own = pipeline.shard_indices(30, 1, 2, seed=0)
+  own = pipeline.shard_indices(30, 1, 2, seed=0, block=4)
   assert sorted(ids) == sorted(own) and set(src.reads) <= set(own)
-  assert len(own) == 15 and set(own) | set(pipeline.shard_indices(30, 0, 2, seed=0)) == set(range(30))
+  other = pipeline.shard_indices(30, 0, 2, seed=0, block=4)
+  assert not set(own) & set(other) and sorted(own + other) == list(range(30))
 
 
 def test_image_batches_padded_format(tok):

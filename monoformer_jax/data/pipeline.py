@@ -65,41 +65,64 @@ class _MarkBad:
 
 def sample_dataset(source, make_sample: Callable, *, seed: int, shuffle: bool = True,
                    num_epochs: int | None = None, shard_index: int | None = None,
-                   shard_count: int | None = None) -> grain.MapDataset:
+                   shard_count: int | None = None, block: int = 1) -> grain.MapDataset:
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
   a source skipped (None) come through as {"bad": True} so the iterator can count them."""
   index, count = resolve_shard(shard_index, shard_count)
   ds = shard_stream(_MarkBad(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                    shard_index=index, shard_count=count)
+                    shard_index=index, shard_count=count, block=block)
 
-  def to_sample(i, record):
+  def to_sample(item):
+    position, record = item
     if record.get("bad"):
       return record
     # Independent of thread timing and of the number of processes: keyed by the global position.
-    rng = np.random.default_rng([seed, i * count + index])
-    return make_sample(record, rng)
+    return make_sample(record, np.random.default_rng([seed, position]))
 
-  return ds.map_with_index(to_sample)
+  return ds.map(to_sample)
+
+
+def _global_position(j: int, shard_index: int, shard_count: int, block: int) -> int:
+  return (j // block) * shard_count * block + shard_index * block + j % block
 
 
 def shard_stream(source, *, seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                 shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-  """This process's records in stream order: the global (shuffled, repeated) stream, strided."""
+                 shard_index: int = 0, shard_count: int = 1, block: int = 1) -> grain.MapDataset:
+  """This process's (global position, record) pairs, in stream order.
+
+  The global stream (shuffled per epoch, repeated) is dealt out in blocks of `block` records
+  (the per-process batch size), round-robin over the processes: process p's k-th block is
+  global block k * count + p. So the processes' k-th batches, concatenated in process order, are
+  exactly the single-process k-th batch (one sample per row).
+  """
   if len(source) < shard_count:
     raise ValueError(f"{source!r} has {len(source)} records, fewer than the {shard_count} "
                      "processes reading it")
-  ds = grain.MapDataset.source(source)
+  stream = grain.MapDataset.source(source)
   if shuffle:
-    ds = ds.shuffle(seed=seed)
-  return ds.repeat(num_epochs)[shard_index::shard_count]
+    stream = stream.shuffle(seed=seed)
+  stream = stream.repeat(num_epochs)
+  total = len(stream)
+  if num_epochs is None:
+    length = total // shard_count
+  else:
+    group = block * shard_count
+    full, rest = divmod(total, group)
+    length = full * block + min(max(rest - shard_index * block, 0), block)
+
+  def fetch(j):
+    g = _global_position(int(j), shard_index, shard_count, block)
+    return g, stream[g]
+
+  return grain.MapDataset.range(length).map(fetch)
 
 
 def shard_indices(n: int, shard_index: int, shard_count: int, *, seed: int,
-                  shuffle: bool = True) -> list[int]:
+                  shuffle: bool = True, block: int = 1) -> list[int]:
   """The source indices a shard reads in the first epoch, in order."""
   ds = shard_stream(grain.MapDataset.range(n), seed=seed, shuffle=shuffle, num_epochs=1,
-                    shard_index=shard_index, shard_count=shard_count)
-  return [int(ds[i]) for i in range(len(ds))]
+                    shard_index=shard_index, shard_count=shard_count, block=block)
+  return [int(ds[i][1]) for i in range(len(ds))]
 
 
 class BatchIterator:
@@ -229,7 +252,8 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   # Inspect a record of this process's own part (each process reads only its shard).
-  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle)[:100]
+  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle,
+                      block=batch_size)[:100]
   first = next((r for r in (source[i] for i in own) if r is not None), None)
   if first is None:
     raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; "
@@ -272,7 +296,7 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
     return {"pieces": seq.image_sample(tok, ids, image, label, train_text), "num_images": 1}
 
   ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count)
+                      shard_index=shard_index, shard_count=shard_count, block=batch_size)
   return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len,
                        num_image_slots=images_per_row if packing else 1, image_shape=image_shape,
                        num_patches=num_patches, t_token=t_token, packing=packing,
@@ -306,7 +330,7 @@ def make_text_iterator(source, tokenizer, *, batch_size: int, seq_len: int, seed
     return {"pieces": seq.text_sample(tok, segments, seq_len), "num_images": 0}
 
   ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count)
+                      shard_index=shard_index, shard_count=shard_count, block=batch_size)
   return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len, num_image_slots=1,
                        image_shape=image_shape, num_patches=1, t_token=False, packing=packing,
                        num_threads=num_threads,
