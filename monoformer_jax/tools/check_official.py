@@ -99,16 +99,77 @@ def _model_case(config, params, cases, special, prefix, with_images=True):
 
 
 def official_cfg_nchw(x_out: np.ndarray, scale: float) -> np.ndarray:
-  """The official forward_with_cfg mix on NCHW [cond; uncond] outputs.
+  """The official forward_with_cfg mix on NCHW [cond; uncond] outputs (3 guided channels)."""
+  from monoformer_jax.diffusion import forward_with_cfg  # pylint: disable=import-outside-toplevel
+  nhwc = jnp.asarray(gc.nchw_to_nhwc(x_out))
+  out = forward_with_cfg(lambda x, t: nhwc, nhwc, None, scale, mode="official_first3")
+  return gc.nhwc_to_nchw(np.asarray(out))
 
-  Only channels 0..2 are guided (DiT's "reproducibility" quirk) and the guided values are written
-  to both halves; the remaining channels stay per-row unguided.
+
+def _loss_terms(cases, prefix, res, lm_loss_value):
+  """Official diffusion.training_losses on our x_out, and the train.py total loss."""
+  from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
+  rows = res["x_indices"]  # res["x_out"] already holds only these rows
+
+  def image_rows(a):
+    return jnp.asarray(gc.nchw_to_nhwc(a[rows]))
+
+  terms = diffusion.training_losses(
+      diffusion.create_gaussian_diffusion(), jnp.asarray(gc.nchw_to_nhwc(res["x_out"])),
+      image_rows(cases[f"{prefix}_x0"]), image_rows(cases[f"{prefix}_x_t"]),
+      image_rows(cases[f"{prefix}_noise"]), jnp.asarray(cases[f"{prefix}_t"][rows]))
+  out = {"loss_mse": np.asarray(terms["mse"]), "loss_vb": np.asarray(terms["vb"]),
+         "loss_terms": np.asarray(terms["loss"])}
+  out["total_loss"] = np.asarray(np.mean(out["loss_terms"]) + 0.01 * lm_loss_value)[None]
+  return out
+
+
+def _sample_case(config, params, cases, special) -> dict:
+  """The official 20-step respaced DDPM loop with forward_with_cfg, on the recorded noise.
+
+  Two checks: the free-running loop from sample_z (errors compound with |x| ~ 1e3 on random
+  weights, so scored relative to max|ref|) and, teacher-forced, each step's model output from the
+  official trajectory's previous sample.
   """
-  half = x_out.shape[0] // 2
-  cond, uncond = x_out[:half], x_out[half:]
-  guided = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
-  return np.concatenate([np.concatenate([guided, cond[:, 3:]], axis=1),
-                         np.concatenate([guided, uncond[:, 3:]], axis=1)])
+  from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.diffusion.samplers import ddpm_step  # pylint: disable=import-outside-toplevel
+  steps = len(cases["sample_t_index"])
+  chain = diffusion.create_gaussian_diffusion(respacing=str(steps))
+  ids, mask = cases["sample_input_ids"], cases["sample_attention_mask"]
+  length = int(mask.sum(1).max()) + config.num_patches + int(config.has_t_token) - 1
+  z = cases["sample_z"]
+  batch = gc.build_batch(config, ids, mask, length, special, z)
+  batch = jax.tree.map(jnp.asarray, batch)
+  model = MonoFormer(config)
+  scale = float(cases.get("cfg_scale", np.array([4.0]))[0])
+
+  @jax.jit
+  def guided(x_nhwc, i):
+    t_model = diffusion.model_timesteps(chain, jnp.full((x_nhwc.shape[0],), i, jnp.int32))
+
+    def model_fn(x, t):
+      out = model.apply({"params": params}, batch, x[:, None], t[:, None], return_logits=False)
+      return out["image"][:, 0]
+    return diffusion.forward_with_cfg(model_fn, x_nhwc, t_model, scale), t_model
+
+  x = jnp.asarray(gc.nchw_to_nhwc(z))
+  traj, outs, preds, forced, t_models = [], [], [], [], []
+  for k in range(steps):
+    i = steps - 1 - k
+    out, t_model = guided(x, i)
+    t_vec = jnp.full((x.shape[0],), i, jnp.int32)
+    x, pred = ddpm_step(chain, out, x, t_vec, jnp.asarray(gc.nchw_to_nhwc(cases["sample_noise"][k])))
+    traj.append(gc.nhwc_to_nchw(np.asarray(x)))
+    outs.append(gc.nhwc_to_nchw(np.asarray(out)))
+    preds.append(gc.nhwc_to_nchw(np.asarray(pred.pred_xstart)))
+    t_models.append(np.asarray(t_model))
+    prev = z if k == 0 else cases["sample_traj"][k - 1]
+    forced.append(gc.nhwc_to_nchw(np.asarray(guided(jnp.asarray(gc.nchw_to_nhwc(prev)), i)[0])))
+  return {"sample_traj": np.stack(traj), "sample_model_out": np.stack(outs),
+          "sample_pred_xstart": np.stack(preds), "sample_final": traj[-1],
+          "sample_t_model": np.stack(t_models).astype(np.int64),
+          "sample_timestep_map": np.asarray(chain.timestep_map).astype(np.int64),
+          "sample_model_out_teacher_forced": np.stack(forced)}
 
 
 def compute_all(path: str) -> tuple[dict, dict, dict]:
@@ -117,8 +178,11 @@ def compute_all(path: str) -> tuple[dict, dict, dict]:
   ours, masks = {}, {}
   for prefix in gc.case_names(cases):
     if prefix == "sample":
+      ours.update(_sample_case(config, params, cases, special))
       continue
     res, valid, _ = _model_case(config, params, cases, special, prefix)
+    if f"{prefix}_loss_terms" in cases:
+      res.update(_loss_terms(cases, prefix, res, float(res.get("lm_loss", [0.0])[0])))
     for k, v in res.items():
       ours[f"{prefix}_{k}"] = v
       if k in valid:
@@ -127,6 +191,8 @@ def compute_all(path: str) -> tuple[dict, dict, dict]:
     res, valid, _ = _model_case(config, params, cases, special, "text", with_images=False)
     ours["text_logits_wo_image"] = res["logits"]
     masks["text_logits_wo_image"] = valid["logits"]
+  if "sample_model_out" in cases:
+    cases["sample_model_out_teacher_forced"] = cases["sample_model_out"]
   return ours, masks, cases
 
 
