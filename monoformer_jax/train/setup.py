@@ -212,8 +212,16 @@ def build_tokenizer(config, workdir: str):
     if not os.path.isfile(spec):
       raise ConfigError(f"config.data.tokenizer: no such file {spec!r}")
     return tok_lib.load_sentencepiece(spec)
+  out_dir = os.path.join(workdir, "tokenizer")
+  if jax.process_count() > 1:
+    # Process 0 trains (or finds) the cached model; the others load it after a barrier.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+      tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
+                                  out_dir)
+    multihost_utils.sync_global_devices("monoformer_tokenizer")
   return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
-                                     os.path.join(workdir, "tokenizer"))
+                                     out_dir)
 
 
 def _class_names(config):
