@@ -1,0 +1,111 @@
+"""Trainer features: init from a Hugging Face LLaMA, SIGTERM saves, NaN stops, the FLOP count."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from monoformer_jax.model.monoformer import MonoFormer
+from monoformer_jax.train import metrics as metrics_lib
+from tests.helpers import build, image_sample, random_params, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmd(workdir, *flags):
+  return [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test",
+          f"--workdir={workdir}", *flags]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exit(tmp_path):
+  work = tmp_path / "run"
+  proc = subprocess.Popen(_cmd(work, "--config.num_train_steps=100000",
+                               "--config.checkpoint_every_steps=0", "--config.log_every_steps=5"),
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (work / "metrics.jsonl").exists() and os.path.getsize(work / "metrics.jsonl") > 0:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM: saving step" in out
+  steps = os.listdir(work / "checkpoints")
+  assert len(steps) == 1 and int(steps[0]) >= 5
+  summary = json.load(open(work / "train_summary.json"))
+  assert summary["final_step"] == int(steps[0])
+
+
+def test_nan_stops_with_a_clear_error(tmp_path):
+  proc = subprocess.run(_cmd(tmp_path / "nan", "--config.optimizer.learning_rate=1e30",
+                             "--config.optimizer.grad_clip=0.0", "--config.num_train_steps=30"),
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0
+  assert "non-finite" in proc.stderr and "at step" in proc.stderr
+
+
+@pytest.mark.slow
+def test_init_from_a_hugging_face_llama(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=False)
+  model = transformers.LlamaForCausalLM(cfg)
+  model.save_pretrained(tmp_path / "hf")
+  work = tmp_path / "run"
+  proc = subprocess.run(_cmd(work, f"--config.init_from=hf:{tmp_path / 'hf'}",
+                             "--config.num_train_steps=1", "--config.optimizer.learning_rate=0.0",
+                             "--config.model.intermediate_size=64"),
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "initialised from hf:" in proc.stdout
+  from monoformer_jax.train.checkpointing import load_for_inference
+  _, config, params, _ = load_for_inference(str(work), use_ema=False)
+  emb = np.asarray(params["embed_tokens"]["embedding"])
+  ref = model.model.embed_tokens.weight.detach().numpy()
+  assert emb.shape == (516, 32)  # 500 grown to the config's 516, new rows ~ N(0, 0.02)
+  np.testing.assert_array_equal(emb[:500], ref)
+  assert 0.005 < emb[500:].std() < 0.05
+  # A mismatched architecture is refused, naming the fields.
+  proc = subprocess.run(_cmd(tmp_path / "bad", f"--config.init_from=hf:{tmp_path / 'hf'}",
+                             "--config.model.num_layers=3"),
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and "num_layers: checkpoint 2 vs config 3" in proc.stderr
+
+
+def test_flop_count_matches_xla_cost_analysis():
+  config = tiny_config(hidden_size=128, intermediate_size=512, num_heads=4, num_kv_heads=2,
+                       vocab_size=512, image_height=8, image_width=8, patch_size=2)
+  params = random_params(config)
+  rng = np.random.default_rng(0)
+  batch = build(config, [[image_sample(config, rng, 40, tail_len=8)] for _ in range(2)], 64)
+  model = MonoFormer(config)
+
+  def fwd(p, b):
+    return model.apply({"params": p}, b, b["images"], jnp.ones(b["image_mask"].shape))
+
+  b = jax.tree.map(jnp.asarray, batch)
+  xla = jax.jit(fwd).lower(params, b).compile().cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  ours = 2 * metrics_lib.forward_flops_per_sequence(config, 64, config.num_patches, lm_head=True)
+  # XLA also counts element-wise work and the full (unmasked) attention map: within 15%.
+  assert abs(xla["flops"] - ours) / ours < 0.15, (xla["flops"], ours)
+  text_only = metrics_lib.forward_flops_per_sequence(config, 64, 0, lm_head=True)
+  full = metrics_lib.forward_flops_per_sequence(config, 64, 16, lm_head=True)
+  assert text_only < full  # causal text attention counted at half cost
+  assert metrics_lib.peak_flops("TPU v5p") == 459e12 and metrics_lib.peak_flops("cpu") is None
