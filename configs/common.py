@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer="train",             # "train" (SentencePiece on the corpus, cached) or a .model path
       tokenizer_vocab_size=1024,
   ))
+  # The VAE that decodes latents to pixels (a diffusers folder) and its scaling_factor; path ""
+  # means the model works in pixel space. The sampler and the periodic samples read these.
+  c.vae = ml_collections.ConfigDict(dict(path="", scale=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
   return c

@@ -49,8 +49,43 @@ def get_config(arg: str = ""):
                        tokenizer_vocab_size=512))
     c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
     c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
-  elif arg == "latent":
-    c.data.update(dict(image_source="mnist_latents"))
+  elif arg in ("latent", "latent_test"):
+    # The same digits diffused in the 7x7x4 latent space of the small MNIST VAE. From scratch:
+    #   python -m monoformer_jax.vae.train_vae --config=configs/mnist_vae.py \
+    #       --workdir=runs/mnist_vae
+    #   python -m monoformer_jax.tools.extract_latents --vae runs/mnist_vae/vae --source mnist \
+    #       --out runs/mnist_vae/latents
+    #   python -m monoformer_jax.main --config=configs/mnist_tiny.py:latent --workdir=runs/latent
+    # Elsewhere: --config.vae.path=V/vae --config.data.image_path=V/latents, and
+    # --config.vae.scale=S (V/vae/config.json's scaling_factor) if V/vae is not the default:
+    # the scale is read from the default VAE folder when this file is loaded, before overrides.
+    # vae.scale and data.latent_scale are one FieldReference: setting either sets both.
+    import json  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    vae_path = "runs/mnist_vae/vae"
+    scale = 1.0  # an unknown VAE: latents assumed unit-scale until --config.vae.scale says
+    if os.path.isfile(os.path.join(vae_path, "config.json")):
+      with open(os.path.join(vae_path, "config.json")) as f:
+        scale = float(json.load(f)["scaling_factor"])
+    scale = ml_collections.FieldReference(scale)
+    c.vae.path = vae_path
+    c.vae.scale = scale
+    c.data.update(dict(image_source="mnist_latents", image_path="runs/mnist_vae/latents",
+                       latent_scale=scale))
+    # 7x7x4 latents in 1x1 patches: 49 image tokens, as the pixel default's 4x4 patches of 28x28.
+    c.model.update(dict(image_height=7, image_width=7, image_channels=4, patch_size=1))
+    if arg == "latent_test":  # the `test` shrink (no default paths: the test passes its own)
+      c.num_train_steps = 6
+      c.log_every_steps = 2
+      c.checkpoint_every_steps = 3
+      c.sample_every_steps = 0
+      c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, vocab_size=516))
+      c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32,
+                         tokenizer_vocab_size=512))
+      c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
+      c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent)")
   return c

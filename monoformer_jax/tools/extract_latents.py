@@ -1,0 +1,289 @@
+"""Encodes images with a VAE into a latents dataset (mean and logvar, as the official stores them).
+
+  python -m monoformer_jax.tools.extract_latents --vae runs/mnist_vae/vae --source mnist \
+      --out runs/mnist_vae/latents
+  python -m monoformer_jax.tools.extract_latents --vae sd-vae-ft-mse/ --source image_folder \
+      --input imagenet/train --image_size 256 --out data/imagenet256_latents
+
+Sources: `mnist` (the embedded MNIST-5k; --input may name another mnist_5k.csv.gz; --split picks
+train / holdout / all of the fixed 90/10 split), `image_folder` (root/<class>/<image>: labels),
+`image_text_jsonl` (lines {"image": path, "prompt": str}; comma-separate several files).
+Folder and JSONL images get the official ADM centre crop to --image_size (`center_crop_arr`).
+
+Output: DATA_DIR/monoformer_latents/1.0.0 (TFDS ArrayRecord via `write_latents`; read it with
+`latent_source(DATA_DIR, SPLIT)`, or train on it with data.image_source=latents /
+mnist_latents and data.image_path=DATA_DIR), float32 NHWC mean and logvar (unscaled: the
+pipeline draws (mean + exp(logvar / 2) N(0, 1)) * data.latent_scale each time), plus `label`
+or `prompt`. Beside it: extraction.json (the VAE, its scaling_factor, counts), class_names.json
+(labelled sources; for data.class_names_file) and source_index.npy (record -> source position).
+
+Scale: each batch is sharded over a 1-D mesh of the local devices (padded to a multiple of their
+number). With several processes (jax.distributed initialised, e.g. MONOFORMER_DISTRIBUTED=1 as
+for the trainer) chunk c is encoded by process c % process_count, and process 0 assembles the
+dataset after a barrier: DATA_DIR must be on a filesystem all hosts share.
+Resume: chunks of --chunk_size records are saved to DATA_DIR/_partial/chunk_NNNNN.npz as they
+finish; a rerun with the same arguments skips them (and refuses different arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+SOURCES = ("mnist", "image_folder", "image_text_jsonl")
+PARTIAL = "_partial"
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
+  parser.add_argument("--source", required=True, choices=SOURCES)
+  parser.add_argument("--input", default="", help="image folder root, JSONL file(s) (comma-"
+                      "separated), or for mnist an optional mnist_5k.csv.gz")
+  parser.add_argument("--out", required=True, help="output data_dir")
+  parser.add_argument("--split", default="train", help="split name written (mnist: train, "
+                      "holdout or all, which also selects the digits)")
+  parser.add_argument("--image_size", "--image-size", type=int, default=0,
+                      help="centre-crop to this size (0: keep; all images must then agree)")
+  parser.add_argument("--image_root", "--image-root", default=None,
+                      help="image_text_jsonl: resolve relative image paths here")
+  parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
+  parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4096,
+                      help="records per resumable chunk")
+  parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
+  parser.add_argument("--skip_bad_records", "--skip-bad-records", action="store_true")
+  parser.add_argument("--keep_partial", "--keep-partial", action="store_true",
+                      help="keep DATA_DIR/_partial after assembling")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="VAE compute dtype (the stored moments are float32)")
+  parser.add_argument("--no_progress", "--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  if not os.path.isdir(args.vae):
+    parser.error(f"--vae: no such directory: {args.vae}")
+  if args.source != "mnist" and not args.input:
+    parser.error(f"--input is required for --source {args.source}")
+  for path in (args.input.split(",") if args.input else []):
+    want_dir = args.source == "image_folder"
+    if not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+      parser.error(f"--input: no such {'directory' if want_dir else 'file'}: {path}")
+  if args.source == "mnist" and args.split not in ("train", "holdout", "all"):
+    parser.error(f"--split {args.split!r}: mnist splits are train, holdout and all")
+  for name in ("batch_size", "chunk_size", "workers"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be positive")
+  if args.image_size < 0:
+    parser.error("--image_size must be >= 0")
+  return args, parser
+
+
+def open_source(args, channels: int):
+  """The record source: {"image": uint8 HWC, "label"} or {"image", "prompt"}."""
+  from monoformer_jax.data import image_sources, sources  # pylint: disable=import-outside-toplevel
+  size = args.image_size or None
+  if args.source == "mnist":
+    return sources.MnistSource(split=args.split, path=args.input or None)
+  if args.source == "image_folder":
+    return image_sources.ImageFolderSource(args.input, image_size=size, channels=channels,
+                                           skip_bad_records=args.skip_bad_records)
+  return image_sources.ImageTextJsonlSource(args.input.split(","), image_root=args.image_root,
+                                            image_size=size, channels=channels,
+                                            skip_bad_records=args.skip_bad_records)
+
+
+def to_model_input(image: np.ndarray, image_size: int | None, channels: int) -> np.ndarray:
+  """uint8 HWC -> float32 [-1, 1]; MNIST digits get the same centre crop when resized."""
+  if image_size and image.shape[:2] != (image_size, image_size):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from monoformer_jax.data.image_sources import center_crop_arr  # pylint: disable=import-outside-toplevel
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    image = np.asarray(center_crop_arr(pil, image_size)).reshape(image_size, image_size, -1)
+  if image.shape[-1] != channels:
+    raise ValueError(f"image has {image.shape[-1]} channels, the VAE wants {channels}")
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+class Encoder:
+  """Jitted encode_moments over batches sharded across a 1-D mesh of the local devices."""
+
+  def __init__(self, vae_config, params, batch_size: int, dtype):
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+    from monoformer_jax.vae import latents  # pylint: disable=import-outside-toplevel
+    devices = jax.local_devices()
+    self.mesh = Mesh(np.array(devices), ("batch",))
+    self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
+    self.data_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self.config, self.dtype, self._jax, self._latents = vae_config, dtype, jax, latents
+
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    means, logvars = [], []
+    for start in range(0, len(images), self.batch_size):
+      batch = images[start:start + self.batch_size]
+      real = len(batch)
+      if real < self.batch_size:  # pad by repetition: one compiled shape for every batch
+        batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - real, axis=0)])
+      batch = self._jax.device_put(batch, self.data_sharding)
+      mean, logvar = self._latents.encode_moments(self.params, batch, config=self.config,
+                                                  dtype=self.dtype)
+      means.append(np.asarray(mean, np.float32)[:real])
+      logvars.append(np.asarray(logvar, np.float32)[:real])
+    return np.concatenate(means), np.concatenate(logvars)
+
+
+def _fingerprint(args, num_records: int) -> dict:
+  """What a resumed run must share with the one that wrote the chunks."""
+  with open(os.path.join(args.vae, "config.json"), "rb") as f:
+    vae_hash = hashlib.sha256(f.read()).hexdigest()[:16]
+  inputs = [os.path.abspath(p) for p in args.input.split(",")] if args.input else []
+  return {"source": args.source, "input": inputs, "split": args.split,
+          "image_size": args.image_size, "chunk_size": args.chunk_size,
+          "num_records": num_records, "vae_config_sha256": vae_hash}
+
+
+def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
+  path = os.path.join(partial, "manifest.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != fingerprint:
+      diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
+      raise SystemExit(f"error: {partial} holds chunks of a different extraction ({diff}, "
+                       "as (before, now)); rerun with the same arguments or delete it")
+  elif is_main:
+    os.makedirs(partial, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(fingerprint, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def chunk_path(partial: str, c: int) -> str:
+  return os.path.join(partial, f"chunk_{c:05d}.npz")
+
+
+def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -> dict:
+  records = list(pool.map(source.__getitem__, range(start, stop)))
+  kept = [(i, r) for i, r in zip(range(start, stop), records) if r is not None]
+  if not kept:
+    return {"source_index": np.zeros((0,), np.int64)}
+  images = [to_model_input(r["image"], args.image_size or None, channels) for _, r in kept]
+  shapes = sorted({im.shape for im in images})
+  if len(shapes) > 1:
+    raise SystemExit(f"error: images of several sizes {shapes[:4]} in records {start}..{stop}: "
+                     "pass --image_size to centre-crop them to one size")
+  mean, logvar = encoder(np.stack(images))
+  out = {"mean": mean, "logvar": logvar,
+         "source_index": np.asarray([i for i, _ in kept], np.int64)}
+  first = kept[0][1]
+  if "label" in first:
+    out["label"] = np.asarray([r["label"] for _, r in kept], np.int64)
+  if "prompt" in first:
+    out["prompt"] = np.asarray([r["prompt"] for _, r in kept], dtype=np.str_)
+  return out
+
+
+def save_chunk(path: str, arrays: dict) -> None:
+  tmp = path[:-len(".npz")] + ".tmp.npz"  # np.savez keeps a name that ends in .npz
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # atomic: a killed run never leaves a half-written chunk
+
+
+def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> str:
+  """Concatenates the chunks in order and writes the TFDS dataset and its side files."""
+  from monoformer_jax.data.tfds_latents import write_latents  # pylint: disable=import-outside-toplevel
+  missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(partial, c))]
+  if missing:
+    raise SystemExit(f"error: chunks {missing[:5]} are missing from {partial} (with several "
+                     "hosts DATA_DIR must be a shared filesystem)")
+  parts = []
+  for c in range(num_chunks):
+    with np.load(chunk_path(partial, c)) as data:
+      parts.append({k: data[k] for k in data.files})
+  parts = [p for p in parts if len(p["source_index"])]
+  if not parts:
+    raise SystemExit("error: no records could be read (all skipped as bad)")
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  source_index = arrays.pop("source_index")
+  if "prompt" in arrays:
+    arrays["prompt"] = [str(p) for p in arrays["prompt"]]
+  target = write_latents(args.out, {args.split: arrays})
+  np.save(os.path.join(args.out, "source_index.npy"), source_index)
+  if class_names is not None:
+    with open(os.path.join(args.out, "class_names.json"), "w") as f:
+      json.dump(list(class_names), f)
+  info = {"vae": os.path.abspath(args.vae), "scaling_factor": vae_config.scaling_factor,
+          "shift_factor": vae_config.shift_factor, "split": args.split,
+          "num_records": int(len(source_index)), "latent_shape": list(arrays["mean"].shape[1:]),
+          "source": args.source, "input": args.input, "image_size": args.image_size}
+  with open(os.path.join(args.out, "extraction.json"), "w") as f:
+    json.dump(info, f, indent=2)
+  if not args.keep_partial:
+    shutil.rmtree(partial)
+  return target
+
+
+def main(argv=None) -> int:
+  args, parser = parse_args(argv)
+  from monoformer_jax.data.tfds_latents import NAME  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(args.out, NAME)):
+    parser.error(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.vae.convert import load_diffusers_vae  # pylint: disable=import-outside-toplevel
+  try:
+    vae_config, params = load_diffusers_vae(args.vae)
+  except (FileNotFoundError, ValueError) as err:
+    parser.error(f"--vae {args.vae}: {err}")
+  if args.image_size and args.image_size % vae_config.downsample_factor:
+    parser.error(f"--image_size {args.image_size} is not a multiple of the VAE's downsampling "
+                 f"factor {vae_config.downsample_factor}")
+  channels = vae_config.in_channels
+  try:
+    source = open_source(args, channels)
+  except (FileNotFoundError, ValueError) as err:
+    parser.error(f"--input {args.input}: {err}")
+  num_records = len(source)
+  num_chunks = -(-num_records // args.chunk_size)
+  proc, procs = jax.process_index(), jax.process_count()
+  partial = os.path.join(args.out, PARTIAL)
+  os.makedirs(partial, exist_ok=True)
+  _check_manifest(partial, _fingerprint(args, num_records), proc == 0)
+
+  mine = [c for c in range(num_chunks) if c % procs == proc]
+  todo = [c for c in mine if not os.path.exists(chunk_path(partial, c))]
+  size = lambda c: min(args.chunk_size, num_records - c * args.chunk_size)
+  done = sum(size(c) for c in mine if c not in todo)
+  if done:
+    print(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already in {partial}",
+          file=sys.stderr)
+  encoder = Encoder(vae_config, params, args.batch_size,
+                    jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+  with tqdm(total=sum(size(c) for c in mine), initial=done, unit="img",
+            disable=args.no_progress or proc != 0, desc="encoding") as bar, \
+       concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+    for c in todo:
+      start = c * args.chunk_size
+      chunk = encode_chunk(source, start, start + size(c), encoder, args, channels, pool)
+      save_chunk(chunk_path(partial, c), chunk)
+      bar.update(size(c))
+  if procs > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("extract_latents_chunks")
+  if proc == 0:
+    class_names = getattr(source, "class_names", None)
+    target = assemble(args, partial, num_chunks, class_names, vae_config)
+    print(f"wrote {target}: {args.split} split, scaling_factor {vae_config.scaling_factor}",
+          file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
