@@ -195,7 +195,7 @@ def tokenizer_corpus(config) -> list[str]:
       if rec is None:
         continue
       texts.extend([rec["text"]] if "text" in rec else [t for pair in rec["turns"] for t in pair])
-  names = _class_names(config)
+  names = class_names(config)
   if names:
     texts.extend(t.format(n) for n in names for t in seq.MAIN_TEMPLATES)
   return texts
@@ -224,7 +224,7 @@ def build_tokenizer(config, workdir: str):
                                      out_dir)
 
 
-def _class_names(config):
+def class_names(config):
   """Class names for label -> prompt: MNIST's, or a JSON list / {label: name} file."""
   from monoformer_jax.data import mnist  # pylint: disable=import-outside-toplevel
   if config.data.class_names_file:
@@ -265,7 +265,7 @@ def _image_source(config):
   if not d.image_path:
     raise ConfigError(f"config.data.image_path: required for image_source={kind!r}")
   if kind in ("latents", "mnist_latents"):
-    return tfds_latents.latent_source(d.image_path, "train", class_names=_class_names(config))
+    return tfds_latents.latent_source(d.image_path, "train", class_names=class_names(config))
   size = config.model.image_height
   if kind == "image_folder":
     return image_sources.ImageFolderSource(d.image_path, image_size=size,
@@ -290,7 +290,7 @@ def build_data(config, model_config: ModelConfig, tokenizer) -> dict:
         patch_size=model_config.patch_size, t_token=model_config.has_t_token, seed=config.seed,
         image_shape=image_shape, text_dropout=d.prompt_dropout,
         train_text=d.lm_loss_on_image_prompts, latent_scale=d.latent_scale,
-        seq_len=d.image_seq_len or None, class_names=_class_names(config),
+        seq_len=d.image_seq_len or None, class_names=class_names(config),
         max_prompt_tokens=(None if d.image_source != "image_text_jsonl"
                            else d.max_prompt_tokens),
         null_label=model_config.num_classes if model_config.num_classes else None,
@@ -313,14 +313,3 @@ def build_data(config, model_config: ModelConfig, tokenizer) -> dict:
                                                 text_it(d.text_batch_size)), total, True)
   return streams
 
-
-class PeriodicSampler:
-  """Writes sample grids (one row per class) and text samples into WORKDIR/samples/."""
-
-  def __init__(self, config, model_config, objective, tokenizer, workdir, writer, is_main):
-    self.config, self.model_config, self.objective = config, model_config, objective
-    self.tokenizer, self.writer, self.is_main = tokenizer, writer, is_main
-    self.dir = os.path.join(workdir, "samples")
-
-  def __call__(self, step: int, params) -> None:
-    pass

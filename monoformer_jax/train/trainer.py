@@ -24,6 +24,7 @@ from monoformer_jax.train import setup as setup_lib
 from monoformer_jax.train import sharding as sharding_lib
 from monoformer_jax.train import state as state_lib
 from monoformer_jax.train import steps as steps_lib
+from monoformer_jax.train.periodic_samples import PeriodicSampler
 from monoformer_jax.train.scheduler import StepScheduler
 
 
@@ -108,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   accum = metrics_lib.Accumulator()
   throughput = metrics_lib.Throughput()
-  sampler = setup_lib.PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer,
+  sampler = PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer,
                                       is_main)
   step = int(jax.device_get(state.step))
   pending = None  # (step, kind, metrics on device)
