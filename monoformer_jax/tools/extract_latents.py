@@ -98,12 +98,15 @@ def open_source(args, channels: int):
 
 
 def to_model_input(image: np.ndarray, image_size: int | None, channels: int) -> np.ndarray:
-  """uint8 HWC -> float32 [-1, 1]; MNIST digits get the same centre crop when resized."""
+  """uint8 HWC -> float32 [-1, 1]; MNIST digits get the same centre crop when resized, and
+  are repeated to RGB for a 3-channel VAE."""
   if image_size and image.shape[:2] != (image_size, image_size):
     from PIL import Image  # pylint: disable=import-outside-toplevel
     from monoformer_jax.data.image_sources import center_crop_arr  # pylint: disable=import-outside-toplevel
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     image = np.asarray(center_crop_arr(pil, image_size)).reshape(image_size, image_size, -1)
+  if image.shape[-1] == 1 and channels == 3:  # grey digits through an RGB VAE (e.g. SD-VAE)
+    image = np.repeat(image, 3, axis=-1)
   if image.shape[-1] != channels:
     raise ValueError(f"image has {image.shape[-1]} channels, the VAE wants {channels}")
   return image.astype(np.float32) / 127.5 - 1.0
