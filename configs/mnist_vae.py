@@ -34,7 +34,7 @@ def get_config(arg: str = ""):
   c.loss = ml_collections.ConfigDict(dict(l1_weight=0.1, kl_weight=1e-3))
   c.num_scale_images = 1000          # training digits whose sampled latents set scaling_factor
   if arg == "test":
-    c.num_train_steps = 40
+    c.num_train_steps = 60
     c.batch_size = 16
     c.log_every_steps = 10
     c.max_train_images = 512

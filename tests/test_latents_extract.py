@@ -178,3 +178,41 @@ def test_clear_errors(tmp_path, tiny_vae, capsys):
     _extract(vae_dir, "--source", "image_folder", "--input", tmp_path / "flat", "--out",
              tmp_path / "o")
   assert "unknown class folder layout" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae):
+  """Chunks dealt over 2 jax.distributed processes (1 CPU device each), assembled by process 0."""
+  import socket
+  import subprocess
+  import sys
+  vae_dir, _ = tiny_vae
+  root = _image_folder(tmp_path / "images", np.random.default_rng(), classes=2, per_class=4)
+  args = ["--source", "image_folder", "--input", root, "--image_size", SIZE, "--chunk_size", 3,
+          "--no_progress"]
+  assert _extract(vae_dir, *args, "--out", tmp_path / "single") == 0
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MONOFORMER_DISTRIBUTED="1",
+               MONOFORMER_COORDINATOR=f"127.0.0.1:{port}", MONOFORMER_NUM_PROCESSES="2",
+               MONOFORMER_PROCESS_ID=str(i))
+    cmd = [sys.executable, "-m", "monoformer_jax.tools.extract_latents", "--vae", vae_dir,
+           *map(str, args), "--out", str(tmp_path / "multi"), "--keep_partial"]
+    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+  assert "process 1 of 2" in logs[1]
+  # 8 records in chunks of 3: process 0 encoded chunks 0 and 2, process 1 chunk 1.
+  assert sorted(os.listdir(tmp_path / "multi" / extract_latents.PARTIAL))[:3] == [
+      "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
+  single, multi = _read_back(tmp_path / "single")[0], _read_back(tmp_path / "multi")[0]
+  assert len(single) == len(multi) == 8
+  for a, b in zip(single, multi):
+    np.testing.assert_allclose(a["mean"], b["mean"], atol=1e-5)
+    np.testing.assert_allclose(a["logvar"], b["logvar"], atol=1e-5)
+    assert a["label"] == b["label"]

@@ -18,9 +18,10 @@ or `prompt`. Beside it: extraction.json (the VAE, its scaling_factor, counts), c
 (labelled sources; for data.class_names_file) and source_index.npy (record -> source position).
 
 Scale: each batch is sharded over a 1-D mesh of the local devices (padded to a multiple of their
-number). With several processes (jax.distributed initialised, e.g. MONOFORMER_DISTRIBUTED=1 as
-for the trainer) chunk c is encoded by process c % process_count, and process 0 assembles the
-dataset after a barrier: DATA_DIR must be on a filesystem all hosts share.
+number). With several processes (MONOFORMER_DISTRIBUTED=1 and the other variables the trainer
+reads, see monoformer_jax/main.py and launch/) chunk c is encoded by process c % process_count,
+and process 0 assembles the dataset after a barrier: DATA_DIR must be a filesystem all hosts
+share (each process reads its own chunks' images only).
 Resume: chunks of --chunk_size records are saved to DATA_DIR/_partial/chunk_NNNNN.npz as they
 finish; a rerun with the same arguments skips them (and refuses different arguments).
 """
@@ -237,6 +238,8 @@ def main(argv=None) -> int:
   from monoformer_jax.data.tfds_latents import NAME  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(args.out, NAME)):
     parser.error(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
+  from monoformer_jax.main import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
+  maybe_initialize_distributed()  # MONOFORMER_DISTRIBUTED=1: the same environment as training
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel

@@ -41,8 +41,9 @@ def mnist_splits(config) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) float32 digits in [-1, 1], N x 28 x 28 x 1 (MnistSource's fixed split)."""
   images, labels = mnist.load_mnist5k()
   train, hold = mnist.split_indices(len(labels), config.holdout_fraction)
-  if config.max_train_images:
-    train = train[:config.max_train_images]
+  if config.max_train_images:  # a random subset: the file is sorted by digit
+    subset = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_images]
+    train = train[np.sort(subset)]
   to_float = lambda x: x.astype(np.float32) / 127.5 - 1.0
   return to_float(images[train]), to_float(images[hold])
 
