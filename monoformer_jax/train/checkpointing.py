@@ -72,7 +72,6 @@ def load_for_inference(workdir: str, *, use_ema: bool = True):
   Reads WORKDIR/config.json (the resolved config the run saved) and the latest good checkpoint;
   returns the EMA weights unless `use_ema` is False. The tokenizer is the one the run used.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from monoformer_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from monoformer_jax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
@@ -98,5 +97,4 @@ def load_for_inference(workdir: str, *, use_ema: bool = True):
     raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
   _, state, _ = got
   params = state.ema_params if use_ema else state.params
-  del nn
   return config, model_config, params, build_tokenizer(config, workdir)
