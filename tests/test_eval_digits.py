@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow  # trains a CNN once (~20-40 s on two cores)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("cache"))
+  # A fixed name under the session's temp root, so test_eval_cli reuses the trained weights.
+  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")
   start = time.time()
   classifier = dc.load_or_train(cache)
   print(f"digit classifier: {time.time() - start:.1f} s, held-out {classifier.heldout_accuracy}")

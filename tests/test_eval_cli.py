@@ -1,0 +1,105 @@
+"""`python -m monoformer_jax.evaluate` end to end on a tiny trained run of the embedded default."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from monoformer_jax import evaluate
+from monoformer_jax.data import mnist
+from monoformer_jax.evaluation import multiple_choice as mc
+from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+pytestmark = pytest.mark.slow  # trains a tiny run (~30 s) and uses the digit classifier
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  work = tmp_path_factory.mktemp("run") / "run"
+  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
+                         "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(work)
+
+
+def _tensorboard_scalars(directory):
+  """{tag: value} from tensorboardX event files (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out[v.tag] = (event.step, v.simple_value)
+  return out
+
+
+def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
+  rng = np.random.default_rng()
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  piqa = [{"goal": f"How do I open a {w}?", "sol1": "Twist the lid.", "sol2": "Sing to it.",
+           "label": int(rng.integers(2))} for w in ("jar", "door", "box")]
+  wino = [{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+           "option2": "the table", "answer": "2"}]
+  (tasks / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in piqa))
+  (tasks / "winogrande.jsonl").write_text(json.dumps(wino[0]) + "\n")
+  text = tmp_path / "text.txt"
+  text.write_text("The for statement is used to iterate over the elements of a sequence. " * 8)
+  images, labels = mnist.load_mnist5k()
+  pick = rng.choice(len(images), 64, replace=False)
+  np.savez(tmp_path / "samples.npz", images=images[pick], labels=labels[pick])
+  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")  # shared with test_eval_digits
+  report = evaluate.run_evaluation(run_dir, [], tasks_dir=str(tasks), text_file=str(text),
+                                   samples=str(tmp_path / "samples.npz"), classifier_cache=cache,
+                                   batch_size=3, pack_len=64)
+  with open(os.path.join(run_dir, "eval", "report.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  assert report["step"] == 6
+  assert set(report["mc"]) == {"piqa", "winogrande", "average"}
+  assert report["mc"]["piqa"]["num_examples"] == 3
+  assert report["perplexity"]["num_tokens"] > 50 and report["perplexity"]["perplexity"] > 1
+  assert report["mnist"]["class_accuracy"] >= 0.9  # real digits as "samples"
+  assert report["mnist"]["digit_fid"] < 5 * report["mnist"]["digit_fid_real_same_size"] + 1
+  # The same numbers as the library called directly on one device.
+  from monoformer_jax.train.checkpointing import load_for_inference
+  import jax
+  _, model_config, params, tokenizer = load_for_inference(run_dir)
+  scorer = LoglikelihoodScorer(model_config, params, devices=jax.local_devices()[:1])
+  direct = mc.evaluate_tasks(scorer, tokenizer, str(tasks))
+  assert direct["piqa"]["acc"] == report["mc"]["piqa"]["acc"]
+  scalars = _tensorboard_scalars(os.path.join(run_dir, "eval", "tensorboard"))
+  assert scalars["eval/mc/piqa/acc_norm"] == (6, pytest.approx(report["mc"]["piqa"]["acc_norm"]))
+  assert scalars["eval/perplexity/bits_per_byte"][1] == pytest.approx(
+      report["perplexity"]["bits_per_byte"])
+  assert "eval/mnist/digit_fid" in scalars
+
+
+def test_errors_name_the_input(run_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothere.npz"):
+    evaluate.run_evaluation(run_dir, ["mnist"], samples=str(tmp_path / "nothere.npz"))
+  np.savez(tmp_path / "bad.npz", images=np.zeros((3, 28, 28, 1), np.float32))
+  with pytest.raises(ValueError, match=r"bad.npz: 'images' must be uint8"):
+    evaluate.load_digits(str(tmp_path / "bad.npz"), need_labels=False)
+  with pytest.raises(ValueError, match="needs --text_file"):
+    evaluate.run_evaluation(run_dir, ["perplexity"])
+  (tmp_path / "boolq.jsonl").write_text('{"passage": "p", "question": "q", "label": 1}\n{oops\n')
+  with pytest.raises(ValueError, match=r"boolq.jsonl:2: not valid JSON"):
+    evaluate.run_evaluation(run_dir, ["mc"], tasks_dir=str(tmp_path))
+  # The command line: exit status 2 and the message, no traceback.
+  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={run_dir}",
+                         f"--samples={tmp_path / 'missing.npz'}"], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "missing.npz" in proc.stderr
+  assert "Traceback" not in proc.stderr
