@@ -161,7 +161,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       vae_config_from(config, scale), params, IMAGE_SIZE)
   with open(os.path.join(workdir, "vae_metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
-  _save_grid(os.path.join(workdir, "reconstructions.png"), hold_images[:16], recon[:16])
+  shown = np.linspace(0, len(hold_images) - 1, 16).astype(int)  # every digit (sorted by class)
+  _save_grid(os.path.join(workdir, "reconstructions.png"), hold_images[shown], recon[shown])
   print(f"held-out reconstruction: MSE {result['heldout']['mse']:.5f}, PSNR "
         f"{result['heldout']['psnr_db']:.2f} dB (mean-image baseline MSE "
         f"{result['heldout_mean_image_baseline']['mse']:.4f}); scaling_factor {scale:.4f}; "
