@@ -27,11 +27,14 @@ SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printe
 
 
 class WordTokenizer:
-  """Words, punctuation and newlines, each mapped to a fixed id by a hash (no vocabulary file)."""
+  """Words and punctuation with their leading space (as SentencePiece keeps it), other whitespace
+  characters alone; each piece mapped to a fixed id by a hash (no vocabulary file). Spaces matter,
+  so a format that gets one wrong changes the tokens."""
   bos_id = 1
 
   def encode(self, text):
-    return [3 + zlib.crc32(t.encode()) % (VOCAB - 3) for t in re.findall(r"\w+|[^\w\s]|\n", text)]
+    pieces = re.findall(r" ?\w+| ?[^\w\s]|\s", text)
+    return [3 + zlib.crc32(t.encode()) % (VOCAB - 3) for t in pieces]
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,9 @@ def requests_for(examples: Sequence[Example], tokenizer: TextTokenizer, add_bos:
 
 def metrics(examples: Sequence[Example], loglikelihoods: Sequence[float]) -> dict:
   """acc / acc_norm from the flattened per-choice log-likelihood sums."""
+  total = sum(len(ex.choices) for ex in examples)
+  if total != len(loglikelihoods):
+    raise ValueError(f"{len(loglikelihoods)} log-likelihoods for {total} choices")
   correct, correct_norm, offset = 0, 0, 0
   for ex in examples:
     ll = np.asarray(loglikelihoods[offset:offset + len(ex.choices)], np.float64)
@@ -246,8 +249,6 @@ def metrics(examples: Sequence[Example], loglikelihoods: Sequence[float]) -> dic
     lengths = np.array([max(len(c), 1) for c in ex.choices], np.float64)
     correct += int(np.argmax(ll) == ex.gold)  # ties go to the first choice, as np.argmax does
     correct_norm += int(np.argmax(ll / lengths) == ex.gold)
-  if offset != len(loglikelihoods):
-    raise ValueError(f"{len(loglikelihoods)} log-likelihoods for {offset} choices")
   n = len(examples)
   return {"acc": correct / n, "acc_norm": correct_norm / n, "num_examples": n}
 
