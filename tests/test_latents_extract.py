@@ -39,6 +39,14 @@ def _image_folder(root, rng, classes=3, per_class=5):
   return root
 
 
+def _odd_jsonl(tmp_path):
+  """One 15x9 image: odd sizes that a 2x-downsampling VAE cannot take without --image_size."""
+  from PIL import Image
+  Image.fromarray(np.zeros((9, 15, 3), np.uint8)).save(tmp_path / "odd.png")
+  (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "odd.png", "prompt": "p"}) + "\n")
+  return tmp_path / "odd.jsonl"
+
+
 def _extract(vae, *args):
   return extract_latents.main(["--vae", vae, "--no_progress", *map(str, args)])
 
@@ -172,6 +180,9 @@ def test_clear_errors(tmp_path, tiny_vae, capsys):
     with pytest.raises(SystemExit) as e:
       extract_latents.main(list(map(str, argv)))
     assert e.value.code == 2 and message in capsys.readouterr().err, message
+  with pytest.raises(SystemExit, match="do not divide"):
+    _extract(vae_dir, "--source", "image_text_jsonl", "--input", _odd_jsonl(tmp_path), "--out",
+             tmp_path / "o2")
   (tmp_path / "flat").mkdir()
   (tmp_path / "flat" / "a.png").write_bytes(b"")
   with pytest.raises(SystemExit):

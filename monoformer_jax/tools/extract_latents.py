@@ -182,6 +182,10 @@ def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -
   if len(shapes) > 1:
     raise SystemExit(f"error: images of several sizes {shapes[:4]} in records {start}..{stop}: "
                      "pass --image_size to centre-crop them to one size")
+  factor = encoder.config.downsample_factor
+  if shapes[0][0] % factor or shapes[0][1] % factor:
+    raise SystemExit(f"error: {shapes[0][:2]} images do not divide by the VAE's downsampling "
+                     f"factor {factor}: pass --image_size (a multiple of {factor})")
   mean, logvar = encoder(np.stack(images))
   out = {"mean": mean, "logvar": logvar,
          "source_index": np.asarray([i for i, _ in kept], np.int64)}
