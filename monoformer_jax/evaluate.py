@@ -155,12 +155,12 @@ def run_evaluation(workdir: str, suites, *, tasks_dir=None, tasks=None, limit=No
   start = time.time()
   report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir)}
   if "mc" in suites or "perplexity" in suites:
-    from monoformer_jax.evaluation import multiple_choice, perplexity  # pylint: disable=import-outside-toplevel
-    from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer  # pylint: disable=import-outside-toplevel
-    from monoformer_jax.train.checkpointing import load_for_inference  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  # jax and the model load only for these suites
+    from monoformer_jax.evaluation import loglikelihood, multiple_choice, perplexity
+    from monoformer_jax.train.checkpointing import load_for_inference
     _, model_config, params, tokenizer = load_for_inference(workdir, use_ema=use_ema)
-    scorer = LoglikelihoodScorer(model_config, params, max_len=max_len, batch_size=batch_size,
-                                 pack_len=pack_len)
+    scorer = loglikelihood.LoglikelihoodScorer(model_config, params, max_len=max_len,
+                                               batch_size=batch_size, pack_len=pack_len)
     if "mc" in suites:
       report["mc"] = multiple_choice.evaluate_tasks(scorer, tokenizer, tasks_dir, tasks or None,
                                                     limit, add_bos)
