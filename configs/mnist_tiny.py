@@ -10,7 +10,9 @@ official lr 1e-4 / EMA 0.9999 / LM weight 0.01 are tuned for 500k steps on a pod
 
 Variants (`--config=configs/mnist_tiny.py:VARIANT`):
   test    a few steps of a much smaller model (what the tests run).
-  latent  the same digits diffused in the latent space of a small VAE trained on them.
+  latent  the same digits diffused in the latent space of a small VAE trained on them
+          (configs/mnist_vae.py; see the README's "Latent-space MNIST").
+  latent_test  the `test` shrink of `latent`.
 """
 
 from configs.common import base_config
@@ -87,5 +89,5 @@ def get_config(arg: str = ""):
       c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
       c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent)")
+    raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test)")
   return c

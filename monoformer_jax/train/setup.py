@@ -71,6 +71,16 @@ def validate_config(config) -> None:
       _fail(field, f"must be >= 1, got {config[field]}")
   if model.num_heads % config.mesh.tensor and config.mesh.tensor > 0:
     _fail("mesh.tensor", f"{config.mesh.tensor} does not divide model.num_heads={model.num_heads}")
+  vae = config.get("vae")
+  if vae and vae.path:
+    vae_cfg = os.path.join(vae.path, "config.json")
+    if not os.path.isfile(vae_cfg):
+      _fail("vae.path", f"no VAE config at {vae_cfg!r}")
+    with open(vae_cfg) as f:
+      scaling = json.load(f).get("scaling_factor")
+    if scaling is not None and abs(float(scaling) - float(vae.scale)) > 1e-6 * abs(scaling):
+      _fail("vae.scale", f"{vae.scale} differs from the VAE's scaling_factor {scaling} "
+            f"({vae_cfg})")
   if config.data.tokenizer == "train":
     want = config.data.tokenizer_vocab_size + 4
     if config.model.vocab_size < want:
