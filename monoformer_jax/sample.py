@@ -81,10 +81,11 @@ def sample_images(workdir, classes, num_per_class, *, seed=0, batch_size=200, sa
   rng = jax.random.key(seed)
   chunks = []
   for start in range(0, len(labels), batch_size):
-    # Each chunk's noise is keyed by the sample's global index (fold_in(rng, start + i)).
+    chunk = labels[start:start + batch_size]
+    # Noise is keyed by the sample's global index, whatever the batch size.
     images = ps.sample_class_images(
-        params, model_config, objective, tok, labels[start:start + batch_size], names,
-        rng=jax.random.fold_in(rng, start), sampler=sampler or s.sampler,
+        params, model_config, objective, tok, chunk, names, rng=rng,
+        sample_ids=np.arange(start, start + len(chunk)), sampler=sampler or s.sampler,
         num_steps=num_steps or s.num_steps, guidance_scale=scale,
         cfg_mode=cfg_mode or s.cfg_mode, eta=s.eta)
     chunks.append(ps.decode_images(images, config))

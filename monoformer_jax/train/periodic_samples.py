@@ -60,23 +60,30 @@ def _prefix_batch(model_config, prefixes, with_image: bool, seq_len: int) -> dic
 
 def sample_class_images(params, model_config, objective, tokenizer, labels, class_names, *, rng,
                         sampler, num_steps, guidance_scale, cfg_mode="eps", eta=0.0,
-                        template="Please generate an image of {}."):
-  """Class-conditional samples (N, H, W, C) with CFG against the official empty prompt."""
+                        template="Please generate an image of {}.", sample_ids=None):
+  """Class-conditional samples (N, H, W, C) with CFG against the official empty prompt.
+
+  Sample n's noise comes from fold_in(rng, sample_ids[n]) (default 0..N-1), so it does not
+  depend on how a large request is cut into batches.
+  """
   prompts = [[tokenizer.bos_id, *tokenizer.encode(template.format(class_names[int(y)])),
               tokenizer.im_start_id] for y in labels]
   uncond = [tokenizer.bos_id, tokenizer.im_start_id]
   guided = guidance_scale > 1.0
   rows = prompts + ([uncond] * len(prompts) if guided else [])
-  longest = max(len(r) for r in rows)
+  # The row length depends on the class list only, not on which classes this call draws, so a
+  # sample comes out the same whatever batch it is drawn in.
+  longest = 2 + max(len(tokenizer.encode(template.format(c))) for c in class_names)
   seq_len = longest + model_config.num_patches + int(model_config.has_t_token)
   batch = jax.tree.map(jnp.asarray, _prefix_batch(model_config, rows, True, seq_len))
-  return np.asarray(_sample_images(params, batch, rng, objective, model_config, len(prompts),
-                                   sampler, int(num_steps), float(guidance_scale), cfg_mode,
-                                   float(eta)))
+  ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
+  return np.asarray(_sample_images(params, batch, rng, jnp.asarray(ids, jnp.int32), objective,
+                                   model_config, sampler, int(num_steps),
+                                   float(guidance_scale), cfg_mode, float(eta)))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _sample_images(params, batch, rng, objective, model_config, n, sampler, num_steps, scale,
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+def _sample_images(params, batch, rng, ids, objective, model_config, sampler, num_steps, scale,
                    cfg_mode, eta):
   from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
   model = MonoFormer(model_config)
@@ -89,7 +96,6 @@ def _sample_images(params, batch, rng, objective, model_config, n, sampler, num_
     denoise = diffusion.cfg_denoise_fn(model_fn, scale, cfg_mode, model_config.learn_sigma)
   else:
     denoise = model_fn
-  ids = jnp.arange(n)
   shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
   x_t = diffusion.sample_noise(rng, ids, shape)
   kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=ids)
