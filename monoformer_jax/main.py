@@ -7,7 +7,6 @@ on a single machine with several local processes, also set MONOFORMER_COORDINATO
 MONOFORMER_NUM_PROCESSES and MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh).
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -19,27 +18,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def maybe_initialize_distributed() -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  if os.environ.get("MONOFORMER_DISTRIBUTED") != "1":
-    return
-  coordinator = os.environ.get("MONOFORMER_COORDINATOR")
-  if coordinator:
-    jax.distributed.initialize(coordinator, int(os.environ["MONOFORMER_NUM_PROCESSES"]),
-                               int(os.environ["MONOFORMER_PROCESS_ID"]))
-  else:  # TPU pods / SLURM: discovered from the environment
-    jax.distributed.initialize()
-  expected = os.environ.get("MONOFORMER_NUM_PROCESSES")
-  if expected and jax.process_count() != int(expected):
-    raise RuntimeError(f"expected {expected} processes, jax sees {jax.process_count()}")
-  print(f"process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
-
-
 def main(argv):
   del argv
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
+  from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
   maybe_initialize_distributed()
   from monoformer_jax.train.setup import ConfigError  # pylint: disable=import-outside-toplevel
   from monoformer_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel

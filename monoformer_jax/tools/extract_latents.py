@@ -242,7 +242,7 @@ def main(argv=None) -> int:
   from monoformer_jax.data.tfds_latents import NAME  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(args.out, NAME)):
     parser.error(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
-  from monoformer_jax.main import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
   maybe_initialize_distributed()  # MONOFORMER_DISTRIBUTED=1: the same environment as training
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
