@@ -60,11 +60,13 @@ def _prefix_batch(model_config, prefixes, with_image: bool, seq_len: int) -> dic
 
 def sample_class_images(params, model_config, objective, tokenizer, labels, class_names, *, rng,
                         sampler, num_steps, guidance_scale, cfg_mode="eps", eta=0.0,
-                        template="Please generate an image of {}.", sample_ids=None):
+                        template="Please generate an image of {}.", sample_ids=None,
+                        batch_sharding=None):
   """Class-conditional samples (N, H, W, C) with CFG against the official empty prompt.
 
   Sample n's noise comes from fold_in(rng, sample_ids[n]) (default 0..N-1), so it does not
-  depend on how a large request is cut into batches.
+  depend on how a large request is cut into batches. `batch_sharding` (a NamedSharding of the
+  leading axis) splits the rows over devices; params should then be replicated on the same mesh.
   """
   prompts = [[tokenizer.bos_id, *tokenizer.encode(template.format(class_names[int(y)])),
               tokenizer.im_start_id] for y in labels]
@@ -76,8 +78,10 @@ def sample_class_images(params, model_config, objective, tokenizer, labels, clas
   longest = 2 + max(len(tokenizer.encode(template.format(c))) for c in class_names)
   seq_len = longest + model_config.num_patches + int(model_config.has_t_token)
   batch = jax.tree.map(jnp.asarray, _prefix_batch(model_config, rows, True, seq_len))
-  ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
-  return np.asarray(_sample_images(params, batch, rng, jnp.asarray(ids, jnp.int32), objective,
+  ids = jnp.asarray(np.arange(len(prompts)) if sample_ids is None else sample_ids, jnp.int32)
+  if batch_sharding is not None:
+    batch, ids = jax.device_put((batch, ids), batch_sharding)
+  return np.asarray(_sample_images(params, batch, rng, ids, objective,
                                    model_config, sampler, int(num_steps),
                                    float(guidance_scale), cfg_mode, float(eta)))
 
