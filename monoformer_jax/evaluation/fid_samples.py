@@ -100,9 +100,26 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--score_mnist", action="store_true",
                  help="score with the project's digit classifier (the embedded default)")
+  p.add_argument("--inception_weights", help="FID Inception .pth (pt_inception-2015-12-05)")
+  p.add_argument("--reference", help="reference statistics: ADM .npz (mu/sigma or arr_0)")
   args = p.parse_args()
   maybe_initialize_distributed()
   generate(args.workdir, args.out_dir, args.num_samples, seed=args.seed, chunk=args.chunk)
+  if args.inception_weights and jax.process_index() == 0:
+    from monoformer_jax.evaluation import fid, inception, inception_convert  # pylint: disable=import-outside-toplevel
+    if not args.reference:
+      p.error("--inception_weights needs --reference")
+    features = inception.InceptionFeatures(inception_convert.load_fid_inception(
+        args.inception_weights), batch_size=100)
+    images, _ = load_samples(args.out_dir)
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    mu_ref, sigma_ref = fid.load_reference_statistics(args.reference, features)
+    out = features(images)
+    stats = fid.RunningStatistics().update(out["pool"])
+    print(json.dumps({"fid": fid.frechet_distance(stats.mean, stats.covariance, mu_ref, sigma_ref),
+                      "inception_score": fid.inception_score(logits=out["logits"])[0],
+                      "num_samples": len(images)}))
   if args.score_mnist and jax.process_index() == 0:
     from monoformer_jax.data import mnist  # pylint: disable=import-outside-toplevel
     from monoformer_jax.evaluation import digit_classifier  # pylint: disable=import-outside-toplevel
