@@ -20,10 +20,10 @@ from configs.common import base_config
 
 def get_config(arg: str = ""):
   c = base_config()
-  c.num_train_steps = 1800
+  c.num_train_steps = 2200
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 600
-  c.sample_every_steps = 900
+  c.checkpoint_every_steps = 550
+  c.sample_every_steps = 1100
   c.model.update(dict(
       vocab_size=1028, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
       num_kv_heads=2, image_height=28, image_width=28, image_channels=1, patch_size=4,
@@ -32,12 +32,14 @@ def get_config(arg: str = ""):
   c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=5.0, cfg_mode="eps",
                          num_per_class=8, max_new_tokens=48, temperature=0.8))
   c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
-                          decay_steps=1800, final_lr_fraction=0.05, grad_clip=1.0,
+                          decay_steps=2200, final_lr_fraction=0.05, grad_clip=1.0,
                           weight_decay=0.0))
   c.ema.update(dict(decay=0.999, warmup=True))
-  c.loss.update(dict(diffusion_weight=1.0, lm_weight=1.0))
-  c.schedule.update(dict(diffusion=3.0, ar=1.0, mixed=0.0))
-  c.data.update(dict(image_source="mnist", image_batch_size=64, text_source="pydoc",
+  # Alternating steps, 5 diffusion : 1 text. The LM loss is weighted 0.1 in its own steps too, so
+  # its (much larger) gradients do not dominate the shared parameters' Adam statistics.
+  c.loss.update(dict(diffusion_weight=1.0, lm_weight=0.1))
+  c.schedule.update(dict(diffusion=5.0, ar=1.0, mixed=0.0))
+  c.data.update(dict(image_source="mnist", image_batch_size=48, text_source="pydoc",
                      text_batch_size=32, text_seq_len=96, tokenizer_vocab_size=1024,
                      prompt_dropout=0.1))
   if arg == "test":

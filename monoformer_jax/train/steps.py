@@ -54,9 +54,12 @@ def make_loss_fn(kind: str, model_config: ModelConfig, objective, diffusion_weig
   def loss_fn(params, batch, rng):
     metrics = {}
     if kind == "ar":
+      # Weighted as in the mixed objective (w_lm * L_lm): with alternating steps the shared
+      # parameters' Adam statistics see both objectives' gradients, and an unweighted LM
+      # gradient (far larger than the diffusion one) would shrink every diffusion update.
       out = model.apply({"params": params}, batch, return_image=False)
       loss, count = lm_loss(out["logits"], batch["targets"], batch["loss_mask"])
-      return loss, {"loss_lm": loss, "lm_tokens": count}
+      return lm_weight * loss, {"loss_lm": loss, "lm_tokens": count}
     x0, x_t, t, model_t, noise = _noisy_images(objective, batch["images"], batch["image_mask"], rng)
     b, m = batch["image_mask"].shape
     out = model.apply({"params": params}, batch, x_t.reshape(batch["images"].shape),
