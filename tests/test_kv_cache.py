@@ -1,0 +1,77 @@
+"""The model's key/value cache: prefill + step-by-step decode == full recomputation.
+
+Also the cached-prefix image path: the prompt's K/V computed once, then only the image tokens run
+(attending to the cached prefix and to each other) give the full sequence's denoiser output.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax.model.monoformer import MonoFormer
+from tests.helpers import build, random_params, tiny_config
+
+
+def empty_cache(config, batch, size):
+  layers = {"k": jnp.zeros((config.num_layers, batch, size, config.num_kv_heads,
+                            config.dim_per_head)),
+            "v": jnp.zeros((config.num_layers, batch, size, config.num_kv_heads,
+                            config.dim_per_head))}
+  meta = {"segment_ids": jnp.zeros((batch, size), jnp.int32),
+          "image_id": jnp.full((batch, size), -1, jnp.int32)}
+  return {"layers": layers, "meta": meta}
+
+
+def _slice(batch, lo, hi):
+  return {k: (v[:, lo:hi] if k in inputs_lib.SEQUENCE_KEYS else v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_with_cache_equals_full_recompute(scan):
+  from monoformer_jax.convert.monoformer_weights import stack_layers
+  config = tiny_config(scan_layers=scan)
+  params = random_params(tiny_config(), seed=4)
+  if scan:
+    params = stack_layers(params, config.num_layers)
+  rng = np.random.default_rng(0)
+  lengths = [9, 5]
+  batch = build(config, [[[("text", rng.integers(3, 97, n), True)]] for n in lengths], 12)
+  batch = jax.tree.map(jnp.asarray, batch)
+  model = MonoFormer(config)
+  full = model.apply({"params": params}, batch, return_image=False)["logits"]
+  cache = empty_cache(config, 2, 12)
+  out = model.apply({"params": params}, _slice(batch, 0, 4), cache=cache, cache_index=0,
+                    return_image=False)
+  np.testing.assert_allclose(out["logits"], full[:, :4], atol=1e-5)
+  cache = out["cache"]
+  for i in range(4, 12):
+    out = model.apply({"params": params}, _slice(batch, i, i + 1), cache=cache, cache_index=i,
+                      return_image=False)
+    cache = out["cache"]
+    valid = np.asarray(batch["segment_ids"][:, i]) > 0
+    np.testing.assert_allclose(np.asarray(out["logits"][:, 0])[valid],
+                               np.asarray(full[:, i])[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
+def test_cached_prefix_image_tokens_equal_the_full_sequence(t_embed):
+  config = tiny_config(t_embed=t_embed)
+  params = random_params(config, seed=5)
+  rng = np.random.default_rng(1)
+  shape = (config.image_height, config.image_width, config.image_channels)
+  prompt = rng.integers(3, 97, 6)
+  batch = build(config, [[[("text", prompt, False), ("image", np.zeros(shape, np.float32), 0)]]],
+                6 + config.num_patches + int(config.has_t_token))
+  batch = jax.tree.map(jnp.asarray, batch)
+  images = jnp.asarray(rng.standard_normal((1, 1) + shape), jnp.float32)
+  t = jnp.full((1, 1), 321.0)
+  model = MonoFormer(config)
+  full = model.apply({"params": params}, batch, images, t, return_logits=False)["image"]
+  size = batch["tokens"].shape[1]
+  prefix = model.apply({"params": params}, _slice(batch, 0, 6), cache=empty_cache(config, 1, size),
+                       cache_index=0, return_logits=False)["cache"]
+  for _ in range(2):  # every denoising step reuses the same prefix cache
+    out = model.apply({"params": params}, _slice(batch, 6, size), images, t, cache=prefix,
+                      cache_index=6, return_logits=False)
+    np.testing.assert_allclose(out["image"], full, atol=1e-5 * max(1.0, float(jnp.abs(full).max())))
