@@ -47,13 +47,13 @@ def save_png(path: str, image_hwc: np.ndarray) -> None:
   Image.fromarray(img).save(path)
 
 
-def _prefix_batch(model_config, prefixes, with_image: bool, seq_len: int) -> dict:
+def _prefix_batch(model_config, prefixes, with_image: bool, seq_len: int, labels=None) -> dict:
   shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
   batch = inputs_lib.empty_batch(len(prefixes), seq_len, 1, shape)
   for r, ids in enumerate(prefixes):
     pieces = [("text", list(ids), False)]
     if with_image:
-      pieces.append(("image", np.zeros(shape, np.float32), 0))
+      pieces.append(("image", np.zeros(shape, np.float32), 0 if labels is None else labels[r]))
     inputs_lib.RowBuilder(batch, r, model_config.num_patches, model_config.has_t_token).add(pieces)
   return batch
 
@@ -77,7 +77,11 @@ def sample_class_images(params, model_config, objective, tokenizer, labels, clas
   # sample comes out the same whatever batch it is drawn in.
   longest = 2 + max(len(tokenizer.encode(template.format(c))) for c in class_names)
   seq_len = longest + model_config.num_patches + int(model_config.has_t_token)
-  batch = jax.tree.map(jnp.asarray, _prefix_batch(model_config, rows, True, seq_len))
+  # With the optional label embedding, conditional rows carry their class and unconditional rows
+  # the null class (index num_classes), as in training's CFG dropout.
+  row_labels = [int(y) for y in labels] + ([model_config.num_classes] * len(prompts)
+                                           if guided else [])
+  batch = jax.tree.map(jnp.asarray, _prefix_batch(model_config, rows, True, seq_len, row_labels))
   ids = jnp.asarray(np.arange(len(prompts)) if sample_ids is None else sample_ids, jnp.int32)
   if batch_sharding is not None:
     batch, ids = jax.device_put((batch, ids), batch_sharding)
@@ -123,7 +127,11 @@ def generate_text(params, model_config, tokenizer, prompts, *, rng, max_new_toke
     ids = [int(t) for t in np.asarray(tokens[r, n:n + max_new_tokens])]
     if tokenizer.eos_id in ids:
       ids = ids[:ids.index(tokenizer.eos_id)]
-    out.append(tokenizer.decode(ids))
+    # Decode prompt + continuation together: SentencePiece drops a leading space when a
+    # continuation is decoded alone ("The" + "debugger" would lose the space between them).
+    head = tokenizer.decode(prefixes[r][1:])
+    full = tokenizer.decode(prefixes[r][1:] + ids)
+    out.append(full[len(head):] if full.startswith(head) else tokenizer.decode(ids))
   return out
 
 
