@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
       num_kv_heads=2, image_height=28, image_width=28, image_channels=1, patch_size=4,
       learn_sigma=True, t_embed="adaln_before_decoder", dtype="float32",
       max_position_embeddings=256))
-  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=5.0, cfg_mode="eps",
+  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=3.0, cfg_mode="eps",
                          num_per_class=8, max_new_tokens=48, temperature=0.8))
   c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
                           decay_steps=2200, final_lr_fraction=0.05, grad_clip=1.0,
