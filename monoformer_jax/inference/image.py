@@ -167,15 +167,18 @@ def sample_images(params, config: ModelConfig, objective, prompts: Sequence[Sequ
                   uncond_prompt: Optional[Sequence[int]] = None, labels=None,
                   guidance_scale: float = 1.0, cfg_mode: str = "eps", sampler: str = "ddpm",
                   num_steps: int = 50, eta: float = 0.0, rng=None, sample_ids=None,
-                  mesh=None, rules=None) -> np.ndarray:
+                  pad_to: int = 0, mesh=None, rules=None) -> np.ndarray:
   """Images (B, H, W, C) for token-id prompts that end with `<|im_start|>`, prefix cached.
 
   Sample n's noise comes from fold_in(rng, sample_ids[n]) (default 0..B-1): a sample does not
-  depend on the batch it is drawn in. `labels` feed the optional label embedding.
+  depend on the batch it is drawn in (bit for bit when `pad_to` fixes the padded prompt length,
+  e.g. to the longest prompt of a class list). `labels` feed the optional label embedding.
   """
   rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale,
                                        cfg_mode)
   ids, lengths = pad_prompts(rows)
+  if pad_to > ids.shape[1]:
+    ids = np.pad(ids, ((0, 0), (0, pad_to - ids.shape[1])))
   if int(lengths.max()) + span_length(config) > config.max_position_embeddings:
     raise ValueError(f"prompt of {int(lengths.max())} tokens + {span_length(config)} image tokens "
                      f"exceed max_position_embeddings={config.max_position_embeddings}")
