@@ -1,0 +1,134 @@
+"""Cached text generation: parity with transformers' greedy generate, sampling filters, stops,
+batch independence, and the sharded cache on a mesh of 8 fake devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from monoformer_jax.inference import TokenSampling, filter_logits, generate_tokens
+from monoformer_jax.inference.decode import text_batch
+from monoformer_jax.model.monoformer import MonoFormer
+from tests.helpers import random_params, tiny_config
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """A random-weight transformers LLaMA (peaked logits: no near-ties) and our conversion."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from monoformer_jax.convert.checkpoints import load_llama_checkpoint
+  torch.manual_seed(np.random.default_rng().integers(1 << 30))
+  cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=6,
+                                 num_key_value_heads=2, max_position_embeddings=128,
+                                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.3 if p.ndim > 1 else 0.05).add_(1.0 if p.ndim == 1 else 0.0)
+    model.lm_head.weight.mul_(20.0)  # logit gaps >> float32 rounding
+  path = tmp_path_factory.mktemp("hf")
+  model.save_pretrained(path, safe_serialization=True)
+  config, params = load_llama_checkpoint(str(path))
+  return model, config, params
+
+
+def test_greedy_equals_transformers_generate(hf_pair):
+  import torch
+  model, config, params = hf_pair
+  rng = np.random.default_rng()
+  prompts = [[1, *rng.integers(3, 101, n)] for n in (7, 2, 11, 4)]
+  ours = generate_tokens(params, config, prompts, max_new_tokens=MAX_NEW)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                                                             dtype=torch.long),
+                           max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert got == ref[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = tiny_config()
+  return config, random_params(config, seed=int(np.random.default_rng().integers(1000)),
+                               scale=1.0)
+
+
+def _full_recompute_greedy(params, config, prompt, n):
+  """The whole sequence every token, in one fixed-length buffer (one compile)."""
+  size = len(prompt) + n
+  model = MonoFormer(config)
+  step = jax.jit(lambda p, t, seg: model.apply({"params": p}, text_batch(
+      t, seg, jnp.arange(size)[None]), return_image=False)["logits"])
+  seq = list(prompt)
+  for _ in range(n):
+    t = jnp.asarray([seq + [0] * (size - len(seq))])
+    seg = (jnp.arange(size) < len(seq)).astype(jnp.int32)[None]
+    seq.append(int(jnp.argmax(step(params, t, seg)[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+def test_filters_and_stops(tiny):
+  config, params = tiny
+  rng = np.random.default_rng()
+  prompts = [[1, *rng.integers(3, 97, n)] for n in (3, 8, 1)]
+  greedy = generate_tokens(params, config, prompts, max_new_tokens=6)
+  assert greedy[0] == _full_recompute_greedy(params, config, prompts[0], 6)
+  # top-k 1 and a tiny nucleus are greedy whatever the temperature.
+  for sampling in (TokenSampling(1.5, top_k=1), TokenSampling(1.0, top_p=1e-6)):
+    assert generate_tokens(params, config, prompts, max_new_tokens=6, sampling=sampling,
+                           rng=jax.random.key(3)) == greedy
+  # A stop token ends its row (kept as the last token); other rows run to max_new_tokens.
+  stop = greedy[1][2]
+  out = generate_tokens(params, config, prompts, max_new_tokens=6, stop_tokens=[stop])
+  assert out[1] == greedy[1][:greedy[1].index(stop) + 1]
+  for row, full in zip(out, greedy):
+    assert row == (full[:full.index(stop) + 1] if stop in full else full)
+
+
+def test_sampling_is_batch_independent_and_seeded(tiny):
+  config, params = tiny
+  rng = np.random.default_rng()
+  prompts = [[1, *rng.integers(3, 97, n)] for n in (5, 2, 9)]
+  s = TokenSampling(1.0, top_k=20, top_p=0.9)
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  batch = generate_tokens(params, config, prompts, max_new_tokens=8, sampling=s, rng=key)
+  alone = generate_tokens(params, config, prompts[2:], max_new_tokens=8, sampling=s, rng=key,
+                          sample_ids=[2])
+  assert alone[0] == batch[2]
+  other = generate_tokens(params, config, prompts, max_new_tokens=8, sampling=s,
+                          rng=jax.random.fold_in(key, 1))
+  assert other != batch
+
+
+def test_filter_logits_keeps_top_k_and_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.05, 0.3, 0.15]]))
+  kept = np.isfinite(np.asarray(filter_logits(logits, TokenSampling(1.0, top_k=2))))
+  assert kept.tolist() == [[True, False, True, False]]
+  kept = np.isfinite(np.asarray(filter_logits(logits, TokenSampling(1.0, top_p=0.85))))
+  assert kept.tolist() == [[True, False, True, True]]  # 0.5 + 0.3 < 0.85: one more token
+  kept = np.isfinite(np.asarray(filter_logits(logits, TokenSampling(1.0, top_p=0.8))))
+  assert kept.tolist() == [[True, False, True, False]]
+  with pytest.raises(ValueError, match="top_p"):
+    TokenSampling(1.0, top_p=0.0)
+
+
+def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny):
+  from monoformer_jax.inference import cache_shardings
+  from monoformer_jax.train import sharding as sharding_lib
+  from monoformer_jax.train.state import abstract_boxed_params
+  config, params = tiny
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding_lib.DEFAULT_RULES
+  shardings = sharding_lib.logical_shardings(abstract_boxed_params(config), mesh, rules)
+  placed = jax.tree.map(jax.device_put, params, shardings)
+  rng = np.random.default_rng()
+  prompts = [[1, *rng.integers(3, 97, n)] for n in (3, 6, 2, 5)]
+  want = generate_tokens(params, config, prompts, max_new_tokens=5)
+  assert generate_tokens(placed, config, prompts, max_new_tokens=5, mesh=mesh,
+                         rules=rules) == want
+  kv = cache_shardings(config, 4, 16, mesh, rules)["layers"]["k"]
+  assert kv.spec[1] == ("data", "fsdp") and kv.spec[3] == "tensor"
