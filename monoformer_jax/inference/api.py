@@ -16,6 +16,7 @@ checkpoints); images come back in the model's space ([-1, 1] pixels, or latents:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -75,8 +76,16 @@ class InferenceModel:
     from monoformer_jax.train.setup import build_objective, class_names  # pylint: disable=import-outside-toplevel
     try:
       config, model_config, params, tok = load_for_inference(workdir, use_ema=use_ema)
-    except FileNotFoundError:
-      raise
+    except FileNotFoundError as e:
+      ckpt_dir = os.path.join(workdir, "checkpoints")
+      steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+      if not steps:
+        raise
+      # The trainer's restore skips steps it cannot read; with steps present that means the
+      # stored arrays do not fit the model config.json describes.
+      raise InferenceError(f"no checkpoint in {ckpt_dir} (steps {sorted(steps, key=int)}) fits "
+                           f"the model of {workdir}/config.json: a checkpoint of another model "
+                           "shape, or corrupted files (the log above names the arrays)") from e
     except Exception as e:  # pylint: disable=broad-except  # orbax names shapes, not the cause
       raise InferenceError(f"the checkpoint in {workdir} does not fit the model of its "
                            f"config.json (a checkpoint of another model shape?): "
