@@ -92,7 +92,8 @@ class FinalLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cond: Array) -> Array:
-    """x: (B, N, hidden) image-token states; cond: (B, N or 1, hidden) conditioning vectors."""
+    """x: (..., N, hidden) image-token states; cond: (..., N or 1, hidden) conditioning vectors
+    (one per image, broadcast over its N patches, is the cheap way)."""
     cfg = self.config
     mod = nn.Dense(2 * cfg.hidden_size, param_dtype=jnp.float32, name="adaln_modulation",
                    kernel_init=zeros_init(("embed", "cond")), bias_init=zeros_init(("cond",)))(

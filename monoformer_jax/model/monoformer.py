@@ -38,6 +38,13 @@ def _gather_tokens(values: Array, index: Array) -> Array:
   return jnp.take_along_axis(values, index[..., None], axis=1)
 
 
+def _per_slot(values: Array, slot: Array) -> Array:
+  """values (B, M, D) per image slot, slot (B, L) -> (B, L, D); a broadcast when M == 1."""
+  if values.shape[1] == 1:
+    return jnp.broadcast_to(values, (values.shape[0], slot.shape[1], values.shape[2]))
+  return _gather_tokens(values, slot)
+
+
 def _patch_positions(kinds: Array, patch_index: Array, num_slots: int) -> Array:
   """(B, num_slots): where in the sequence each image patch sits (0 for slots that are absent)."""
   seq = jnp.broadcast_to(jnp.arange(kinds.shape[1], dtype=jnp.int32), kinds.shape)
@@ -124,7 +131,7 @@ class MonoFormer(nn.Module):
                          bias_init=zeros_init(("embed_out",)))(nn.gelu(t_tok, approximate=False))
         self.sow("intermediates", "c_embeds", t_tok)
         is_t = (kinds == inputs_lib.KIND_T_TOKEN)[..., None]
-        x = jnp.where(is_t, _gather_tokens(t_tok, slot).astype(dtype), x)
+        x = jnp.where(is_t, _per_slot(t_tok, slot).astype(dtype), x)
       self.sow("intermediates", "merged_embeds", x)
       if cfg.use_pos_embed:
         table = jnp.asarray(sincos_pos_embed_2d(hidden, *cfg.grid_size))
@@ -135,7 +142,7 @@ class MonoFormer(nn.Module):
                      kernel_init=zeros_init(("embed", "cond")), bias_init=zeros_init(("cond",)))(
                          nn.silu(cond))
         self.sow("intermediates", "c_embeds", c)
-        c_tok = _gather_tokens(c, slot)
+        c_tok = _per_slot(c, slot)
         # The official code names the first chunk "scale" but adds it: port by position.
         modulated = x.astype(jnp.float32) * (1 + c_tok[..., hidden:]) + c_tok[..., :hidden]
         x = jnp.where(is_image, modulated.astype(dtype), x)
@@ -176,11 +183,10 @@ class MonoFormer(nn.Module):
     if images is not None and return_image:
       m = images.shape[1]
       where = _patch_positions(kinds, patch_index, m * num_patches)
-      h_img = _gather_tokens(x, where)  # (B, M*P, hidden)
-      cond_tok = jnp.repeat(cond, num_patches, axis=1)
-      y = FinalLayer(cfg, name="final_layer")(h_img, cond_tok)
-      self.sow("intermediates", "final_layer_out", y)
-      y = y.reshape(b, m, num_patches, -1)
+      h_img = _gather_tokens(x, where).reshape(b, m, num_patches, hidden)
+      # One modulation per image, broadcast over its patches (not one per token).
+      y = FinalLayer(cfg, name="final_layer")(h_img, cond[:, :, None, :])
+      self.sow("intermediates", "final_layer_out", y.reshape(b, m * num_patches, -1))
       out["image"] = unpatchify(y, cfg.patch_size, cfg.image_height, cfg.image_width)
     return out
 
