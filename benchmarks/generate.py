@@ -70,6 +70,8 @@ def image_rates(params, config, batch, steps, repeats):
 
 
 def main():
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--batch", type=int, default=8)

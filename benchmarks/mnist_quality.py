@@ -34,6 +34,8 @@ from monoformer_jax.train.setup import build_objective  # noqa: E402
 
 
 def main():
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--num_per_class", type=int, default=20)

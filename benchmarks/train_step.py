@@ -74,6 +74,8 @@ def build_torch(args, tokens):
 
 
 def main():
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   p = argparse.ArgumentParser()
   p.add_argument("--layers", type=int, default=6)
   p.add_argument("--width", type=int, default=256)

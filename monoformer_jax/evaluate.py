@@ -183,6 +183,8 @@ def run_evaluation(workdir: str, suites, *, tasks_dir=None, tasks=None, limit=No
 
 
 def main(argv):
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging  # pylint: disable=import-outside-toplevel

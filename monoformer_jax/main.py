@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
   from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel

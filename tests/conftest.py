@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
+
+tune_for_xla_cpu()  # as every entry point does: XLA:CPU steps without page-fault storms
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

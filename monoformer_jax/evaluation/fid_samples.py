@@ -89,6 +89,8 @@ def load_samples(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main():
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel

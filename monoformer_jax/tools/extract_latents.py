@@ -238,6 +238,8 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
 
 
 def main(argv=None) -> int:
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   args, parser = parse_args(argv)
   from monoformer_jax.data.tfds_latents import NAME  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(args.out, NAME)):

@@ -171,6 +171,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def main(argv):
+  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
