@@ -10,6 +10,14 @@ image phase (inference/interleaved.py) before anything is fed.
 
 Sampling keys are fold_in(fold_in(rng, sample_id), k) for a row's k-th token, so a row's text does
 not depend on the batch it was generated in.
+
+The cache grows in buckets (`cache_size_for`: at least MIN_CACHE_SLOTS, then powers of two, capped
+at what the call can need) instead of being allocated for the whole call up front: every decode
+step attends over, and the model's layer stack copies, the whole buffer, so a step at position p
+costs O(bucket(p)) rather than O(prompt + max_new_tokens). The loop stops when its buffer is full;
+the host pads the cache to the next bucket (one copy) and resumes. Each bucket size compiles the
+loop once; calls that fit in MIN_CACHE_SLOTS never grow. The state is donated to the loop, so XLA
+updates the cache in place instead of copying it in at every call.
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ from monoformer_jax.inference import cache as cache_lib
 from monoformer_jax.inference.tokens import TokenSampling, choose_tokens
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
+
+MIN_CACHE_SLOTS = 256
+
+
+def cache_size_for(needed: int, total: int) -> int:
+  """The cache bucket holding `needed` slots: max(MIN_CACHE_SLOTS, next power of two), <= total."""
+  return min(int(total), max(MIN_CACHE_SLOTS, 1 << max(int(needed) - 1, 0).bit_length()))
 
 
 def text_batch(tokens, segment_ids, positions) -> dict:
@@ -87,15 +102,46 @@ def prefill(params, ids, lengths, sample_ids, *, config: ModelConfig, cache_size
   }
 
 
+def cache_slots(state: dict) -> int:
+  return state["cache"]["meta"]["segment_ids"].shape[1]
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def grow_cache(state: dict, *, size: int) -> dict:
+  """The state with its cache padded to `size` slots (new slots empty: segment 0, image_id -1)."""
+  cache = state["cache"]
+  extra = size - cache["meta"]["segment_ids"].shape[1]
+  if extra < 0:
+    raise ValueError(f"cannot shrink a cache of {size + (-extra)} slots to {size}")
+  pad_kv = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+  grown = {"layers": {k: pad_kv(v) for k, v in cache["layers"].items()},
+           "meta": {"segment_ids": jnp.pad(cache["meta"]["segment_ids"], ((0, 0), (0, extra))),
+                    "image_id": jnp.pad(cache["meta"]["image_id"], ((0, 0), (0, extra)),
+                                        constant_values=-1)}}
+  return dict(state, cache=cache_lib.constrain_cache(grown))
+
+
+def ensure_room(state: dict, needed: int, total: int) -> dict:
+  """Grows the cache (to its bucket) when fewer than `needed` slots are free after state['index']."""
+  index = int(jax.device_get(state["index"]))
+  if index + needed <= cache_slots(state):
+    return state
+  if index + needed > total:
+    raise RuntimeError(f"the cache would need {index + needed} slots, more than the {total} this "
+                       "call sized it for")
+  return grow_cache(state, size=cache_size_for(index + needed, total))
+
+
 def _pending_image(state, image_token: int):
   return (~state["done"]) & (state["next_token"] == image_token)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_tokens", "image_token",
-                                             "max_images"))
+                                             "max_images"), donate_argnames=("state",))
 def decode_until(params, state: dict, rng, *, config: ModelConfig, sampling: TokenSampling,
                  stop_tokens: tuple = (), image_token: int = -1, max_images: int = 0) -> dict:
-  """Decodes until every row is done, or (image_token >= 0) a live row is about to feed it.
+  """Decodes until every row is done, the cache is full, or (image_token >= 0) a live row is
+  about to feed it. `state` is donated (its buffers are reused for the result).
 
   A row is done after a stop token or `max_new_tokens` (the width of state['generated']). With
   image_token >= 0, a row that has drawn `max_images` images can no longer choose it.
@@ -104,8 +150,10 @@ def decode_until(params, state: dict, rng, *, config: ModelConfig, sampling: Tok
   b, max_new = state["generated"].shape
   rows = jnp.arange(b)
 
+  size = cache_slots(state)
+
   def cond(s):
-    go = jnp.any(~s["done"])
+    go = jnp.any(~s["done"]) & (s["index"] < size)
     if image_token >= 0:
       go = go & ~jnp.any(_pending_image(s, image_token))
     return go
@@ -151,7 +199,7 @@ def generate_tokens(params, config: ModelConfig, prompts: Sequence[Sequence[int]
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   ids, lengths = pad_prompts(prompts)
-  size = ids.shape[1] - 1 + max_new_tokens
+  total = ids.shape[1] - 1 + max_new_tokens
   if int(lengths.max()) + max_new_tokens > config.max_position_embeddings:
     raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) "
                      f"exceed the model's max_position_embeddings={config.max_position_embeddings}")
@@ -159,8 +207,13 @@ def generate_tokens(params, config: ModelConfig, prompts: Sequence[Sequence[int]
   sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
   with mesh_context(mesh, rules):
     state = prefill(params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(sample_ids),
-                    config=config, cache_size=size, max_new_tokens=max_new_tokens)
-    state = decode_until(params, state, rng, config=config, sampling=sampling,
-                         stop_tokens=tuple(int(t) for t in stop_tokens))
+                    config=config, cache_size=cache_size_for(ids.shape[1], total),
+                    max_new_tokens=max_new_tokens)
+    while True:
+      state = decode_until(params, state, rng, config=config, sampling=sampling,
+                           stop_tokens=tuple(int(t) for t in stop_tokens))
+      if jax.device_get(state["done"]).all():
+        break
+      state = ensure_room(state, 1, total)  # the loop stopped on a full cache
   generated, counts = jax.device_get((state["generated"], state["num_generated"]))
   return [[int(t) for t in generated[r, :counts[r]]] for r in range(len(prompts))]

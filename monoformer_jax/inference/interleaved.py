@@ -10,8 +10,9 @@ The text loop (inference/decode.py) stops as soon as a live row is about to feed
      input path with t = 0 conditioning), and
   4. makes `<|im_end|>` the row's next token, so text continues after the image.
 Rows that are not drawing keep their pending token; the span's slots are empty (segment 0) for
-them. Each phase costs every row 1 + span cache slots, so the cache is sized for B * max_images
-phases (rows rarely open images at the same step).
+them. Each phase costs every row 1 + span cache slots, so the cache can grow to B * max_images
+phases (rows rarely open images at the same step); it grows in buckets as text does
+(decode.cache_size_for), and the host makes room before each phase.
 
 The k-th image of sample n takes its noise from sample id n + k * IMAGE_ID_STRIDE: the first image
 of a prompt is the same image `image.sample_images` draws for that prompt with the same key.
@@ -39,11 +40,12 @@ IMAGE_ID_STRIDE = 1 << 20
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "image_token", "end_token", "max_images", "guided", "scale", "cfg_mode", "sampler",
-    "num_steps", "eta"))
+    "num_steps", "eta"), donate_argnames=("state",))
 def draw_pending(params, state: dict, uncond_ids, rng, objective, *, config: ModelConfig,
                  image_token: int, end_token: int, max_images: int, guided: bool, scale: float,
                  cfg_mode: str, sampler: str, num_steps: int, eta: float) -> dict:
-  """One image phase for every live row whose next token is `image_token`."""
+  """One image phase for every live row whose next token is `image_token` (the cache needs
+  1 + span free slots after state['index']; `state` is donated)."""
   b, max_new = state["generated"].shape
   rows = jnp.arange(b)
   span = image_lib.span_length(config)
@@ -111,7 +113,7 @@ def generate_interleaved(params, config: ModelConfig, objective, prompts: Sequen
   ids, lengths = decode.pad_prompts(prompts)
   b, span = len(prompts), image_lib.span_length(config)
   phases = b * max_images
-  size = ids.shape[1] - 1 + max_new_tokens + phases * (1 + span)
+  total = ids.shape[1] - 1 + max_new_tokens + phases * (1 + span)
   if int(lengths.max()) + max_new_tokens + max_images * (1 + span) > config.max_position_embeddings:
     raise ValueError(f"prompt + max_new_tokens + {max_images} image(s) of {span} tokens exceed "
                      f"max_position_embeddings={config.max_position_embeddings}")
@@ -121,16 +123,22 @@ def generate_interleaved(params, config: ModelConfig, objective, prompts: Sequen
   stops = tuple(int(t) for t in stop_tokens)
   with decode.mesh_context(mesh, rules):
     state = decode.prefill(params, jnp.asarray(ids), jnp.asarray(lengths),
-                           jnp.asarray(sample_ids), config=config, cache_size=size,
+                           jnp.asarray(sample_ids), config=config,
+                           cache_size=decode.cache_size_for(ids.shape[1], total),
                            max_new_tokens=max_new_tokens)
     state["images"] = jnp.zeros((b, max_images) + image_lib.image_shape(config), jnp.float32)
-    for _ in range(phases + 1):
+    while True:
       state = decode.decode_until(params, state, text_rng, config=config, sampling=sampling,
                                   stop_tokens=stops, image_token=image_token,
                                   max_images=max_images)
-      pending = jax.device_get((~state["done"]) & (state["next_token"] == image_token))
-      if not pending.any():
+      done, pending = jax.device_get((state["done"],
+                                      (~state["done"]) & (state["next_token"] == image_token)))
+      if done.all():
         break
+      if not pending.any():  # the loop stopped on a full cache
+        state = decode.ensure_room(state, 1, total)
+        continue
+      state = decode.ensure_room(state, 1 + span, total)
       state = draw_pending(params, state, jnp.asarray(uncond_prompt, jnp.int32), image_rng,
                            objective, config=config, image_token=image_token,
                            end_token=end_token, max_images=max_images,
