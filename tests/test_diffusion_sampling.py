@@ -67,22 +67,76 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance():
   np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), rtol=1e-4, atol=1e-4)
 
 
-def test_sampler_is_one_compiled_loop():
-  """The model is traced once (loop body), whatever the number of steps."""
+def _loops_and_size(jaxpr):
+  """(loop primitives with their trip counts, total equation count), through every sub-jaxpr."""
+  loops, size = [], 0
+
+  def walk(jx):
+    nonlocal size
+    for eqn in jx.eqns:
+      size += 1
+      if eqn.primitive.name in ("scan", "while"):
+        loops.append((eqn.primitive.name, eqn.params.get("length")))
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          inner = getattr(sub, "jaxpr", sub)   # ClosedJaxpr -> Jaxpr
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jaxpr.jaxpr)
+  return loops, size
+
+
+def _traced(sample_fn, num_steps, channels=2):
+  """Traces sample_fn(model, x, key, num_steps): (loops, equation count, model traces)."""
   calls = []
 
   def counting_model(x, t):
     calls.append(1)
-    return toy_eps_model(x, t)
-  objective = dif.make_objective("gaussian")
-  fn = jax.jit(lambda x, key: objective.sample(counting_model, x, key, sampler="ddpm",
-                                               num_steps=50))
-  jaxpr = jax.make_jaxpr(lambda x, key: objective.sample(counting_model, x, key,
-                                                          num_steps=50))(
+    return toy_eps_model(x, t)[..., :channels]
+  jaxpr = jax.make_jaxpr(lambda x, key: sample_fn(counting_model, x, key, num_steps))(
       _rand(5, (2, 3, 2)), jax.random.PRNGKey(0))
-  assert "scan" in str(jaxpr) and len(calls) == 1
-  fn(_rand(5, (2, 3, 2)), jax.random.PRNGKey(0))
-  assert len(calls) == 2
+  return (*_loops_and_size(jaxpr), len(calls))
+
+
+def _objective_sampler(kind, sampler, **options):
+  objective = dif.make_objective(kind)
+  return lambda model, x, key, n: objective.sample(model, x, key, sampler=sampler, num_steps=n,
+                                                   **options)
+
+
+def _python_loop_euler(model, x, key, num_steps):
+  """A sampler unrolled by a Python loop: what the check below must reject."""
+  del key
+  for k in range(num_steps):
+    t = 1.0 - k / num_steps
+    x = x - model(x, jnp.full((x.shape[0],), 1000.0 * t))[..., :x.shape[-1]] / num_steps
+  return x
+
+
+ONE_LOOP_SAMPLERS = [
+    ("ddpm", _objective_sampler("gaussian", "ddpm"), 4, 1),
+    ("ddim", _objective_sampler("gaussian", "ddim", eta=0.5), 4, 1),
+    ("euler", _objective_sampler("flow", "euler"), 2, 1),
+    ("heun", _objective_sampler("flow", "heun"), 2, 2),   # two model calls per step
+]
+
+
+@pytest.mark.parametrize("name, sample_fn, channels, calls_per_step", ONE_LOOP_SAMPLERS,
+                         ids=[s[0] for s in ONE_LOOP_SAMPLERS])
+def test_sampler_is_one_compiled_loop(name, sample_fn, channels, calls_per_step):
+  """One scan over the steps, its body (and the model) traced once, whatever the step count."""
+  loops_5, size_5, calls_5 = _traced(sample_fn, 5, channels)
+  loops_40, size_40, calls_40 = _traced(sample_fn, 40, channels)
+  assert loops_5 == [("scan", 5)] and loops_40 == [("scan", 40)], (name, loops_5, loops_40)
+  assert calls_5 == calls_40 == calls_per_step, (name, calls_5, calls_40)
+  assert size_5 == size_40, (name, size_5, size_40)   # nothing unrolled per step
+
+
+def test_one_loop_check_rejects_a_python_loop():
+  """The counts above do fail for a sampler that unrolls its steps in Python."""
+  loops_5, size_5, calls_5 = _traced(_python_loop_euler, 5)
+  loops_40, size_40, calls_40 = _traced(_python_loop_euler, 40)
+  assert loops_5 == loops_40 == [] and (calls_5, calls_40) == (5, 40) and size_40 > size_5
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch():
