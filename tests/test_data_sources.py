@@ -149,6 +149,51 @@ def test_image_folder_source(tmp_path):
   assert cropped[0]["image"].shape == (8, 8, 1)
 
 
+def _adm_crop_reference(image, size):
+  """ADM's preprocessing, written from its description (not from center_crop_arr):
+  halve both sides with a box filter while the short side is at least twice the target, then one
+  bicubic resize that makes the short side exactly `size` (the long side scaled in proportion,
+  rounded), then the centred size x size window (the extra pixel of an odd margin to the
+  right/bottom)."""
+  width, height = image.size
+  while min(width, height) >= 2 * size:
+    width, height = width // 2, height // 2
+    image = image.resize((width, height), resample=Image.BOX)
+  if width <= height:
+    target = (size, round(height * size / width))
+  else:
+    target = (round(width * size / height), size)
+  pixels = np.asarray(image.resize(target, resample=Image.BICUBIC))
+  top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+  return pixels[top:top + size, left:left + size]
+
+
+# (width, height, size): several halvings, none, upscaling, odd sides, both orientations, square.
+CROP_CASES = [(101, 67, 16), (67, 101, 16), (97, 255, 12), (33, 31, 16), (9, 13, 12),
+              (21, 8, 12), (129, 129, 32), (250, 63, 15), (17, 300, 16)]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_center_crop_matches_an_independent_reference(tmp_path, mode):
+  rng = np.random.default_rng()
+  for width, height, size in CROP_CASES:
+    channels = (3,) if mode == "RGB" else ()
+    pixels = rng.integers(0, 256, (height, width, *channels), dtype=np.uint8)
+    image = Image.fromarray(pixels, mode)
+    want = _adm_crop_reference(image, size)
+    assert want.shape == (size, size, *channels)
+    got = np.asarray(image_sources.center_crop_arr(image, size))
+    np.testing.assert_array_equal(got, want, err_msg=f"{width}x{height} -> {size}")
+    # ... and through the file loader (PNG is lossless, so the same pixels).
+    Image.fromarray(pixels, mode).save(tmp_path / "im.png")
+    loaded = image_sources.load_image(str(tmp_path / "im.png"), size, 3 if mode == "RGB" else 1)
+    np.testing.assert_array_equal(loaded.reshape(want.shape), want)
+  # The reference is not trivially met: a plain bicubic resize of the whole image differs.
+  image = Image.fromarray(rng.integers(0, 256, (67, 101, 3), dtype=np.uint8))
+  direct = np.asarray(image.resize((24, 16), resample=Image.BICUBIC))[:, 4:20]
+  assert np.abs(direct.astype(int) - _adm_crop_reference(image, 16)).max() > 10
+
+
 def test_image_folder_bad_layouts_and_images(tmp_path):
   rng = np.random.default_rng()
   flat = tmp_path / "flat"
