@@ -32,7 +32,12 @@ def load_golden_dir(path: str) -> tuple[ModelConfig, dict, dict, dict]:
   params = state_dict_to_params(load_file(os.path.join(path, "model.safetensors")), config)
   with np.load(os.path.join(path, "cases.npz")) as z:
     cases = {k: z[k] for k in z.files}
+  if "special_token_ids" not in cases:
+    raise ValueError(f"{path}/cases.npz has no array 'special_token_ids'")
   ids = cases["special_token_ids"]
+  if len(ids) != len(SPECIAL_ORDER):
+    raise ValueError(f"special_token_ids has {len(ids)} entries, expected {len(SPECIAL_ORDER)} "
+                     f"({', '.join(SPECIAL_ORDER)})")
   special = dict(zip(SPECIAL_ORDER, (int(i) for i in ids)))
   return config, params, cases, special
 
@@ -80,11 +85,50 @@ def build_batch(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.n
   return batch
 
 
-def image_positions(batch: dict) -> np.ndarray:
-  """(B, P) sequence positions of the image tokens of slot 0 (rows without one: zeros)."""
-  kinds, index = batch["kinds"], batch["patch_index"]
-  out = np.zeros(kinds.shape[:1] + (int(index.max()) + 1 if index.size else 0,), np.int64)
+def merged_length(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  special: dict) -> int:
+  """Length of the official merged sequence: kept ids, the `<image>` placeholder expanded."""
+  image_id = special["<image>"]
+  extra = config.num_patches + int(config.has_t_token) - 1
+  lengths = [int(m.sum()) + extra * int(image_id in ids[m.astype(bool)])
+             for ids, m in zip(input_ids, attention_mask)]
+  return max(lengths)
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+  """Appends all-padding rows up to `rows` (rows never see each other, so outputs are unchanged)."""
+  b, length = batch["tokens"].shape
+  if rows == b:
+    return batch
+  extra = inputs_lib.empty_batch(rows - b, length, batch["images"].shape[1],
+                                 batch["images"].shape[2:])
+  return {k: np.concatenate([v, extra[k]]) for k, v in batch.items()}
+
+
+def merged_labels(batch: dict, labels: np.ndarray, attention_mask: np.ndarray,
+                  input_ids: np.ndarray, special: dict) -> np.ndarray:
+  """The official merged labels (B, L) from our batch layout: the collator label of every kept
+  text token at the position our merge gave it, -100 on image tokens, the t-token and padding."""
+  kinds, seg = batch["kinds"], batch["segment_ids"]
+  out = np.full(kinds.shape, -100, np.int64)
+  for r in range(labels.shape[0]):
+    keep = attention_mask[r].astype(bool)
+    text = input_ids[r][keep] != special["<image>"]
+    row_labels = labels[r][keep][text]
+    where = np.nonzero((kinds[r] == inputs_lib.KIND_TEXT) & (seg[r] > 0))[0]
+    if len(where) != len(row_labels):
+      raise ValueError(f"row {r}: {len(row_labels)} kept text labels but {len(where)} text "
+                       "positions in the merged row")
+    out[r, where] = row_labels
+  return out
+
+
+def image_spans(batch: dict) -> np.ndarray:
+  """(B, 2) int64 [start, end) of each row's image tokens (the t-token excluded); -1 if none."""
+  kinds = batch["kinds"]
+  out = np.full((kinds.shape[0], 2), -1, np.int64)
   for r in range(kinds.shape[0]):
     pos = np.nonzero(kinds[r] == inputs_lib.KIND_IMAGE)[0]
-    out[r, index[r, pos]] = pos
+    if len(pos):
+      out[r] = pos.min(), pos.max() + 1
   return out
