@@ -1,18 +1,17 @@
 """Flax AutoencoderKL against diffusers.AutoencoderKL (PyTorch, CPU, fp32) on tiny random configs."""
 import json
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monoformer_jax import vae
 from monoformer_jax.vae import convert
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4,
             norm_num_groups=4)
@@ -56,10 +55,15 @@ def random_images(seed, shape):
   return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
-def assert_close(got, want, rel=1e-4):
+FP32_ATOL = 1e-4  # the issue's bar: absolute, on outputs of magnitude O(1) (see the tests)
+BF16_ATOL = 5e-2  # bf16 compute (8-bit mantissa) on the same O(1) outputs
+
+
+def assert_close(got, want, atol=FP32_ATOL):
+  """Elementwise |got - want| <= atol (absolute: no rtol, no scaling by the outputs' size)."""
   got = np.asarray(got)
   assert got.shape == want.shape, (got.shape, want.shape)
-  np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_scaled_latents_api(tiny):
   with torch.no_grad():
     want = tiny["model"].decode(torch.from_numpy(mean).permute(0, 3, 1, 2)).sample
   assert_close(vae.decode_latents(params, latents, config=cfg),
-               want.permute(0, 2, 3, 1).numpy(), rel=2e-4)
+               want.permute(0, 2, 3, 1).numpy())
   rng = jax.random.PRNGKey(3)
   sampled = vae.encode_to_latents(params, images, rng, config=cfg)
   np.testing.assert_allclose(sampled, vae.sample_latents(mean, logvar, rng), rtol=1e-4, atol=1e-5)
@@ -185,7 +189,7 @@ def test_logical_axes_bf16_and_sharded_batch(tiny):
   mean, _, _ = tiny["reference"]
   bf16_mean, _ = vae.encode_moments(params, images, config=config, dtype=jnp.bfloat16)
   assert bf16_mean.dtype == jnp.float32
-  assert_close(bf16_mean, mean, rel=5e-2)  # bf16 compute: close, not exact
+  assert_close(bf16_mean, mean, atol=BF16_ATOL)  # bf16 compute: close, not exact
   # Batch sharded over the 8 fake devices gives the unsharded result.
   batch = random_images(7, (8, 8, 8, 3))
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
