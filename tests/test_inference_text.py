@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-from monoformer_jax.inference import TokenSampling, filter_logits, generate_tokens
+from monoformer_jax.inference import TokenSampling, decode, filter_logits, generate_tokens
 from monoformer_jax.inference.decode import text_batch
 from monoformer_jax.model.monoformer import MonoFormer
 from tests.helpers import random_params, tiny_config
@@ -16,8 +18,6 @@ MAX_NEW = 12
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
   """A random-weight transformers LLaMA (peaked logits: no near-ties) and our conversion."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   from monoformer_jax.convert.checkpoints import load_llama_checkpoint
   torch.manual_seed(np.random.default_rng().integers(1 << 30))
   cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96,
@@ -36,7 +36,6 @@ def hf_pair(tmp_path_factory):
 
 
 def test_greedy_equals_transformers_generate(hf_pair):
-  import torch
   model, config, params = hf_pair
   rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 101, n)] for n in (7, 2, 11, 4)]
@@ -87,6 +86,23 @@ def test_filters_and_stops(tiny):
   assert out[1] == greedy[1][:greedy[1].index(stop) + 1]
   for row, full in zip(out, greedy):
     assert row == (full[:full.index(stop) + 1] if stop in full else full)
+
+
+def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch):
+  """A cache that starts at the prompt's 8 slots and grows to 13 mid-call changes nothing."""
+  config, params = tiny
+  rng = np.random.default_rng()
+  prompts = [[1, *rng.integers(3, 97, n)] for n in (2, 7, 0)]  # 8 tokens at most
+  whole = generate_tokens(params, config, prompts, max_new_tokens=6)
+  assert decode.cache_size_for(8, 13) == 13  # by default one buffer serves this call
+  monkeypatch.setattr(decode, "MIN_CACHE_SLOTS", 4)
+  assert [decode.cache_size_for(n, 13) for n in (3, 8, 9, 13)] == [4, 8, 13, 13]
+  grown = []
+  grow = decode.grow_cache
+  monkeypatch.setattr(decode, "grow_cache", lambda state, *, size: grown.append(
+      (decode.cache_slots(state), size)) or grow(state, size=size))
+  assert generate_tokens(params, config, prompts, max_new_tokens=6) == whole
+  assert grown == [(8, 13)]
 
 
 def test_sampling_is_batch_independent_and_seeded(tiny):

@@ -13,7 +13,8 @@ from monoformer_jax.inference.decode import decode_until, generate_tokens, pad_p
 from monoformer_jax.inference.image import (DEFAULT_CLASS_TEMPLATE, cached_model_fn,
                                             sample_images, sample_images_full_recompute,
                                             span_length)
-from monoformer_jax.inference.interleaved import draw_pending, generate_interleaved
+from monoformer_jax.inference.interleaved import (draw_pending, generate_interleaved,
+                                                  run_interleaved)
 from monoformer_jax.inference.tokens import TokenSampling, choose_tokens, filter_logits
 from monoformer_jax.inference.api import InferenceError, InferenceModel, check_params
 
@@ -21,5 +22,5 @@ __all__ = [
     "DEFAULT_CLASS_TEMPLATE", "InferenceError", "InferenceModel", "TokenSampling", "check_params", "cache_logical_axes", "cache_shardings",
     "cached_model_fn", "choose_tokens", "constrain_cache", "decode_until", "draw_pending",
     "filter_logits", "generate_interleaved", "generate_tokens", "init_cache", "pad_prompts",
-    "prefill", "sample_images", "sample_images_full_recompute", "span_length",
+    "prefill", "run_interleaved", "sample_images", "sample_images_full_recompute", "span_length",
 ]

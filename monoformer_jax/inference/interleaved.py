@@ -95,17 +95,27 @@ def draw_pending(params, state: dict, uncond_ids, rng, objective, *, config: Mod
               images_drawn=state["images_drawn"] + pending.astype(jnp.int32), images=images)
 
 
-def generate_interleaved(params, config: ModelConfig, objective, prompts: Sequence[Sequence[int]],
-                         *, image_token: int, end_token: int, uncond_prompt: Sequence[int],
-                         max_new_tokens: int, sampling: TokenSampling = TokenSampling(),
-                         stop_tokens: Sequence[int] = (), max_images: int = 1,
-                         guidance_scale: float = 1.0, cfg_mode: str = "eps",
-                         sampler: str = "ddpm", num_steps: int = 50, eta: float = 0.0,
-                         rng: Optional[jax.Array] = None, sample_ids=None, mesh=None,
-                         rules=None) -> list[dict]:
+def generate_interleaved(params, config: ModelConfig, objective,
+                         prompts: Sequence[Sequence[int]], **options) -> list[dict]:
   """Per prompt {'tokens': new ids (<|im_start|> / <|im_end|> around each image), 'images': a
-  list of (H, W, C) arrays in order}. Text keys derive from fold_in(rng, 0), image noise from
-  fold_in(rng, 1)."""
+  list of (H, W, C) arrays in order}; `options` as `run_interleaved`. Text keys derive from
+  fold_in(rng, 0), image noise from fold_in(rng, 1)."""
+  state = run_interleaved(params, config, objective, prompts, **options)
+  generated, counts, images, drawn = jax.device_get(
+      (state["generated"], state["num_generated"], state["images"], state["images_drawn"]))
+  return [{"tokens": [int(t) for t in generated[r, :counts[r]]],
+           "images": [images[r, k] for k in range(drawn[r])]} for r in range(len(prompts))]
+
+
+def run_interleaved(params, config: ModelConfig, objective, prompts: Sequence[Sequence[int]], *,
+                    image_token: int, end_token: int, uncond_prompt: Sequence[int],
+                    max_new_tokens: int, sampling: TokenSampling = TokenSampling(),
+                    stop_tokens: Sequence[int] = (), max_images: int = 1,
+                    guidance_scale: float = 1.0, cfg_mode: str = "eps", sampler: str = "ddpm",
+                    num_steps: int = 50, eta: float = 0.0, rng: Optional[jax.Array] = None,
+                    sample_ids=None, mesh=None, rules=None) -> dict:
+  """`generate_interleaved`'s final decode state (the cache included: every token fed, text
+  and clean images, at the slots where segment_ids > 0)."""
   if max_images < 1:
     raise ValueError(f"max_images must be >= 1, got {max_images}")
   if guidance_scale < 1.0:
@@ -145,7 +155,4 @@ def generate_interleaved(params, config: ModelConfig, objective, prompts: Sequen
                            guided=guidance_scale > 1.0, scale=float(guidance_scale),
                            cfg_mode=cfg_mode, sampler=sampler, num_steps=int(num_steps),
                            eta=float(eta))
-  generated, counts, images, drawn = jax.device_get(
-      (state["generated"], state["num_generated"], state["images"], state["images_drawn"]))
-  return [{"tokens": [int(t) for t in generated[r, :counts[r]]],
-           "images": [images[r, k] for k in range(drawn[r])]} for r in range(b)]
+  return state
