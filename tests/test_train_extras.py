@@ -14,6 +14,7 @@ import pytest
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.train import metrics as metrics_lib
 from tests.helpers import build, image_sample, random_params, tiny_config
+from tests.test_train_system import xla_cache_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,16 +24,19 @@ def _cmd(workdir, *flags):
           f"--workdir={workdir}", *flags]
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The training subprocesses' environment: CPU, and the session's shared compilation cache
+  (the runs here compile the same programs as those of test_train_system.py)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **xla_cache_env(tmp_path_factory))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_before_exit(tmp_path):
+def test_sigterm_saves_before_exit(tmp_path, env):
   work = tmp_path / "run"
   proc = subprocess.Popen(_cmd(work, "--config.num_train_steps=100000",
                                "--config.checkpoint_every_steps=0", "--config.log_every_steps=5"),
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -49,16 +53,16 @@ def test_sigterm_saves_before_exit(tmp_path):
   assert summary["final_step"] == int(steps[0])
 
 
-def test_nan_stops_with_a_clear_error(tmp_path):
+def test_nan_stops_with_a_clear_error(tmp_path, env):
   proc = subprocess.run(_cmd(tmp_path / "nan", "--config.optimizer.learning_rate=1e30",
                              "--config.optimizer.grad_clip=0.0", "--config.num_train_steps=30"),
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   assert "non-finite" in proc.stderr and "at step" in proc.stderr
 
 
 @pytest.mark.slow
-def test_init_from_a_hugging_face_llama(tmp_path):
+def test_init_from_a_hugging_face_llama(tmp_path, env):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
@@ -69,13 +73,15 @@ def test_init_from_a_hugging_face_llama(tmp_path):
   model.save_pretrained(tmp_path / "hf")
   work = tmp_path / "run"
   proc = subprocess.run(_cmd(work, f"--config.init_from=hf:{tmp_path / 'hf'}",
-                             "--config.num_train_steps=1", "--config.optimizer.learning_rate=0.0",
+                             "--config.num_train_steps=0",  # initialise, save step 0, stop
                              "--config.model.intermediate_size=64"),
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "initialised from hf:" in proc.stdout
   from monoformer_jax.train.checkpointing import load_for_inference
   _, config, params, _ = load_for_inference(str(work), use_ema=False)
+  _, _, ema, _ = load_for_inference(str(work), use_ema=True)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), jax.device_get(params))
   emb = np.asarray(params["embed_tokens"]["embedding"])
   ref = model.model.embed_tokens.weight.detach().numpy()
   assert emb.shape == (516, 32)  # 500 grown to the config's 516, new rows ~ N(0, 0.02)
@@ -84,7 +90,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
   # A mismatched architecture is refused, naming the fields.
   proc = subprocess.run(_cmd(tmp_path / "bad", f"--config.init_from=hf:{tmp_path / 'hf'}",
                              "--config.model.num_layers=3"),
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0 and "num_layers: checkpoint 2 vs config 3" in proc.stderr
 
 

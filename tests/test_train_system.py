@@ -1,16 +1,42 @@
-"""The training system end to end: resume after SIGKILL, corrupt checkpoints, config errors."""
+"""The training system end to end: resume after SIGKILL, half-written and corrupt checkpoints,
+initialisation from other checkpoints, what a run records, config errors.
+
+The runs are subprocesses of `python -m monoformer_jax.main` on the `mnist_tiny.py:test` config.
+They share one XLA compilation cache (`xla_cache_env`), so only the first run of a given program
+pays its compile; the runs compile the same programs, so this keeps the module cheap.
+"""
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from monoformer_jax.train import checkpointing
 from monoformer_jax.train.scheduler import StepScheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Throughput values depend on the wall clock; every other metric must be reproduced exactly.
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu"}
+
+
+def xla_cache_env(tmp_path_factory) -> dict:
+  """One persistent XLA compilation cache for every training subprocess of the test session."""
+  cache = tmp_path_factory.getbasetemp() / "xla_cache"
+  cache.mkdir(exist_ok=True)
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+  return xla_cache_env(tmp_path_factory)
 
 
 def _run(workdir, *overrides, env=None, check=True):
@@ -24,54 +50,288 @@ def _run(workdir, *overrides, env=None, check=True):
   return proc
 
 
-def _losses(workdir):
+def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows}
+    return [json.loads(line) for line in f]
 
 
-def _final_params(workdir):
+def _final_params(workdir, use_ema=False):
   from monoformer_jax.train.checkpointing import load_for_inference
-  import jax
-  _, _, params, _ = load_for_inference(str(workdir), use_ema=False)
-  return jax.tree.leaves(jax.device_get(params))
+  _, _, params, _ = load_for_inference(str(workdir), use_ema=use_ema)
+  return jax.device_get(params)
 
 
-STEPS = ["--config.num_train_steps=20", "--config.checkpoint_every_steps=10",
-         "--config.log_every_steps=2", "--config.schedule.diffusion=1", "--config.schedule.ar=1"]
-
-
-@pytest.mark.slow
-def test_sigkill_and_resume_is_exact(tmp_path):
-  straight, broken = tmp_path / "straight", tmp_path / "broken"
-  _run(straight, *STEPS)
-  killed = _run(broken, *STEPS, env={"MONOFORMER_FAULT_KILL_AT_STEP": "10"}, check=False)
-  assert killed.returncode == -9, killed.stderr[-2000:]
-  assert sorted(os.listdir(broken / "checkpoints")) == ["10"]
-  resumed = _run(broken, *STEPS)
-  assert "resumed from checkpoint step 10" in resumed.stdout
-  a, b = _losses(straight), _losses(broken)
-  assert sorted(a) == sorted(b) == list(range(2, 21, 2))
-  for step in a:
-    assert a[step] == b[step], (step, a[step], b[step])
-  for x, y in zip(_final_params(straight), _final_params(broken)):
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
 
+def _tb_events(workdir):
+  """Every Event of WORKDIR/tensorboard, per file (sorted by name), parsed from the TFRecord
+  framing: u64 length, u32 masked CRC of it, the Event proto, u32 masked CRC of the data."""
+  from tensorboardX.proto import event_pb2
+  tb_dir = os.path.join(workdir, "tensorboard")
+  files = {}
+  for name in sorted(n for n in os.listdir(tb_dir) if n.startswith("events.")):
+    with open(os.path.join(tb_dir, name), "rb") as f:
+      data = f.read()
+    events, pos = [], 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      if pos + 12 + length + 4 > len(data):
+        break  # a record cut short (the writer was killed)
+      event = event_pb2.Event()
+      event.ParseFromString(data[pos + 12:pos + 12 + length])
+      events.append(event)
+      pos += 12 + length + 4
+    files[name] = events
+  return files
+
+
+# 12 steps of the test config (5 diffusion : 1 AR), checkpoints every 4 steps keeping the last 2,
+# metrics every 3: logging windows straddle the checkpoints, and the windows of steps 1-3 and 7-9
+# have no AR step (no loss_lm in their rows).
+STEPS = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4",
+         "--config.log_every_steps=3", "--config.keep_checkpoints=2"]
+_SCHEDULE = StepScheduler({"diffusion": 5, "ar": 1})  # the test config's
+KINDS = [_SCHEDULE.next() for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_env):
+  """One uninterrupted run: the reference of the resume test, the run the observability test
+  inspects, and the run another run initialises from."""
+  work = tmp_path_factory.mktemp("straight")
+  proc = _run(work, *STEPS, env=cache_env)
+  return work, proc
+
+
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+def test_sigkill_between_checkpoints_and_resume_is_exact(tmp_path, straight, cache_env):
+  straight_dir, _ = straight
+  broken = tmp_path / "broken"
+  # Killed at step 10: after checkpoint 8, mid-interval, with the row of step 9 already logged.
+  killed = _run(broken, *STEPS, env=dict(cache_env, MONOFORMER_FAULT_KILL_AFTER_STEP="10"),
+                check=False)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert sorted(os.listdir(broken / "checkpoints"), key=int) == ["4", "8"]
+  assert [r["step"] for r in _rows(broken)] == [3, 6, 9]
+  resumed = _run(broken, *STEPS, env=cache_env)
+  assert "resumed from checkpoint step 8" in resumed.stdout
+  assert "dropped 1 metrics.jsonl rows past step 8" in resumed.stdout
+
+  # Every row, no duplicates, the same values (the window 7-9 began before the checkpoint).
+  a, b = _rows(straight_dir), _rows(broken)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6, 9, 12]
+  for ra, rb in zip(a, b):
+    assert set(ra) == set(rb), (ra, rb)
+    assert {k: v for k, v in ra.items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in rb.items() if k not in TIMING_KEYS}
+  _assert_trees_equal(_final_params(straight_dir), _final_params(broken))
+  _assert_trees_equal(_final_params(straight_dir, use_ema=True),
+                      _final_params(broken, use_ema=True))
+  # TensorBoard files cannot be rewritten: the resumed run's file starts with a SessionLog.START
+  # at step 9, which makes TensorBoard hide the killed run's events from step 9 on.
+  files = list(_tb_events(broken).values())
+  assert len(files) == 2
+  starts = [e.step for e in files[1] if e.HasField("session_log")]
+  assert starts == [9]
+
+
+@pytest.mark.slow
+def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(straight):
+  work, proc = straight
+  rows = _rows(work)
+  assert [r["step"] for r in rows] == [3, 6, 9, 12]
+  for row in rows:
+    window = KINDS[row["step"] - 3:row["step"]]
+    for key in ("learning_rate", "grad_norm", "loss", "tokens_per_s", "images_per_s",
+                "tflops_per_device", "step_time_s"):
+      assert np.isfinite(row[key]) and row[key] >= 0, (key, row)
+    assert row["tokens_per_s"] > 0 and row["images_per_s"] > 0 and row["grad_norm"] > 0
+    assert ("loss_diffusion" in row) == ("diffusion" in window), row
+    assert ("loss_lm" in row) == ("ar" in window), row
+  assert "loss_lm" not in rows[0] and "loss_lm" in rows[1]  # the schedule gives both cases
+  # The learning rate averaged over the window's steps (step s trains at schedule(s - 1)).
+  from configs.mnist_tiny import get_config
+  from monoformer_jax.train.state import learning_rate_schedule
+  lr = learning_rate_schedule(get_config("test").optimizer)
+  for row in rows:
+    want = np.mean([float(lr(s - 1)) for s in range(row["step"] - 2, row["step"] + 1)])
+    np.testing.assert_allclose(row["learning_rate"], want, rtol=1e-5)
+
+  # TensorBoard: the same scalars at the same steps, and the final sample grid as an image.
+  events = [e for evs in _tb_events(work).values() for e in evs]
+  scalars, images = {}, {}
+  for e in events:
+    for v in e.summary.value:
+      if v.WhichOneof("value") == "image":
+        images[(v.tag, e.step)] = v.image
+      elif v.WhichOneof("value") == "simple_value":
+        scalars.setdefault(v.tag, {})[e.step] = v.simple_value
+  for row in rows:
+    for key in ("loss_diffusion", "loss_lm", "learning_rate", "grad_norm", "tokens_per_s",
+                "images_per_s", "tflops_per_device"):
+      if key in row:
+        np.testing.assert_allclose(scalars[key][row["step"]], row[key], rtol=1e-6)
+  image = images[("samples", 12)]
+  png = open(work / "samples" / "step_12.png", "rb").read()
+  assert image.encoded_image_string[:8] == png[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (image.height, image.width) == (10 * 28, 28)  # a row per digit class, 1 per class
+
+  # The progress line with ETA, at every log step.
+  for step in (3, 6, 9, 12):
+    assert re.search(rf"^step {step}/12 loss_diffusion=\d+\.\d{{4}}.* lr=\S+ \d+ tok/s "
+                     rf"elapsed \d+s eta \d+s$", proc.stdout, re.M), proc.stdout[-2000:]
+  # keep_checkpoints=2 pruned steps 4 and the final save did not duplicate 12.
+  assert sorted(os.listdir(work / "checkpoints"), key=int) == ["8", "12"]
+
+
+def _save_tiny_official(out_dir):
+  """A MonoFormer checkpoint in the official layout, of the test config's model, with every
+  weight random (the zero-initialised image layers too)."""
+  from configs.mnist_tiny import get_config
+  from monoformer_jax.convert.checkpoints import save_official
+  from monoformer_jax.model.config import ModelConfig
+  from tests.helpers import random_params
+  c = get_config("test")
+  # The run's vocabulary (516 = the 512-token tokenizer + 4 special tokens) and model.
+  model_config = ModelConfig.from_mapping(c.model)
+  params = random_params(model_config, seed=3)
+  save_official(params, model_config, str(out_dir))
+  return params
+
+
+# num_train_steps=0: initialise, save the initial state as checkpoint 0 and stop (no step is
+# compiled, so these runs cost little more than the process start).
+INIT = ["--config.num_train_steps=0"]
+
+
+def _assert_run_starts_from(workdir, params):
+  """Checkpoint 0 of `workdir` holds `params` as its weights and as its EMA."""
+  assert os.listdir(workdir / "checkpoints") == ["0"]
+  _assert_trees_equal(_final_params(workdir), params)
+  _assert_trees_equal(_final_params(workdir, use_ema=True), params)
+
+
+@pytest.mark.slow
+def test_init_from_an_official_checkpoint(tmp_path, cache_env):
+  params = _save_tiny_official(tmp_path / "official")
+  proc = _run(tmp_path / "run", f"--config.init_from=official:{tmp_path / 'official'}", *INIT,
+              env=cache_env)
+  assert "initialised from official:" in proc.stdout
+  _assert_run_starts_from(tmp_path / "run", params)
+
+
+@pytest.mark.slow
+def test_init_from_another_run(tmp_path, straight, cache_env):
+  source, _ = straight
+  proc = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT, env=cache_env)
+  assert f"initialised from run:{source}" in proc.stdout
+  assert "resumed" not in proc.stdout
+  # The source run's latest raw (not EMA) weights start the new run, its EMA included.
+  source_params = _final_params(source)
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(source_params), jax.tree.leaves(_final_params(source, use_ema=True))))
+  _assert_run_starts_from(tmp_path / "run", source_params)
+  # A second start of the same workdir resumes from its own checkpoint, not from the source.
+  again = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT, env=cache_env)
+  assert "resumed from checkpoint step 0" in again.stdout
+  assert "initialised from" not in again.stdout
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache_env):
   work = tmp_path / "run"
-  _run(work, "--config.num_train_steps=6", "--config.checkpoint_every_steps=3")
-  assert sorted(os.listdir(work / "checkpoints")) == ["3", "6"]
-  # Corrupt every data file of the latest step's state.
-  state_dir = work / "checkpoints" / "6" / "state"
-  for root, _, files in os.walk(state_dir):
+  _run(work, "--config.num_train_steps=6", "--config.checkpoint_every_steps=3", env=cache_env)
+  ckpts = work / "checkpoints"
+  assert sorted(os.listdir(ckpts)) == ["3", "6"]
+  # A save of step 9 interrupted half-way: orbax's temporary folder, without its commit marker.
+  shutil.copytree(ckpts / "6", ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}")
+  os.remove(ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}" / checkpointing.COMMIT_SUCCESS_FILE)
+  # Corrupt every data file of the latest finished step's state.
+  for root, _, files in os.walk(ckpts / "6" / "state"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  proc = _run(work, "--config.num_train_steps=8", "--config.checkpoint_every_steps=4")
-  assert "falling back to the previous checkpoint" in proc.stdout + proc.stderr
+  proc = _run(work, "--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
+              env=cache_env)
+  out = proc.stdout + proc.stderr
+  assert "ignoring and deleting the unfinished save" in out and "9.orbax-checkpoint-tmp" in out
+  assert "falling back to the previous checkpoint" in out
   assert "resumed from checkpoint step 3" in proc.stdout
+  assert not (ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}").exists()
+  assert [r["step"] for r in _rows(work)] == [2, 4, 6, 8]
+
+
+def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+  """The Checkpointer alone (no training): every way a save can be left unfinished."""
+  devices = jax.devices()[:1]
+  sharding = jax.sharding.SingleDeviceSharding(devices[0])
+  rng = np.random.default_rng(0)
+  value = rng.standard_normal((3, 5)).astype(np.float32)
+  abstract = {"w": jax.ShapeDtypeStruct(value.shape, jnp.float32, sharding=sharding)}
+  ck = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, {"w": jnp.asarray(value * step)}, {"step": step})
+  ck.close()
+  d = tmp_path / "checkpoints"
+  # 4: interrupted before orbax's final rename (the temporary folder, no commit marker).
+  shutil.copytree(d / "3", d / f"4{checkpointing.TMP_DIR_SUFFIX}")
+  os.remove(d / f"4{checkpointing.TMP_DIR_SUFFIX}" / checkpointing.COMMIT_SUCCESS_FILE)
+  # 3: a step folder without its commit marker (a copy cut short).
+  os.remove(d / "3" / checkpointing.COMMIT_SUCCESS_FILE)
+  # 2: finished, then its array data truncated.
+  for root, _, files in os.walk(d / "2" / "state"):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+  # A reader (sampling from a running job's workdir) leaves temporary folders alone.
+  reader = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  step, state, extra = reader.restore_latest(abstract)
+  reader.close()
+  assert (step, extra) == (1, {"step": 1})
+  np.testing.assert_array_equal(np.asarray(state["w"]), value)
+  out = capsys.readouterr().out
+  assert f"checkpoint {d}/3 has no commit_success.txt" in out
+  assert f"checkpoint {d}/2 is unreadable" in out
+  assert (d / f"4{checkpointing.TMP_DIR_SUFFIX}").exists()
+
+  # The training job warns about the leftover and deletes it; saving step 4 again works.
+  trainer_ck = checkpointing.Checkpointer(str(tmp_path), async_save=False, clean_unfinished=True)
+  assert "ignoring and deleting the unfinished save" in capsys.readouterr().out
+  trainer_ck.save(4, {"w": jnp.asarray(value * 4)}, {"step": 4})
+  step, state, _ = trainer_ck.restore_latest(abstract)
+  trainer_ck.close()
+  assert step == 4 and not (d / f"4{checkpointing.TMP_DIR_SUFFIX}").exists()
+  np.testing.assert_array_equal(np.asarray(state["w"]), value * 4)
+
+
+def test_metric_writer_drops_rows_past_the_resume_step(tmp_path):
+  from monoformer_jax.train.metrics import Accumulator, MetricWriter
+  w = MetricWriter(str(tmp_path))
+  for step in (2, 4, 6):
+    w.write_scalars(step, {"loss": 0.5 * step})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 8, "lo')  # a write cut short by a kill
+  w = MetricWriter(str(tmp_path), resume_step=4)
+  w.write_scalars(6, {"loss": 7.0})
+  w.close()
+  assert _rows(tmp_path) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0},
+                             {"step": 6, "loss": 7.0}]
+  # The logging window survives a JSON round trip exactly (float32 totals).
+  acc = Accumulator()
+  for v in np.random.default_rng(1).standard_normal(3):
+    acc.add({"loss": v, "grad_norm": abs(v)})
+  acc2 = Accumulator()
+  acc2.set_state(json.loads(json.dumps(acc.get_state())))
+  acc.add({"loss": 0.25, "grad_norm": 0.5})
+  acc2.add({"loss": 0.25, "grad_norm": 0.5})
+  assert acc.compute_and_reset() == acc2.compute_and_reset()
 
 
 @pytest.mark.parametrize("override,message", [

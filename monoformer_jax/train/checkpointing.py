@@ -1,9 +1,14 @@
 """orbax checkpoints of the whole run: train state + scheduler + data-iterator state.
 
-Layout: WORKDIR/checkpoints/<step>/{state, extra}. orbax writes each save into a temporary folder
-and renames it when complete, so a killed save never leaves a half-written step behind under its
-final name. On restore, a step that fails to load (corrupted files) is reported and the previous
-one is used.
+Layout: WORKDIR/checkpoints/<step>/{state, extra}. How orbax 0.12.8 marks a finished save on a
+local (or any non-GCS) file system: it writes into `<step>.orbax-checkpoint-tmp`, writes
+`commit_success.txt` into it when everything is on disk, then renames the folder to `<step>`
+(orbax/checkpoint/_src/path/atomicity.py, AtomicRenameTemporaryPath.finalize); on GCS it writes
+straight into `<step>` and `commit_success.txt` alone marks it finished (CommitFileTemporaryPath).
+So a killed save leaves a `*.orbax-checkpoint-tmp` folder, which orbax never lists as a step; the
+trainer warns about such leftovers and lets orbax delete them. On restore a `<step>` folder
+without `commit_success.txt` (a copy cut short, say) is skipped with a warning, and a step that
+fails to load (corrupt files) is reported and the previous one is used.
 """
 
 from __future__ import annotations
@@ -16,14 +21,32 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+# orbax 0.12.8's markers (orbax/checkpoint/_src/path/atomicity_types.py).
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+
+
+def _warn(message: str) -> None:
+  logging.warning(message)
+  print(f"WARNING: {message}", flush=True)
+
 
 class Checkpointer:
+  """`clean_unfinished`: warn about and delete saves a killed job left half-written. Only the
+  training job itself may: a reader (sampling from a running job's workdir) would delete the
+  save in progress."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+               clean_unfinished: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if clean_unfinished and jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if TMP_DIR_SUFFIX in name:
+          _warn(f"ignoring and deleting the unfinished save {self.directory}/{name} (a job was "
+                "stopped while writing it)")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=clean_unfinished)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
@@ -45,6 +68,10 @@ class Checkpointer:
     already sharded on the current mesh (which may differ from the one that saved them).
     """
     for step in reversed(self.steps()):
+      if not os.path.exists(os.path.join(self.directory, str(step), COMMIT_SUCCESS_FILE)):
+        _warn(f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "
+              "finished); falling back to the previous checkpoint")
+        continue
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))

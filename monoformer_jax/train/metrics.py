@@ -66,16 +66,57 @@ def train_flops_per_step(config: ModelConfig, batch_size: int, seq_len: int, ima
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events."""
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `resume_step` (the step training restarts from: the restored checkpoint's, or 0) drops what a
+  killed run logged past it, so the steps it redoes are not logged twice: metrics.jsonl is
+  rewritten without the rows of later steps, and TensorBoard, whose event files are append-only,
+  is told to hide their events (tensorboardX's purge_step: a SessionLog.START at resume_step + 1
+  makes TensorBoard discard earlier files' events from that step on).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      tb_dir = os.path.join(workdir, "tensorboard")
+      purge = None
+      if resume_step is not None:
+        self.discard_after(resume_step)
+        if os.path.isdir(tb_dir) and any(n.startswith("events.") for n in os.listdir(tb_dir)):
+          purge = int(resume_step) + 1
+      self._tb = SummaryWriter(tb_dir, purge_step=purge)
+
+  def discard_after(self, step: int) -> int:
+    """Rewrites metrics.jsonl (atomically) without rows past `step`; returns how many it dropped.
+
+    A line cut short by a kill in the middle of a write is dropped too.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    kept, dropped = [], 0
+    with open(self.path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+          keep = False
+        if keep:
+          kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+          dropped += 1
+    if dropped:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+      print(f"dropped {dropped} metrics.jsonl rows past step {step} (logged by an earlier run "
+            "after its last checkpoint)", flush=True)
+    return dropped
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -109,7 +150,11 @@ class MetricWriter:
 
 
 class Accumulator:
-  """Averages each metric over the steps since the last log (clu.metrics.Average per key)."""
+  """Averages each metric over the steps since the last log (clu.metrics.Average per key).
+
+  Its state (per key: float32 total and count) goes into checkpoints, so a run resumed in the
+  middle of a logging window logs the same averages as one that never stopped.
+  """
 
   def __init__(self):
     self.values: dict = {}
@@ -123,6 +168,15 @@ class Accumulator:
     out = {k: float(m.compute()) for k, m in self.values.items()}
     self.values = {}
     return out
+
+  def get_state(self) -> dict:
+    """JSON-able; float32 totals round-trip exactly through Python floats."""
+    return {k: [float(np.asarray(m.total)), int(np.asarray(m.count))]
+            for k, m in self.values.items()}
+
+  def set_state(self, state: dict) -> None:
+    self.values = {k: clu_metrics.Average(total=np.float32(total), count=np.int32(count))
+                   for k, (total, count) in state.items()}
 
 
 class Throughput:

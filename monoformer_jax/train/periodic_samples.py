@@ -186,6 +186,17 @@ class PeriodicSampler:
     from monoformer_jax.train.setup import class_names  # pylint: disable=import-outside-toplevel
     self.class_names = class_names(config)
 
+  def discard_after(self, step: int) -> None:
+    """Deletes sample files of steps past `step` (written by a killed run after its last
+    checkpoint): the resumed run writes its own, and a sample it never reaches must not stay."""
+    if not self.is_main or not os.path.isdir(self.dir):
+      return
+    for name in os.listdir(self.dir):
+      stem, ext = os.path.splitext(name)
+      if ext in (".png", ".txt") and stem.startswith("step_") and stem[5:].isdigit() \
+          and int(stem[5:]) > step:
+        os.remove(os.path.join(self.dir, name))
+
   def __call__(self, step: int, params) -> None:
     s = self.config.sampling
     rng = jax.random.key(self.config.seed + 12345)

@@ -66,9 +66,11 @@ def validate_config(config) -> None:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
   if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
     _fail("init_from", f"{config.init_from!r}: use hf:DIR, official:DIR or run:WORKDIR")
-  for field in ("num_train_steps", "log_every_steps"):
-    if config[field] < 1:
-      _fail(field, f"must be >= 1, got {config[field]}")
+  if config.num_train_steps < 0:
+    _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got "
+          f"{config.num_train_steps}")
+  if config.log_every_steps < 1:
+    _fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}")
   if model.num_heads % config.mesh.tensor and config.mesh.tensor > 0:
     _fail("mesh.tensor", f"{config.mesh.tensor} does not divide model.num_heads={model.num_heads}")
   vae = config.get("vae")

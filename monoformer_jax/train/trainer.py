@@ -5,6 +5,17 @@ checkpoint), compiles one jitted step per step kind the schedule uses, then runs
 loop: pick the step kind, fetch its batch, dispatch, and only then read the previous step's
 metrics (so the host never waits on the device in between). Saves on the configured interval, on
 SIGTERM (preemption) and at the end.
+
+A restarted job continues from its latest good checkpoint as if it had never stopped: the state,
+the scheduler, the data iterators and the half-filled metrics window come back from the
+checkpoint, and whatever the killed job logged after it (metrics.jsonl rows, TensorBoard events,
+sample files) is dropped, so each step is logged once.
+
+Fault injection for the resume tests (environment variables):
+  MONOFORMER_FAULT_KILL_AT_STEP=N     SIGKILL once checkpoint step N is saved.
+  MONOFORMER_FAULT_KILL_AFTER_STEP=N  SIGKILL right after step N is dispatched and logged, without
+                                      saving it (saves already under way are finished first, so
+                                      the test knows which checkpoint survives).
 """
 
 from __future__ import annotations
@@ -80,21 +91,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_rng, step_rng = jax.random.split(rng)
   state, abstract, shardings = state_lib.create_train_state(model_config, optimizer, init_rng,
                                                             mesh, rules)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                    clean_unfinished=True)
   restored = ckpt.restore_latest(checkpointing.abstract_with_shardings(abstract, shardings))
+  accum = metrics_lib.Accumulator()
   if restored is not None:
     step0, state, extra = restored
     scheduler.set_state(extra["scheduler"])
     for kind, it in data.items():
       if kind in extra.get("data", {}):
         it.set_state(extra["data"][kind])
+    accum.set_state(extra.get("metrics_window", {}))
     logging.info("resumed from step %d", step0)
     print(f"resumed from checkpoint step {step0}", flush=True)
   elif config.init_from:
     state = setup_lib.initialise_from(config, state, shardings, model_config, optimizer,
                                       init_rng)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  step = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
   compiled = {}
   t_compile = time.perf_counter()
   for kind in scheduler.weights:
@@ -107,11 +122,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   compile_note = {}
   flops_per_step = {kind: data[kind].flops_per_step(model_config, kind) for kind in compiled}
 
-  accum = metrics_lib.Accumulator()
   throughput = metrics_lib.Throughput()
   sampler = PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer,
                                       is_main)
-  step = int(jax.device_get(state.step))
+  sampler.discard_after(step)
   pending = None  # (step, kind, metrics on device)
   last = {}
   t_start = time.perf_counter()
@@ -126,9 +140,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return s
 
   def save(step_now):
+    nonlocal pending
+    if pending is not None:  # its metrics belong to the window the checkpoint carries
+      drain(pending)
+      pending = None
     ckpt.save(step_now, state, {
         "scheduler": scheduler.get_state(),
         "data": {k: it.get_state() for k, it in data.items()},
+        "metrics_window": accum.get_state(),
         "config_hash": setup_lib.config_hash(config)}, force=True)
 
   with _Preemption() as preempt:
@@ -171,6 +190,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           ckpt.wait()
           writer.flush()
           os.kill(os.getpid(), signal.SIGKILL)
+      if os.environ.get("MONOFORMER_FAULT_KILL_AFTER_STEP") == str(step):
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
       if config.sample_every_steps and step % config.sample_every_steps == 0:
         sampler(step, state.ema_params)
       if preempt.requested:
@@ -181,8 +203,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     drain(pending)
   if not preempt.requested and step >= config.num_train_steps:
     if step not in ckpt.steps():
-      save(step)
-    if not config.sample_every_steps or step % config.sample_every_steps:
+      save(step)  # with num_train_steps=0: the initial state (e.g. converted by init_from)
+    if step > start_step and (not config.sample_every_steps or step % config.sample_every_steps):
       sampler(step, state.ema_params)
   ckpt.close()
   writer.flush()
