@@ -3,13 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from monoformer_jax.convert import checkpoints  # noqa: E402
-from monoformer_jax.model.monoformer import MonoFormer  # noqa: E402
-from tests.helpers import build  # noqa: E402
+from monoformer_jax.convert import checkpoints
+from monoformer_jax.model.monoformer import MonoFormer
+from tests.helpers import build
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,52 @@
 """Model behaviour: the mask by perturbation, packing, variants (scan, remat, bf16), heads."""
 import copy
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from monoformer_jax.model import inputs as inputs_lib
-from monoformer_jax.model.monoformer import MonoFormer
-from tests.helpers import build, image_sample, random_params, text_sample, tiny_config
+from monoformer_jax.model.monoformer import MonoFormer, init_params
+from tests.helpers import build, image_sample, text_sample, tiny_config
+from tests.random_weights import random_params
 
 
 def run(config, params, batch, t=None, **kw):
   t = np.full(batch["image_mask"].shape, 300.0, np.float32) if t is None else t
   return MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch),
                                   jnp.asarray(batch["images"]), jnp.asarray(t), **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config):
+  model = MonoFormer(config)
+  return jax.jit(lambda p, b, x, t: model.apply({"params": p}, b, x, t))
+
+
+def run_rows(config, params, batch, t=300.0):
+  """One jitted forward of a batch whose rows are variants of one sample (rows never interact)."""
+  ts = np.full(batch["image_mask"].shape, t, np.float32)
+  out = _jitted_apply(config)(params, jax.tree.map(jnp.asarray, batch),
+                              jnp.asarray(batch["images"]), jnp.asarray(ts))
+  return jax.tree.map(np.asarray, out)
+
+
+def _variants(batch, n):
+  """n copies of row 0 of `batch`, to be perturbed one per row."""
+  return {k: np.repeat(v[:1], n, axis=0) for k, v in batch.items()}
+
+
+def _patch_slices(config, patch):
+  p = config.patch_size
+  r, c = divmod(patch, config.grid_size[1])
+  return slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p)
+
+
+def _positions(batch, kind):
+  return np.nonzero((batch["kinds"][0] == kind) & (batch["segment_ids"][0] > 0))[0]
 
 
 @pytest.fixture(scope="module", params=["adaln_before_decoder", "add_before_image_tokens"])
@@ -137,10 +169,17 @@ def test_bfloat16_compute_is_close_and_params_stay_float32(setup):
   rng = np.random.default_rng(6)
   batch = build(config, [[image_sample(config, rng, 4)]], 24)
   ref = run(config, params, batch)
-  out = run(config.replace(dtype="bfloat16"), params, batch)
+  bf16 = config.replace(dtype="bfloat16")
+  out, state = run(bf16, params, batch, mutable=["intermediates"])
   assert out["logits"].dtype == jnp.float32
+  assert state["intermediates"]["final_hidden"][0].dtype == jnp.bfloat16  # really computed in bf16
   scale = float(np.abs(ref["image"]).max())
   assert np.abs(np.asarray(out["image"], np.float32) - ref["image"]).max() < 0.1 * scale
+  # Fresh parameters of the bf16-compute model are float32, every leaf.
+  fresh = jax.eval_shape(lambda: nn.unbox(init_params(bf16, jax.random.key(0))))
+  dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(fresh)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  assert len(jax.tree.leaves(fresh)) == len(jax.tree.leaves(params))
 
 
 def test_wrong_image_shape_is_a_clear_error(setup):
@@ -173,3 +212,112 @@ def test_label_embedding_variant_conditions_on_the_class():
   out2 = run(config, params, batch)
   assert np.abs(out1["image"] - out2["image"]).max() > 1e-5
   assert inputs_lib.KIND_IMAGE == 1
+
+
+def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(setup):
+  """(a) a prompt token before the image: earlier logits bit-identical; its own and the image's
+  outputs change."""
+  config, params = setup
+  rng = np.random.default_rng(10)
+  sample = image_sample(config, rng, 7, tail_len=3)
+  batch = build(config, [[sample]], 40)
+  js = (1, 2, 3, 4, 5, 6)  # prompt positions; 1 + 6 rows = the row count of the test below
+  rows = _variants(batch, 1 + len(js))
+  for r, j in enumerate(js, start=1):
+    rows["tokens"][r, j] = (rows["tokens"][r, j] + 1 + rng.integers(0, config.vocab_size - 1)) \
+        % config.vocab_size
+    assert rows["tokens"][r, j] != batch["tokens"][0, j]
+  out = run_rows(config, params, rows)
+  image_scale = np.abs(out["image"][0]).max()
+  for r, j in enumerate(js, start=1):
+    np.testing.assert_array_equal(out["logits"][r, :j], out["logits"][0, :j])
+    assert np.abs(out["logits"][r, j] - out["logits"][0, j]).max() > 1e-2
+    # Every image patch output moves (the whole image attends to the prompt).
+    diff = np.abs(out["image"][r, 0] - out["image"][0, 0])
+    for patch in range(config.num_patches):
+      assert diff[_patch_slices(config, patch)].max() > 1e-3 * image_scale, (j, patch)
+
+
+def test_later_text_sees_every_image_token(setup):
+  """(b) text after the image (after <|im_end|>) depends on each single image token's x_t patch;
+  the text before the image does not."""
+  config, params = setup
+  rng = np.random.default_rng(11)
+  batch = build(config, [[image_sample(config, rng, 4, tail_len=4)]], 40)
+  n = config.num_patches
+  rows = _variants(batch, 1 + n)
+  for patch in range(n):
+    hs, ws = _patch_slices(config, patch)
+    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(
+        rows["images"][1 + patch, 0, hs, ws].shape)
+  out = run_rows(config, params, rows)
+  after = _positions(batch, inputs_lib.KIND_TEXT)
+  first_image = _positions(batch, inputs_lib.KIND_IMAGE)[0]
+  before, after = after[after < first_image], after[after > first_image]
+  assert len(after) == 4 and len(before) == 4
+  for patch in range(n):
+    np.testing.assert_array_equal(out["logits"][1 + patch, before], out["logits"][0, before])
+    for pos in after:
+      assert np.abs(out["logits"][1 + patch, pos] - out["logits"][0, pos]).max() > 1e-2, \
+          (patch, pos)
+
+
+@pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
+def test_causal_image_switch_hides_later_image_tokens(t_embed):
+  """(c) bidirectional_image=False: an image token's output never depends on later image
+  tokens, always on earlier ones and itself (and later text still sees the whole image)."""
+  config = tiny_config(t_embed=t_embed, bidirectional_image=False)
+  params = random_params(config, seed=12)
+  rng = np.random.default_rng(12)
+  batch = build(config, [[image_sample(config, rng, 3, tail_len=2)]], 40)
+  n = config.num_patches
+  rows = _variants(batch, 1 + n)
+  for patch in range(n):
+    hs, ws = _patch_slices(config, patch)
+    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(
+        rows["images"][1 + patch, 0, hs, ws].shape)
+  out = run_rows(config, params, rows)
+  scale = np.abs(out["image"][0]).max()
+  image_pos = _positions(batch, inputs_lib.KIND_IMAGE)
+  tail = _positions(batch, inputs_lib.KIND_TEXT)
+  tail = tail[tail > image_pos[-1]]
+  for patch in range(n):
+    for other in range(n):
+      sl = (1 + patch, 0) + _patch_slices(config, other)
+      base = out["image"][(0, 0) + _patch_slices(config, other)]
+      if other < patch:
+        np.testing.assert_array_equal(out["image"][sl], base)
+        np.testing.assert_array_equal(out["logits"][1 + patch, image_pos[other]],
+                                      out["logits"][0, image_pos[other]])
+      else:
+        assert np.abs(out["image"][sl] - base).max() > 1e-3 * scale, (patch, other)
+    assert np.abs(out["logits"][1 + patch, tail] - out["logits"][0, tail]).max() > 1e-2
+
+
+@pytest.mark.parametrize("kw", [
+    dict(t_embed="adaln_before_decoder"), dict(t_embed="add_before_image_tokens"),
+    dict(t_embed="adaln_before_decoder", num_classes=10, scan_layers=True),
+    dict(t_embed="add_before_image_tokens", num_classes=10),
+    dict(t_embed="add_before_image_tokens", scan_layers=True, remat="full")])
+def test_every_parameter_carries_logical_axis_names(kw):
+  config = tiny_config(**kw)
+  boxed = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)
+  # Every leaf is boxed (nothing unnamed slipped through) ...
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == len(leaf.value.shape), jax.tree_util.keystr(path)
+  # ... and its partition spec names every axis.
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(specs) == len(leaves) == len(jax.tree.leaves(nn.unbox(boxed)))
+  for (path, _), spec in zip(leaves, specs):
+    assert len(spec) and all(isinstance(name, str) for name in spec), \
+        (jax.tree_util.keystr(path), spec)
+  names = {jax.tree_util.keystr(p) for p, _ in leaves}
+  if config.num_classes:
+    assert any("label_embedder" in n for n in names)
+  if config.scan_layers:
+    layer_specs = [s for (p, _), s in zip(leaves, specs) if "'layers'" in jax.tree_util.keystr(p)]
+    assert layer_specs and all(s[0] == "layers" for s in layer_specs)

@@ -8,15 +8,20 @@ import sys
 import textwrap
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
-from monoformer_jax.convert import torch_checkpoint
+from monoformer_jax.convert import checkpoints, torch_checkpoint
+from monoformer_jax.convert.monoformer_weights import params_to_state_dict
 from monoformer_jax.convert.torch_checkpoint import (UnsafeCheckpointError, load_state_dict,
                                                      load_torch_checkpoint, load_torch_state_dict)
-
-torch = pytest.importorskip("torch")
+from monoformer_jax.model.monoformer import MonoFormer
+from tests.helpers import build, image_sample, text_sample, tiny_config
+from tests.random_weights import random_params
 
 
 def _np(t):
@@ -240,3 +245,34 @@ def test_bin_directory_and_bin_index(tmp_path):
   torch.save(a, single / "diffusion_pytorch_model.bin")
   _assert_same(load_state_dict(single)["x"], a["x"])
   assert torch_checkpoint.flatten_state_dict({"a": {"b": np.ones(1)}, "n": 3}).keys() == {"a.b"}
+
+
+@pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
+def test_official_torch_bin_checkpoint_with_ema_folder_end_to_end(tmp_path, t_embed):
+  """An official-layout checkpoint as torch.save'd pytorch_model.bin files: the raw weights beside
+  config.json and the EMA weights in ema/ (as released); both load, EMA first, and run."""
+  config = tiny_config(t_embed=t_embed, image_height=8, image_width=8, image_channels=4)
+  raw, ema = random_params(config, seed=21), random_params(config, seed=22)
+  ckpt = tmp_path / "MonoFormer"
+  checkpoints.save_official(raw, config, str(ckpt))  # config.json in the official field names
+  os.remove(ckpt / "model.safetensors")
+  (ckpt / "ema").mkdir()
+  for params, where in ((raw, ckpt), (ema, ckpt / "ema")):
+    state = {k: torch.from_numpy(v.copy()) for k, v in params_to_state_dict(params, config).items()}
+    torch.save(state, where / "pytorch_model.bin")
+  loaded_config, loaded = checkpoints.load_official_checkpoint(str(ckpt))
+  _, loaded_raw = checkpoints.load_official_checkpoint(str(ckpt), ema=False)
+  assert loaded_config == config
+  assert jax.tree.structure(loaded) == jax.tree.structure(ema)
+  jax.tree.map(np.testing.assert_array_equal, loaded, ema)
+  jax.tree.map(np.testing.assert_array_equal, loaded_raw, raw)
+  rng = np.random.default_rng(23)
+  batch = build(config, [[image_sample(config, rng, 4)], [text_sample(config, rng, 9)]], 32)
+  t = jnp.asarray(np.array([[420.0], [0.0]], np.float32))
+
+  forward = jax.jit(lambda p: MonoFormer(config).apply(
+      {"params": p}, jax.tree.map(jnp.asarray, batch), jnp.asarray(batch["images"]), t))
+  got, want = forward(loaded), forward(ema)
+  np.testing.assert_array_equal(got["logits"], want["logits"])
+  np.testing.assert_array_equal(got["image"], want["image"])
+  assert np.abs(np.asarray(forward(loaded_raw)["image"]) - np.asarray(want["image"])).max() > 1e-3
