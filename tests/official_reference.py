@@ -274,7 +274,7 @@ class Reference:
     return {k: _np(v) for k, v in out.items() if v is not None}
 
   def forward_wo_image(self, ids, mask):
-    """HF's own path: input_ids with the <PAD> embedding at pads, a 2-D mask, labels -100 on pads."""
+    """HF's own path: input_ids (the <PAD> embedding at pads), a 2-D mask, labels -100 on pads."""
     ids_t, mask_t = torch.as_tensor(ids), torch.as_tensor(np.asarray(mask).astype(np.int64))
     labels = torch.where(mask_t.bool(), ids_t, -100)
     with torch.no_grad():
