@@ -43,3 +43,86 @@ def build(config, rows, seq_len, slots=1):
     for s in samples:
       builder.add(s)
   return batch
+
+
+def random_fid_state_dict(seed: int) -> dict:
+  """A complete, signal-preserving random state dict (torch tensors) for pytorch-fid's FID
+  Inception: He-scaled convolutions and near-identity batch norm, so activations keep their scale
+  through the 90-odd layers and the pooled features depend on the input (PLATFORM.md)."""
+  import torch  # pylint: disable=import-outside-toplevel  # only the Inception tests need torch
+  from pytorch_fid import inception as pytorch_fid_inception  # pylint: disable=import-outside-toplevel
+  skeleton = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+  gen = torch.Generator().manual_seed(seed)
+  normal = lambda shape: torch.randn(shape, generator=gen)
+  state = {}
+  for name, value in skeleton.state_dict().items():
+    if name.endswith("conv.weight"):
+      state[name] = normal(value.shape) * (2.0 / value[0].numel()) ** 0.5
+    elif name.endswith("bn.weight"):
+      state[name] = 1.0 + 0.1 * normal(value.shape)
+    elif name.endswith(("bn.bias", "bn.running_mean")):
+      state[name] = 0.1 * normal(value.shape)
+    elif name.endswith("bn.running_var"):
+      state[name] = 1.0 + 0.2 * torch.rand(value.shape, generator=gen)
+    elif name == "fc.weight":
+      state[name] = normal(value.shape) / value.shape[1] ** 0.5
+    elif name == "fc.bias":
+      state[name] = 0.1 * normal(value.shape)
+    else:  # num_batches_tracked
+      state[name] = value.clone()
+  return state
+
+
+def pytorch_fid_outputs(state: dict, images: np.ndarray) -> dict:
+  """pytorch-fid's pool features and 1008-way logits of uint8 NHWC images, with `state` as weights.
+
+  pytorch-fid's `InceptionV3` fetches its weights with `load_state_dict_from_url`; it is replaced for
+  the call by one returning `state` (nothing is downloaded). The wrapper stops at the pool features;
+  the logits are its classifier layer (`fc`) applied to them, as `fid_inception_v3().fc` would.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from pytorch_fid import inception as pytorch_fid_inception  # pylint: disable=import-outside-toplevel
+  original = pytorch_fid_inception.load_state_dict_from_url
+  pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state
+  try:
+    wrapper = pytorch_fid_inception.InceptionV3([3]).eval()  # resize + [-1, 1] + blocks, as in FID
+  finally:
+    pytorch_fid_inception.load_state_dict_from_url = original
+  with torch.no_grad():
+    # pytorch-fid feeds NCHW floats in [0, 1] (ToTensor of uint8 images).
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    pool = wrapper(x)[0].flatten(1)
+    logits = torch.nn.functional.linear(pool, state["fc.weight"], state["fc.bias"])
+  return {"pool": pool.numpy(), "logits": logits.numpy()}
+
+
+def random_images(rng, shape):
+  """uint8 images with per-image structure: coarse random colour blocks plus pixel noise.
+
+  Pure i.i.d. noise images all have the same texture statistics, so their pooled features nearly
+  coincide; blocks of different colours make the images (and their features) clearly different.
+  """
+  n, height, width, _ = shape
+  coarse = rng.uniform(0, 255, (n, 6, 5, 3))
+  blocks = coarse[:, np.arange(height) * 6 // height][:, :, np.arange(width) * 5 // width]
+  noisy = blocks + rng.normal(0, 20, shape)
+  return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def tensorboard_scalars(directory) -> dict:
+  """{tag: (step, value)} from tensorboardX event files (TFRecord framing, Event protos)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out[v.tag] = (event.step, v.simple_value)
+  return out

@@ -13,14 +13,13 @@ import zlib
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from monoformer_jax.convert import checkpoints  # noqa: E402
-from monoformer_jax.evaluation import multiple_choice as mc  # noqa: E402
-from monoformer_jax.evaluation import perplexity as ppl  # noqa: E402
-from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer  # noqa: E402
+from monoformer_jax.convert import checkpoints
+from monoformer_jax.evaluation import multiple_choice as mc
+from monoformer_jax.evaluation import perplexity as ppl
+from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
 
 VOCAB = 251
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printed on failure

@@ -1,6 +1,7 @@
 """Fréchet distance, Inception Score and statistics (no Inception network needed here)."""
 import numpy as np
 import pytest
+from pytorch_fid import fid_score
 
 from monoformer_jax.evaluation import fid
 
@@ -13,7 +14,6 @@ def random_statistics(rng, n, dim, shift=0.0):
 
 @pytest.mark.parametrize("n,dim", [(400, 64), (20, 48)])  # full rank; singular (n < dim)
 def test_frechet_distance_matches_pytorch_fid(n, dim):
-  fid_score = pytest.importorskip("pytorch_fid.fid_score")
   rng = np.random.default_rng()
   mu1, sigma1 = random_statistics(rng, n, dim)
   mu2, sigma2 = random_statistics(rng, n, dim, shift=rng.normal(size=dim) * 0.3)
@@ -25,7 +25,6 @@ def test_frechet_distance_matches_pytorch_fid(n, dim):
 
 def test_frechet_distance_eps_fallback_and_complex_root_match_pytorch_fid(monkeypatch):
   """Forces the rare paths: a non-finite first root (eps retry) and a complex root."""
-  fid_score = pytest.importorskip("pytorch_fid.fid_score")
   import scipy.linalg
   real_sqrtm = scipy.linalg.sqrtm
   rng = np.random.default_rng()

@@ -1,85 +1,33 @@
 """Our Flax FID Inception against pytorch-fid's, built with random weights (nothing is downloaded).
 
-pytorch-fid's `fid_inception_v3()` fetches its weights with `load_state_dict_from_url`; we replace that
-function by one returning a complete random state dict: He-scaled convolutions and near-identity batch
-norm, so activations keep their scale through the 90-odd layers and the pooled features depend on the
-input (PLATFORM.md). The same state dict, written with `torch.save`, is what our converter reads.
+pytorch-fid's model gets a complete random state dict instead of its download (tests/helpers.py:
+He-scaled convolutions and near-identity batch norm, so the pooled features depend on the input). The
+same state dict, written with `torch.save`, is what our converter reads.
 """
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-
-import jax  # noqa: E402
-
-from monoformer_jax.evaluation import inception, inception_convert  # noqa: E402
+from monoformer_jax.evaluation import inception, inception_convert
+from tests.helpers import pytorch_fid_outputs, random_fid_state_dict, random_images
 
 # Two images of a non-299, non-square size: exercises the resize (down in one axis, up in the other).
 IMAGE_SHAPE = (2, 320, 211, 3)
 
 
-def random_fid_state_dict(seed: int) -> dict:
-  """A complete, signal-preserving random state dict for pytorch-fid's FID Inception."""
-  skeleton = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-  gen = torch.Generator().manual_seed(seed)
-  normal = lambda shape: torch.randn(shape, generator=gen)
-  state = {}
-  for name, value in skeleton.state_dict().items():
-    if name.endswith("conv.weight"):
-      state[name] = normal(value.shape) * (2.0 / value[0].numel()) ** 0.5
-    elif name.endswith("bn.weight"):
-      state[name] = 1.0 + 0.1 * normal(value.shape)
-    elif name.endswith(("bn.bias", "bn.running_mean")):
-      state[name] = 0.1 * normal(value.shape)
-    elif name.endswith("bn.running_var"):
-      state[name] = 1.0 + 0.2 * torch.rand(value.shape, generator=gen)
-    elif name == "fc.weight":
-      state[name] = normal(value.shape) / value.shape[1] ** 0.5
-    elif name == "fc.bias":
-      state[name] = 0.1 * normal(value.shape)
-    else:  # num_batches_tracked
-      state[name] = value.clone()
-  return state
-
-
-def random_images(rng, shape):
-  """uint8 images with per-image structure: coarse random colour blocks plus pixel noise.
-
-  Pure i.i.d. noise images all have the same texture statistics, so their pooled features nearly
-  coincide; blocks of different colours make the images (and their features) clearly different.
-  """
-  n, height, width, _ = shape
-  coarse = rng.uniform(0, 255, (n, 6, 5, 3))
-  blocks = coarse[:, np.arange(height) * 6 // height][:, :, np.arange(width) * 5 // width]
-  noisy = blocks + rng.normal(0, 20, shape)
-  return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """pytorch-fid's models with random weights, the weights as a .pth, and their outputs."""
+  """pytorch-fid's outputs with random weights, and the weights as a .pth."""
   state = random_fid_state_dict(seed=int(np.random.default_rng().integers(1 << 30)))
-  original = pytorch_fid_inception.load_state_dict_from_url
-  pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state
-  try:
-    wrapper = pytorch_fid_inception.InceptionV3([3]).eval()  # resize + [-1, 1] + blocks, as in FID
-    full = pytorch_fid_inception.fid_inception_v3().eval()  # for the 1008-way classifier
-  finally:
-    pytorch_fid_inception.load_state_dict_from_url = original
   path = tmp_path_factory.mktemp("inception") / "pt_inception_random.pth"
   torch.save(state, path)
   images = random_images(np.random.default_rng(), IMAGE_SHAPE)
-  with torch.no_grad():
-    # pytorch-fid feeds NCHW floats in [0, 1] (ToTensor of uint8 images).
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    pool = wrapper(x)[0].flatten(1)
-    logits = full.fc(pool)
   return {"state": {k: v.numpy() for k, v in state.items()}, "path": path, "images": images,
-          "pool": pool.numpy(), "logits": logits.numpy()}
+          **pytorch_fid_outputs(state, images)}
 
 
 @pytest.fixture(scope="module")
