@@ -1,19 +1,27 @@
-"""Evaluation entry point: `python -m monoformer_jax.evaluate --workdir DIR [suite inputs]`.
+"""Evaluation entry point: `python -m monoformer_jax.evaluate --workdir DIR --config.eval.FIELD=...`.
 
-Suites (`--suite mc,perplexity,mnist`; by default every suite whose input is given):
+What to evaluate is `config.eval` (defaults and every field: monoformer_jax/evaluation/eval_config.py;
+`--config=FILE.py` loads another config of that shape). Suites (`--config.eval.suite=mc,perplexity`;
+by default every suite whose input is given):
   mc          zero-shot multiple choice (HellaSwag, OBQA, WinoGrande, ARC-e/c, BoolQ, PIQA) from
-              TASKS_DIR/<task>.jsonl; see evaluation/multiple_choice.py for the fields expected.
-  perplexity  sliding-window perplexity and bits per byte of --text_file.
-  mnist       digit FID and class accuracy of conditional samples (--samples FILE.npz with
-              `images` uint8 (N, 28, 28, 1) and `labels` (N,), as `monoformer_jax.sample` writes),
-              measured by the project's MNIST classifier against MNIST-5k (or --reference).
-The language suites load the run's weights (EMA unless --nouse_ema) and tokenizer through
-`train.checkpointing.load_for_inference`. Results go to DIR/eval/report.json and as TensorBoard
-scalars (tags "eval/<suite>/...") to DIR/eval/tensorboard, at the run's latest checkpoint step.
+              tasks_dir/<task>.jsonl; see evaluation/multiple_choice.py for the fields expected.
+  perplexity  sliding-window perplexity and bits per byte of text_file.
+  mnist       digit FID and class accuracy of conditional samples (`samples`: an .npz with
+              `images` uint8 (N, 28, 28, 1) and `labels` (N,), as `monoformer_jax.sample` writes, or
+              a `fid_samples` directory), measured by the project's MNIST classifier against
+              MNIST-5k (or digit_reference).
+  fid         FID and Inception Score of `samples` (uint8 (N, H, W, 3 or 1)) with the FID Inception
+              from inception_weights against `reference` (ADM .npz with mu/sigma or arr_0, or an
+              image folder).
+The language suites load the run's weights (EMA unless use_ema=false) and tokenizer through
+`train.checkpointing.load_for_inference`; the image suites need no checkpoint. Results go to
+DIR/eval/report.json and as TensorBoard scalars (tags "eval/<suite>/...") to DIR/eval/tensorboard,
+at the run's latest checkpoint step (0 without checkpoints).
 
-    python -m monoformer_jax.evaluate --workdir runs/mnist_tiny --text_file held_out.txt \\
-        --samples runs/mnist_tiny/samples.npz
-    python -m monoformer_jax.evaluate --workdir runs/tinyllama --tasks_dir ~/commonsense --limit 500
+    python -m monoformer_jax.evaluate --workdir runs/mnist_tiny \\
+        --config.eval.text_file=held_out.txt --config.eval.samples=runs/mnist_tiny/samples.npz
+    python -m monoformer_jax.evaluate --workdir runs/tinyllama \\
+        --config.eval.tasks_dir=~/commonsense --config.eval.limit=500
 """
 
 from __future__ import annotations
@@ -24,29 +32,20 @@ import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints).")
-_SUITE = flags.DEFINE_list("suite", [], "Suites to run: mc, perplexity, mnist (default: those "
-                           "whose inputs are given).")
-_TASKS_DIR = flags.DEFINE_string("tasks_dir", None, "Directory of <task>.jsonl files (mc).")
-_TASKS = flags.DEFINE_list("tasks", [], "Tasks to run (default: every task file in tasks_dir).")
-_LIMIT = flags.DEFINE_integer("limit", None, "At most this many examples per task.")
-_TEXT_FILE = flags.DEFINE_string("text_file", None, "UTF-8 text for the perplexity suite.")
-_STRIDE = flags.DEFINE_integer("stride", None, "Perplexity window stride (default: max_len).")
-_MAX_CHARS = flags.DEFINE_integer("max_chars", None, "Score only the text's first characters.")
-_SAMPLES = flags.DEFINE_string("samples", None, ".npz of generated digits (mnist suite).")
-_REFERENCE = flags.DEFINE_string("reference", None, ".npz with `images` of real digits for the "
-                                 "digit FID (default: the 5,000 MNIST-5k digits).")
-_CLASSIFIER_CACHE = flags.DEFINE_string("classifier_cache", None, "Where the digit classifier "
-                                        "is cached (default: ~/.cache/monoformer_jax).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Rows per scoring batch.")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Most positions per request (default: the "
-                                "model's max_position_embeddings).")
-_PACK_LEN = flags.DEFINE_integer("pack_len", 256, "Row length short requests are packed into.")
-_ADD_BOS = flags.DEFINE_bool("add_bos", True, "Start every context with the BOS token.")
-_USE_EMA = flags.DEFINE_bool("use_ema", True, "Evaluate the EMA weights.")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation",
+                               "eval_config.py")
+# The default file is put on the command line by `_with_default_config` rather than given as the
+# flag's default: absl parses a default when the flag is defined, at import, where a misspelt
+# --config.eval.FIELD would raise a traceback instead of a flags error naming the field.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Evaluation config file (default: the package's evaluation/eval_config.py); "
+    "override fields with --config.eval.FIELD=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints); "
+                               "the report goes to WORKDIR/eval.")
 
-SUITES = ("mc", "perplexity", "mnist")
+SUITES = ("mc", "perplexity", "mnist", "fid")
 
 
 def latest_step(workdir: str) -> int:
@@ -54,59 +53,6 @@ def latest_step(workdir: str) -> int:
   directory = os.path.join(workdir, "checkpoints")
   steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
   return max(steps, default=0)
-
-
-def load_digits(path: str, need_labels: bool):
-  """(images uint8 (N, 28, 28, 1), labels int (N,) or None) from an .npz; errors name the file."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such samples file {path}")
-  try:
-    with np.load(path) as f:
-      arrays = {k: f[k] for k in f.files}
-  except Exception as e:  # pylint: disable=broad-except  # zip / pickle errors of all kinds
-    raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
-  images = arrays.get("images", arrays.get("arr_0"))
-  if images is None:
-    raise ValueError(f"{path}: no 'images' array (has {sorted(arrays)})")
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (28, 28, 1):
-    raise ValueError(f"{path}: 'images' must be uint8 (N, 28, 28, 1), got {images.dtype} "
-                     f"{images.shape}")
-  labels = arrays.get("labels")
-  if labels is None:
-    if need_labels:
-      raise ValueError(f"{path}: no 'labels' array (has {sorted(arrays)})")
-    return images, None
-  labels = labels.reshape(-1)
-  if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"{path}: 'labels' must be {len(images)} integers, got {labels.dtype} "
-                     f"{labels.shape}")
-  return images, labels.astype(np.int32)
-
-
-def mnist_suite(samples_path: str, reference_path: str | None, cache_dir: str | None) -> dict:
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.data import mnist  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.evaluation import digit_classifier as dc  # pylint: disable=import-outside-toplevel
-  images, labels = load_digits(samples_path, need_labels=False)
-  reference = (load_digits(reference_path, need_labels=False)[0] if reference_path
-               else mnist.load_mnist5k()[0])
-  classifier = dc.load_or_train(cache_dir)
-  # FID from few samples is biased upwards; the same number of real digits calibrates it.
-  real = reference[np.random.default_rng(0).permutation(len(reference))[:len(images)]]
-  out = {"digit_fid": dc.digit_fid(images, reference, classifier),
-         "digit_fid_real_same_size": dc.digit_fid(real, reference, classifier),
-         "num_samples": int(len(images)), "num_reference": int(len(reference)),
-         "classifier_heldout_accuracy": classifier.heldout_accuracy,
-         "samples": samples_path}
-  if labels is not None:
-    predicted = classifier.classify(images)
-    out["class_accuracy"] = float((predicted == labels).mean())
-    out["class_accuracy_per_class"] = {
-        str(c): float((predicted[labels == c] == c).mean()) for c in sorted(set(labels.tolist()))}
-  return out
 
 
 def _scalars(prefix: str, value, out: dict) -> None:
@@ -137,46 +83,84 @@ def write_report(workdir: str, report: dict, step: int) -> str:
   return path
 
 
-def run_evaluation(workdir: str, suites, *, tasks_dir=None, tasks=None, limit=None,
-                   text_file=None, stride=None, max_chars=None, samples=None, reference=None,
-                   classifier_cache=None, batch_size=16, max_len=None, pack_len=256,
-                   add_bos=True, use_ema=True) -> dict:
-  """Runs the suites and writes the report; returns it."""
-  suites = list(suites) or [s for s, given in zip(SUITES, (tasks_dir, text_file, samples)) if given]
+def _names(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _path(value: str) -> str:
+  # `--config.eval.tasks_dir=~/x` reaches us unexpanded: the shell expands ~ only at a word's start.
+  return os.path.expanduser(value) if value else ""
+
+
+def choose_suites(e) -> list[str]:
+  """The suites to run for config.eval `e`; errors name the field that is missing."""
+  suites = _names(e.suite)
+  if not suites:
+    given = {"mc": e.tasks_dir, "perplexity": e.text_file, "fid": e.inception_weights,
+             "mnist": e.samples and not e.inception_weights}
+    suites = [s for s in SUITES if given[s]]
   unknown = sorted(set(suites) - set(SUITES))
   if unknown or not suites:
-    raise ValueError(f"choose suites from {SUITES} (got {unknown or 'none'}); a suite runs by "
-                     "default when its input (--tasks_dir, --text_file, --samples) is given")
-  needs = {"mc": ("--tasks_dir", tasks_dir), "perplexity": ("--text_file", text_file),
-           "mnist": ("--samples", samples)}
+    raise ValueError(f"choose suites from {', '.join(SUITES)} with config.eval.suite (got "
+                     f"{', '.join(unknown) or 'none'}); by default a suite runs when its input "
+                     "(config.eval.tasks_dir, text_file, samples, inception_weights) is given")
+  needs = {"mc": ("tasks_dir",), "perplexity": ("text_file",), "mnist": ("samples",),
+           "fid": ("samples", "inception_weights", "reference")}
   for suite in suites:
-    if not needs[suite][1]:
-      raise ValueError(f"suite {suite!r} needs {needs[suite][0]}")
+    for field in needs[suite]:
+      if not e[field]:
+        raise ValueError(f"suite {suite!r} needs config.eval.{field}")
+  return list(dict.fromkeys(suites))  # in the order given, once each
+
+
+def run_evaluation(workdir: str, config) -> dict:
+  """Runs the suites of `config.eval` (a config like eval_config.get_config()) and writes the
+  report; returns it. Under jax.distributed every process runs the language suites (each on its
+  local devices) and only process 0 the image suites, whose numbers do not depend on the process."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if "eval" not in config:
+    raise ValueError(f"not an evaluation config: no 'eval' section (has {sorted(config)}); see "
+                     "monoformer_jax/evaluation/eval_config.py")
+  e = config.eval
+  suites = choose_suites(e)
   start = time.time()
-  report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir)}
+  report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir),
+            "config": e.to_dict()}
   if "mc" in suites or "perplexity" in suites:
-    # pylint: disable=import-outside-toplevel  # jax and the model load only for these suites
+    # pylint: disable=import-outside-toplevel  # the model loads only for these suites
     from monoformer_jax.evaluation import loglikelihood, multiple_choice, perplexity
     from monoformer_jax.train.checkpointing import load_for_inference
-    _, model_config, params, tokenizer = load_for_inference(workdir, use_ema=use_ema)
-    scorer = loglikelihood.LoglikelihoodScorer(model_config, params, max_len=max_len,
-                                               batch_size=batch_size, pack_len=pack_len)
+    _, model_config, params, tokenizer = load_for_inference(workdir, use_ema=e.use_ema)
+    scorer = loglikelihood.LoglikelihoodScorer(model_config, params, max_len=e.max_len or None,
+                                               batch_size=e.batch_size, pack_len=e.pack_len)
     if "mc" in suites:
-      report["mc"] = multiple_choice.evaluate_tasks(scorer, tokenizer, tasks_dir, tasks or None,
-                                                    limit, add_bos)
+      report["mc"] = multiple_choice.evaluate_tasks(
+          scorer, tokenizer, _path(e.tasks_dir), _names(e.tasks) or None, e.limit or None,
+          e.add_bos)
       print(f"mc: average {report['mc']['average']:.4f} over "
             f"{len(report['mc']) - 1} tasks", flush=True)
     if "perplexity" in suites:
       report["perplexity"] = perplexity.perplexity_of_file(
-          text_file, tokenizer, scorer, stride=stride, add_bos=add_bos, max_chars=max_chars)
+          _path(e.text_file), tokenizer, scorer, stride=e.stride or None, add_bos=e.add_bos,
+          max_chars=e.max_chars or None)
       print(f"perplexity: {report['perplexity']['perplexity']:.3f}, "
             f"{report['perplexity']['bits_per_byte']:.4f} bits/byte", flush=True)
-  if "mnist" in suites:
-    report["mnist"] = mnist_suite(samples, reference, classifier_cache)
-    print(f"mnist: digit FID {report['mnist']['digit_fid']:.3f}, class accuracy "
-          f"{report['mnist'].get('class_accuracy', float('nan')):.4f}", flush=True)
+  if jax.process_index() == 0 and ("mnist" in suites or "fid" in suites):
+    from monoformer_jax.evaluation import image_suites  # pylint: disable=import-outside-toplevel
+    images, labels = image_suites.load_images(_path(e.samples))
+    if "mnist" in suites:
+      report["mnist"] = image_suites.mnist_suite(images, labels, _path(e.digit_reference),
+                                                 _path(e.classifier_cache), name=e.samples)
+      print(f"mnist: digit FID {report['mnist']['digit_fid']:.3f}, class accuracy "
+            f"{report['mnist'].get('class_accuracy', float('nan')):.4f}", flush=True)
+    if "fid" in suites:
+      report["fid"] = image_suites.fid_suite(
+          images, _path(e.inception_weights), _path(e.reference),
+          batch_size=e.inception_batch_size, splits=e.is_splits)
+      print(f"fid: FID {report['fid']['fid']:.3f}, Inception Score "
+            f"{report['fid']['inception_score']:.3f} over {report['fid']['num_samples']} "
+            "samples", flush=True)
   report["seconds"] = time.time() - start
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     print(f"report: {write_report(workdir, report, report['step'])}", flush=True)
   return report
@@ -186,21 +170,42 @@ def main(argv):
   from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]} (fields are set as "
+                         "--config.eval.FIELD=VALUE)")
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore drown the results
   try:
-    run_evaluation(_WORKDIR.value, _SUITE.value, tasks_dir=_TASKS_DIR.value, tasks=_TASKS.value,
-                   limit=_LIMIT.value, text_file=_TEXT_FILE.value, stride=_STRIDE.value,
-                   max_chars=_MAX_CHARS.value, samples=_SAMPLES.value,
-                   reference=_REFERENCE.value, classifier_cache=_CLASSIFIER_CACHE.value,
-                   batch_size=_BATCH_SIZE.value, max_len=_MAX_LEN.value,
-                   pack_len=_PACK_LEN.value, add_bos=_ADD_BOS.value, use_ema=_USE_EMA.value)
+    run_evaluation(_WORKDIR.value, _CONFIG.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def _with_default_config(argv: list[str]) -> list[str]:
+  if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv):
+    return argv
+  return argv[:1] + [f"--config={_DEFAULT_CONFIG}"] + argv[1:]
+
+
+def _parse_flags(argv: list[str]):
+  """absl's parsing, plus one line instead of a traceback for a field the locked config lacks
+  (config_flags raises AttributeError / KeyError there, which absl does not catch)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = e
+    while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError(str))
+      message = message.args[0]
+    field, _, hint = str(message).partition("\n")
+    field = field.strip("\"'")
+    given = [a.split("=", 1)[0] for a in argv
+             if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")]
+    print(f"error: the config has no field {field!r} ({', '.join(given) or 'from --config'}); "
+          f"{hint + ' ' if hint else ''}the fields are listed in "
+          "monoformer_jax/evaluation/eval_config.py", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, argv=_with_default_config(sys.argv), flags_parser=_parse_flags)

@@ -1,7 +1,6 @@
 """`python -m monoformer_jax.evaluate` end to end on a tiny trained run of the embedded default."""
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -10,8 +9,10 @@ import pytest
 
 from monoformer_jax import evaluate
 from monoformer_jax.data import mnist
+from monoformer_jax.evaluation import eval_config, image_suites
 from monoformer_jax.evaluation import multiple_choice as mc
 from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
+from tests.helpers import tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -28,21 +29,12 @@ def run_dir(tmp_path_factory):
   return str(work)
 
 
-def _tensorboard_scalars(directory):
-  """{tag: value} from tensorboardX event files (TFRecord framing, Event protos)."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for name in os.listdir(directory):
-    with open(os.path.join(directory, name), "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for v in event.summary.value:
-        out[v.tag] = (event.step, v.simple_value)
-  return out
+def eval_fields(**fields):
+  """The default eval config with some config.eval fields set (locked: a misspelt one fails)."""
+  config = eval_config.get_config()
+  config.lock()
+  config.eval.update(fields)
+  return config
 
 
 def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
@@ -61,12 +53,12 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
   pick = rng.choice(len(images), 64, replace=False)
   np.savez(tmp_path / "samples.npz", images=images[pick], labels=labels[pick])
   cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")  # shared with test_eval_digits
-  report = evaluate.run_evaluation(run_dir, [], tasks_dir=str(tasks), text_file=str(text),
-                                   samples=str(tmp_path / "samples.npz"), classifier_cache=cache,
-                                   batch_size=3, pack_len=64)
+  report = evaluate.run_evaluation(run_dir, eval_fields(
+      tasks_dir=str(tasks), text_file=str(text), samples=str(tmp_path / "samples.npz"),
+      classifier_cache=cache, batch_size=3, pack_len=64))
   with open(os.path.join(run_dir, "eval", "report.json")) as f:
     assert json.load(f) == json.loads(json.dumps(report))
-  assert report["step"] == 6
+  assert report["step"] == 6 and report["config"]["batch_size"] == 3
   assert set(report["mc"]) == {"piqa", "winogrande", "average"}
   assert report["mc"]["piqa"]["num_examples"] == 3
   assert report["perplexity"]["num_tokens"] > 50 and report["perplexity"]["perplexity"] > 1
@@ -79,7 +71,7 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
   scorer = LoglikelihoodScorer(model_config, params, devices=jax.local_devices()[:1])
   direct = mc.evaluate_tasks(scorer, tokenizer, str(tasks))
   assert direct["piqa"]["acc"] == report["mc"]["piqa"]["acc"]
-  scalars = _tensorboard_scalars(os.path.join(run_dir, "eval", "tensorboard"))
+  scalars = tensorboard_scalars(os.path.join(run_dir, "eval", "tensorboard"))
   assert scalars["eval/mc/piqa/acc_norm"] == (6, pytest.approx(report["mc"]["piqa"]["acc_norm"]))
   assert scalars["eval/perplexity/bits_per_byte"][1] == pytest.approx(
       report["perplexity"]["bits_per_byte"])
@@ -88,18 +80,39 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
 
 def test_errors_name_the_input(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="nothere.npz"):
-    evaluate.run_evaluation(run_dir, ["mnist"], samples=str(tmp_path / "nothere.npz"))
-  np.savez(tmp_path / "bad.npz", images=np.zeros((3, 28, 28, 1), np.float32))
-  with pytest.raises(ValueError, match=r"bad.npz: 'images' must be uint8"):
-    evaluate.load_digits(str(tmp_path / "bad.npz"), need_labels=False)
-  with pytest.raises(ValueError, match="needs --text_file"):
-    evaluate.run_evaluation(run_dir, ["perplexity"])
+    evaluate.run_evaluation(run_dir, eval_fields(suite="mnist",
+                                                 samples=str(tmp_path / "nothere.npz")))
+  np.savez(tmp_path / "bad.npz", images=np.ones((3, 28, 28, 1), np.float32))
+  with pytest.raises(ValueError, match=r"bad.npz: images must be uint8"):
+    image_suites.load_images(str(tmp_path / "bad.npz"))
+  np.savez(tmp_path / "rgb.npz", images=np.full((3, 32, 32, 3), 7, np.uint8))
+  with pytest.raises(ValueError, match=r"rgb.npz: the mnist suite needs 28x28 grayscale digits"):
+    evaluate.run_evaluation(run_dir, eval_fields(samples=str(tmp_path / "rgb.npz")))
+  with pytest.raises(ValueError, match="needs config.eval.text_file"):
+    evaluate.run_evaluation(run_dir, eval_fields(suite="perplexity"))
+  with pytest.raises(ValueError, match="got typo"):
+    evaluate.run_evaluation(run_dir, eval_fields(suite="mc,typo", tasks_dir=str(tmp_path)))
   (tmp_path / "boolq.jsonl").write_text('{"passage": "p", "question": "q", "label": 1}\n{oops\n')
   with pytest.raises(ValueError, match=r"boolq.jsonl:2: not valid JSON"):
-    evaluate.run_evaluation(run_dir, ["mc"], tasks_dir=str(tmp_path))
+    evaluate.run_evaluation(run_dir, eval_fields(suite="mc", tasks_dir=str(tmp_path)))
   # The command line: exit status 2 and the message, no traceback.
   proc = subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={run_dir}",
-                         f"--samples={tmp_path / 'missing.npz'}"], cwd=ROOT, env=ENV,
+                         f"--config.eval.samples={tmp_path / 'missing.npz'}"], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2 and "missing.npz" in proc.stderr
+  assert proc.returncode == 2 and "missing.npz" in proc.stderr, proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.eval.sample=x.npz", "the config has no field 'sample' (--config.eval.sample); "
+     'Did you mean "samples"'),
+    ("--config.eval.limit=many", "--config.eval.limit=many: invalid literal for int()"),
+])
+def test_command_line_refuses_unknown_fields_and_bad_values(tmp_path, override, message):
+  """Flag parsing fails before anything is loaded (no run directory needed)."""
+  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate",
+                         f"--workdir={tmp_path}", override], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "eval").exists()
