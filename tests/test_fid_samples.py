@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax.data import mnist
-from monoformer_jax.evaluation import digit_classifier, fid_samples
+from monoformer_jax.evaluation import digit_classifier, fid_samples, image_suites
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +52,10 @@ def test_load_samples_checks_that_every_chunk_is_there(tmp_path):
   got_images, got_labels = fid_samples.load_samples(str(tmp_path / "ok"))
   np.testing.assert_array_equal(got_images, images)
   np.testing.assert_array_equal(got_labels, labels)
+  # What `evaluate` reads for --config.eval.samples=DIR (the mnist and fid suites).
+  eval_images, eval_labels = image_suites.load_images(str(tmp_path / "ok"))
+  np.testing.assert_array_equal(eval_images, images)
+  np.testing.assert_array_equal(eval_labels, labels)
   # A chunk missing (a host that died, or scoring before every host finished): named, with its range.
   _write_chunks(tmp_path / "missing", 23, 5, rng)
   os.remove(tmp_path / "missing" / "samples_000000010.npz")
@@ -75,7 +79,8 @@ def test_load_samples_checks_that_every_chunk_is_there(tmp_path):
 
 
 @pytest.mark.slow
-def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory):
+def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory, monkeypatch,
+                                                  capsys):
   one, eight = tmp_path / "one", tmp_path / "eight"
   fid_samples.generate(str(run_dir), str(one), 24, chunk=16, devices=jax.devices()[:1])
   # Interrupted run: the first chunk exists, the second is short (an earlier, smaller num_samples);
@@ -96,9 +101,22 @@ def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_fa
   # The digit FID against real held-out MNIST digits (the classifier never trained on them).
   images, _ = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(images))
-  classifier = digit_classifier.load_or_train(
-      str(tmp_path_factory.getbasetemp() / "digit_classifier_cache"))  # shared with test_eval_*
+  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")  # shared with test_eval_*
+  classifier = digit_classifier.load_or_train(cache)
   f1 = digit_classifier.digit_fid(img1, images[held], classifier)
   f8 = digit_classifier.digit_fid(img8, images[held], classifier)
   real = digit_classifier.digit_fid(images[held][:24], images[held], classifier)
   assert f1 > real and abs(f1 - f8) <= 1e-6 * abs(f1), (f1, f8, real)
+  # The command on the finished directory: nothing is generated again, the digits are scored.
+  written = {name: os.path.getmtime(one / name) for name in os.listdir(one)}
+  monkeypatch.setattr(sys, "argv", ["fid_samples", f"--workdir={run_dir}", f"--out_dir={one}",
+                                    "--num_samples=24", "--chunk=16", "--score_mnist",
+                                    f"--classifier_cache={cache}"])
+  capsys.readouterr()
+  fid_samples.main()
+  report = json.loads(capsys.readouterr().out)
+  assert {n: os.path.getmtime(one / n) for n in written if n != "manifest.json"} == {
+      n: t for n, t in written.items() if n != "manifest.json"}
+  assert report["mnist"]["num_samples"] == 24
+  assert report["mnist"]["digit_fid"] == pytest.approx(
+      digit_classifier.digit_fid(img1, images, classifier), rel=1e-9)  # against all of MNIST-5k

@@ -190,6 +190,8 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--score_mnist", action="store_true",
                  help="score with the project's digit classifier (the embedded default)")
+  p.add_argument("--classifier_cache", default="",
+                 help="where the digit classifier is cached (default: ~/.cache/monoformer_jax)")
   p.add_argument("--inception_weights", help="FID Inception .pth (pt_inception-2015-12-05)")
   p.add_argument("--reference", help="reference statistics: ADM .npz (mu/sigma or arr_0) or an "
                  "image folder")
@@ -213,7 +215,7 @@ def main():
     report["fid"] = image_suites.fid_suite(images, args.inception_weights, args.reference,
                                            batch_size=args.inception_batch_size)
   if args.score_mnist:
-    report["mnist"] = image_suites.mnist_suite(images, labels)
+    report["mnist"] = image_suites.mnist_suite(images, labels, cache_dir=args.classifier_cache)
   print(json.dumps(report, indent=2, sort_keys=True))
 
 
