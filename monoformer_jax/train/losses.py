@@ -28,6 +28,16 @@ def lm_loss(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Arr
   return total / jnp.maximum(count, 1.0), count
 
 
+def lm_loss_sum(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Array]:
+  """(sum of next-token cross-entropy over the masked tokens, number of those tokens).
+
+  The additive form of `lm_loss`: sums over micro-batches add up to the full batch's, so a
+  gradient-accumulated step can divide by the whole batch's token count once.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
+
+
 def masked_mean(values: Array, mask: Array) -> Array:
   """Mean of `values` over entries where `mask` is set (0 when none is)."""
   mask = mask.astype(jnp.float32)

@@ -2,8 +2,15 @@
 
 All three share one TrainState and one signature, `step(state, batch, rng) -> (state, metrics)`,
 and are jitted with the same in/out shardings and buffer donation (see `compile_step`). A step
-splits its batch into `grad_accum_steps` micro-batches and sums their gradients in a scan, so large
-global batches fit in memory.
+can split its batch into `grad_accum_steps` micro-batches and sum their gradients in a scan, so
+large global batches fit in memory; the result is the full batch's step, not an approximation:
+
+- each loss is a mean over the whole batch (the LM loss over its trained tokens, the diffusion
+  loss over its image rows), so a micro-batch contributes its *sum* divided by the whole batch's
+  count, computed once before the split. Averaging per-micro-batch means instead would weight a
+  micro-batch's tokens by how few of them it has.
+- the diffusion noise and timesteps of a row come from fold_in(rng, that row's index in the global
+  batch), so a row draws the same noise whichever micro-batch (or device) it lands in.
 """
 
 from __future__ import annotations
@@ -19,63 +26,99 @@ import optax
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.train import sharding as sharding_lib
-from monoformer_jax.train.losses import lm_loss, masked_mean
+from monoformer_jax.train.losses import lm_loss_sum
 from monoformer_jax.train.state import TrainState, ema_decay, update_ema
 
 STEP_KINDS = ("ar", "diffusion", "mixed")
 
 
-def _noisy_images(objective, images, image_mask, rng):
-  """Draws t and noise per image slot; returns (x_t, t, model timesteps, noise), all (B, M, ...)."""
-  b, m = image_mask.shape
+def _noisy_images(objective, images, rng, row_ids):
+  """Draws t and noise per image slot; returns (x0, x_t, t, model timesteps, noise), flat (B*M, ...).
+
+  Row r's draws come from fold_in(rng, row_ids[r]) (its index in the global batch), so they do
+  not depend on how the batch is split into micro-batches.
+  """
+  b, m = images.shape[:2]
+
+  def draw(row_id):
+    t_rng, n_rng = jax.random.split(jax.random.fold_in(rng, row_id))
+    return (objective.sample_timesteps(t_rng, (m,)),
+            jax.random.normal(n_rng, (m,) + images.shape[2:], jnp.float32))
+
+  t, noise = jax.vmap(draw)(row_ids)
   flat = images.reshape((b * m,) + images.shape[2:]).astype(jnp.float32)
-  t_rng, n_rng = jax.random.split(rng)
-  t = objective.sample_timesteps(t_rng, (b * m,))
-  noise = jax.random.normal(n_rng, flat.shape, jnp.float32)
+  t, noise = t.reshape(b * m), noise.reshape(flat.shape)
   x_t = objective.add_noise(flat, noise, t)
-  model_t = objective.model_timesteps(t)
-  return flat, x_t, t, model_t, noise
+  return flat, x_t, t, objective.model_timesteps(t), noise
 
 
-def diffusion_loss(objective, model_out, x0, x_t, noise, t, image_mask):
-  """Official: mean over the image rows of (per-sample mse + vb)."""
+def diffusion_loss_sums(objective, model_out, x0, x_t, noise, t, image_mask):
+  """Official per-image loss terms (mse + vb), summed over the image rows that are set.
+
+  Divided by the number of image rows this is the official mean over image rows.
+  """
   b, m = image_mask.shape
   out = model_out.reshape((b * m,) + model_out.shape[2:]).astype(jnp.float32)
   terms = objective.loss(out, x0, x_t, noise, t)
-  mask = image_mask.reshape(-1)
-  return {k: masked_mean(v, mask) for k, v in terms.items()}
+  mask = image_mask.reshape(-1).astype(jnp.float32)
+  return {k: jnp.sum(v * mask) for k, v in terms.items()}
+
+
+def batch_normalisers(batch: dict) -> dict:
+  """The whole batch's counts the losses are means over (at least 1, so empty batches give 0)."""
+  return {"lm_tokens": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0),
+          "images": jnp.maximum(jnp.sum(batch["image_mask"].astype(jnp.float32)), 1.0)}
 
 
 def make_loss_fn(kind: str, model_config: ModelConfig, objective, diffusion_weight: float,
                  lm_weight: float) -> Callable:
-  """loss_fn(params, batch, rng) -> (loss, aux metrics)."""
+  """loss_fn(params, batch, rng, norms, row_ids) -> (loss, aux metrics).
+
+  `norms` are `batch_normalisers` of the whole (global) batch, `row_ids` the rows' indices in it.
+  The loss and every aux value are additive over micro-batches: summed over a split of the batch
+  they give the whole batch's values.
+  """
   model = MonoFormer(model_config)
 
-  def loss_fn(params, batch, rng):
-    metrics = {}
+  def lm_terms(logits, batch, norms):
+    total, count = lm_loss_sum(logits, batch["targets"], batch["loss_mask"])
+    return total / norms["lm_tokens"], count
+
+  def loss_fn(params, batch, rng, norms, row_ids):
     if kind == "ar":
       # Weighted as in the mixed objective (w_lm * L_lm): with alternating steps the shared
       # parameters' Adam statistics see both objectives' gradients, and an unweighted LM
       # gradient (far larger than the diffusion one) would shrink every diffusion update.
       out = model.apply({"params": params}, batch, return_image=False)
-      loss, count = lm_loss(out["logits"], batch["targets"], batch["loss_mask"])
-      return lm_weight * loss, {"loss_lm": loss, "lm_tokens": count}
-    x0, x_t, t, model_t, noise = _noisy_images(objective, batch["images"], batch["image_mask"], rng)
+      l_lm, count = lm_terms(out["logits"], batch, norms)
+      return lm_weight * l_lm, {"loss_lm": l_lm, "lm_tokens": count}
+    x0, x_t, t, model_t, noise = _noisy_images(objective, batch["images"], rng, row_ids)
     b, m = batch["image_mask"].shape
     out = model.apply({"params": params}, batch, x_t.reshape(batch["images"].shape),
                       model_t.reshape(b, m), return_logits=(kind == "mixed"))
-    terms = diffusion_loss(objective, out["image"], x0, x_t, noise, t, batch["image_mask"])
-    metrics.update({f"loss_diffusion_{k}" if k != "loss" else "loss_diffusion": v
-                    for k, v in terms.items()})
-    loss = diffusion_weight * terms["loss"]
+    sums = diffusion_loss_sums(objective, out["image"], x0, x_t, noise, t, batch["image_mask"])
+    metrics = {(f"loss_diffusion_{k}" if k != "loss" else "loss_diffusion"): v / norms["images"]
+               for k, v in sums.items()}
+    loss = diffusion_weight * metrics["loss_diffusion"]
     if kind == "mixed":
-      l_lm, count = lm_loss(out["logits"], batch["targets"], batch["loss_mask"])
+      l_lm, count = lm_terms(out["logits"], batch, norms)
       metrics.update({"loss_lm": l_lm, "lm_tokens": count})
       loss = loss + lm_weight * l_lm
     metrics["images"] = jnp.sum(batch["image_mask"].astype(jnp.float32))
     return loss, metrics
 
   return loss_fn
+
+
+def split_micro_batches(tree, n: int):
+  """(B, ...) leaves -> (n, B // n, ...): micro-batch i holds rows i, i + n, i + 2n, ...
+
+  Strided rather than contiguous: with the batch sharded over devices in contiguous blocks of
+  B / (data x fsdp) rows (a multiple of n, as validate_config checks), every micro-batch keeps
+  an equal share of rows on every device, so splitting moves no data between them.
+  """
+  return jax.tree.map(lambda x: jnp.swapaxes(
+      x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
 
 
 def make_train_step(kind: str, model_config: ModelConfig, objective, optimizer, *,
@@ -89,31 +132,24 @@ def make_train_step(kind: str, model_config: ModelConfig, objective, optimizer, 
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
+    norms = batch_normalisers(batch)
+    row_ids = jnp.arange(batch["tokens"].shape[0], dtype=jnp.int32)
     if grad_accum_steps == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng)
+      (loss, aux), grads = grad_fn(state.params, batch, rng, norms, row_ids)
     else:
-      micro = jax.tree.map(
-          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-          batch)
+      micro = split_micro_batches((batch, row_ids), grad_accum_steps)
 
       def body(carry, xs):
-        mb, i = xs
-        (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        acc_g, acc_l, acc_a = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
-                jax.tree.map(jnp.add, acc_a, a)), None
+        mb, ids = xs
+        (l, a), g = grad_fn(state.params, mb, rng, norms, ids)
+        return jax.tree.map(jnp.add, carry, (g, l, a)), None
 
-      zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-      aux_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
-                                                 rng)[0][1])
-      zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-      (grads, loss, aux), _ = jax.lax.scan(
-          body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a),
-          (micro, jnp.arange(grad_accum_steps)))
-      scale = 1.0 / grad_accum_steps
-      grads = jax.tree.map(lambda g: g * scale, grads)
-      loss = loss * scale
-      aux = {k: (v if k in ("lm_tokens", "images") else v * scale) for k, v in aux.items()}
+      first = jax.tree.map(lambda x: x[0], micro)
+      (loss_shape, aux_shape), grads_shape = jax.eval_shape(
+          lambda: grad_fn(state.params, first[0], rng, norms, first[1]))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           (grads_shape, loss_shape, aux_shape))
+      (grads, loss, aux), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema_decay_value, ema_warmup)
