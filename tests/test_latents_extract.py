@@ -2,8 +2,10 @@
 import json
 import os
 
+import diffusers
 import numpy as np
 import pytest
+import torch
 
 from monoformer_jax.data import image_sources, tfds_latents
 from monoformer_jax.tools import extract_latents
@@ -15,8 +17,6 @@ SIZE = 16  # the crop; files are larger and not square, so the centre crop reall
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
   """A random 2-level diffusers AutoencoderKL written by diffusers itself (16x16 -> 8x8x4)."""
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
   torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
   model = diffusers.AutoencoderKL(
       in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -81,7 +81,6 @@ def test_image_folder_round_trip(tmp_path, tiny_vae):
   assert mean.dtype == np.float32 and mean.shape == (15, 8, 8, 4)
 
   # The stored moments are diffusers' own posterior of the centre-cropped images.
-  import torch
   with torch.no_grad():
     dist = torch_model.encode(torch.from_numpy(images.transpose(0, 3, 1, 2))).latent_dist
   np.testing.assert_allclose(mean, dist.mean.numpy().transpose(0, 2, 3, 1), atol=1e-4)
