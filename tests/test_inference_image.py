@@ -220,10 +220,11 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch)
   params = _image_trigger(base, plain["tokens"][k])
   state = run_interleaved(params, config, objective, prompts, **kw)
   assert decode.cache_slots(state) > 16
-  generated, images, drawn = jax.device_get((state["generated"], state["images"],
-                                             state["images_drawn"]))
+  generated, counts, images, drawn = jax.device_get(
+      (state["generated"], state["num_generated"], state["images"], state["images_drawn"]))
+  assert counts.tolist() == [m, m]  # no stop token: every row wrote max_new_tokens
   tokens = [list(map(int, g)) for g in generated]
-  # Row 0: the same text up to the trigger, then the model's own <|im_start|>, the image, <|im_end|>.
+  # Row 0: the same text up to the trigger, then its own <|im_start|>, the image, <|im_end|>.
   assert tokens[0][:k + 1] == plain["tokens"][:k + 1]
   assert tokens[0][k + 1:k + 3] == [IMS, IME] and tokens[0].count(IMS) == 1
   assert tokens[1][0] == IME and IMS not in tokens[1]

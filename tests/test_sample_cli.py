@@ -1,5 +1,6 @@
-"""`python -m monoformer_jax.sample` beyond class grids: text-to-image, text+image in one call,
-greedy text, and the errors (another model shape, empty prompts, guidance < 1)."""
+"""`python -m monoformer_jax.sample` beyond class grids: text-to-image (flags and a prompt file,
+DDIM), text+image in one call, greedy text from a prompt file, and the errors (another model
+shape, empty prompts, guidance < 1)."""
 import json
 import os
 import shutil
@@ -8,6 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+
+from monoformer_jax.inference import InferenceModel
+from monoformer_jax.train import periodic_samples as ps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,12 +44,19 @@ def _sample(*args):
 
 @pytest.mark.slow
 def test_t2i_interleaved_and_text(run_dir, tmp_path):
-  proc = _sample(f"--workdir={run_dir}", "--t2i_prompt=a seven", "--t2i_prompt=a one",
-                 f"--out={tmp_path}/t2i.npz", "--num_steps=2", "--guidance_scale=2")
+  (tmp_path / "t2i.txt").write_text("a one\n\n")
+  proc = _sample(f"--workdir={run_dir}", "--t2i_prompt=a seven",
+                 f"--t2i_prompt_file={tmp_path}/t2i.txt", f"--out={tmp_path}/t2i.npz",
+                 "--sampler=ddim", "--num_steps=2", "--guidance_scale=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   z = np.load(tmp_path / "t2i.npz")
   assert z["images"].shape == (2, 28, 28, 1) and list(z["prompts"]) == ["a seven", "a one"]
   assert (tmp_path / "t2i.png").exists()
+  # The same DDIM samples in-process (the flags reach the sampler).
+  model = InferenceModel.from_workdir(str(run_dir))
+  want = ps.to_uint8(model.decode(model.text_to_image(["a seven", "a one"], sampler="ddim",
+                                                      num_steps=2, guidance_scale=2.0)))
+  assert np.abs(want.astype(int) - z["images"]).max() <= 1 and want.std() > 0
   proc = _sample(f"--workdir={run_dir}", "--interleaved", f"--out={tmp_path}/il",
                  "--prompt=Please generate an image of seven.<|im_start|>", "--prompt=The",
                  "--max_new_tokens=4", "--num_steps=2", "--greedy")
@@ -53,9 +64,15 @@ def test_t2i_interleaved_and_text(run_dir, tmp_path):
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert rows[0]["parts"][0] == {"image": f"{tmp_path}/il_p0_0.png"}
   assert os.path.exists(f"{tmp_path}/il_p0_0.png")
-  greedy = [_sample(f"--workdir={run_dir}", "--prompt=The class", "--greedy", "--max_new_tokens=5",
-                    f"--seed={s}").stdout for s in (0, 1)]
+  # Greedy text from a flag and from a prompt file, with different seeds: the same line.
+  (tmp_path / "prompts.txt").write_text("The class\n")
+  greedy = [_sample(f"--workdir={run_dir}", prompt, "--greedy", "--max_new_tokens=5",
+                    f"--seed={seed}").stdout
+            for seed, prompt in enumerate(["--prompt=The class",
+                                           f"--prompt_file={tmp_path}/prompts.txt"])]
   assert greedy[0] == greedy[1] and '"completion"' in greedy[0]
+  assert json.loads(greedy[0])["completion"] == model.generate_text(
+      ["The class"], greedy=True, max_new_tokens=5)[0]
 
 
 @pytest.mark.slow

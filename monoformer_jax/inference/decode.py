@@ -122,7 +122,7 @@ def grow_cache(state: dict, *, size: int) -> dict:
 
 
 def ensure_room(state: dict, needed: int, total: int) -> dict:
-  """Grows the cache (to its bucket) when fewer than `needed` slots are free after state['index']."""
+  """Grows the cache (to its bucket) when fewer than `needed` slots follow state['index']."""
   index = int(jax.device_get(state["index"]))
   if index + needed <= cache_slots(state):
     return state
