@@ -79,7 +79,8 @@ def test_official_checkpoint_cli_and_from_official(converted, tmp_path):
   z = np.load(out)
   assert z["images"].shape == (4, 4, 4, 3) and z["images"].dtype == np.uint8
   np.testing.assert_array_equal(z["labels"], [0, 0, 1, 1])
-  # The same model in-process: the exported weights come back exactly, and sample the same.
+  # The same model in-process: the exported weights come back exactly, and sample the same
+  # (DDIM, eta 0.5: the default DDPM would draw other images, so the flags reached the sampler).
   model = InferenceModel.from_official(dirs["official"], tokenizer=dirs["tokenizer"],
                                        class_names=[n[-1] for n in CLASS_NAMES.values()])
   assert (model.config.hidden_size, model.config.num_layers, model.config.vocab_size,
@@ -92,10 +93,6 @@ def test_official_checkpoint_cli_and_from_official(converted, tmp_path):
   want = ps.to_uint8(model.decode(images)).astype(int)
   assert np.abs(want - z["images"]).max() <= 1 and want.std() > 0
   assert model.generate_text(PROMPTS, max_new_tokens=4, greedy=True) == completions
-  # DDIM with eta > 0 is not the deterministic eta = 0 sampler: the flags reach the sampler.
-  eta0, _ = model.sample_classes(["0", "dog"], 2, sampler="ddim", eta=0.0, num_steps=2,
-                                 guidance_scale=2.0, seed=0)
-  assert np.abs(eta0 - images).max() > 1e-3
 
 
 @pytest.mark.slow
