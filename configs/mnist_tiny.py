@@ -20,25 +20,27 @@ from configs.common import base_config
 
 def get_config(arg: str = ""):
   c = base_config()
-  c.num_train_steps = 2200
+  c.num_train_steps = 2000
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 550
-  c.sample_every_steps = 1100
+  c.checkpoint_every_steps = 500
+  c.sample_every_steps = 1000
   c.model.update(dict(
       vocab_size=1028, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
       num_kv_heads=2, image_height=28, image_width=28, image_channels=1, patch_size=4,
       learn_sigma=True, t_embed="adaln_before_decoder", dtype="float32",
       max_position_embeddings=256))
-  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=3.0, cfg_mode="eps",
-                         num_per_class=8, max_new_tokens=48, temperature=0.8))
+  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=4.0, cfg_mode="eps",
+                         num_per_class=4, max_new_tokens=48, temperature=0.8))
   c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
-                          decay_steps=2200, final_lr_fraction=0.05, grad_clip=1.0,
+                          decay_steps=2000, final_lr_fraction=0.05, grad_clip=1.0,
                           weight_decay=0.0))
   c.ema.update(dict(decay=0.999, warmup=True))
-  # Alternating steps, 5 diffusion : 1 text. The LM loss is weighted 0.1 in its own steps too, so
-  # its (much larger) gradients do not dominate the shared parameters' Adam statistics.
-  c.loss.update(dict(diffusion_weight=1.0, lm_weight=0.1))
-  c.schedule.update(dict(diffusion=5.0, ar=1.0, mixed=0.0))
+  # Alternating steps, 9 diffusion : 1 text, the LM loss weighted 0.02 in its own steps. The text
+  # gradients on the shared layers are much larger than the diffusion ones; at 5:1 and weight 0.1
+  # they dominated Adam's statistics and the digits stalled at 61-63% recognisable (2,200 steps),
+  # while 9:1 / 0.02 reaches 86-93% and still beats a bigram on held-out text (benchmarks/RESULTS.md).
+  c.loss.update(dict(diffusion_weight=1.0, lm_weight=0.02))
+  c.schedule.update(dict(diffusion=9.0, ar=1.0, mixed=0.0))
   c.data.update(dict(image_source="mnist", image_batch_size=48, text_source="pydoc",
                      text_batch_size=32, text_seq_len=96, tokenizer_vocab_size=1024,
                      prompt_dropout=0.1))
@@ -53,6 +55,8 @@ def get_config(arg: str = ""):
                        tokenizer_vocab_size=512))
     c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
     c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
+    # 5:1, so that a few steps already hold both kinds (the tests' logging windows rely on it).
+    c.schedule.update(dict(diffusion=5.0, ar=1.0))
   elif arg in ("latent", "latent_test"):
     # The same digits diffused in the 7x7x4 latent space of the small MNIST VAE. From scratch:
     #   python -m monoformer_jax.vae.train_vae --config=configs/mnist_vae.py \
@@ -90,6 +94,7 @@ def get_config(arg: str = ""):
                          tokenizer_vocab_size=512))
       c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
       c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
+      c.schedule.update(dict(diffusion=5.0, ar=1.0))
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test)")
   return c

@@ -83,3 +83,23 @@ def test_load_sentencepiece_file(trained):
   loaded = tok_lib.load_sentencepiece(os.path.join(out, "tokenizer.model"))
   assert loaded.vocab_size == tok.vocab_size and loaded.im_end_id == tok.im_end_id
   assert loaded.encode(corpus[1]) == tok.encode(corpus[1])
+
+
+def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch):
+  """Resuming or sampling a run never retrains its tokenizer, even if the corpus changed since."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.train import setup  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"data": {"tokenizer": "train", "tokenizer_vocab_size": 300}})
+  first = _random_corpus(random.randrange(1 << 30))
+  monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)
+  tok = setup.build_tokenizer(config, str(tmp_path))
+  text = first[0]
+  # Before any checkpoint a changed corpus retrains (the cache is keyed by the corpus) ...
+  second = _random_corpus(random.randrange(1 << 30))
+  monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: second)
+  assert setup.build_tokenizer(config, str(tmp_path)).encode(text) != tok.encode(text)
+  # ... once the run has a checkpoint, its saved tokenizer is what every later call gets.
+  saved = setup.build_tokenizer(config, str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints" / "10")
+  monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)
+  assert setup.build_tokenizer(config, str(tmp_path)).encode(second[0]) == saved.encode(second[0])

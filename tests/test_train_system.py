@@ -350,6 +350,22 @@ def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind,sampler", [("flow", "ddpm"), ("gaussian", "heun")])
+def test_sampler_must_match_the_objective(kind, sampler):
+  # In-process (no compile): the sampler only runs after training, so this must fail up front.
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "mnist_tiny", os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("test")
+  validate_config(config)  # the default pairing passes
+  config.objective.kind, config.sampling.sampler = kind, sampler
+  with pytest.raises(ConfigError, match=f"config.sampling.sampler: '{sampler}' does not sample"):
+    validate_config(config)
+
+
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
   kinds = [s.next() for _ in range(100)]

@@ -111,7 +111,9 @@ def load_for_inference(workdir: str, *, use_ema: bool = True):
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   model_config = ModelConfig.from_mapping(config.model)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  # One local device: under multi-host every process loads its own copy (jax.devices()[:1] would
+  # name process 0's device, which other processes cannot address).
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)

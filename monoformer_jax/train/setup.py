@@ -13,6 +13,8 @@ import os
 import jax
 import numpy as np
 
+from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
+from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.train import sharding as sharding_lib
 
@@ -57,6 +59,11 @@ def validate_config(config) -> None:
       _fail("data.text_source", f"{config.data.text_source!r} is not one of {TEXT_SOURCES}")
   if config.objective.kind not in OBJECTIVES:
     _fail("objective.kind", f"{config.objective.kind!r} is not one of {OBJECTIVES}")
+  # The sampler is only used after training: a mismatch must fail now, not after hours.
+  samplers = FLOW_SAMPLERS if config.objective.kind == "flow" else GAUSSIAN_SAMPLERS
+  if config.sampling.sampler not in samplers:
+    _fail("sampling.sampler", f"{config.sampling.sampler!r} does not sample a "
+          f"{config.objective.kind!r} objective; use one of {samplers}")
   if config.sampling.guidance_scale < 1:
     _fail("sampling.guidance_scale", f"must be >= 1 (1 = no guidance), got "
           f"{config.sampling.guidance_scale}")
@@ -225,6 +232,11 @@ def build_tokenizer(config, workdir: str):
       raise ConfigError(f"config.data.tokenizer: no such file {spec!r}")
     return tok_lib.load_sentencepiece(spec)
   out_dir = os.path.join(workdir, "tokenizer")
+  saved = os.path.join(out_dir, "tokenizer.model")
+  if os.path.isfile(saved) and _has_checkpoints(workdir):
+    # A run's tokenizer is part of the run: resuming or sampling it must never retrain it (a
+    # changed corpus or recipe would silently renumber the tokens its weights were trained on).
+    return tok_lib.load_sentencepiece(saved)
   if jax.process_count() > 1:
     # Process 0 trains (or finds) the cached model; the others load it after a barrier.
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -234,6 +246,11 @@ def build_tokenizer(config, workdir: str):
     multihost_utils.sync_global_devices("monoformer_tokenizer")
   return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
                                      out_dir)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
 def class_names(config):
