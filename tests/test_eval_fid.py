@@ -98,7 +98,7 @@ def test_fid_suite_end_to_end_matches_pytorch_fid(tmp_path):
   assert report["config"]["reference"] == str(tmp_path / "reference.npz")
   # Features agree to ~1e-5 (tests/test_inception.py); FID and IS inherit about that relatively.
   assert want_fid > 0.1 and abs(got["fid"] - want_fid) <= 1e-4 * want_fid, (got["fid"], want_fid)
-  assert want_is > 1.5, want_is
+  assert want_is > 1.2, want_is  # random weights: far from the trivial 1 (measured 1.46-1.9)
   assert got["inception_score"] == pytest.approx(want_is, rel=1e-3)
   assert got["inception_score_std"] == pytest.approx(want_is_std, rel=1e-2, abs=1e-3)
   scalars = tensorboard_scalars(workdir / "eval" / "tensorboard")
