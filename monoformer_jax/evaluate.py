@@ -50,9 +50,8 @@ SUITES = ("mc", "perplexity", "mnist", "fid")
 
 def latest_step(workdir: str) -> int:
   """The newest checkpoint step (0 if none): the TensorBoard step of the eval scalars."""
-  directory = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-  return max(steps, default=0)
+  from monoformer_jax.train.checkpointing import step_dirs  # pylint: disable=import-outside-toplevel
+  return max(step_dirs(workdir), default=0)
 
 
 def _scalars(prefix: str, value, out: dict) -> None:

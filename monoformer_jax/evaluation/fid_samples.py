@@ -51,9 +51,8 @@ def read_manifest(out_dir: str) -> dict | None:
 
 
 def _checkpoint_step(workdir: str) -> int:
-  directory = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-  return max(steps, default=0)
+  from monoformer_jax.train.checkpointing import step_dirs  # pylint: disable=import-outside-toplevel
+  return max(step_dirs(workdir), default=0)
 
 
 # What makes two runs' samples different; num_samples may grow on resume, workdir may move.

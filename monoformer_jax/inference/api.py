@@ -77,13 +77,14 @@ class InferenceModel:
     try:
       config, model_config, params, tok = load_for_inference(workdir, use_ema=use_ema)
     except FileNotFoundError as e:
+      from monoformer_jax.train.checkpointing import step_dirs  # pylint: disable=import-outside-toplevel
       ckpt_dir = os.path.join(workdir, "checkpoints")
-      steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+      steps = step_dirs(workdir)
       if not steps:
         raise
       # The trainer's restore skips steps it cannot read; with steps present that means the
       # stored arrays do not fit the model config.json describes.
-      raise InferenceError(f"no checkpoint in {ckpt_dir} (steps {sorted(steps, key=int)}) fits "
+      raise InferenceError(f"no checkpoint in {ckpt_dir} (steps {steps}) fits "
                            f"the model of {workdir}/config.json: a checkpoint of another model "
                            "shape, or corrupted files (the log above names the arrays)") from e
     except Exception as e:  # pylint: disable=broad-except  # orbax names shapes, not the cause

@@ -26,6 +26,15 @@ TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
 
 
+def step_dirs(workdir: str) -> list[int]:
+  """The steps with a `<step>` folder under WORKDIR/checkpoints, sorted (no orbax, no checks:
+  for "does this run have checkpoints / which is the newest"; restore validates them)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def _warn(message: str) -> None:
   logging.warning(message)
   print(f"WARNING: {message}", flush=True)

@@ -22,9 +22,7 @@ def lm_loss(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Arr
   Returns (loss, number of tokens). A batch with no trained token gives loss 0, as the official
   code does for image-only batches.
   """
-  mask = loss_mask.astype(jnp.float32)
-  count = jnp.sum(mask)
-  total = jnp.sum(token_cross_entropy(logits, targets) * mask)
+  total, count = lm_loss_sum(logits, targets, loss_mask)
   return total / jnp.maximum(count, 1.0), count
 
 

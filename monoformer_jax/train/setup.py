@@ -17,6 +17,7 @@ from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
 from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.train import sharding as sharding_lib
+from monoformer_jax.train.checkpointing import step_dirs
 
 IMAGE_SOURCES = ("mnist", "mnist_latents", "image_folder", "image_text_jsonl", "latents")
 TEXT_SOURCES = ("pydoc", "text_file", "chat_jsonl")
@@ -233,7 +234,7 @@ def build_tokenizer(config, workdir: str):
     return tok_lib.load_sentencepiece(spec)
   out_dir = os.path.join(workdir, "tokenizer")
   saved = os.path.join(out_dir, "tokenizer.model")
-  if os.path.isfile(saved) and _has_checkpoints(workdir):
+  if os.path.isfile(saved) and step_dirs(workdir):
     # A run's tokenizer is part of the run: resuming or sampling it must never retrain it (a
     # changed corpus or recipe would silently renumber the tokens its weights were trained on).
     return tok_lib.load_sentencepiece(saved)
@@ -246,11 +247,6 @@ def build_tokenizer(config, workdir: str):
     multihost_utils.sync_global_devices("monoformer_tokenizer")
   return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
                                      out_dir)
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
 def class_names(config):
