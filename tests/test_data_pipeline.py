@@ -152,8 +152,12 @@ def test_image_batches_padded_format(tok):
   batches = _drain(it)
   assert len(batches) == 3 and batches[-1]["image_mask"].sum() == 2  # last batch padded
   longest = seq.max_class_prompt_tokens(tok, IdImages.class_names)
-  assert batches[0]["tokens"].shape == (5, seq.image_seq_len(longest, 4, True, tok))
+  # Untrained image text: each row ends with its image (no <|im_end|>\n</s> tail).
+  assert batches[0]["tokens"].shape == (5, seq.image_seq_len(longest, 4, True, tok, tail=False))
   b = batches[0]
+  n_valid = (b["segment_ids"] > 0).sum(axis=1)
+  np.testing.assert_array_equal(b["kinds"][np.arange(5), n_valid - 1], 1)  # last token: image
+  assert not np.isin(b["tokens"], [tok.im_end_id, tok.eos_id]).any()
   for r in range(5):
     i = _image_ids({k: v[r:r + 1] for k, v in b.items()})[0]
     assert b["labels"][r, 0] == i % 3
@@ -162,6 +166,19 @@ def test_image_batches_padded_format(tok):
     assert set(b["segment_ids"][r]) <= {0, 1} and b["loss_mask"][r].sum() == 0
   np.testing.assert_allclose(b["images"][0, 0], b["images"][0, 0, 0, 0, 0])  # [-1, 1] scaling
   assert b["images"].min() >= -1 and b["images"].max() <= 1
+
+
+def test_trained_image_text_keeps_the_official_tail(tok):
+  it = pipeline.make_image_iterator(IdImages(6), tok, batch_size=3, patch_size=2, t_token=False,
+                                    text_dropout=0.0, train_text=True, num_epochs=1,
+                                    shard_index=0, shard_count=1)
+  b = next(it)
+  longest = seq.max_class_prompt_tokens(tok, IdImages.class_names)
+  assert b["tokens"].shape == (3, seq.image_seq_len(longest, 4, False, tok, tail=True))
+  for r in range(3):
+    n = int((b["segment_ids"][r] > 0).sum())
+    assert b["tokens"][r, n - 3:n].tolist() == [tok.im_end_id, *tok.newline_ids, tok.eos_id]
+    assert b["loss_mask"][r].sum() > 0
 
 
 def test_cfg_dropout_uses_null_label_and_empty_prompt(tok):

@@ -74,6 +74,18 @@ def test_later_text_never_changes_earlier_outputs(setup):
   assert np.abs(run(config, params, changed)["image"] - base["image"]).max() > 1e-5
 
 
+def test_a_row_without_the_text_tail_gives_the_same_image_output(setup):
+  # What lets the data pipeline end untrained image rows with the image (sequences.image_sample).
+  config, params = setup
+  rng = np.random.default_rng()
+  sample = image_sample(config, rng, int(rng.integers(2, 7)), tail_len=3)
+  full = build(config, [[sample]], 32)
+  short = build(config, [[sample[:2]]], 32)
+  assert (short["segment_ids"] > 0).sum() == (full["segment_ids"] > 0).sum() - 3
+  np.testing.assert_allclose(run_rows(config, params, short)["image"],
+                             run_rows(config, params, full)["image"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_image_tokens_see_each_other(bidirectional):
   config = tiny_config(bidirectional_image=bidirectional)

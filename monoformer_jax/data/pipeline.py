@@ -245,9 +245,11 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
 
   The prompt is the record's "prompt" (prefixed by `prompt_prefix`, cut to `max_prompt_tokens`) or
   its class name ("class_name", else `class_names[label]`) in a random template. With probability
-  `text_dropout` the prompt is dropped and the label set to `null_label` (CFG). `seq_len` defaults
-  to the smallest length that holds one sample (exact for class prompts). With packing, up to
-  `images_per_row` samples share a row of `seq_len` tokens.
+  `text_dropout` the prompt is dropped and the label set to `null_label` (CFG). Unless
+  `train_text`, a sample ends with its image: the official `<|im_end|>\\n</s>` after it would carry
+  no target and nothing attends to it (sequences.image_sample). `seq_len` defaults to the smallest
+  length that holds one sample (exact for class prompts). With packing, up to `images_per_row`
+  samples share a row of `seq_len` tokens.
   """
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
@@ -272,7 +274,8 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
     if has_prompt or names is None:
       raise ValueError("max_prompt_tokens is needed for free-text prompts")
     max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
-  one = seq.image_seq_len(max_prompt_tokens, num_patches, t_token, tok)
+  # Untrained image text: the row ends with the image (sequences.image_sample: exact).
+  one = seq.image_seq_len(max_prompt_tokens, num_patches, t_token, tok, tail=train_text)
   seq_len = seq_len or one * (images_per_row if packing else 1)
   if seq_len < one:
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
@@ -293,7 +296,8 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
     ids = tok.encode(prompt)[:max_prompt_tokens]
     if rng.random() < text_dropout:
       ids, label = [], null_label
-    return {"pieces": seq.image_sample(tok, ids, image, label, train_text), "num_images": 1}
+    return {"pieces": seq.image_sample(tok, ids, image, label, train_text, tail=train_text),
+            "num_images": 1}
 
   ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                       shard_index=shard_index, shard_count=shard_count, block=batch_size)

@@ -34,11 +34,18 @@ def class_prompt(class_name: str, rng: np.random.Generator,
 
 
 def image_sample(tok: Tokenizer, prompt_ids: Sequence[int], image: np.ndarray, label: int,
-                 train_text: bool = False) -> list:
-  """`<s>{prompt}<|im_start|>` [image] `<|im_end|>\\n</s>`; an empty prompt is the CFG-dropout form."""
+                 train_text: bool = False, tail: bool = True) -> list:
+  """`<s>{prompt}<|im_start|>` [image] `<|im_end|>\\n</s>`; an empty prompt is the CFG-dropout form.
+
+  tail=False leaves out `<|im_end|>\\n</s>`. With untrained text that changes no loss: the tail
+  carries no LM target and nothing before it attends to it (the mask is causal towards later
+  text), so a pure image row is 3 tokens shorter at no cost in exactness.
+  """
   head = [tok.bos_id, *prompt_ids, tok.im_start_id]
-  tail = [tok.im_end_id, *tok.newline_ids, tok.eos_id]
-  return [("text", head, train_text), ("image", image, label), ("text", tail, train_text)]
+  pieces = [("text", head, train_text), ("image", image, label)]
+  if tail:
+    pieces.append(("text", [tok.im_end_id, *tok.newline_ids, tok.eos_id], train_text))
+  return pieces
 
 
 def sampling_prefix(tok: Tokenizer, prompt: str | None) -> list[int]:
@@ -93,9 +100,10 @@ def sample_length(pieces, num_patches: int, t_token: bool) -> int:
 
 
 def image_seq_len(max_prompt_tokens: int, num_patches: int, t_token: bool,
-                  tok: Tokenizer) -> int:
+                  tok: Tokenizer, tail: bool = True) -> int:
   """Smallest static row length holding one image sample with a prompt of max_prompt_tokens."""
-  return (1 + max_prompt_tokens + 1 + int(t_token) + num_patches + 1 + len(tok.newline_ids) + 1)
+  return (1 + max_prompt_tokens + 1 + int(t_token) + num_patches
+          + ((1 + len(tok.newline_ids) + 1) if tail else 0))
 
 
 def max_class_prompt_tokens(tok: Tokenizer, class_names: Sequence[str],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 
 import jax
@@ -191,14 +190,6 @@ def flops_for(model_config: ModelConfig, kind: str, batch_size: int, seq_len: in
   image_tokens = model_config.num_patches * image_slots if kind != "ar" else 0
   return train_flops_per_step(model_config, batch_size, seq_len, image_tokens,
                               lm_head=(kind != "diffusion"))
-
-
-def image_seq_len(config, model_config: ModelConfig, prompt_tokens: int) -> int:
-  """Smallest static length that fits <s> prompt <|im_start|> [t] image <|im_end|> \\n </s>."""
-  if config.data.image_seq_len:
-    return int(config.data.image_seq_len)
-  n = 1 + prompt_tokens + 1 + int(model_config.has_t_token) + model_config.num_patches + 3
-  return int(math.ceil(n / 8) * 8)
 
 
 def tokenizer_corpus(config) -> list[str]:
