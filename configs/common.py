@@ -41,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM).
   c.loss = ml_collections.ConfigDict(dict(diffusion_weight=1.0, lm_weight=0.01))
-  # Which step runs when: weights of 'diffusion', 'ar' and 'mixed' steps.
-  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0))
+  # Which step runs when: weights of 'diffusion', 'ar' and 'mixed' steps; text_warmup_steps AR
+  # steps first (train/scheduler.py).
+  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0,
+                                              text_warmup_steps=0))
 
   c.data = ml_collections.ConfigDict(dict(
       image_source="mnist",          # mnist | image_folder | latents (ArrayRecord) | image_text_jsonl

@@ -95,7 +95,7 @@ def _tb_events(workdir):
 STEPS = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4",
          "--config.log_every_steps=3", "--config.keep_checkpoints=2"]
 _SCHEDULE = StepScheduler({"diffusion": 5, "ar": 1})  # the test config's
-KINDS = [_SCHEDULE.next() for _ in range(12)]
+KINDS = [_SCHEDULE.next(i) for i in range(12)]
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +350,20 @@ def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("kind,sampler", [("flow", "ddpm"), ("gaussian", "heun")])
-def test_sampler_must_match_the_objective(kind, sampler):
-  # In-process (no compile): the sampler only runs after training, so this must fail up front.
+def _mnist_tiny_test_config():
   import importlib.util  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location(
       "mnist_tiny", os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("test")
+  return module.get_config("test")
+
+
+@pytest.mark.parametrize("kind,sampler", [("flow", "ddpm"), ("gaussian", "heun")])
+def test_sampler_must_match_the_objective(kind, sampler):
+  # In-process (no compile): the sampler only runs after training, so this must fail up front.
+  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
+  config = _mnist_tiny_test_config()
   validate_config(config)  # the default pairing passes
   config.objective.kind, config.sampling.sampler = kind, sampler
   with pytest.raises(ConfigError, match=f"config.sampling.sampler: '{sampler}' does not sample"):
@@ -368,17 +372,40 @@ def test_sampler_must_match_the_objective(kind, sampler):
 
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
-  kinds = [s.next() for _ in range(100)]
+  kinds = [s.next(i) for i in range(100)]
   assert kinds.count("ar") == 10 and kinds.count("diffusion") == 90
   # Evenly spread: never two AR steps within 9 steps of each other.
   idx = [i for i, k in enumerate(kinds) if k == "ar"]
   assert min(np.diff(idx)) == 10
   s2 = StepScheduler({"diffusion": 9, "ar": 1})
-  for _ in range(37):
-    s2.next()
+  for i in range(37):
+    s2.next(i)
   state = json.loads(json.dumps(s2.get_state()))
   s3 = StepScheduler({"diffusion": 9, "ar": 1})
   s3.set_state(state)
-  assert [s2.next() for _ in range(30)] == [s3.next() for _ in range(30)]
+  assert [s2.next(i) for i in range(37, 67)] == [s3.next(i) for i in range(37, 67)]
   with pytest.raises(ValueError, match="positive weight"):
     StepScheduler({"diffusion": 0, "ar": 0})
+
+
+def test_text_warmup_runs_ar_first_then_the_round_robin():
+  n = int(np.random.default_rng().integers(3, 30))
+  warm = StepScheduler({"diffusion": 9, "ar": 1}, text_warmup_steps=n)
+  plain = StepScheduler({"diffusion": 9, "ar": 1})
+  kinds = [warm.next(i) for i in range(n + 50)]
+  assert kinds[:n] == ["ar"] * n
+  assert kinds[n:] == [plain.next(i) for i in range(50)]
+  # Resumed inside the warm-up, the run continues it (the step decides, not the credits).
+  again = StepScheduler({"diffusion": 9, "ar": 1}, text_warmup_steps=n)
+  again.set_state(json.loads(json.dumps(StepScheduler({"diffusion": 9, "ar": 1}).get_state())))
+  assert [again.next(i) for i in range(n - 2, n + 50)] == kinds[n - 2:]
+  with pytest.raises(ValueError, match="text_warmup_steps"):
+    StepScheduler({"diffusion": 1}, text_warmup_steps=5)
+  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
+  config = _mnist_tiny_test_config()
+  config.schedule.text_warmup_steps = 10
+  validate_config(config)
+  config.schedule.text_warmup_steps = 10
+  config.schedule.ar = 0.0
+  with pytest.raises(ConfigError, match="schedule.text_warmup_steps"):
+    validate_config(config)

@@ -49,6 +49,10 @@ def validate_config(config) -> None:
   weights = {k: config.schedule[k] for k in ("diffusion", "ar", "mixed")}
   if any(v < 0 for v in weights.values()) or not any(v > 0 for v in weights.values()):
     _fail("schedule", f"weights must be >= 0 with at least one > 0, got {weights}")
+  warmup = config.schedule.text_warmup_steps
+  if not isinstance(warmup, int) or warmup < 0 or (warmup and not weights["ar"]):
+    _fail("schedule.text_warmup_steps", f"must be an integer >= 0 and needs schedule.ar > 0 "
+          f"(it runs AR steps), got {warmup!r} with schedule.ar={weights['ar']}")
   if weights["diffusion"] or weights["mixed"]:
     _check_batch(config, "data.image_batch_size", dp, accum)
     if config.data.image_source not in IMAGE_SOURCES:

@@ -85,7 +85,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   optimizer = state_lib.make_optimizer(config.optimizer)
   lr_fn = state_lib.learning_rate_schedule(config.optimizer)
   data = setup_lib.build_data(config, model_config, tokenizer)
-  scheduler = StepScheduler({k: config.schedule[k] for k in steps_lib.STEP_KINDS})
+  scheduler = StepScheduler({k: config.schedule[k] for k in steps_lib.STEP_KINDS},
+                            config.schedule.text_warmup_steps)
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -152,7 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   with _Preemption() as preempt:
     while step < config.num_train_steps:
-      kind = scheduler.next()
+      kind = scheduler.next(step)
       batch = data[kind].next_global(mesh)
       if not compile_note.get(kind):
         t0 = time.perf_counter()
