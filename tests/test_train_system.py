@@ -351,12 +351,8 @@ def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
 
 
 def _mnist_tiny_test_config():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(
-      "mnist_tiny", os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("test")
+  from configs.mnist_tiny import get_config  # pylint: disable=import-outside-toplevel
+  return get_config("test")
 
 
 @pytest.mark.parametrize("kind,sampler", [("flow", "ddpm"), ("gaussian", "heun")])
@@ -405,7 +401,6 @@ def test_text_warmup_runs_ar_first_then_the_round_robin():
   config = _mnist_tiny_test_config()
   config.schedule.text_warmup_steps = 10
   validate_config(config)
-  config.schedule.text_warmup_steps = 10
   config.schedule.ar = 0.0
   with pytest.raises(ConfigError, match="schedule.text_warmup_steps"):
     validate_config(config)

@@ -17,6 +17,7 @@ from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.train import sharding as sharding_lib
 from monoformer_jax.train.checkpointing import step_dirs
+from monoformer_jax.train.scheduler import StepScheduler
 
 IMAGE_SOURCES = ("mnist", "mnist_latents", "image_folder", "image_text_jsonl", "latents")
 TEXT_SOURCES = ("pydoc", "text_file", "chat_jsonl")
@@ -50,9 +51,12 @@ def validate_config(config) -> None:
   if any(v < 0 for v in weights.values()) or not any(v > 0 for v in weights.values()):
     _fail("schedule", f"weights must be >= 0 with at least one > 0, got {weights}")
   warmup = config.schedule.text_warmup_steps
-  if not isinstance(warmup, int) or warmup < 0 or (warmup and not weights["ar"]):
-    _fail("schedule.text_warmup_steps", f"must be an integer >= 0 and needs schedule.ar > 0 "
-          f"(it runs AR steps), got {warmup!r} with schedule.ar={weights['ar']}")
+  if not isinstance(warmup, int):
+    _fail("schedule.text_warmup_steps", f"must be an integer, got {warmup!r}")
+  try:  # the scheduler's own checks (a warm-up needs AR steps), under the config's name
+    StepScheduler(weights, warmup)
+  except ValueError as e:
+    _fail("schedule.text_warmup_steps", str(e))
   if weights["diffusion"] or weights["mixed"]:
     _check_batch(config, "data.image_batch_size", dp, accum)
     if config.data.image_source not in IMAGE_SOURCES:
