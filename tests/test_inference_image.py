@@ -169,7 +169,8 @@ def _image_trigger(params, trigger: int, gain: float = 6.0, peak: float = 20.0):
   residual stream at that unit, so after the final norm its sign says whether the token fed
   was `trigger`. The LM head reads unit 0 as +w for <|im_start|> and -w for every other token:
   a shift shared by all of them, so their order is that of the rest of the head (scaled by
-  `peak` so that greedy choices have no near-ties).
+  `peak` so that greedy choices have no near-ties). Tokens 0, 1 and <|im_end|> get no shift, so
+  they are never chosen: some random models otherwise write only token 0, leaving no trigger.
   """
   p = jax.tree.map(np.array, params)
   emb, head = p["embed_tokens"]["embedding"], p["lm_head"]["kernel"]
@@ -181,6 +182,7 @@ def _image_trigger(params, trigger: int, gain: float = 6.0, peak: float = 20.0):
   head[0, :] = -w
   head[:, IMS] = 0.0
   head[0, IMS] = w
+  head[0, [0, 1, IME]] = 0.0
   p["norm"]["scale"][0] = 1.0
   return p
 
