@@ -252,8 +252,8 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch)
     ours = np.asarray(state["cache"]["meta"]["segment_ids"][r]) > 0
     assert ours.sum() == (seg[r] > 0).sum() == len(prompt) + m - 1 + span
     for name in ("k", "v"):
-      want = np.asarray(full_cache["layers"][name][:, r])[:, seg[r] > 0]
-      got = np.asarray(state["cache"]["layers"][name][:, r])[:, ours]
+      want = np.asarray(full_cache["layers"][name][:, r])[:, :, seg[r] > 0]  # (L, KVH, S, D)
+      got = np.asarray(state["cache"]["layers"][name][:, r])[:, :, ours]
       np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(
         np.asarray(state["cache"]["meta"]["image_id"][r])[ours],

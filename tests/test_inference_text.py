@@ -147,4 +147,4 @@ def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny):
   assert generate_tokens(placed, config, prompts, max_new_tokens=5, mesh=mesh,
                          rules=rules) == want
   kv = cache_shardings(config, 4, 16, mesh, rules)["layers"]["k"]
-  assert kv.spec[1] == ("data", "fsdp") and kv.spec[3] == "tensor"
+  assert kv.spec[1] == ("data", "fsdp") and kv.spec[2] == "tensor"

@@ -8,29 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from monoformer_jax.inference.cache import init_cache as empty_cache
 from monoformer_jax.model import inputs as inputs_lib
 from monoformer_jax.model.monoformer import MonoFormer
 from tests.helpers import build, random_params, tiny_config
-
-
-def empty_cache(config, batch, size):
-  layers = {"k": jnp.zeros((config.num_layers, batch, size, config.num_kv_heads,
-                            config.dim_per_head)),
-            "v": jnp.zeros((config.num_layers, batch, size, config.num_kv_heads,
-                            config.dim_per_head))}
-  meta = {"segment_ids": jnp.zeros((batch, size), jnp.int32),
-          "image_id": jnp.full((batch, size), -1, jnp.int32)}
-  return {"layers": layers, "meta": meta}
 
 
 def _slice(batch, lo, hi):
   return {k: (v[:, lo:hi] if k in inputs_lib.SEQUENCE_KEYS else v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_decode_with_cache_equals_full_recompute(scan):
+# Unrolled layers write their slice of the stacked cache in place; scanned ones get per-layer
+# slices; a rematerialised layer gets its layer index as a traced value.
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full")])
+def test_decode_with_cache_equals_full_recompute(scan, remat):
   from monoformer_jax.convert.monoformer_weights import stack_layers
-  config = tiny_config(scan_layers=scan)
+  config = tiny_config(scan_layers=scan, remat=remat)
   params = random_params(tiny_config(), seed=4)
   if scan:
     params = stack_layers(params, config.num_layers)

@@ -2,7 +2,7 @@
 
 Layout (what `MonoFormer.apply(..., cache=..., cache_index=...)` reads and writes):
 
-    {'layers': {'k': (num_layers, B, S, KVH, D), 'v': same},
+    {'layers': {'k': (num_layers, B, KVH, S, D), 'v': same},
      'meta':   {'segment_ids': (B, S), 'image_id': (B, S)}}
 
 A slot with segment id 0 is empty (or padding) and invisible to every query, so one buffer of a
@@ -22,7 +22,7 @@ from monoformer_jax.model.config import ModelConfig
 
 # Logical axes of the cache leaves; the config's rules map them to mesh axes (the batch over
 # data x fsdp, the key/value heads over tensor, like the activations that fill them).
-KV_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
+KV_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_length", None)
 META_AXES = ("activation_batch", "activation_length")
 
 
@@ -49,7 +49,7 @@ def cache_shardings(config: ModelConfig, batch: int, size: int, mesh: Mesh, rule
 def init_cache(config: ModelConfig, batch: int, size: int, dtype: Optional[str] = None) -> dict:
   """An empty cache: every slot invisible (segment 0), image_id -1."""
   dtype = jnp.dtype(dtype or config.dtype)
-  kv_shape = (config.num_layers, batch, size, config.num_kv_heads, config.dim_per_head)
+  kv_shape = (config.num_layers, batch, config.num_kv_heads, size, config.dim_per_head)
   return {"layers": {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype)},
           "meta": {"segment_ids": jnp.zeros((batch, size), jnp.int32),
                    "image_id": jnp.full((batch, size), -1, jnp.int32)}}

@@ -113,7 +113,7 @@ def grow_cache(state: dict, *, size: int) -> dict:
   extra = size - cache["meta"]["segment_ids"].shape[1]
   if extra < 0:
     raise ValueError(f"cannot shrink a cache of {size + (-extra)} slots to {size}")
-  pad_kv = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+  pad_kv = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
   grown = {"layers": {k: pad_kv(v) for k, v in cache["layers"].items()},
            "meta": {"segment_ids": jnp.pad(cache["meta"]["segment_ids"], ((0, 0), (0, extra))),
                     "image_id": jnp.pad(cache["meta"]["image_id"], ((0, 0), (0, extra)),

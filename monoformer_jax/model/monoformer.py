@@ -72,17 +72,15 @@ class MonoFormer(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_caches = stack(cfg, name="layers")(x, layer_caches, mask, cos, sin, cache_index)
       return x, new_caches
-    new_caches = []
+    # Unrolled layers pass the stacked cache along and each writes its own slice in place
+    # (slicing layers out and stacking them back would copy the whole cache per decode step).
     for i in range(cfg.num_layers):
       if i == 0:
         self.sow("intermediates", "layer0_input", x)
-      layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-      x, c = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, mask, cos, sin, cache_index)
+      x, layer_caches = layer_cls(cfg, name=f"layers_{i}")(
+          x, layer_caches, mask, cos, sin, cache_index, None if layer_caches is None else i)
       self.sow("intermediates", f"layer{i}_output", x)
-      new_caches.append(c)
-    if layer_caches is None:
-      return x, None
-    return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches)
+    return x, layer_caches
 
   @nn.compact
   def __call__(self, batch: dict, images: Optional[Array] = None,
