@@ -70,7 +70,8 @@ def test_cached_prefix_image_tokens_equal_the_full_sequence(t_embed):
     np.testing.assert_allclose(out["image"], full, atol=1e-5 * max(1.0, float(jnp.abs(full).max())))
 
 
-def test_the_decode_loop_writes_the_cache_in_place():
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_decode_loop_writes_the_cache_in_place(scan):
   """The compiled decode loop neither copies, transposes nor restacks the key/value cache.
 
   Per token it should only read each layer's slots and write one slot per layer: a copy of the
@@ -79,8 +80,11 @@ def test_the_decode_loop_writes_the_cache_in_place():
   import re
   from monoformer_jax.inference import decode
   from monoformer_jax.inference.tokens import TokenSampling
-  config = tiny_config(num_layers=3)  # cache (3, 5, 2, 48, 8): every dim distinct
-  params = random_params(config)
+  config = tiny_config(num_layers=3, scan_layers=scan)  # cache (3, 5, 2, 48, 8): dims distinct
+  params = random_params(tiny_config(num_layers=3))
+  if scan:
+    from monoformer_jax.convert.monoformer_weights import stack_layers
+    params = stack_layers(params, config.num_layers)
   b, p, size = 5, 7, 48
   ids = jnp.asarray(np.random.default_rng().integers(3, 90, (b, p)), jnp.int32)
   state = decode.prefill(params, ids, jnp.full((b,), p, jnp.int32), jnp.arange(b), config=config,

@@ -180,13 +180,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm LLaMA block. Signature fits nn.scan: (carry, per-layer cache) -> (carry, cache);
-  with `cache_layer` the cache is every layer's, stacked (see Attention)."""
+  """Pre-norm LLaMA block: (x, cache) -> (x, cache), with `cache_layer` the cache is every layer's,
+  stacked (see Attention). Under nn.scan with a cache the carry is (x, stacked cache, layer index)
+  and the block returns ((x, cache, index + 1), None)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, kv_cache, mask: Array, cos: Array, sin: Array, cache_index,
                cache_layer=None):
+    if isinstance(x, tuple):  # scanned over layers with the stacked cache in the carry
+      x, stacked, layer = x
+      x, stacked = self.block(x, stacked, mask, cos, sin, cache_index, layer)
+      return (x, stacked, layer + 1), None
+    return self.block(x, kv_cache, mask, cos, sin, cache_index, cache_layer)
+
+  def block(self, x, kv_cache, mask, cos, sin, cache_index, cache_layer):
     cfg = self.config
     dtype = cfg.compute_dtype
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))

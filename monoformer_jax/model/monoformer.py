@@ -67,11 +67,16 @@ class MonoFormer(nn.Module):
                            policy=_REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast if layer_caches is None else 0, nn.broadcast,
-                               nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_caches = stack(cfg, name="layers")(x, layer_caches, mask, cos, sin, cache_index)
-      return x, new_caches
+                      in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      if layer_caches is None:
+        x, _ = stack(cfg, name="layers")(x, None, mask, cos, sin, cache_index)
+        return x, None
+      # The stacked cache and the layer index ride in the carry, so each layer writes its slice
+      # in place (as scan inputs/outputs the cache would be sliced and restacked every step).
+      (x, layer_caches, _), _ = stack(cfg, name="layers")(
+          (x, layer_caches, jnp.zeros((), jnp.int32)), None, mask, cos, sin, cache_index)
+      return x, layer_caches
     # Unrolled layers pass the stacked cache along and each writes its own slice in place
     # (slicing layers out and stacking them back would copy the whole cache per decode step).
     for i in range(cfg.num_layers):
