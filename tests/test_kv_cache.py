@@ -18,8 +18,8 @@ def _slice(batch, lo, hi):
   return {k: (v[:, lo:hi] if k in inputs_lib.SEQUENCE_KEYS else v) for k, v in batch.items()}
 
 
-# Unrolled layers write their slice of the stacked cache in place; scanned ones get per-layer
-# slices; a rematerialised layer gets its layer index as a traced value.
+# Every layer writes its slice of the stacked cache in place: unrolled layers get their index as
+# a constant, scanned ones through the carry, rematerialised ones as a traced value.
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full")])
 def test_decode_with_cache_equals_full_recompute(scan, remat):
   from monoformer_jax.convert.monoformer_weights import stack_layers

@@ -90,12 +90,8 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def _write_cache(kv_cache: dict, k: Array, v: Array, index, layer):
-  """Writes (B, KVH, L, D) keys/values at slot `index`; returns this layer's buffers and the cache."""
-  if layer is None:
-    put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-        buf, new.astype(buf.dtype), index, axis=2)
-    new_cache = {"k": put(kv_cache["k"], k), "v": put(kv_cache["v"], v)}
-    return new_cache["k"], new_cache["v"], new_cache
+  """Writes (B, KVH, L, D) keys/values into layer `layer` of the stacked cache at slot `index`;
+  returns this layer's (B, KVH, S, D) buffers and the updated cache."""
   zero = jnp.zeros((), jnp.int32)
   at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
   put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype)[None], at)  # noqa: E731
@@ -108,11 +104,11 @@ class Attention(nn.Module):
   """Grouped-query attention over an explicit boolean mask.
 
   With `kv_cache`, the new keys/values are written into the cache buffer at `cache_index` and the
-  queries attend over the whole buffer (the mask says which buffer slots are visible). The buffer
-  is (B, KVH, S, D), the layout the attention matmuls read, so no step transposes it. With
-  `cache_layer`, `kv_cache` holds every layer's buffer stacked, (L, B, KVH, S, D), and this layer
-  writes its slice in place and reads it: slicing one layer out and stacking them back would copy
-  the whole cache at every decode step (~3x the per-token time at 1,024 slots on a CPU).
+  queries attend over the whole buffer (the mask says which buffer slots are visible).
+  `kv_cache` holds every layer's buffer stacked, (L, B, KVH, S, D): layer `cache_layer` writes
+  its slice in place and reads it as (B, KVH, S, D), the layout the attention matmuls take, so no
+  step transposes it. Slicing one layer out and stacking them back would copy the whole cache
+  at every decode step (~3x the per-token time at 1,024 slots on a CPU).
   """
   config: ModelConfig
 
@@ -139,6 +135,8 @@ class Attention(nn.Module):
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KVH, L, D)
     new_cache = None
     if kv_cache is not None:
+      if cache_layer is None:
+        raise ValueError("a kv_cache needs cache_layer: the cache holds every layer, stacked")
       kh, vh, new_cache = _write_cache(kv_cache, kh, vh, cache_index, cache_layer)
       kh, vh = kh.astype(dtype), vh.astype(dtype)
 
@@ -180,9 +178,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm LLaMA block: (x, cache) -> (x, cache), with `cache_layer` the cache is every layer's,
-  stacked (see Attention). Under nn.scan with a cache the carry is (x, stacked cache, layer index)
-  and the block returns ((x, cache, index + 1), None)."""
+  """Pre-norm LLaMA block: (x, cache) -> (x, cache), the cache every layer's, stacked, and
+  `cache_layer` this layer's index in it (see Attention). Under nn.scan with a cache the carry is
+  (x, stacked cache, layer index) and the block returns ((x, cache, index + 1), None)."""
   config: ModelConfig
 
   @nn.compact
