@@ -25,8 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="bfloat16", remat="none", scan_layers=False))
 
   # The official objective: IDDPM Gaussian diffusion, 1000 linear-beta steps, eps + learned sigma.
+  # min_snr_gamma > 0 weights the Gaussian mse by Min-SNR-gamma (not official; diffusion/losses.py).
   c.objective = ml_collections.ConfigDict(dict(
-      kind="gaussian", num_timesteps=1000, beta_schedule="linear"))
+      kind="gaussian", num_timesteps=1000, beta_schedule="linear", min_snr_gamma=0.0))
 
   # Defaults of `python -m monoformer_jax.sample` and of the periodic samples.
   c.sampling = ml_collections.ConfigDict(dict(

@@ -179,3 +179,55 @@ def test_predict_xstart_objective_targets_x0():
   assert set(terms) == {"loss", "mse"} and np.all(np.asarray(terms["loss"]) == 0)
   pred = dif.p_mean_variance(chain, x0, x_t, t)
   np.testing.assert_allclose(np.asarray(pred.eps), np.asarray(noise), rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("predict_xstart", [False, True])
+def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(predict_xstart):
+  """Min-SNR-gamma: the weighted mse of step t is min(SNR_t, gamma) x |x0 - x0_pred|^2.
+
+  SNR from float64 linear betas here; the x_0 error from the eps prediction through the
+  chain's own inversion. The vb term (variance channels) is left as it was.
+  """
+  gamma = 5.0
+  chain = dif.create_gaussian_diffusion(learn_sigma=True, predict_xstart=predict_xstart)
+  ac = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+  t = jnp.array([0, 3, 40, 150, 400, 999])  # SNR from ~1e4 down to ~4e-5: both sides of gamma
+  snr = ac[np.asarray(t)] / (1.0 - ac[np.asarray(t)])
+  assert (snr > gamma).any() and (snr < gamma).any()
+  x0, noise = _rand(16, (6, 4, 4, 2), 0.5), _rand(17, (6, 4, 4, 2))
+  x_t = dif.q_sample(chain, x0, t, noise)
+  out = jnp.concatenate([_rand(18, x0.shape), jax.random.uniform(jax.random.PRNGKey(19),
+                                                                   x0.shape, minval=-1.0)], -1)
+  plain = dif.training_losses(chain, out, x0, x_t, noise, t)
+  weighted = dif.training_losses(chain, out, x0, x_t, noise, t, min_snr_gamma=gamma)
+  x0_pred = out[..., :2] if predict_xstart else dif.predict_xstart_from_eps(chain, x_t, t,
+                                                                             out[..., :2])
+  x0_mse = np.mean((np.asarray(x0_pred, np.float64) - np.asarray(x0)) ** 2, (1, 2, 3))
+  np.testing.assert_allclose(np.asarray(weighted["loss"] - weighted["vb"]),
+                             np.minimum(snr, gamma) * x0_mse, rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(dif.min_snr_weight(chain, t, gamma)),
+                             np.minimum(snr, gamma) / (1.0 if predict_xstart else snr), rtol=1e-4)
+  for k in ("mse", "vb"):  # the reported terms stay the official, unweighted ones
+    np.testing.assert_array_equal(np.asarray(weighted[k]), np.asarray(plain[k]))
+  g = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t,
+                                                     min_snr_gamma=gamma)["loss"]))(out)
+  g_plain = jax.grad(lambda o: jnp.sum(plain_loss(chain, o, x0, x_t, noise, t)))(out)
+  np.testing.assert_allclose(np.asarray(g[..., 2:]), np.asarray(g_plain[..., 2:]), rtol=1e-6)
+
+
+def plain_loss(chain, out, x0, x_t, noise, t):
+  return dif.training_losses(chain, out, x0, x_t, noise, t)["loss"]
+
+
+def test_min_snr_objective_option():
+  obj = dif.make_objective("gaussian", min_snr_gamma=5.0)
+  assert obj.min_snr_gamma == 5.0 and dif.make_objective("gaussian").min_snr_gamma == 0.0
+  x0, noise = _rand(20, (3, 4, 1), 0.5), _rand(21, (3, 4, 1))
+  t = jnp.array([5, 200, 900])
+  x_t = obj.add_noise(x0, noise, t)
+  out = _rand(22, (3, 4, 2))
+  np.testing.assert_allclose(
+      np.asarray(obj.loss(out, x0, x_t, noise, t)["loss"]),
+      np.asarray(dif.training_losses(obj.diffusion, out, x0, x_t, noise, t, 5.0)["loss"]))
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    dif.make_objective("gaussian", min_snr_gamma=-1.0)

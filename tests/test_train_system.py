@@ -366,6 +366,21 @@ def test_sampler_must_match_the_objective(kind, sampler):
     validate_config(config)
 
 
+@pytest.mark.parametrize("kind,gamma", [("gaussian", -1.0), ("flow", 5.0)])
+def test_min_snr_gamma_is_checked_up_front(kind, gamma):
+  from monoformer_jax.train.setup import (ConfigError, build_objective,  # pylint: disable=import-outside-toplevel
+                                          validate_config)
+  config = _mnist_tiny_test_config()
+  config.objective.min_snr_gamma = 5.0
+  validate_config(config)
+  assert build_objective(config).min_snr_gamma == 5.0
+  config.objective.kind, config.objective.min_snr_gamma = kind, gamma
+  if kind == "flow":
+    config.sampling.sampler = "euler"
+  with pytest.raises(ConfigError, match="config.objective.min_snr_gamma: must be >= 0"):
+    validate_config(config)
+
+
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
   kinds = [s.next(i) for i in range(100)]

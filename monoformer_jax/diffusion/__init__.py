@@ -13,8 +13,8 @@ from monoformer_jax.diffusion.gaussian import (GaussianDiffusion, ModelPredictio
                                                respaced_float64)
 from monoformer_jax.diffusion.guidance import (CFG_MODES, cfg_denoise_fn, forward_with_cfg,
                                                guided_denoise_fn, guided_output)
-from monoformer_jax.diffusion.losses import (discretized_gaussian_log_likelihood, normal_kl,
-                                             training_losses, vb_terms_bpd)
+from monoformer_jax.diffusion.losses import (discretized_gaussian_log_likelihood, min_snr_weight,
+                                             normal_kl, training_losses, vb_terms_bpd)
 from monoformer_jax.diffusion.noise import per_sample_noise_fn, sample_noise, step_noise
 from monoformer_jax.diffusion.objective import (OBJECTIVE_KINDS, FlowObjective,
                                                 GaussianObjective, make_objective)
@@ -29,7 +29,8 @@ __all__ = [
     "cosine_betas", "create_gaussian_diffusion", "ddim_reverse_loop", "ddim_sample_loop",
     "ddim_step", "ddpm_sample_loop", "ddpm_step", "discretized_gaussian_log_likelihood",
     "float64_tables", "flow_add_noise", "flow_loss", "flow_sample_loop", "forward_with_cfg",
-    "guided_denoise_fn", "guided_output", "linear_betas", "make_objective", "model_timesteps",
+    "guided_denoise_fn", "guided_output", "linear_betas", "make_objective", "min_snr_weight",
+    "model_timesteps",
     "named_betas", "normal_kl", "p_mean_variance", "per_sample_noise_fn",
     "predict_eps_from_xstart", "predict_xstart_from_eps", "q_mean_variance", "q_posterior",
     "q_sample", "respaced_float64", "sample_noise", "spaced_timesteps", "step_noise",

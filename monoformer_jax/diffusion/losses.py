@@ -64,20 +64,39 @@ def vb_terms_bpd(diffusion: GaussianDiffusion, model_output, x_start, x_t, t):
   return jnp.where(t == 0, nll, kl)
 
 
-def training_losses(diffusion: GaussianDiffusion, model_output, x_start, x_t, noise, t):
+def min_snr_weight(diffusion: GaussianDiffusion, t, gamma: float):
+  """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556) of table indices t.
+
+  The mse of step t is weighted so that it counts as min(SNR(t), gamma) x the mse of x_0:
+  min(SNR, gamma) / SNR for an eps prediction, min(SNR, gamma) for an x_0 prediction, with
+  SNR(t) = alpha_bar_t / (1 - alpha_bar_t). Low-noise steps, easy and many, stop dominating the
+  gradient; the high-noise steps, where a sample's identity (the digit, the class) is decided,
+  keep weight 1. Not in the official recipe; a short run converges markedly faster with it.
+  """
+  # 1 / (1 / alpha_bar - 1), from the float64-built table: 1 - alpha_bar in float32 loses
+  # digits at small t (alpha_bar_0 = 0.9999).
+  snr = 1.0 / jnp.square(diffusion.sqrt_recipm1_alphas_cumprod[t])
+  clipped = jnp.minimum(snr, gamma)
+  return clipped if diffusion.predict_xstart else clipped / snr
+
+
+def training_losses(diffusion: GaussianDiffusion, model_output, x_start, x_t, noise, t,
+                    min_snr_gamma: float = 0.0):
   """Official per-sample losses of one model output taken at (x_t, timestep_map[t]).
 
   model_output: (B, ..., C or 2C); x_start, x_t, noise: (B, ..., C); t: (B,) table indices.
-  Returns {'loss', 'mse'} (+ 'vb' with learned sigma), each (B,) float32.
+  Returns {'loss', 'mse'} (+ 'vb' with learned sigma), each (B,) float32. With min_snr_gamma > 0
+  'loss' holds the Min-SNR-weighted mse (`min_snr_weight`) and 'mse' the unweighted one.
   """
   channels = x_start.shape[-1]
   prediction, var_values = gaussian.split_output(diffusion, model_output, channels)
   target = x_start if diffusion.predict_xstart else noise
   batch_ndim = t.ndim
   mse = mean_over_sample(jnp.square(target - prediction), batch_ndim)
+  weighted = mse * min_snr_weight(diffusion, t, min_snr_gamma) if min_snr_gamma > 0 else mse
   if not diffusion.learn_sigma:
-    return {"loss": mse, "mse": mse}
+    return {"loss": weighted, "mse": mse}
   # The bound must not move the mean: it sees a frozen copy of the mean prediction.
   frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
   vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t)
-  return {"loss": mse + vb, "mse": mse, "vb": vb}
+  return {"loss": weighted + vb, "mse": mse, "vb": vb}

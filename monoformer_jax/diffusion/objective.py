@@ -30,6 +30,8 @@ class GaussianObjective:
   """IDDPM Gaussian diffusion: integer t in [0, num_timesteps) indexes `diffusion`'s tables."""
   diffusion: GaussianDiffusion
   schedule: str = flax.struct.field(pytree_node=False, default="linear")
+  # 0 = the official unweighted mse; > 0 weights it by Min-SNR-gamma (losses.min_snr_weight).
+  min_snr_gamma: float = flax.struct.field(pytree_node=False, default=0.0)
 
   @property
   def kind(self) -> str:
@@ -54,7 +56,8 @@ class GaussianObjective:
     return gaussian.q_sample(self.diffusion, x0, t, noise_)
 
   def loss(self, model_output, x0, x_t, noise_, t):
-    return losses.training_losses(self.diffusion, model_output, x0, x_t, noise_, t)
+    return losses.training_losses(self.diffusion, model_output, x0, x_t, noise_, t,
+                                  min_snr_gamma=self.min_snr_gamma)
 
   def sampling_diffusion(self, num_steps: int | None = None,
                          respacing: str | None = None) -> GaussianDiffusion:
@@ -128,14 +131,18 @@ def make_objective(kind: str = "gaussian", **options):
   """Builds an objective by name.
 
   gaussian: num_timesteps=1000, beta_schedule (or schedule)='linear', respacing='',
-            learn_sigma=True, sigma_small=False, predict_xstart=False (official defaults).
+            learn_sigma=True, sigma_small=False, predict_xstart=False (official defaults),
+            min_snr_gamma=0 (the official unweighted mse; see losses.min_snr_weight).
   flow:     learn_sigma=False, time_sampling='uniform'.
   """
   if kind == "gaussian":
     schedule = options.pop("beta_schedule", None) or options.pop("schedule", "linear")
     options.pop("schedule", None)
+    gamma = float(options.pop("min_snr_gamma", 0.0))
+    if gamma < 0:
+      raise ValueError(f"min_snr_gamma must be >= 0 (0 = unweighted), got {gamma}")
     diffusion = gaussian.create_gaussian_diffusion(schedule=schedule, **options)
-    return GaussianObjective(diffusion=diffusion, schedule=schedule)
+    return GaussianObjective(diffusion=diffusion, schedule=schedule, min_snr_gamma=gamma)
   if kind == "flow":
     return FlowObjective(**options)
   raise ValueError(f"unknown objective {kind!r}; one of {OBJECTIVE_KINDS}")

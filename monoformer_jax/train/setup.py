@@ -67,6 +67,10 @@ def validate_config(config) -> None:
       _fail("data.text_source", f"{config.data.text_source!r} is not one of {TEXT_SOURCES}")
   if config.objective.kind not in OBJECTIVES:
     _fail("objective.kind", f"{config.objective.kind!r} is not one of {OBJECTIVES}")
+  gamma = config.objective.get("min_snr_gamma", 0.0)
+  if gamma < 0 or (gamma and config.objective.kind != "gaussian"):
+    _fail("objective.min_snr_gamma", f"must be >= 0 and only weights the gaussian objective's "
+          f"mse (got {gamma} with objective.kind={config.objective.kind!r})")
   # The sampler is only used after training: a mismatch must fail now, not after hours.
   samplers = FLOW_SAMPLERS if config.objective.kind == "flow" else GAUSSIAN_SAMPLERS
   if config.sampling.sampler not in samplers:
@@ -151,9 +155,11 @@ def build_objective(config):
   from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
   opts = config.objective.to_dict()
   kind = opts.pop("kind")
+  gamma = opts.pop("min_snr_gamma", 0.0)
   learn_sigma = config.model.learn_sigma
   if kind == "gaussian":
-    return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, **opts)
+    return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, min_snr_gamma=gamma,
+                                    **opts)
   return diffusion.make_objective("flow", learn_sigma=learn_sigma)
 
 
