@@ -20,7 +20,7 @@ from configs.common import base_config
 
 def get_config(arg: str = ""):
   c = base_config()
-  c.num_train_steps = 2000
+  c.num_train_steps = 1800
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.sample_every_steps = 1000
@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
   c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=4.0, cfg_mode="eps",
                          num_per_class=4, max_new_tokens=48, temperature=0.8))
   c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
-                          decay_steps=2000, final_lr_fraction=0.05, grad_clip=1.0,
+                          decay_steps=1800, final_lr_fraction=0.05, grad_clip=1.0,
                           weight_decay=0.0))
   c.ema.update(dict(decay=0.999, warmup=True))
   # Alternating steps, 9 diffusion : 1 text, the LM loss weighted 0.02 in its own steps. The text
@@ -40,9 +40,16 @@ def get_config(arg: str = ""):
   # they dominated Adam's statistics and the digits stalled at 61-63% recognisable (2,200 steps),
   # while 9:1 / 0.02 reaches 86-93% and still beats a bigram on held-out text (benchmarks/RESULTS.md).
   c.loss.update(dict(diffusion_weight=1.0, lm_weight=0.02))
+  # Min-SNR-5 weighting of the diffusion mse (not official): the many easy low-noise steps stop
+  # dominating the gradient, the high-noise steps that decide which digit is drawn keep weight 1.
+  # The same 2,000 steps went from 83.5% to 97.5% recognisable digits (sevens 35% -> 100%), and
+  # the text improved too (ppl 32.7 -> 28.5). That margin buys time: 1,800 steps, image batch 32
+  # (a step costs in proportion to its tokens; the number of updates matters more than the batch)
+  # and text batch 16 still reach 94.5% and ppl 43 (unigram 363) in well under 10 minutes.
+  c.objective.min_snr_gamma = 5.0
   c.schedule.update(dict(diffusion=9.0, ar=1.0, mixed=0.0))
-  c.data.update(dict(image_source="mnist", image_batch_size=48, text_source="pydoc",
-                     text_batch_size=32, text_seq_len=96, tokenizer_vocab_size=1024,
+  c.data.update(dict(image_source="mnist", image_batch_size=32, text_source="pydoc",
+                     text_batch_size=16, text_seq_len=96, tokenizer_vocab_size=1024,
                      prompt_dropout=0.1))
   if arg == "test":
     c.num_train_steps = 6
