@@ -70,7 +70,8 @@ def validate_config(config) -> None:
   gamma = config.objective.get("min_snr_gamma", 0.0)
   if gamma < 0 or (gamma and config.objective.kind != "gaussian"):
     _fail("objective.min_snr_gamma", f"must be >= 0 and only weights the gaussian objective's "
-          f"mse (got {gamma} with objective.kind={config.objective.kind!r})")
+          f"mse (got {gamma} with objective.kind={config.objective.kind!r}; set "
+          f"--config.objective.min_snr_gamma=0 for the flow objective)")
   # The sampler is only used after training: a mismatch must fail now, not after hours.
   samplers = FLOW_SAMPLERS if config.objective.kind == "flow" else GAUSSIAN_SAMPLERS
   if config.sampling.sampler not in samplers:
