@@ -211,12 +211,9 @@ def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(pr
     np.testing.assert_array_equal(np.asarray(weighted[k]), np.asarray(plain[k]))
   g = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t,
                                                      min_snr_gamma=gamma)["loss"]))(out)
-  g_plain = jax.grad(lambda o: jnp.sum(plain_loss(chain, o, x0, x_t, noise, t)))(out)
+  g_plain = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise,
+                                                           t)["loss"]))(out)
   np.testing.assert_allclose(np.asarray(g[..., 2:]), np.asarray(g_plain[..., 2:]), rtol=1e-6)
-
-
-def plain_loss(chain, out, x0, x_t, noise, t):
-  return dif.training_losses(chain, out, x0, x_t, noise, t)["loss"]
 
 
 def test_min_snr_objective_option():

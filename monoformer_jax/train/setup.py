@@ -156,11 +156,9 @@ def build_objective(config):
   from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
   opts = config.objective.to_dict()
   kind = opts.pop("kind")
-  gamma = opts.pop("min_snr_gamma", 0.0)
   learn_sigma = config.model.learn_sigma
   if kind == "gaussian":
-    return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, min_snr_gamma=gamma,
-                                    **opts)
+    return diffusion.make_objective("gaussian", learn_sigma=learn_sigma, **opts)
   return diffusion.make_objective("flow", learn_sigma=learn_sigma)
 
 
