@@ -42,13 +42,12 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   config, model_config, params, tok = load_for_inference(args.workdir)
-  s = config.sampling
+  options = periodic_samples.image_sampling_options(config)
   labels = np.repeat(np.arange(10), args.num_per_class)
   t0 = time.perf_counter()
   images = periodic_samples.sample_class_images(
       params, model_config, build_objective(config), tok, labels, list(mnist.CLASS_NAMES),
-      rng=jax.random.key(args.seed), sampler=s.sampler, num_steps=s.num_steps,
-      guidance_scale=s.guidance_scale, cfg_mode=s.cfg_mode, eta=s.eta)
+      rng=jax.random.key(args.seed), **options)
   sample_s = time.perf_counter() - t0
   images = periodic_samples.to_uint8(periodic_samples.decode_images(images, config))
   clf = digit_classifier.load_or_train()
@@ -57,8 +56,7 @@ def main():
   mnist_images, _ = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(mnist_images))
   report = {
-      "sampling": {"sampler": s.sampler, "num_steps": s.num_steps,
-                   "guidance_scale": s.guidance_scale, "num_samples": int(len(labels)),
+      "sampling": {**options, "num_samples": int(len(labels)),
                    "seconds": sample_s},
       "digit_accuracy": float((predicted == labels).mean()),
       "digit_accuracy_per_class": per_class,

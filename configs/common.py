@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Defaults of `python -m monoformer_jax.sample` and of the periodic samples.
   c.sampling = ml_collections.ConfigDict(dict(
       sampler="ddpm", num_steps=250, guidance_scale=1.5, cfg_mode="eps", eta=0.0,
+      clip_denoised=False,           # clamp predicted x0 to [-1, 1] (pixels; official: off)
       num_per_class=4, temperature=0.7, top_k=50, top_p=0.95, max_new_tokens=64))
 
   c.optimizer = ml_collections.ConfigDict(dict(

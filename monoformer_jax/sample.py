@@ -53,6 +53,8 @@ _STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps.")
 _SCALE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 1).")
 _CFG_MODE = flags.DEFINE_enum("cfg_mode", None, ["eps", "official_first3"], "Guided channels.")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta.")
+_CLIP = flags.DEFINE_bool("clip_denoised", None, "Clamp the predicted x0 to [-1, 1] at every "
+                          "Gaussian step (pixel-space models; default: the run's config).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 200, "Images sampled per compiled call.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate per prompt.")
@@ -157,7 +159,8 @@ def run(argv_flags) -> None:
   model = load_model(_WORKDIR.value, _OFFICIAL.value, _HF.value, _TOKENIZER.value,
                      _CLASS_NAMES.value, _USE_EMA.value)
   image_kw = dict(seed=_SEED.value, guidance_scale=_SCALE.value, cfg_mode=_CFG_MODE.value,
-                  sampler=_SAMPLER.value, num_steps=_STEPS.value, eta=_ETA.value)
+                  sampler=_SAMPLER.value, num_steps=_STEPS.value, eta=_ETA.value,
+                  clip_denoised=_CLIP.value)
   text_kw = dict(seed=_SEED.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                  top_k=_TOP_K.value, top_p=_TOP_P.value, greedy=_GREEDY.value)
   try:

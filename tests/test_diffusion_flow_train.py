@@ -65,3 +65,11 @@ def test_flow_objective_trains_and_samples_through_the_trainer(flow_run):
     assert (grid.size, grid.mode) == ((28, 280), "L")
     pixels = np.asarray(grid, np.float32)
   assert pixels.std() > 1.0  # not a blank or constant picture
+
+
+def test_clip_denoised_is_refused_for_flow_sampling(flow_run):
+  """Clamping is a Gaussian-sampler option: asked of a flow model, one named error, no samples."""
+  from monoformer_jax.inference import InferenceError, InferenceModel  # pylint: disable=import-outside-toplevel
+  model = InferenceModel.from_workdir(str(flow_run[0]))
+  with pytest.raises(InferenceError, match="clip_denoised clamps the Gaussian sampler's x0"):
+    model.sample_classes([3], clip_denoised=True)

@@ -99,15 +99,17 @@ def t_token_model():
   return _tiny_model("add_before_image_tokens")
 
 
-@pytest.mark.parametrize("kind,sampler,eta", [("gaussian", "ddim", 0.0), ("gaussian", "ddim", 0.8),
-                                              ("flow", "euler", 0.0), ("flow", "heun", 0.0)])
-def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler, eta):
+@pytest.mark.parametrize("kind,sampler,eta,clip", [
+    ("gaussian", "ddim", 0.0, True), ("gaussian", "ddim", 0.8, False),
+    ("flow", "euler", 0.0, False), ("flow", "heun", 0.0, False)])
+def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler, eta, clip):
   config, params = t_token_model
   rng = np.random.default_rng()
   objective = diffusion.make_objective(kind, learn_sigma=config.learn_sigma)
   prompts = [[1, *rng.integers(3, 90, n), IMS] for n in (6, 2)]
   kw = dict(uncond_prompt=[1, IMS], labels=[2, 0], guidance_scale=2.5, sampler=sampler,
-            num_steps=3, eta=eta, rng=jax.random.key(int(rng.integers(1 << 30))))
+            num_steps=3, eta=eta, clip_denoised=clip,
+            rng=jax.random.key(int(rng.integers(1 << 30))))
   cached = sample_images(params, config, objective, prompts, **kw)
   full = sample_images_full_recompute(params, config, objective, prompts, **kw)
   assert np.abs(full).max() > 0.1
@@ -115,6 +117,10 @@ def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler
   if eta:  # eta > 0 draws fresh noise at every step: another sample than eta = 0
     deterministic = sample_images(params, config, objective, prompts, **dict(kw, eta=0.0))
     assert np.abs(deterministic - cached).max() > 1e-3 * np.abs(full).max()
+  if clip:  # DDIM's last step returns the clamped x0 itself; unclamped, the chain differs
+    assert np.abs(cached).max() <= 1.0 + 1e-6
+    unclipped = sample_images(params, config, objective, prompts, **dict(kw, clip_denoised=False))
+    assert np.abs(unclipped - cached).max() > 1e-2
 
 
 def _vocab_dots(jaxpr, vocab: int) -> list:
@@ -140,7 +146,8 @@ def test_the_lm_head_is_never_applied_while_drawing(t_token_model):
   assert config.vocab_size not in (config.hidden_size, config.intermediate_size)
   headless = {k: v for k, v in params.items() if k != "lm_head"}
   objective = diffusion.make_objective("gaussian")
-  opts = dict(guided=True, scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2, eta=0.0)
+  opts = dict(guided=True, scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2, eta=0.0,
+              clip_denoised=False)
   ids, lengths = image_lib.pad_prompts([[1, 5, 7, IMS], [1, IMS]])
   cached = jax.make_jaxpr(lambda p: image_lib._sample_cached(  # pylint: disable=protected-access
       p, jnp.asarray(ids), jnp.asarray(lengths), jnp.full((2,), 3, jnp.int32),

@@ -47,16 +47,21 @@ def test_t2i_interleaved_and_text(run_dir, tmp_path):
   (tmp_path / "t2i.txt").write_text("a one\n\n")
   proc = _sample(f"--workdir={run_dir}", "--t2i_prompt=a seven",
                  f"--t2i_prompt_file={tmp_path}/t2i.txt", f"--out={tmp_path}/t2i.npz",
-                 "--sampler=ddim", "--num_steps=2", "--guidance_scale=2")
+                 "--sampler=ddim", "--num_steps=4", "--guidance_scale=2", "--clip_denoised")
   assert proc.returncode == 0, proc.stderr[-2000:]
   z = np.load(tmp_path / "t2i.npz")
   assert z["images"].shape == (2, 28, 28, 1) and list(z["prompts"]) == ["a seven", "a one"]
   assert (tmp_path / "t2i.png").exists()
-  # The same DDIM samples in-process (the flags reach the sampler).
+  # The same DDIM samples, x0 clamped, in-process (the flags reach the sampler); unclamped, the
+  # first step's x0 estimate of an untrained model is far outside [-1, 1] and the images differ.
   model = InferenceModel.from_workdir(str(run_dir))
-  want = ps.to_uint8(model.decode(model.text_to_image(["a seven", "a one"], sampler="ddim",
-                                                      num_steps=2, guidance_scale=2.0)))
+  options = dict(sampler="ddim", num_steps=4, guidance_scale=2.0)
+  clamped = model.text_to_image(["a seven", "a one"], clip_denoised=True, **options)
+  want = ps.to_uint8(model.decode(clamped))
   assert np.abs(want.astype(int) - z["images"]).max() <= 1 and want.std() > 0
+  assert np.abs(clamped).max() <= 1.0 + 1e-6
+  unclamped = ps.to_uint8(model.decode(model.text_to_image(["a seven", "a one"], **options)))
+  assert np.abs(unclamped.astype(int) - z["images"]).max() > 1
   proc = _sample(f"--workdir={run_dir}", "--interleaved", f"--out={tmp_path}/il",
                  "--prompt=Please generate an image of seven.<|im_start|>", "--prompt=The",
                  "--max_new_tokens=4", "--num_steps=2", "--greedy")

@@ -382,6 +382,22 @@ def test_min_snr_gamma_is_checked_up_front(kind, gamma):
     validate_config(config)
 
 
+
+@pytest.mark.parametrize("change", [dict(kind="flow"), dict(vae="runs/v/vae")])
+def test_clip_denoised_is_checked_up_front(change):
+  """x0 clamping is for Gaussian sampling in pixel space; latents or the ODE samplers fail now."""
+  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
+  config = _mnist_tiny_test_config()
+  config.sampling.clip_denoised = True
+  validate_config(config)
+  if "kind" in change:
+    config.objective.kind, config.objective.min_snr_gamma = "flow", 0.0
+    config.sampling.sampler = "euler"
+  else:
+    config.vae.path = change["vae"]
+  with pytest.raises(ConfigError, match="config.sampling.clip_denoised: clamps the predicted x0"):
+    validate_config(config)
+
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
   kinds = [s.next(i) for i in range(100)]

@@ -106,7 +106,6 @@ def generate(workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chu
   mesh = Mesh(np.asarray(devices), ("batch",))
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   objective = build_objective(config)
-  s = config.sampling
   starts = list(range(0, num_samples, chunk))
   for c, start in enumerate(starts):
     path = _chunk_path(out_dir, start)
@@ -120,9 +119,8 @@ def generate(workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chu
     with mesh:
       images = ps.sample_class_images(
           params, model_config, objective, tok, labels, names,
-          rng=jax.random.key(seed + 1), sample_ids=padded, sampler=s.sampler,
-          num_steps=s.num_steps, guidance_scale=s.guidance_scale, cfg_mode=s.cfg_mode,
-          eta=s.eta, batch_sharding=NamedSharding(mesh, PartitionSpec("batch")))
+          rng=jax.random.key(seed + 1), sample_ids=padded, **ps.image_sampling_options(config),
+          batch_sharding=NamedSharding(mesh, PartitionSpec("batch")))
     images = ps.to_uint8(ps.decode_images(images, config))[:len(idx)]
     tmp = path + ".tmp.npz"
     np.savez(tmp, images=images, labels=labels[:len(idx)], indices=idx)

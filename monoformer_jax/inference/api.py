@@ -30,7 +30,8 @@ from monoformer_jax.inference.tokens import TokenSampling
 from monoformer_jax.model.config import ModelConfig
 
 OFFICIAL_SAMPLING = dict(sampler="ddpm", num_steps=50, guidance_scale=4.0, cfg_mode="eps",
-                         eta=0.0, temperature=0.7, top_k=50, top_p=0.95, max_new_tokens=64)
+                         eta=0.0, clip_denoised=False, temperature=0.7, top_k=50, top_p=0.95,
+                         max_new_tokens=64)
 
 
 class InferenceError(ValueError):
@@ -120,16 +121,20 @@ class InferenceModel:
   def _opt(self, name, value):
     return self.defaults[name] if value is None else value
 
-  def _image_options(self, guidance_scale, cfg_mode, sampler, num_steps, eta):
+  def _image_options(self, guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised):
     scale = float(self._opt("guidance_scale", guidance_scale))
     if scale < 1.0:
       raise InferenceError(f"guidance_scale must be >= 1 (1 = no guidance), got {scale}")
     steps = int(self._opt("num_steps", num_steps))
     if steps < 1:
       raise InferenceError(f"num_steps must be >= 1, got {steps}")
+    clip = bool(self._opt("clip_denoised", clip_denoised))
+    if clip and self.objective.kind != "gaussian":
+      raise InferenceError(f"clip_denoised clamps the Gaussian sampler's x0; the "
+                           f"{self.objective.kind!r} objective's samplers have no x0 to clamp")
     return dict(guidance_scale=scale, cfg_mode=self._opt("cfg_mode", cfg_mode),
                 sampler=self._opt("sampler", sampler), num_steps=steps,
-                eta=float(self._opt("eta", eta)))
+                eta=float(self._opt("eta", eta)), clip_denoised=clip)
 
   # -- prompts ---------------------------------------------------------------------------------
   def image_prompt(self, text: str) -> list[int]:
@@ -175,7 +180,8 @@ class InferenceModel:
   def sample_classes(self, classes, num_per_class: int = 1, *, template: str = None,
                      use_label_embedding: Optional[bool] = None, seed: int = 0,
                      batch_size: int = 64, guidance_scale=None, cfg_mode=None, sampler=None,
-                     num_steps=None, eta=None) -> tuple[np.ndarray, np.ndarray]:
+                     num_steps=None, eta=None,
+                     clip_denoised=None) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, H, W, C), labels (N,)), `num_per_class` per class, in class order.
 
     Classes go in as text through `template` (official: "Please generate an image of {}."), and
@@ -194,16 +200,18 @@ class InferenceModel:
     use_labels = self.config.num_classes > 0 if use_label_embedding is None else use_label_embedding
     if use_labels and not self.config.num_classes:
       raise InferenceError("use_label_embedding: this model has no label embedding")
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta)
+    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta,
+                               clip_denoised)
     images = self._sample(prompts, labels if use_labels else None, seed=seed,
                           batch_size=batch_size, pad_to=pad_to, **opts)
     return images, labels
 
   def text_to_image(self, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 64,
                     guidance_scale=None, cfg_mode=None, sampler=None, num_steps=None,
-                    eta=None) -> np.ndarray:
+                    eta=None, clip_denoised=None) -> np.ndarray:
     _check_prompts(prompts)
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta)
+    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta,
+                               clip_denoised)
     return self._sample([self.image_prompt(p) for p in prompts], None, seed=seed,
                         batch_size=batch_size, pad_to=0, **opts)
 
@@ -247,13 +255,14 @@ class InferenceModel:
   def generate(self, prompts: Sequence[str], *, max_new_tokens=None, max_images: int = 1,
                temperature=None, top_k=None, top_p=None, greedy: bool = False, seed: int = 0,
                guidance_scale=None, cfg_mode=None, sampler=None, num_steps=None,
-               eta=None) -> list[list[tuple]]:
+               eta=None, clip_denoised=None) -> list[list[tuple]]:
     """Text and images in one call. Per prompt, the new parts in order: ('text', str) and
     ('image', (H, W, C) array in model space). A prompt may end with `<|im_start|>`."""
     _check_prompts(prompts)
     tok = self.tokenizer
     ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta)
+    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta,
+                               clip_denoised)
     results = interleaved_lib.generate_interleaved(
         self.params, self.config, self.objective, ids, image_token=tok.im_start_id,
         end_token=tok.im_end_id, uncond_prompt=self.unconditional_prompt(),

@@ -122,27 +122,28 @@ def denoiser(model_fn, guided: bool, scale: float, cfg_mode: str, learn_sigma: b
   return diffusion.cfg_denoise_fn(model_fn, scale, cfg_mode, learn_sigma)
 
 
-def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_steps, eta):
+def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_steps, eta,
+                clip_denoised=False):
   """x_T from fold_in(rng, sample id), then the objective's compiled loop."""
   x_t = diffusion.sample_noise(rng, sample_ids, shape)
   kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=sample_ids)
   if objective.kind == "gaussian":
-    kw["eta"] = eta
+    kw.update(eta=eta, clip_denoised=clip_denoised)
   return objective.sample(denoise_fn, x_t, rng, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler",
-                                             "num_steps", "eta"))
+                                             "num_steps", "eta", "clip_denoised"))
 def _sample_cached(params, ids, lengths, labels, rng, sample_ids, objective, *,
                    config: ModelConfig, guided: bool, scale: float, cfg_mode: str, sampler: str,
-                   num_steps: int, eta: float):
+                   num_steps: int, eta: float, clip_denoised: bool):
   rows, p = ids.shape
   cache = prompt_cache(params, config, ids, lengths, p + span_length(config))
   model_fn = cached_model_fn(params, config, cache, p, lengths, jnp.zeros((rows,), jnp.int32),
                              jnp.ones((rows,), bool), labels=labels[:, None])
   denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
   return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), sampler=sampler,
-                     num_steps=num_steps, eta=eta)
+                     num_steps=num_steps, eta=eta, clip_denoised=clip_denoised)
 
 
 def _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode):
@@ -166,8 +167,8 @@ def _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode):
 def sample_images(params, config: ModelConfig, objective, prompts: Sequence[Sequence[int]], *,
                   uncond_prompt: Optional[Sequence[int]] = None, labels=None,
                   guidance_scale: float = 1.0, cfg_mode: str = "eps", sampler: str = "ddpm",
-                  num_steps: int = 50, eta: float = 0.0, rng=None, sample_ids=None,
-                  pad_to: int = 0, mesh=None, rules=None) -> np.ndarray:
+                  num_steps: int = 50, eta: float = 0.0, clip_denoised: bool = False, rng=None,
+                  sample_ids=None, pad_to: int = 0, mesh=None, rules=None) -> np.ndarray:
   """Images (B, H, W, C) for token-id prompts that end with `<|im_start|>`, prefix cached.
 
   Sample n's noise comes from fold_in(rng, sample_ids[n]) (default 0..B-1): a sample does not
@@ -189,7 +190,8 @@ def sample_images(params, config: ModelConfig, objective, prompts: Sequence[Sequ
                          jnp.asarray(row_labels, jnp.int32), rng,
                          jnp.asarray(sample_ids, jnp.int32), objective, config=config,
                          guided=guided, scale=float(guidance_scale), cfg_mode=cfg_mode,
-                         sampler=sampler, num_steps=int(num_steps), eta=float(eta))
+                         sampler=sampler, num_steps=int(num_steps), eta=float(eta),
+                         clip_denoised=bool(clip_denoised))
   return np.asarray(out)
 
 
@@ -208,9 +210,10 @@ def full_sequence_batch(config: ModelConfig, prompts, labels, seq_len: Optional[
 
 
 @functools.partial(jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler",
-                                             "num_steps", "eta", "with_lm_head"))
+                                             "num_steps", "eta", "clip_denoised",
+                                             "with_lm_head"))
 def _sample_full(params, batch, rng, sample_ids, objective, *, config, guided, scale, cfg_mode,
-                 sampler, num_steps, eta, with_lm_head):
+                 sampler, num_steps, eta, clip_denoised, with_lm_head):
   model = MonoFormer(config)
 
   def model_fn(x, t):
@@ -223,13 +226,14 @@ def _sample_full(params, batch, rng, sample_ids, objective, *, config, guided, s
 
   denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
   return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), sampler=sampler,
-                     num_steps=num_steps, eta=eta)
+                     num_steps=num_steps, eta=eta, clip_denoised=clip_denoised)
 
 
 def sample_images_full_recompute(params, config: ModelConfig, objective, prompts, *,
                                  uncond_prompt=None, labels=None, guidance_scale=1.0,
-                                 cfg_mode="eps", sampler="ddpm", num_steps=50, eta=0.0, rng=None,
-                                 sample_ids=None, with_lm_head=False) -> np.ndarray:
+                                 cfg_mode="eps", sampler="ddpm", num_steps=50, eta=0.0,
+                                 clip_denoised=False, rng=None, sample_ids=None,
+                                 with_lm_head=False) -> np.ndarray:
   """The same samples as `sample_images`, recomputing prompt + image every step (official)."""
   rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale,
                                        cfg_mode)
@@ -240,4 +244,4 @@ def sample_images_full_recompute(params, config: ModelConfig, objective, prompts
                                  objective, config=config, guided=guided,
                                  scale=float(guidance_scale), cfg_mode=cfg_mode, sampler=sampler,
                                  num_steps=int(num_steps), eta=float(eta),
-                                 with_lm_head=with_lm_head))
+                                 clip_denoised=bool(clip_denoised), with_lm_head=with_lm_head))

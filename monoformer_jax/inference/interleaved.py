@@ -40,10 +40,11 @@ IMAGE_ID_STRIDE = 1 << 20
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "image_token", "end_token", "max_images", "guided", "scale", "cfg_mode", "sampler",
-    "num_steps", "eta"), donate_argnames=("state",))
+    "num_steps", "eta", "clip_denoised"), donate_argnames=("state",))
 def draw_pending(params, state: dict, uncond_ids, rng, objective, *, config: ModelConfig,
                  image_token: int, end_token: int, max_images: int, guided: bool, scale: float,
-                 cfg_mode: str, sampler: str, num_steps: int, eta: float) -> dict:
+                 cfg_mode: str, sampler: str, num_steps: int, eta: float,
+                 clip_denoised: bool) -> dict:
   """One image phase for every live row whose next token is `image_token` (the cache needs
   1 + span free slots after state['index']; `state` is donated)."""
   b, max_new = state["generated"].shape
@@ -75,7 +76,8 @@ def draw_pending(params, state: dict, uncond_ids, rng, objective, *, config: Mod
     denoise = diffusion.guided_denoise_fn(cond_fn, uncond_fn, scale, cfg_mode, config.learn_sigma)
   ids = state["sample_ids"] + state["images_drawn"] * IMAGE_ID_STRIDE
   x0 = image_lib.run_sampler(objective, denoise, rng, ids, image_lib.image_shape(config),
-                             sampler=sampler, num_steps=num_steps, eta=eta)
+                             sampler=sampler, num_steps=num_steps, eta=eta,
+                             clip_denoised=clip_denoised)
   # 3. the clean image into the cache (t = 0 is the clean end for both objectives).
   cache = image_lib.write_clean_image(params, config, cache, at, start, slots, pending, x0, 0.0,
                                       num_slots=max_images, labels=null)
@@ -112,8 +114,9 @@ def run_interleaved(params, config: ModelConfig, objective, prompts: Sequence[Se
                     max_new_tokens: int, sampling: TokenSampling = TokenSampling(),
                     stop_tokens: Sequence[int] = (), max_images: int = 1,
                     guidance_scale: float = 1.0, cfg_mode: str = "eps", sampler: str = "ddpm",
-                    num_steps: int = 50, eta: float = 0.0, rng: Optional[jax.Array] = None,
-                    sample_ids=None, mesh=None, rules=None) -> dict:
+                    num_steps: int = 50, eta: float = 0.0, clip_denoised: bool = False,
+                    rng: Optional[jax.Array] = None, sample_ids=None, mesh=None,
+                    rules=None) -> dict:
   """`generate_interleaved`'s final decode state (the cache included: every token fed, text
   and clean images, at the slots where segment_ids > 0)."""
   if max_images < 1:
@@ -154,5 +157,5 @@ def run_interleaved(params, config: ModelConfig, objective, prompts: Sequence[Se
                            end_token=end_token, max_images=max_images,
                            guided=guidance_scale > 1.0, scale=float(guidance_scale),
                            cfg_mode=cfg_mode, sampler=sampler, num_steps=int(num_steps),
-                           eta=float(eta))
+                           eta=float(eta), clip_denoised=bool(clip_denoised))
   return state

@@ -58,8 +58,17 @@ def _prefix_batch(model_config, prefixes, with_image: bool, seq_len: int, labels
   return batch
 
 
+def image_sampling_options(config) -> dict:
+  """The image-sampler keyword arguments of `sample_class_images` from `config.sampling` (a
+  run saved before clip_denoised existed samples as it did then, unclipped)."""
+  s = config.sampling
+  return dict(sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+              cfg_mode=s.cfg_mode, eta=s.eta, clip_denoised=bool(s.get("clip_denoised", False)))
+
+
 def sample_class_images(params, model_config, objective, tokenizer, labels, class_names, *, rng,
                         sampler, num_steps, guidance_scale, cfg_mode="eps", eta=0.0,
+                        clip_denoised=False,
                         template="Please generate an image of {}.", sample_ids=None,
                         batch_sharding=None):
   """Class-conditional samples (N, H, W, C) with CFG against the official empty prompt.
@@ -87,12 +96,13 @@ def sample_class_images(params, model_config, objective, tokenizer, labels, clas
     batch, ids = jax.device_put((batch, ids), batch_sharding)
   return np.asarray(_sample_images(params, batch, rng, ids, objective,
                                    model_config, sampler, int(num_steps),
-                                   float(guidance_scale), cfg_mode, float(eta)))
+                                   float(guidance_scale), cfg_mode, float(eta),
+                                   bool(clip_denoised)))
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10, 11))
 def _sample_images(params, batch, rng, ids, objective, model_config, sampler, num_steps, scale,
-                   cfg_mode, eta):
+                   cfg_mode, eta, clip_denoised):
   from monoformer_jax import diffusion  # pylint: disable=import-outside-toplevel
   model = MonoFormer(model_config)
 
@@ -108,7 +118,7 @@ def _sample_images(params, batch, rng, ids, objective, model_config, sampler, nu
   x_t = diffusion.sample_noise(rng, ids, shape)
   kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=ids)
   if objective.kind == "gaussian":
-    kw["eta"] = eta
+    kw.update(eta=eta, clip_denoised=clip_denoised)
   return objective.sample(denoise, x_t, rng, **kw)
 
 
@@ -206,8 +216,7 @@ class PeriodicSampler:
       labels = np.repeat(np.arange(len(self.class_names)), per)
       images = sample_class_images(
           params, self.model_config, self.objective, self.tokenizer, labels, self.class_names,
-          rng=rng, sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-          cfg_mode=s.cfg_mode, eta=s.eta)
+          rng=rng, **image_sampling_options(self.config))
       images = decode_images(images, self.config)
       picture = grid(to_uint8(images), rows=len(self.class_names))
       if self.is_main:
