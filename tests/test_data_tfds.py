@@ -1,5 +1,8 @@
 """TFDS ArrayRecord latents: builder round trip through tfds.data_source, and train-time sampling."""
+import glob
+import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -20,7 +23,10 @@ def _arrays(rng, n, shape=(4, 4, 3), prompts=False):
 def test_latents_round_trip(tmp_path):
   rng = np.random.default_rng()
   splits = {"train": _arrays(rng, 9, prompts=True), "validation": _arrays(rng, 3, prompts=True)}
+  leftovers = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*tfds")))
+  before = leftovers()
   tfds_latents.write_latents(str(tmp_path), splits)
+  assert leftovers() <= before  # TFDS's bucket lookup leaves no empty temp directory behind
   for name, arrays in splits.items():
     src = tfds_latents.latent_source(str(tmp_path), name)
     assert len(src) == len(arrays["mean"])

@@ -23,6 +23,14 @@ import tensorflow_datasets as tfds
 NAME = "monoformer_latents"
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """Our datasets are never on the TFDS bucket. TFDS's lookup there (with GCS disabled) runs
+  after it has made a temporary directory, and left one empty /tmp/tmp*tfds behind per write."""
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class MonoformerLatents(tfds.core.GeneratorBasedBuilder):
   """Latent mean/logvar (float32, HWC) + index, and optionally a label (int64) and a prompt."""
 
@@ -47,7 +55,7 @@ class MonoformerLatents(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     if self._latent_shape is None:  # reading: the stored dataset_info.json has the features
-      return tfds.core.DatasetInfo(builder=self)
+      return _LocalDatasetInfo(builder=self)
     features = {
         "mean": tfds.features.Tensor(shape=self._latent_shape, dtype=np.float32),
         "logvar": tfds.features.Tensor(shape=self._latent_shape, dtype=np.float32),
@@ -57,7 +65,7 @@ class MonoformerLatents(tfds.core.GeneratorBasedBuilder):
       features["label"] = tfds.features.Tensor(shape=(), dtype=np.int64)
     if self._with_prompt:
       features["prompt"] = tfds.features.Tensor(shape=(), dtype=np.str_)
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+    return _LocalDatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
   def _split_generators(self, dl_manager):
     del dl_manager
