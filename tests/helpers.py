@@ -1,4 +1,9 @@
-"""Small shared helpers for tests: tiny configs, random parameters, random batches."""
+"""Small shared helpers for tests: tiny configs, random parameters, random batches, one tiny run."""
+import fcntl
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -6,6 +11,32 @@ import numpy as np
 from monoformer_jax.model import inputs as inputs_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_tiny_run(tmp_path_factory):
+  """The 6-step `mnist_tiny.py:test` run, trained once per test session for every module that
+  only reads it (sampling, the notebook, evaluation), whichever pytest-xdist worker asks first.
+
+  Under xdist each worker has its own basetemp inside the session's; the run sits in the
+  session's, behind a lock, so the other workers wait for it instead of training their own.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  work, done = base / "shared_tiny_run", base / "shared_tiny_run.done"
+  with open(base / "shared_tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
+                             "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
+                            cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+                            capture_output=True, text=True, timeout=600)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      done.touch()
+  return work
 
 
 def tiny_config(**kw) -> ModelConfig:

@@ -12,21 +12,16 @@ from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import eval_config, image_suites
 from monoformer_jax.evaluation import multiple_choice as mc
 from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
-from tests.helpers import tensorboard_scalars
+from tests.helpers import shared_tiny_run, tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-pytestmark = pytest.mark.slow  # trains a tiny run (~30 s) and uses the digit classifier
+pytestmark = pytest.mark.slow  # reads the shared tiny run and uses the digit classifier
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  work = tmp_path_factory.mktemp("run") / "run"
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
-                         "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
-                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return str(work)
+  return str(shared_tiny_run(tmp_path_factory))  # the report goes to its eval/, read by no other test
 
 
 def eval_fields(**fields):

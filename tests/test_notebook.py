@@ -9,7 +9,7 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.test_sample_cli import ROOT, tiny_run
+from tests.helpers import ROOT, shared_tiny_run
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sampling_demo.ipynb")
 
@@ -64,7 +64,7 @@ def test_install_cell_installs_from_the_repository_it_sits_in(tmp_path):
 
 @pytest.mark.slow
 def test_sampling_demo_notebook_runs(tmp_path_factory):
-  run = tiny_run(tmp_path_factory)
+  run = shared_tiny_run(tmp_path_factory)
   env = {"MONOFORMER_WORKDIR": str(run), "MONOFORMER_NUM_STEPS": "2",
          "MONOFORMER_NUM_PER_CLASS": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
          "PYTHONPATH": ROOT}  # this checkout, whatever the environment has installed

@@ -12,6 +12,7 @@ import pytest
 
 from monoformer_jax.inference import InferenceModel
 from monoformer_jax.train import periodic_samples as ps
+from tests.helpers import shared_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,21 +21,9 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
-def tiny_run(tmp_path_factory):
-  """A 6-step mnist_tiny:test run, trained once per test session (shared with the notebook)."""
-  work = tmp_path_factory.getbasetemp() / "shared_tiny_run"
-  if not (work / "config.json").exists() or not (work / "checkpoints").exists():
-    shutil.rmtree(work, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
-                           "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return work
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  return tiny_run(tmp_path_factory)
+  return shared_tiny_run(tmp_path_factory)
 
 
 def _sample(*args):
@@ -83,7 +72,7 @@ def test_t2i_interleaved_and_text(run_dir, tmp_path):
 @pytest.mark.slow
 def test_errors(run_dir, tmp_path):
   other = tmp_path / "other"
-  shutil.copytree(run_dir, other)
+  shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("eval"))  # eval writes there
   with open(other / "config.json") as f:
     cfg = json.load(f)
   cfg["model"]["hidden_size"] *= 2

@@ -1,10 +1,12 @@
-"""`python -m monoformer_jax.sample` on a tiny run the test trains."""
+"""`python -m monoformer_jax.sample` on the shared tiny run (tests/helpers.py)."""
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.helpers import shared_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,11 +17,7 @@ def _env():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  work = tmp_path_factory.mktemp("run") / "tiny"
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
-                         "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  work = shared_tiny_run(tmp_path_factory)
   assert os.path.exists(work / "samples" / "step_6.png")  # end-of-training grid
   assert os.path.exists(work / "samples" / "step_6.txt")
   return work
