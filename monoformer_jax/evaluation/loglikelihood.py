@@ -99,6 +99,7 @@ class LoglikelihoodScorer:
     self._fn = jax.jit(lambda p, *arrays: _score_rows(model, p, *arrays),
                        in_shardings=(replicated, rows, rows, rows, rows), out_shardings=rows)
     self.num_batches = 0  # batches run so far (for reports and tests)
+    self.num_rows = 0  # packed rows (of requests) scored so far, padding rows not counted
 
   def _prepare(self, requests: Sequence[Request]) -> list[tuple[np.ndarray, int]]:
     out = []
@@ -134,6 +135,7 @@ class LoglikelihoodScorer:
         arrays, spans = self._build(chunk, prepared, size)
         pending.append((self._fn(self.params, *arrays), spans))  # dispatch before fetching
         self.num_batches += 1
+        self.num_rows += len(chunk)
       for (logprob, is_greedy), spans in pending:
         logprob, is_greedy = np.asarray(logprob, np.float64), np.asarray(is_greedy)
         for k, r, lo, hi in spans:
