@@ -114,12 +114,10 @@ def _sample_images(params, batch, rng, ids, objective, model_config, sampler, nu
     denoise = diffusion.cfg_denoise_fn(model_fn, scale, cfg_mode, model_config.learn_sigma)
   else:
     denoise = model_fn
+  from monoformer_jax.inference.image import run_sampler  # pylint: disable=import-outside-toplevel
   shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
-  x_t = diffusion.sample_noise(rng, ids, shape)
-  kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=ids)
-  if objective.kind == "gaussian":
-    kw.update(eta=eta, clip_denoised=clip_denoised)
-  return objective.sample(denoise, x_t, rng, **kw)
+  return run_sampler(objective, denoise, rng, ids, shape, sampler=sampler, num_steps=num_steps,
+                     eta=eta, clip_denoised=clip_denoised)
 
 
 def generate_text(params, model_config, tokenizer, prompts, *, rng, max_new_tokens,

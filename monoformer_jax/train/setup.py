@@ -83,11 +83,12 @@ def validate_config(config) -> None:
   if config.sampling.num_steps < 1:
     _fail("sampling.num_steps", "must be >= 1")
   # x0 clipping bounds pixels; latents are unbounded, and the ODE samplers have no x0 step.
-  if config.sampling.get("clip_denoised", False) and (
-      config.objective.kind != "gaussian" or config.get("vae", {}).get("path")):
+  vae_path = config.get("vae", {}).get("path", "")
+  if config.sampling.get("clip_denoised", False) and (config.objective.kind != "gaussian"
+                                                      or vae_path):
     _fail("sampling.clip_denoised", "clamps the predicted x0 to [-1, 1]: only for the gaussian "
           f"objective in pixel space (objective.kind={config.objective.kind!r}, "
-          f"vae.path={config.get('vae', {}).get('path', '')!r})")
+          f"vae.path={vae_path!r})")
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
   if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
