@@ -11,32 +11,48 @@ import numpy as np
 from monoformer_jax.model import inputs as inputs_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
+from tests.helpers_env import subprocess_env
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def shared_tiny_run(tmp_path_factory):
-  """The 6-step `mnist_tiny.py:test` run, trained once per test session for every module that
-  only reads it (sampling, the notebook, evaluation), whichever pytest-xdist worker asks first.
-
-  Under xdist each worker has its own basetemp inside the session's; the run sits in the
-  session's, behind a lock, so the other workers wait for it instead of training their own.
-  """
+def session_shared(tmp_path_factory, name: str, make):
+  """A directory `name` made once per test session by `make(path)`, whichever pytest-xdist
+  worker asks first; the others wait for it (each worker has its own basetemp inside the
+  session's: the directory sits in the session's, behind a lock)."""
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent
-  work, done = base / "shared_tiny_run", base / "shared_tiny_run.done"
-  with open(base / "shared_tiny_run.lock", "w") as lock:
+  path, done = base / name, base / f"{name}.done"
+  with open(base / f"{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not done.exists():
-      proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
-                             "--config=configs/mnist_tiny.py:test", f"--workdir={work}"],
-                            cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
-                            capture_output=True, text=True, timeout=600)
-      assert proc.returncode == 0, proc.stderr[-3000:]
+      make(path)
       done.touch()
-  return work
+  return path
+
+
+def _run_module(*args, env=None):
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env or subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def shared_tiny_run(tmp_path_factory):
+  """The 6-step `mnist_tiny.py:test` run, trained once per test session for every module that
+  only reads it (sampling, the notebook, evaluation)."""
+  return session_shared(tmp_path_factory, "shared_tiny_run", lambda work: _run_module(
+      "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test", f"--workdir={work}"))
+
+
+def shared_digit_classifier(tmp_path_factory):
+  """The embedded default's digit classifier (evaluation/digit_classifier.py), trained once per
+  session into the cache folder returned. Trained with XLA's default flags (its training is
+  execution-bound: the compile-saving test flags cost it a third more time)."""
+  return str(session_shared(tmp_path_factory, "digit_classifier_cache", lambda path: _run_module(
+      "-c", f"from monoformer_jax.evaluation import digit_classifier as dc; "
+      f"dc.load_or_train({str(path)!r})", env=dict(subprocess_env(), XLA_FLAGS=""))))
 
 
 def tiny_config(**kw) -> ModelConfig:

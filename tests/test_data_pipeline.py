@@ -73,12 +73,12 @@ def _same(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_text_resume_mid_epoch(tok):
-  seed = random.randrange(1 << 20)
+def test_text_resume_mid_epoch(tok, seed):
+  draws = random.Random(seed)
   make = lambda: pipeline.make_text_iterator(IdTexts(37), tok, batch_size=3, seq_len=16, seed=seed,
                                              shard_index=0, shard_count=1)
   it = make()
-  for _ in range(random.randint(1, 4)):
+  for _ in range(draws.randint(1, 4)):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # JSON-serialisable
   expected = [next(it) for _ in range(6)]  # crosses the epoch end (~5 records per batch)
@@ -209,28 +209,30 @@ def test_image_packing_uses_slots(tok):
       np.testing.assert_array_equal(pos, np.arange(len(pos)))
 
 
-def test_text_packing_keeps_segments_apart(tok):
+def test_text_packing_keeps_segments_apart(tok, seed):
   seq_len = 96
   it = pipeline.make_text_iterator(sources.PydocSource(max_chars=100), tok, batch_size=4,
-                                   seq_len=seq_len, seed=random.randrange(1000), shard_index=0,
+                                   seq_len=seq_len, seed=seed, shard_index=0,
                                    shard_count=1)
-  b = next(it)
-  assert (b["segment_ids"].max(axis=1) >= 2).any()  # several samples per row
-  for r in range(4):
-    seg, t, tg, lm = b["segment_ids"][r], b["tokens"][r], b["targets"][r], b["loss_mask"][r]
-    for p in range(seq_len - 1):
-      if lm[p]:
-        assert seg[p] == seg[p + 1] > 0 and tg[p] == t[p + 1]
-      if seg[p] != seg[p + 1]:
-        assert lm[p] == 0  # the last token of a sample predicts nothing
-    for s in range(1, seg.max() + 1):
-      toks = t[seg == s]
-      assert toks[0] == tok.bos_id and np.array_equal(b["positions"][r][seg == s],
-                                                      np.arange(len(toks)))
+  batches = [next(it) for _ in range(5)]
+  # Several samples per row: 60% of rows on average, at least 20% of these 20 rows on each of
+  # 200 seeds (a single batch of 4 had none on 5% of them).
+  assert np.mean([b["segment_ids"].max(axis=1) >= 2 for b in batches]) >= 0.1
+  for b in batches:
+    for r in range(4):
+      seg, t, tg, lm = b["segment_ids"][r], b["tokens"][r], b["targets"][r], b["loss_mask"][r]
+      for p in range(seq_len - 1):
+        if lm[p]:
+          assert seg[p] == seg[p + 1] > 0 and tg[p] == t[p + 1]
+        if seg[p] != seg[p + 1]:
+          assert lm[p] == 0  # the last token of a sample predicts nothing
+      for s in range(1, seg.max() + 1):
+        toks = t[seg == s]
+        assert toks[0] == tok.bos_id and np.array_equal(b["positions"][r][seg == s],
+                                                        np.arange(len(toks)))
 
 
-def test_skip_and_count_bad_images(tmp_path, tok):
-  rng = np.random.default_rng()
+def test_skip_and_count_bad_images(tmp_path, tok, rng):
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     for j in range(4):

@@ -25,8 +25,7 @@ def _batch(seq_len, slots=2, shape=(4, 4, 1)):
 
 @pytest.mark.parametrize("t_token", [False, True])
 @pytest.mark.parametrize("train_text", [False, True])
-def test_image_sample_layout(tok, t_token, train_text):
-  rng = np.random.default_rng()
+def test_image_sample_layout(tok, t_token, train_text, rng):
   a, b = (int(v) for v in rng.integers(3, tok.base_vocab_size, 2))
   image = rng.standard_normal((4, 4, 1)).astype(np.float32)
   pieces = seq.image_sample(tok, [a, b], image, 7, train_text)
@@ -66,8 +65,7 @@ def test_cfg_dropout_form_and_sampling_prefix(tok):
   assert seq.sampling_prefix(tok, "one") == [1, *tok.encode("one"), tok.im_start_id]
 
 
-def test_class_prompts_use_official_templates(tok):
-  rng = np.random.default_rng()
+def test_class_prompts_use_official_templates(tok, rng):
   got = {seq.class_prompt("dog", rng) for _ in range(200)}
   assert got == {"Please generate an image of dog.", "dog", "an image of dog.", "an photo of dog."}
   got = {seq.class_prompt("dog", rng, seq.OFFICIAL_TEMPLATES) for _ in range(100)}
@@ -77,8 +75,8 @@ def test_class_prompts_use_official_templates(tok):
                         for t in seq.MAIN_TEMPLATES)
 
 
-def test_chat_and_packing(tok):
-  rng = random.Random()
+def test_chat_and_packing(tok, seed):
+  rng = random.Random(seed)
   words = ["alpha", "beta", "gamma", "delta"]
   turns = [(" ".join(rng.choices(words, k=rng.randint(1, 4))),
             " ".join(rng.choices(words, k=rng.randint(1, 4)))) for _ in range(2)]

@@ -15,11 +15,11 @@ def _words(rng, n):
                   for _ in range(n))
 
 
-def test_mnist_source():
+def test_mnist_source(rng):
   src = sources.MnistSource("train")
   hold = sources.MnistSource("holdout")
   assert len(src) + len(hold) == 5000
-  r = src[random.randrange(len(src))]
+  r = src[int(rng.integers(len(src)))]
   assert r["image"].shape == (28, 28, 1) and r["image"].dtype == np.uint8
   assert r["class_name"] == sources.mnist.CLASS_NAMES[r["label"]]
   assert repr(src) == repr(sources.MnistSource("train"))
@@ -39,8 +39,8 @@ def test_pydoc_source():
 
 
 @pytest.mark.parametrize("unit", ["line", "paragraph", "file"])
-def test_text_file_source(tmp_path, unit):
-  rng = random.Random()
+def test_text_file_source(tmp_path, unit, seed):
+  rng = random.Random(seed)
   docs = []
   paths = []
   for f in range(2):
@@ -71,8 +71,8 @@ def _chat_line(fmt, pairs):
 
 
 @pytest.mark.parametrize("fmt", ["messages", "data", "conversations"])
-def test_chat_jsonl_source(tmp_path, fmt):
-  rng = random.Random()
+def test_chat_jsonl_source(tmp_path, fmt, seed):
+  rng = random.Random(seed)
   dialogues = [[(_words(rng, 4), _words(rng, 6)) for _ in range(rng.randint(1, 4))]
                for _ in range(5)]
   path = tmp_path / "chat.jsonl"
@@ -125,8 +125,7 @@ def _write_image(path, rng, size=(12, 10), mode="RGB", block=1):
   return arr
 
 
-def test_image_folder_source(tmp_path):
-  rng = np.random.default_rng()
+def test_image_folder_source(tmp_path, rng):
   expected = {}
   for c, folder in enumerate(["n02", "n01", "n03"]):
     (tmp_path / folder).mkdir()
@@ -174,8 +173,7 @@ CROP_CASES = [(101, 67, 16), (67, 101, 16), (97, 255, 12), (33, 31, 16), (9, 13,
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_center_crop_matches_an_independent_reference(tmp_path, mode):
-  rng = np.random.default_rng()
+def test_center_crop_matches_an_independent_reference(tmp_path, mode, rng):
   for width, height, size in CROP_CASES:
     channels = (3,) if mode == "RGB" else ()
     pixels = rng.integers(0, 256, (height, width, *channels), dtype=np.uint8)
@@ -194,8 +192,7 @@ def test_center_crop_matches_an_independent_reference(tmp_path, mode):
   assert np.abs(direct.astype(int) - _adm_crop_reference(image, 16)).max() > 10
 
 
-def test_image_folder_bad_layouts_and_images(tmp_path):
-  rng = np.random.default_rng()
+def test_image_folder_bad_layouts_and_images(tmp_path, rng):
   flat = tmp_path / "flat"
   flat.mkdir()
   _write_image(flat / "a.png", rng)
@@ -216,10 +213,10 @@ def test_image_folder_bad_layouts_and_images(tmp_path):
   assert image_sources.ImageFolderSource(str(good), skip_bad_records=True)[1] is None
 
 
-def test_image_text_jsonl_source(tmp_path):
-  rng = np.random.default_rng()
+def test_image_text_jsonl_source(tmp_path, rng, seed):
   (tmp_path / "img").mkdir()
-  prompts = [_words(random.Random(), 5) for _ in range(3)]
+  words = random.Random(seed)
+  prompts = [_words(words, 5) for _ in range(3)]
   arrays = [_write_image(tmp_path / "img" / f"{i}.jpg", rng, (16, 16), block=8) for i in range(3)]
   lines = [json.dumps({"image": f"img/{i}.jpg", "prompt": p}) for i, p in enumerate(prompts)]
   lines += [json.dumps({"image": "img/missing.jpg", "prompt": "x"}), json.dumps({"prompt": "x"})]
@@ -229,8 +226,10 @@ def test_image_text_jsonl_source(tmp_path):
   assert len(src) == 5
   for i in range(3):
     assert src[i]["prompt"] == prompts[i]
-    # JPEG is lossy: compare loosely.
-    assert np.abs(src[i]["image"].astype(int) - arrays[i]).mean() < 12
+    # JPEG is lossy (random colours, chroma subsampling): a mean error of 8-14 over 400 seeds,
+    # against ~85 between two different random images.
+    errors = [np.abs(src[i]["image"].astype(int) - a).mean() for a in arrays]
+    assert errors[i] < 20 and errors[i] < min(e for j, e in enumerate(errors) if j != i) / 3
   with pytest.raises(sources.BadRecordError, match=rf"{path}:4: .*missing.jpg: image file not found"):
     src[3]
   with pytest.raises(sources.BadRecordError, match=rf'{path}:5: needs string fields "image"'):

@@ -15,9 +15,9 @@ def _random_corpus(seed: int, n: int = 300) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, module_seed):
   out = tmp_path_factory.mktemp("tok")
-  corpus = _random_corpus(random.randrange(1 << 30))
+  corpus = _random_corpus(module_seed("corpus"))
   return tok_lib.train_sentencepiece(corpus, 500, str(out)), corpus, str(out)
 
 
@@ -31,9 +31,9 @@ def test_special_ids_follow_base_vocab(trained):
   assert tok.newline_ids == [13]  # byte piece <0x0A>, as "\n" after <|im_end|> in the official ids
 
 
-def test_roundtrip_and_specials(trained):
+def test_roundtrip_and_specials(trained, seed):
   tok, corpus, _ = trained
-  rng = random.Random()
+  rng = random.Random(seed)
   for text in rng.sample(corpus, 5):
     ids = tok.encode(text, bos=True, eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
@@ -69,11 +69,11 @@ def test_vocab_too_small_is_a_clear_error(tmp_path):
     tok_lib.train_sentencepiece(["some words here"] * 10, 100, str(tmp_path))
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, rng):
   with pytest.raises(FileNotFoundError, match="nope.model"):
     tok_lib.load_sentencepiece(str(tmp_path / "nope.model"))
   bad = tmp_path / "bad.model"
-  bad.write_bytes(os.urandom(64))
+  bad.write_bytes(rng.bytes(64))
   with pytest.raises(ValueError, match="bad.model"):
     tok_lib.load_sentencepiece(str(bad))
 
@@ -85,17 +85,17 @@ def test_load_sentencepiece_file(trained):
   assert loaded.encode(corpus[1]) == tok.encode(corpus[1])
 
 
-def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch):
+def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch, seed):
   """Resuming or sampling a run never retrains its tokenizer, even if the corpus changed since."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from monoformer_jax.train import setup  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict({"data": {"tokenizer": "train", "tokenizer_vocab_size": 300}})
-  first = _random_corpus(random.randrange(1 << 30))
+  first = _random_corpus(seed)
   monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)
   tok = setup.build_tokenizer(config, str(tmp_path))
   text = first[0]
   # Before any checkpoint a changed corpus retrains (the cache is keyed by the corpus) ...
-  second = _random_corpus(random.randrange(1 << 30))
+  second = _random_corpus(seed + 1)
   monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: second)
   assert setup.build_tokenizer(config, str(tmp_path)).encode(text) != tok.encode(text)
   # ... once the run has a checkpoint, its saved tokenizer is what every later call gets.

@@ -10,8 +10,13 @@ import pytest
 from monoformer_jax import diffusion as dif
 
 
-def _rand(seed, shape, scale=1.0):
-  return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+def _key(seed, k):
+  """The k-th key of a test (its seed from the `seed` fixture)."""
+  return jax.random.fold_in(jax.random.key(seed), k)
+
+
+def _rand(seed, k, shape, scale=1.0):
+  return scale * jax.random.normal(_key(seed, k), shape, jnp.float32)
 
 
 def test_linear_schedule_scales_with_step_count():
@@ -70,11 +75,11 @@ def test_float32_tables_are_the_cast_float64_tables():
 
 
 @pytest.mark.parametrize("t", [3, 400, 990])
-def test_q_sample_marginals_match_closed_form(t):
+def test_q_sample_marginals_match_closed_form(t, seed):
   """Empirical mean/variance of q(x_t|x_0) over 40k draws vs sqrt(ab) x0 and 1 - ab."""
   chain = dif.create_gaussian_diffusion()
-  n, x0 = 40000, _rand(0, (1, 3, 2), 0.8)
-  noise = _rand(t + 1, (n, 3, 2))
+  n, x0 = 40000, _rand(seed, 0, (1, 3, 2), 0.8)
+  noise = _rand(seed, 1, (n, 3, 2))
   tt = jnp.full((n,), t, jnp.int32)
   x_t = np.asarray(dif.q_sample(chain, jnp.broadcast_to(x0, (n, 3, 2)), tt, noise), np.float64)
   ab = np.cumprod(1 - dif.linear_betas(1000))[t]
@@ -86,10 +91,10 @@ def test_q_sample_marginals_match_closed_form(t):
   assert np.all(np.abs(x_t.var(0) / (1 - ab) - 1) < 5 * math.sqrt(2 / n))
 
 
-def test_q_posterior_is_the_gaussian_product():
+def test_q_posterior_is_the_gaussian_product(seed):
   """The posterior mean/var agree with q(x_t|x_{t-1}) q(x_{t-1}|x_0) done by hand in float64."""
   chain = dif.create_gaussian_diffusion()
-  x0, x_t = _rand(1, (4, 5, 3)), _rand(2, (4, 5, 3))
+  x0, x_t = _rand(seed, 1, (4, 5, 3)), _rand(seed, 2, (4, 5, 3))
   t = jnp.array([1, 10, 500, 999])
   post = dif.q_posterior(chain, x0, x_t, t)
   betas = dif.linear_betas(1000)
@@ -103,9 +108,9 @@ def test_q_posterior_is_the_gaussian_product():
 
 
 @pytest.mark.parametrize("sigma_small", [False, True])
-def test_p_mean_variance_fixed_variances(sigma_small):
+def test_p_mean_variance_fixed_variances(sigma_small, seed):
   chain = dif.create_gaussian_diffusion(respacing="50", learn_sigma=False, sigma_small=sigma_small)
-  x, eps = _rand(3, (3, 4, 4, 2)), _rand(4, (3, 4, 4, 2))
+  x, eps = _rand(seed, 3, (3, 4, 4, 2)), _rand(seed, 4, (3, 4, 4, 2))
   t = jnp.array([0, 7, 49])
   pred = dif.p_mean_variance(chain, eps, x, t)
   betas, _ = dif.respaced_float64(1000, "linear", "50")
@@ -119,9 +124,9 @@ def test_p_mean_variance_fixed_variances(sigma_small):
     dif.p_mean_variance(chain, jnp.concatenate([eps, eps], -1), x, t)
 
 
-def test_learned_range_interpolates_log_variance():
+def test_learned_range_interpolates_log_variance(seed):
   chain = dif.create_gaussian_diffusion()
-  x, eps = _rand(5, (2, 3, 4)), _rand(6, (2, 3, 4))
+  x, eps = _rand(seed, 5, (2, 3, 4)), _rand(seed, 6, (2, 3, 4))
   t = jnp.array([5, 600])
   lo = dif.p_mean_variance(chain, jnp.concatenate([eps, -jnp.ones_like(x)], -1), x, t)
   hi = dif.p_mean_variance(chain, jnp.concatenate([eps, jnp.ones_like(x)], -1), x, t)
@@ -131,14 +136,14 @@ def test_learned_range_interpolates_log_variance():
                              np.log(np.asarray(chain.betas[t])), rtol=1e-6)
 
 
-def test_training_loss_gradients_split_between_mean_and_variance():
+def test_training_loss_gradients_split_between_mean_and_variance(seed):
   """mse trains only the eps channels, vb only the variance channels (stop-gradient on eps)."""
   chain = dif.create_gaussian_diffusion()
-  key = jax.random.PRNGKey(7)
-  x0, noise = _rand(8, (4, 4, 4, 3), 0.5), _rand(9, (4, 4, 4, 3))
+  key = _key(seed, 7)
+  x0, noise = _rand(seed, 8, (4, 4, 4, 3), 0.5), _rand(seed, 9, (4, 4, 4, 3))
   t = jax.random.randint(key, (4,), 1, 1000)
   x_t = dif.q_sample(chain, x0, t, noise)
-  out = jnp.concatenate([_rand(10, x0.shape), jax.random.uniform(key, x0.shape, minval=-1.0)], -1)
+  out = jnp.concatenate([_rand(seed, 10, x0.shape), jax.random.uniform(key, x0.shape, minval=-1.0)], -1)
   g_vb = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t)["vb"]))(out)
   g_mse = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t)["mse"]))(out)
   assert np.all(np.asarray(g_vb[..., :3]) == 0) and np.any(np.asarray(g_vb[..., 3:]) != 0)
@@ -149,16 +154,16 @@ def test_training_loss_gradients_split_between_mean_and_variance():
   np.testing.assert_allclose(np.asarray(terms["loss"]), np.asarray(terms["mse"] + terms["vb"]))
 
 
-def test_vb_is_zero_for_the_true_posterior_and_positive_otherwise():
+def test_vb_is_zero_for_the_true_posterior_and_positive_otherwise(seed):
   """With the exact eps and the posterior variance (v = -1 at t where it is the lower end)."""
   chain = dif.create_gaussian_diffusion()
-  x0, noise = _rand(11, (3, 8, 2), 0.5), _rand(12, (3, 8, 2))
+  x0, noise = _rand(seed, 11, (3, 8, 2), 0.5), _rand(seed, 12, (3, 8, 2))
   t = jnp.array([2, 300, 999])
   x_t = dif.q_sample(chain, x0, t, noise)
   exact = jnp.concatenate([noise, -jnp.ones_like(noise)], -1)
   vb = dif.vb_terms_bpd(chain, exact, x0, x_t, t)
   assert np.all(np.abs(np.asarray(vb)) < 1e-4)
-  off = dif.vb_terms_bpd(chain, exact + 0.3 * _rand(13, exact.shape), x0, x_t, t)
+  off = dif.vb_terms_bpd(chain, exact + 0.3 * _rand(seed, 13, exact.shape), x0, x_t, t)
   assert np.all(np.asarray(off) > 1e-4)
 
 
@@ -170,9 +175,9 @@ def test_decoder_nll_at_t0_is_a_probability():
   assert float(jnp.sum(jnp.exp(logp))) == pytest.approx(1.0, abs=2e-3)
 
 
-def test_predict_xstart_objective_targets_x0():
+def test_predict_xstart_objective_targets_x0(seed):
   chain = dif.create_gaussian_diffusion(learn_sigma=False, predict_xstart=True)
-  x0, noise = _rand(14, (2, 6, 2)), _rand(15, (2, 6, 2))
+  x0, noise = _rand(seed, 14, (2, 6, 2)), _rand(seed, 15, (2, 6, 2))
   t = jnp.array([10, 700])
   x_t = dif.q_sample(chain, x0, t, noise)
   terms = dif.training_losses(chain, x0, x0, x_t, noise, t)
@@ -182,7 +187,7 @@ def test_predict_xstart_objective_targets_x0():
 
 
 @pytest.mark.parametrize("predict_xstart", [False, True])
-def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(predict_xstart):
+def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(predict_xstart, seed):
   """Min-SNR-gamma: the weighted mse of step t is min(SNR_t, gamma) x |x0 - x0_pred|^2.
 
   SNR from float64 linear betas here; the x_0 error from the eps prediction through the
@@ -194,9 +199,9 @@ def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(pr
   t = jnp.array([0, 3, 40, 150, 400, 999])  # SNR from ~1e4 down to ~4e-5: both sides of gamma
   snr = ac[np.asarray(t)] / (1.0 - ac[np.asarray(t)])
   assert (snr > gamma).any() and (snr < gamma).any()
-  x0, noise = _rand(16, (6, 4, 4, 2), 0.5), _rand(17, (6, 4, 4, 2))
+  x0, noise = _rand(seed, 16, (6, 4, 4, 2), 0.5), _rand(seed, 17, (6, 4, 4, 2))
   x_t = dif.q_sample(chain, x0, t, noise)
-  out = jnp.concatenate([_rand(18, x0.shape), jax.random.uniform(jax.random.PRNGKey(19),
+  out = jnp.concatenate([_rand(seed, 18, x0.shape), jax.random.uniform(_key(seed, 19),
                                                                    x0.shape, minval=-1.0)], -1)
   plain = dif.training_losses(chain, out, x0, x_t, noise, t)
   weighted = dif.training_losses(chain, out, x0, x_t, noise, t, min_snr_gamma=gamma)
@@ -216,13 +221,13 @@ def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(pr
   np.testing.assert_allclose(np.asarray(g[..., 2:]), np.asarray(g_plain[..., 2:]), rtol=1e-6)
 
 
-def test_min_snr_objective_option():
+def test_min_snr_objective_option(seed):
   obj = dif.make_objective("gaussian", min_snr_gamma=5.0)
   assert obj.min_snr_gamma == 5.0 and dif.make_objective("gaussian").min_snr_gamma == 0.0
-  x0, noise = _rand(20, (3, 4, 1), 0.5), _rand(21, (3, 4, 1))
+  x0, noise = _rand(seed, 20, (3, 4, 1), 0.5), _rand(seed, 21, (3, 4, 1))
   t = jnp.array([5, 200, 900])
   x_t = obj.add_noise(x0, noise, t)
-  out = _rand(22, (3, 4, 2))
+  out = _rand(seed, 22, (3, 4, 2))
   np.testing.assert_allclose(
       np.asarray(obj.loss(out, x0, x_t, noise, t)["loss"]),
       np.asarray(dif.training_losses(obj.diffusion, out, x0, x_t, noise, t, 5.0)["loss"]))

@@ -8,8 +8,13 @@ import pytest
 from monoformer_jax import diffusion as dif
 
 
-def _rand(seed, shape, scale=1.0):
-  return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+def _key(seed, k):
+  """The k-th key of a test (its seed from the `seed` fixture)."""
+  return jax.random.fold_in(jax.random.key(seed), k)
+
+
+def _rand(seed, k, shape, scale=1.0):
+  return scale * jax.random.normal(_key(seed, k), shape, jnp.float32)
 
 
 def toy_eps_model(x, model_t):
@@ -38,10 +43,10 @@ def _ddim_roundtrip(respacing, x_T):
   return run, back
 
 
-def test_ddim_eta0_is_deterministic_and_invertible():
-  x_T = _rand(0, (3, 4, 4, 2))
+def test_ddim_eta0_is_deterministic_and_invertible(seed):
+  x_T = _rand(seed, 0, (3, 4, 4, 2))
   run, back = _ddim_roundtrip("ddim500", x_T)
-  x0_a, x0_b = run(x_T, jax.random.PRNGKey(1), 0.0), run(x_T, jax.random.PRNGKey(2), 0.0)
+  x0_a, x0_b = run(x_T, _key(seed, 1), 0.0), run(x_T, _key(seed, 2), 0.0)
   np.testing.assert_array_equal(np.asarray(x0_a), np.asarray(x0_b))   # the rng does not matter
   # The deterministic flow maps N(0, 1) onto the data law: x_0 = mean + std * x_T.
   np.testing.assert_allclose(np.asarray(x0_a), GAUSS_MEAN + GAUSS_STD * np.asarray(x_T),
@@ -50,17 +55,17 @@ def test_ddim_eta0_is_deterministic_and_invertible():
   assert err < 2e-2 * float(jnp.max(jnp.abs(x_T))), err
   # Inversion is first order in the step size: 5x fewer steps, several times the error.
   run_100, back_100 = _ddim_roundtrip("ddim100", x_T)
-  err_100 = float(jnp.max(jnp.abs(back_100(run_100(x_T, jax.random.PRNGKey(1), 0.0)) - x_T)))
+  err_100 = float(jnp.max(jnp.abs(back_100(run_100(x_T, _key(seed, 1), 0.0)) - x_T)))
   assert 3 * err < err_100 < 10 * err
-  noisy_1, noisy_2 = run(x_T, jax.random.PRNGKey(1), 1.0), run(x_T, jax.random.PRNGKey(2), 1.0)
+  noisy_1, noisy_2 = run(x_T, _key(seed, 1), 1.0), run(x_T, _key(seed, 2), 1.0)
   assert float(jnp.max(jnp.abs(noisy_1 - noisy_2))) > 1e-2   # eta > 0 does use the noise
 
 
-def test_ddim_eta1_equals_ddpm_with_posterior_variance():
+def test_ddim_eta1_equals_ddpm_with_posterior_variance(seed):
   """DDIM(eta=1) has the DDPM posterior mean and variance: same noise, same trajectory."""
   chain = dif.create_gaussian_diffusion(respacing="25", learn_sigma=False, sigma_small=True)
   model = lambda x, t: toy_eps_model(x, t)[..., :x.shape[-1]]   # noqa: E731
-  x_T, key = _rand(3, (2, 5, 3)), jax.random.PRNGKey(4)
+  x_T, key = _rand(seed, 3, (2, 5, 3)), _key(seed, 4)
   noise_fn = dif.per_sample_noise_fn(key, None, 2)
   ddpm = dif.ddpm_sample_loop(chain, model, x_T, noise_fn)
   ddim = dif.ddim_sample_loop(chain, model, x_T, noise_fn, eta=1.0)
@@ -94,7 +99,7 @@ def _traced(sample_fn, num_steps, channels=2):
     calls.append(1)
     return toy_eps_model(x, t)[..., :channels]
   jaxpr = jax.make_jaxpr(lambda x, key: sample_fn(counting_model, x, key, num_steps))(
-      _rand(5, (2, 3, 2)), jax.random.PRNGKey(0))
+      jnp.zeros((2, 3, 2)), jax.random.key(0))  # traced only: the values never matter
   return (*_loops_and_size(jaxpr), len(calls))
 
 
@@ -139,10 +144,10 @@ def test_one_loop_check_rejects_a_python_loop():
   assert loops_5 == loops_40 == [] and (calls_5, calls_40) == (5, 40) and size_40 > size_5
 
 
-def test_per_sample_noise_does_not_depend_on_the_batch():
+def test_per_sample_noise_does_not_depend_on_the_batch(seed):
   """Samples 4..7 come out the same drawn alone or inside a batch of 8 (noise by fold_in)."""
   objective = dif.make_objective("gaussian")
-  key, start = jax.random.PRNGKey(6), jax.random.PRNGKey(7)
+  key, start = _key(seed, 6), _key(seed, 7)
   ids = jnp.arange(8)
   x_T = dif.sample_noise(start, ids, (3, 3, 2))
   part = dif.sample_noise(start, ids[4:], (3, 3, 2))
@@ -154,8 +159,8 @@ def test_per_sample_noise_does_not_depend_on_the_batch():
   assert float(jnp.max(jnp.abs(full[:4] - full[4:]))) > 0.1   # different samples differ
 
 
-def test_guidance_scale_one_is_the_conditional_output():
-  cond, uncond = _rand(8, (2, 4, 4, 8)), _rand(9, (2, 4, 4, 8))
+def test_guidance_scale_one_is_the_conditional_output(seed):
+  cond, uncond = _rand(seed, 8, (2, 4, 4, 8)), _rand(seed, 9, (2, 4, 4, 8))
   for mode in dif.CFG_MODES:
     np.testing.assert_allclose(np.asarray(dif.guided_output(cond, uncond, 1.0, mode)),
                                np.asarray(cond), rtol=1e-6, atol=1e-6)
@@ -163,13 +168,13 @@ def test_guidance_scale_one_is_the_conditional_output():
   def model(x, t):   # the unconditional half [B, 2B) is offset by 1
     uncond = (jnp.arange(x.shape[0]) >= x.shape[0] // 2).astype(x.dtype).reshape(-1, 1, 1, 1)
     return toy_eps_model(x, t) + uncond
-  x, t = _rand(10, (2, 4, 4, 4)), jnp.array([300.0, 700.0])
+  x, t = _rand(seed, 10, (2, 4, 4, 4)), jnp.array([300.0, 700.0])
   guided = dif.cfg_denoise_fn(model, 1.0)(x, t)
   np.testing.assert_allclose(np.asarray(guided), np.asarray(toy_eps_model(x, t)), atol=1e-5)
 
 
-def test_guidance_modes_guide_the_right_channels():
-  cond, uncond, s = _rand(11, (3, 2, 8)), _rand(12, (3, 2, 8)), 4.0
+def test_guidance_modes_guide_the_right_channels(seed):
+  cond, uncond, s = _rand(seed, 11, (3, 2, 8)), _rand(seed, 12, (3, 2, 8)), 4.0
   mixed = np.asarray(uncond + s * (cond - uncond))
   eps_mode = np.asarray(dif.guided_output(cond, uncond, s, "eps"))
   np.testing.assert_allclose(eps_mode[..., :4], mixed[..., :4], rtol=1e-6)
@@ -183,9 +188,9 @@ def test_guidance_modes_guide_the_right_channels():
     dif.guided_output(cond, uncond, s, "all")
 
 
-def test_forward_with_cfg_official_semantics():
+def test_forward_with_cfg_official_semantics(seed):
   """Second half of x_t ignored, guided channels 0..2 in both halves, the rest per row."""
-  x = jnp.concatenate([_rand(13, (2, 4, 4, 4)), 5.0 + _rand(14, (2, 4, 4, 4))])
+  x = jnp.concatenate([_rand(seed, 13, (2, 4, 4, 4)), 5.0 + _rand(seed, 14, (2, 4, 4, 4))])
   t = jnp.full((4,), 500.0)
   branch = jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1, 1, 1)
   model = lambda x, t: toy_eps_model(x, t) * (1.0 + branch)   # noqa: E731  uncond rows differ
@@ -198,14 +203,14 @@ def test_forward_with_cfg_official_semantics():
   np.testing.assert_allclose(out[2:, ..., 3:], u[..., 3:], rtol=1e-6)
 
 
-def test_flow_samplers_integrate_exactly_where_they_should():
+def test_flow_samplers_integrate_exactly_where_they_should(seed):
   """Constant velocity: Euler and Heun land on x_T - v. Point-mass data: Euler hits it."""
-  x_T, v = _rand(15, (4, 3, 2)), _rand(16, (1, 3, 2))
+  x_T, v = _rand(seed, 15, (4, 3, 2)), _rand(seed, 16, (1, 3, 2))
   const = lambda x, t: jnp.broadcast_to(v, x.shape)   # noqa: E731
   for sampler in dif.FLOW_SAMPLERS:
     out = dif.flow_sample_loop(const, x_T, 7, sampler)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x_T - v), rtol=1e-5, atol=1e-5)
-  target = _rand(17, (1, 3, 2))
+  target = _rand(seed, 17, (1, 3, 2))
 
   def exact_velocity(x, model_t):   # E[noise - x0 | x_t] for data == target
     t = (model_t / 1000.0).reshape(-1, 1, 1)
@@ -215,10 +220,10 @@ def test_flow_samplers_integrate_exactly_where_they_should():
                              atol=1e-5)
 
 
-def test_flow_objective_interface():
+def test_flow_objective_interface(seed):
   objective = dif.make_objective("flow")
-  x0, noise = _rand(18, (5, 4, 2)), _rand(19, (5, 4, 2))
-  t = objective.sample_timesteps(jax.random.PRNGKey(0), (5,))
+  x0, noise = _rand(seed, 18, (5, 4, 2)), _rand(seed, 19, (5, 4, 2))
+  t = objective.sample_timesteps(_key(seed, 0), (5,))
   assert t.dtype == jnp.float32 and np.all((np.asarray(t) >= 0) & (np.asarray(t) < 1))
   np.testing.assert_allclose(np.asarray(objective.model_timesteps(t)), 1000 * np.asarray(t))
   np.testing.assert_allclose(np.asarray(objective.add_noise(x0, noise, jnp.zeros(5))), x0)
@@ -230,35 +235,35 @@ def test_flow_objective_interface():
   # A learn_sigma model's variance half is ignored.
   wide = dif.make_objective("flow", learn_sigma=True)
   assert wide.output_channels(4) == 8
-  out = jnp.concatenate([noise - x0, _rand(20, x0.shape)], -1)
+  out = jnp.concatenate([noise - x0, _rand(seed, 20, x0.shape)], -1)
   assert np.all(np.asarray(wide.loss(out, x0, x_t, noise, t)["loss"]) == 0)
   with pytest.raises(ValueError):
     objective.sample(toy_eps_model, x0, None, sampler="ddpm", num_steps=3)
 
 
-def test_gaussian_objective_interface():
+def test_gaussian_objective_interface(seed):
   objective = dif.make_objective("gaussian", beta_schedule="linear", num_timesteps=1000)
   assert objective.output_channels(4) == 8
-  t = objective.sample_timesteps(jax.random.PRNGKey(1), (2, 3))
+  t = objective.sample_timesteps(_key(seed, 1), (2, 3))
   assert t.shape == (2, 3) and t.dtype == jnp.int32
   assert np.all((np.asarray(t) >= 0) & (np.asarray(t) < 1000))
   assert objective.sampling_diffusion(20).num_timesteps == 20
   np.testing.assert_array_equal(np.asarray(objective.sampling_diffusion(20).timestep_map)[[0, -1]],
                                 [0, 999])
   with pytest.raises(ValueError):
-    objective.sample(toy_eps_model, _rand(0, (1, 2)), jax.random.PRNGKey(0), sampler="euler",
+    objective.sample(toy_eps_model, _rand(seed, 0, (1, 2)), _key(seed, 0), sampler="euler",
                      num_steps=3)
   with pytest.raises(ValueError):
     dif.make_objective("vpred")
 
 
 @pytest.mark.parametrize("kind", dif.OBJECTIVE_KINDS)
-def test_objectives_are_pytrees_through_jit(kind):
+def test_objectives_are_pytrees_through_jit(kind, seed):
   """The train step passes the objective into jit: same numbers as the eager call."""
   objective = dif.make_objective(kind, learn_sigma=True)
-  x0, noise = _rand(21, (3, 2, 2, 4)), _rand(22, (3, 2, 2, 4))
-  t = objective.sample_timesteps(jax.random.PRNGKey(3), (3,))
-  out = _rand(23, (3, 2, 2, 8), 0.5)
+  x0, noise = _rand(seed, 21, (3, 2, 2, 4)), _rand(seed, 22, (3, 2, 2, 4))
+  t = objective.sample_timesteps(_key(seed, 3), (3,))
+  out = _rand(seed, 23, (3, 2, 2, 8), 0.5)
 
   def terms(obj, x0, noise, t, out):
     x_t = obj.add_noise(x0, noise, t)

@@ -63,8 +63,8 @@ def train(objective, model, params, steps, rng, batch=512, lr=3e-3):
   return run(params, rng)
 
 
-def matches_data(samples) -> tuple[bool, dict]:
-  data = np.asarray(draw_data(jax.random.PRNGKey(123), 20000), np.float64)
+def matches_data(samples, key) -> tuple[bool, dict]:
+  data = np.asarray(draw_data(key, 20000), np.float64)
   s = np.asarray(samples, np.float64)
   if not np.all(np.isfinite(s)):
     return False, {"finite": False}
@@ -79,20 +79,21 @@ def matches_data(samples) -> tuple[bool, dict]:
 
 @pytest.mark.parametrize("kind,sampler,num_steps,train_steps", [
     ("gaussian", "ddpm", 100, 800), ("flow", "euler", 50, 400), ("flow", "heun", 25, 400)])
-def test_toy_mixture_is_learned(kind, sampler, num_steps, train_steps):
+def test_toy_mixture_is_learned(kind, sampler, num_steps, train_steps, seed):
+  k_init, k_noise, k_sample, k_train, k_data = jax.random.split(jax.random.key(seed), 5)
   objective = dif.make_objective(kind)
   model = MLPDenoiser(objective.output_channels(2))
-  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
-  x_T = dif.sample_noise(jax.random.PRNGKey(5), jnp.arange(2000), (2,))
+  init = model.init(k_init, jnp.zeros((1, 2)), jnp.zeros((1,)))
+  x_T = dif.sample_noise(k_noise, jnp.arange(2000), (2,))
 
   @jax.jit
   def sample(params, x_T):
     denoise = lambda x, t: model.apply(params, x, t)   # noqa: E731
-    return objective.sample(denoise, x_T, jax.random.PRNGKey(7), sampler=sampler,
+    return objective.sample(denoise, x_T, k_sample, sampler=sampler,
                             num_steps=num_steps)
 
-  untrained_ok, untrained = matches_data(sample(init, x_T))
+  untrained_ok, untrained = matches_data(sample(init, x_T), k_data)
   assert not untrained_ok, untrained
-  trained = train(objective, model, init, train_steps, jax.random.PRNGKey(1))
-  ok, stats = matches_data(sample(trained, x_T))
+  trained = train(objective, model, init, train_steps, k_train)
+  ok, stats = matches_data(sample(trained, x_T), k_data)
   assert ok, stats

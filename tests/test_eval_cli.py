@@ -12,10 +12,11 @@ from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import eval_config, image_suites
 from monoformer_jax.evaluation import multiple_choice as mc
 from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
-from tests.helpers import shared_tiny_run, tensorboard_scalars
+from tests.helpers import shared_digit_classifier, shared_tiny_run, tensorboard_scalars
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = subprocess_env()
 pytestmark = pytest.mark.slow  # reads the shared tiny run and uses the digit classifier
 
 
@@ -32,8 +33,7 @@ def eval_fields(**fields):
   return config
 
 
-def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
-  rng = np.random.default_rng()
+def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, rng):
   tasks = tmp_path / "tasks"
   tasks.mkdir()
   piqa = [{"goal": f"How do I open a {w}?", "sol1": "Twist the lid.", "sol2": "Sing to it.",
@@ -47,7 +47,7 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory):
   images, labels = mnist.load_mnist5k()
   pick = rng.choice(len(images), 64, replace=False)
   np.savez(tmp_path / "samples.npz", images=images[pick], labels=labels[pick])
-  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")  # shared with test_eval_digits
+  cache = shared_digit_classifier(tmp_path_factory)
   report = evaluate.run_evaluation(run_dir, eval_fields(
       tasks_dir=str(tasks), text_file=str(text), samples=str(tmp_path / "samples.npz"),
       classifier_cache=cache, batch_size=3, pack_len=64))

@@ -7,18 +7,15 @@ import pytest
 
 from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import digit_classifier as dc
+from tests.helpers import shared_digit_classifier
 
 pytestmark = pytest.mark.slow  # trains a CNN once (~20-40 s on two cores)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  # A fixed name under the session's temp root, so test_eval_cli reuses the trained weights.
-  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")
-  start = time.time()
-  classifier = dc.load_or_train(cache)
-  print(f"digit classifier: {time.time() - start:.1f} s, held-out {classifier.heldout_accuracy}")
-  return classifier, cache
+  cache = shared_digit_classifier(tmp_path_factory)  # trained once per session, then loaded
+  return dc.load_or_train(cache), cache
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +42,9 @@ def test_accuracy_on_heldout_digits_and_cache(trained, heldout):
   assert again.heldout_accuracy == classifier.heldout_accuracy
 
 
-def test_digit_fid(trained, heldout):
+def test_digit_fid(trained, heldout, rng):
   classifier, _ = trained
   images, _ = heldout
-  rng = np.random.default_rng()
   order = rng.permutation(len(images))
   a, b = images[order[:250]], images[order[250:]]
   assert abs(dc.digit_fid(images, images, classifier)) < 1e-3

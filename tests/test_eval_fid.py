@@ -19,9 +19,10 @@ from monoformer_jax import evaluate
 from monoformer_jax.evaluation import eval_config, fid, image_suites
 from tests.helpers import (pytorch_fid_outputs, random_fid_state_dict, random_images,
                            tensorboard_scalars)
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = subprocess_env()
 N = 6  # samples and reference images: one batch, so the Inception compiles once
 
 
@@ -56,8 +57,7 @@ def hand_inception_score(logits, splits):
   return np.mean(scores), np.std(scores)
 
 
-def test_fid_suite_end_to_end_matches_pytorch_fid(tmp_path):
-  rng = np.random.default_rng()
+def test_fid_suite_end_to_end_matches_pytorch_fid(tmp_path, rng):
   state = random_fid_state_dict(seed=int(rng.integers(1 << 30)))
   # Grayscale samples (as the digits of the embedded default are), run through pytorch-fid in one
   # batch with the reference images; the reference is an ADM-style .npz of mu / sigma.
@@ -113,9 +113,8 @@ def colour_features(images):
   return {"pool": pool, "logits": np.concatenate([pool, -pool], axis=1) * 5}
 
 
-def test_references_from_folder_adm_images_and_adm_statistics_agree(tmp_path):
+def test_references_from_folder_adm_images_and_adm_statistics_agree(tmp_path, rng):
   from PIL import Image
-  rng = np.random.default_rng()
   reference = random_images(rng, (12, 9, 7, 3))
   samples = random_images(rng, (10, 9, 7, 3)) // 2  # darker: a clear distance to the reference
   (tmp_path / "folder").mkdir()
@@ -136,8 +135,7 @@ def test_references_from_folder_adm_images_and_adm_statistics_agree(tmp_path):
   assert [r.get("num_reference") for r in results] == [12, 12, None]  # stored statistics: unknown
 
 
-def test_fid_suite_errors_name_the_problem(tmp_path):
-  rng = np.random.default_rng()
+def test_fid_suite_errors_name_the_problem(tmp_path, rng):
   samples = random_images(rng, (6, 9, 7, 3))
   np.savez(tmp_path / "samples.npz", images=samples)
   np.savez(tmp_path / "stats.npz", mu=np.ones(2048), sigma=np.eye(2048))

@@ -64,8 +64,7 @@ def test_encode_pair_moves_trailing_space_into_the_continuation():
   assert ids == [97, 98, 99] and n == 1
 
 
-def test_packing_and_buckets():
-  rng = np.random.default_rng()
+def test_packing_and_buckets(rng):
   lengths = list(rng.integers(1, 300, 200))
   rows = _pack(lengths, 128)
   assert sorted(i for r in rows for i in r) == list(range(200))

@@ -22,7 +22,6 @@ from monoformer_jax.evaluation import perplexity as ppl
 from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
 
 VOCAB = 251
-SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printed on failure
 
 
 class WordTokenizer:
@@ -37,8 +36,8 @@ class WordTokenizer:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  torch.manual_seed(SEED % 1000)
+def model(tmp_path_factory, module_seed):
+  torch.manual_seed(module_seed("transformers weights"))
   cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -126,8 +125,8 @@ def _hf_loglikelihoods(hf, sequences, scored):
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory):
-  rng = np.random.default_rng(SEED)
+def fixture_dir(tmp_path_factory, module_seed):
+  rng = np.random.default_rng(module_seed("tasks"))
   d = tmp_path_factory.mktemp("tasks")
   records = {}
   for task in mc.TASKS:
@@ -159,7 +158,7 @@ def test_loglikelihoods_and_accuracies_match_transformers(model, fixture_dir):
         scored.append(len(cont_ids))
     ref = _hf_loglikelihoods(hf, sequences, scored)
     ours = np.concatenate(report[task]["loglikelihoods"])
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0, err_msg=f"{task} seed {SEED}")
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0, err_msg=task)
     assert report[task]["gold"] == golds
     # Hand check of the accuracies from transformers' numbers.
     acc = acc_norm = 0
@@ -178,9 +177,8 @@ def test_loglikelihoods_and_accuracies_match_transformers(model, fixture_dir):
   assert np.ptp(ours) > 0.1  # the choices are told apart
 
 
-def test_sharded_packed_and_truncated_scoring_agree(model, fixture_dir):
+def test_sharded_packed_and_truncated_scoring_agree(model, fixture_dir, rng):
   hf, config, params = model
-  rng = np.random.default_rng(SEED + 1)
   requests = [(list(rng.integers(3, VOCAB, n)), int(rng.integers(1, min(n - 1, 9) + 1)))
               for n in rng.integers(2, 60, 37)]
   assert len(jax.local_devices()) == 8
@@ -210,9 +208,8 @@ def test_sharded_packed_and_truncated_scoring_agree(model, fixture_dir):
     short.score([([5, 6], 2)])
 
 
-def test_perplexity_matches_a_direct_sliding_window(model, tmp_path):
+def test_perplexity_matches_a_direct_sliding_window(model, tmp_path, rng):
   hf, config, params = model
-  rng = np.random.default_rng(SEED + 2)
   text = _words(rng, 70) + ".\n" + _words(rng, 30)
   tok = WordTokenizer()
   ids = [1] + tok.encode(text)

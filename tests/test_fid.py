@@ -13,8 +13,7 @@ def random_statistics(rng, n, dim, shift=0.0):
 
 
 @pytest.mark.parametrize("n,dim", [(400, 64), (20, 48)])  # full rank; singular (n < dim)
-def test_frechet_distance_matches_pytorch_fid(n, dim):
-  rng = np.random.default_rng()
+def test_frechet_distance_matches_pytorch_fid(n, dim, rng):
   mu1, sigma1 = random_statistics(rng, n, dim)
   mu2, sigma2 = random_statistics(rng, n, dim, shift=rng.normal(size=dim) * 0.3)
   want = fid_score.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -23,11 +22,10 @@ def test_frechet_distance_matches_pytorch_fid(n, dim):
   assert abs(got - want) <= 1e-6 * abs(want), (got, want)
 
 
-def test_frechet_distance_eps_fallback_and_complex_root_match_pytorch_fid(monkeypatch):
+def test_frechet_distance_eps_fallback_and_complex_root_match_pytorch_fid(monkeypatch, rng):
   """Forces the rare paths: a non-finite first root (eps retry) and a complex root."""
   import scipy.linalg
   real_sqrtm = scipy.linalg.sqrtm
-  rng = np.random.default_rng()
   mu1, sigma1 = random_statistics(rng, 30, 12)
   mu2, sigma2 = random_statistics(rng, 30, 12, shift=0.5)
 
@@ -57,8 +55,7 @@ def test_frechet_distance_eps_fallback_and_complex_root_match_pytorch_fid(monkey
     fid.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
-def test_frechet_distance_closed_form_for_diagonal_covariances():
-  rng = np.random.default_rng()
+def test_frechet_distance_closed_form_for_diagonal_covariances(rng):
   mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
   var1, var2 = rng.uniform(0.5, 2.0, 5), rng.uniform(0.5, 2.0, 5)
   # Commuting covariances: Tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(v1) - sqrt(v2))^2.
@@ -75,7 +72,7 @@ def test_frechet_distance_rejects_mismatched_shapes():
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
 
 
-def test_inception_score_hand_checked():
+def test_inception_score_hand_checked(rng):
   # Split 1: four images, each certain of a different class: p(y) uniform over 4 -> IS = 4.
   # Split 2: four images all certain of class 0: p(y|x) = p(y) -> IS = 1.
   classes = np.array([0, 1, 2, 3, 0, 0, 0, 0])
@@ -83,15 +80,13 @@ def test_inception_score_hand_checked():
   mean, std = fid.inception_score(probs=probs, splits=2)
   np.testing.assert_allclose([mean, std], [2.5, 1.5], rtol=1e-12)
   # From logits: peaked logits give nearly one-hot probabilities; a fresh random class assignment.
-  rng = np.random.default_rng()
   classes = rng.permutation(1008)[:10]
   logits = rng.normal(size=(10, 1008)) + 60.0 * np.eye(1008)[classes]
   mean, std = fid.inception_score(logits=logits, splits=1)
   np.testing.assert_allclose([mean, std], [10.0, 0.0], rtol=1e-6, atol=1e-9)
 
 
-def test_inception_score_from_logits_equals_from_softmax():
-  rng = np.random.default_rng()
+def test_inception_score_from_logits_equals_from_softmax(rng):
   logits = rng.normal(size=(12, 30)) * 3
   probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
   kl = [np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1) for p in np.split(probs, 3)]
@@ -102,8 +97,7 @@ def test_inception_score_from_logits_equals_from_softmax():
     fid.inception_score(logits=logits, splits=13)
 
 
-def test_running_statistics_match_numpy_with_large_offset():
-  rng = np.random.default_rng()
+def test_running_statistics_match_numpy_with_large_offset(rng):
   # A large common offset is where the naive sum-of-outer-products formula loses digits.
   features = rng.normal(size=(103, 16)) * 0.5 + 1e4
   stats = fid.RunningStatistics()
@@ -123,8 +117,7 @@ def colour_features(images):
   return np.concatenate([x.mean(axis=(1, 2)), (x ** 2).mean(axis=(1, 2, 3))[:, None]], axis=1)
 
 
-def test_reference_statistics_from_adm_npz(tmp_path):
-  rng = np.random.default_rng()
+def test_reference_statistics_from_adm_npz(tmp_path, rng):
   images = rng.integers(0, 256, (9, 8, 6, 3), dtype=np.uint8)
   images[:4] //= 2  # vary brightness so the covariance is not degenerate
   np.savez(tmp_path / "images_only.npz", arr_0=images)
@@ -150,9 +143,8 @@ def test_reference_statistics_from_adm_npz(tmp_path):
     fid.load_reference_statistics(tmp_path / "float.npz", colour_features)
 
 
-def test_statistics_from_folder(tmp_path):
+def test_statistics_from_folder(tmp_path, rng):
   from PIL import Image
-  rng = np.random.default_rng()
   arrays = [rng.integers(0, 256, shape, dtype=np.uint8)
             for shape in [(8, 6, 3)] * 3 + [(5, 7, 3)] * 2 + [(8, 6, 3)]]
   for i, array in enumerate(arrays):
@@ -177,8 +169,7 @@ def test_statistics_from_folder(tmp_path):
     fid.statistics_from_folder(str(tmp_path / "empty"), features_fn)
 
 
-def test_fid_from_features_zero_for_same_set_and_grows_with_shift():
-  rng = np.random.default_rng()
+def test_fid_from_features_zero_for_same_set_and_grows_with_shift(rng):
   a = rng.normal(size=(200, 8))
   assert abs(fid.fid_from_features(a, a)) < 1e-8
   assert fid.fid_from_features(a, a + 1.0) == pytest.approx(8.0, rel=1e-8)

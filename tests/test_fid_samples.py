@@ -10,6 +10,8 @@ import pytest
 
 from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import digit_classifier, fid_samples, image_suites
+from tests.helpers import shared_digit_classifier
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   work = tmp_path_factory.mktemp("fidrun") / "tiny"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
                          "--config=configs/mnist_tiny.py:test", f"--workdir={work}",
                          "--config.schedule.ar=0", "--config.sampling.num_steps=3"],
@@ -46,8 +48,7 @@ def _write_chunks(out_dir, num_samples, chunk, rng):
   return images, labels
 
 
-def test_load_samples_checks_that_every_chunk_is_there(tmp_path):
-  rng = np.random.default_rng()
+def test_load_samples_checks_that_every_chunk_is_there(tmp_path, rng):
   images, labels = _write_chunks(tmp_path / "ok", 23, 5, rng)
   got_images, got_labels = fid_samples.load_samples(str(tmp_path / "ok"))
   np.testing.assert_array_equal(got_images, images)
@@ -101,7 +102,7 @@ def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_fa
   # The digit FID against real held-out MNIST digits (the classifier never trained on them).
   images, _ = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(images))
-  cache = str(tmp_path_factory.getbasetemp() / "digit_classifier_cache")  # shared with test_eval_*
+  cache = shared_digit_classifier(tmp_path_factory)
   classifier = digit_classifier.load_or_train(cache)
   f1 = digit_classifier.digit_fid(img1, images[held], classifier)
   f8 = digit_classifier.digit_fid(img8, images[held], classifier)

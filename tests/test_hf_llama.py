@@ -12,8 +12,8 @@ from tests.helpers import build
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  torch.manual_seed(0)
+def hf_dir(tmp_path_factory, module_seed):
+  torch.manual_seed(module_seed("transformers weights"))
   cfg = transformers.LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=112,
                                  num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                                  rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -48,11 +48,10 @@ def _hf_logits(model, ids, mask):
     return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
-def test_logits_match_transformers_with_padding(hf_dir):
+def test_logits_match_transformers_with_padding(hf_dir, rng):
   path, model = hf_dir
   config, params = checkpoints.load_llama_checkpoint(str(path))
   assert (config.num_heads, config.num_kv_heads, config.vocab_size) == (6, 2, 211)
-  rng = np.random.default_rng(0)
   ids, mask = _ids(rng, [17, 9, 13], 17, 211)
   ours, ref = _ours_logits(config, params, ids, mask), _hf_logits(model, ids, mask)
   valid = mask.astype(bool)
@@ -60,22 +59,21 @@ def test_logits_match_transformers_with_padding(hf_dir):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
-def test_export_reloads_in_transformers(hf_dir, tmp_path):
+def test_export_reloads_in_transformers(hf_dir, tmp_path, rng):
   path, model = hf_dir
   config, params = checkpoints.load_llama_checkpoint(str(path))
   checkpoints.save_hf_llama(params, config, str(tmp_path / "out"))
   with pytest.raises(FileExistsError):
     checkpoints.save_hf_llama(params, config, str(tmp_path / "out"))
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
-  rng = np.random.default_rng(1)
   ids, mask = _ids(rng, [11, 6], 11, 211)
   np.testing.assert_array_equal(_hf_logits(reloaded, ids, mask), _hf_logits(model, ids, mask))
 
 
-def test_vocabulary_growth_and_fresh_image_path(hf_dir):
+def test_vocabulary_growth_and_fresh_image_path(hf_dir, seed):
   path, _ = hf_dir
   config, params = checkpoints.load_llama_checkpoint(str(path), vocab_size=215,
-                                                     rng=jax.random.key(3))
+                                                     rng=jax.random.key(seed))
   assert config.vocab_size == 215
   emb = params["embed_tokens"]["embedding"]
   assert emb.shape == (215, 48) and params["lm_head"]["kernel"].shape == (48, 215)

@@ -20,12 +20,12 @@ IMAGE_SHAPE = (2, 320, 211, 3)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, module_seed):
   """pytorch-fid's outputs with random weights, and the weights as a .pth."""
-  state = random_fid_state_dict(seed=int(np.random.default_rng().integers(1 << 30)))
+  state = random_fid_state_dict(seed=module_seed("weights"))
   path = tmp_path_factory.mktemp("inception") / "pt_inception_random.pth"
   torch.save(state, path)
-  images = random_images(np.random.default_rng(), IMAGE_SHAPE)
+  images = random_images(np.random.default_rng(module_seed("images")), IMAGE_SHAPE)
   return {"state": {k: v.numpy() for k, v in state.items()}, "path": path, "images": images,
           **pytorch_fid_outputs(state, images)}
 
@@ -37,8 +37,7 @@ def ours(reference):
       reference["images"])
 
 
-def test_resize_matrix_matches_torch_interpolate():
-  rng = np.random.default_rng()
+def test_resize_matrix_matches_torch_interpolate(rng):
   for in_size, out_size in ((7, 19), (320, 299), (211, 299), (299, 299), (1, 5), (600, 299)):
     signal = rng.normal(size=(in_size,)).astype(np.float32)
     want = torch.nn.functional.interpolate(

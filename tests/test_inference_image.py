@@ -62,22 +62,23 @@ def test_cached_loop_equals_full_recompute_and_the_official_trajectory(name, tes
   np.testing.assert_allclose(cached, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny_model(t_embed: str):
-  """One random tiny model per variant and test session (its params are read-only)."""
-  config = tiny_config(t_embed=t_embed, num_classes=3)
-  return config, random_params(config, seed=int(np.random.default_rng().integers(1000)),
-                               scale=0.5)
+@pytest.fixture(scope="module")
+def tiny_models(module_seed):
+  """tiny_models(t_embed): one random tiny model per variant (its params are read-only)."""
+  @functools.lru_cache(maxsize=None)
+  def get(t_embed: str):
+    config = tiny_config(t_embed=t_embed, num_classes=3)
+    return config, random_params(config, seed=module_seed(f"params {t_embed}"), scale=0.5)
+  return get
 
 
 @pytest.fixture(scope="module", params=["adaln_before_decoder", "add_before_image_tokens"])
-def tiny(request):
-  return _tiny_model(request.param)
+def tiny(request, tiny_models):
+  return tiny_models(request.param)
 
 
-def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny):
+def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny, rng):
   config, params = tiny
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 90, n), IMS] for n in (5, 1, 9)]
   kw = dict(uncond_prompt=[1, IMS], labels=[0, 2, 1], guidance_scale=3.0, num_steps=4,
             rng=jax.random.key(int(rng.integers(1 << 30))))
@@ -95,16 +96,15 @@ def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny):
 
 
 @pytest.fixture(scope="module")
-def t_token_model():
-  return _tiny_model("add_before_image_tokens")
+def t_token_model(tiny_models):
+  return tiny_models("add_before_image_tokens")
 
 
 @pytest.mark.parametrize("kind,sampler,eta,clip", [
     ("gaussian", "ddim", 0.0, True), ("gaussian", "ddim", 0.8, False),
     ("flow", "euler", 0.0, False), ("flow", "heun", 0.0, False)])
-def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler, eta, clip):
+def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler, eta, clip, rng):
   config, params = t_token_model
-  rng = np.random.default_rng()
   objective = diffusion.make_objective(kind, learn_sigma=config.learn_sigma)
   prompts = [[1, *rng.integers(3, 90, n), IMS] for n in (6, 2)]
   kw = dict(uncond_prompt=[1, IMS], labels=[2, 0], guidance_scale=2.5, sampler=sampler,
@@ -113,13 +113,20 @@ def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler
   cached = sample_images(params, config, objective, prompts, **kw)
   full = sample_images_full_recompute(params, config, objective, prompts, **kw)
   assert np.abs(full).max() > 0.1
-  np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5 * np.abs(full).max())
+  # float32 rounding is relative to the largest values the chain computes with. Clamped, those
+  # are not in the output: the x0 predicted from near-pure noise is hundreds here (eps times
+  # sqrt(1 - abar) / sqrt(abar), ~150 at t = 999), and the clamp keeps only [-1, 1] of it, so
+  # the scale is the unclamped chain's (seed sweep: worst 1.7e-7 of it, 1e-4 of the output).
+  scale = np.abs(full).max()
+  if clip:
+    unclipped = sample_images(params, config, objective, prompts, **dict(kw, clip_denoised=False))
+    scale = max(scale, np.abs(unclipped).max())
+  np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5 * scale)
   if eta:  # eta > 0 draws fresh noise at every step: another sample than eta = 0
     deterministic = sample_images(params, config, objective, prompts, **dict(kw, eta=0.0))
     assert np.abs(deterministic - cached).max() > 1e-3 * np.abs(full).max()
   if clip:  # DDIM's last step returns the clamped x0 itself; unclamped, the chain differs
     assert np.abs(cached).max() <= 1.0 + 1e-6
-    unclipped = sample_images(params, config, objective, prompts, **dict(kw, clip_denoised=False))
     assert np.abs(unclipped - cached).max() > 1e-2
 
 
@@ -203,13 +210,12 @@ def _full_forward(params, config, rows, size):
   return batch, out["logits"], out["cache"]
 
 
-def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch):
+def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch, rng):
   """Row 0: plain text until the model itself writes <|im_start|> after a chosen token; row 1:
   a prompt ending with <|im_start|>. Both rows in one call, drawing at different steps."""
   config, base = tiny
   # The cache starts at 8 slots and grows twice: before row 1's image, and in row 0's text.
   monkeypatch.setattr(decode, "MIN_CACHE_SLOTS", 8)
-  rng = np.random.default_rng()
   key = jax.random.key(int(rng.integers(1 << 30)))
   objective = diffusion.make_objective("gaussian")
   m, span = 8, span_length(config)

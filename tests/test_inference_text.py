@@ -16,10 +16,10 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+def hf_pair(tmp_path_factory, module_seed):
   """A random-weight transformers LLaMA (peaked logits: no near-ties) and our conversion."""
   from monoformer_jax.convert.checkpoints import load_llama_checkpoint
-  torch.manual_seed(np.random.default_rng().integers(1 << 30))
+  torch.manual_seed(module_seed("transformers weights"))
   cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96,
                                  num_hidden_layers=2, num_attention_heads=6,
                                  num_key_value_heads=2, max_position_embeddings=128,
@@ -35,9 +35,8 @@ def hf_pair(tmp_path_factory):
   return model, config, params
 
 
-def test_greedy_equals_transformers_generate(hf_pair):
+def test_greedy_equals_transformers_generate(hf_pair, rng):
   model, config, params = hf_pair
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 101, n)] for n in (7, 2, 11, 4)]
   ours = generate_tokens(params, config, prompts, max_new_tokens=MAX_NEW)
   for prompt, got in zip(prompts, ours):
@@ -50,10 +49,9 @@ def test_greedy_equals_transformers_generate(hf_pair):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(module_seed):
   config = tiny_config()
-  return config, random_params(config, seed=int(np.random.default_rng().integers(1000)),
-                               scale=1.0)
+  return config, random_params(config, seed=module_seed("params"), scale=1.0)
 
 
 def _full_recompute_greedy(params, config, prompt, n):
@@ -70,16 +68,15 @@ def _full_recompute_greedy(params, config, prompt, n):
   return seq[len(prompt):]
 
 
-def test_filters_and_stops(tiny):
+def test_filters_and_stops(tiny, rng):
   config, params = tiny
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 97, n)] for n in (3, 8, 1)]
   greedy = generate_tokens(params, config, prompts, max_new_tokens=6)
   assert greedy[0] == _full_recompute_greedy(params, config, prompts[0], 6)
   # top-k 1 and a tiny nucleus are greedy whatever the temperature.
   for sampling in (TokenSampling(1.5, top_k=1), TokenSampling(1.0, top_p=1e-6)):
     assert generate_tokens(params, config, prompts, max_new_tokens=6, sampling=sampling,
-                           rng=jax.random.key(3)) == greedy
+                           rng=jax.random.key(int(rng.integers(1 << 30)))) == greedy
   # A stop token ends its row (kept as the last token); other rows run to max_new_tokens.
   stop = greedy[1][2]
   out = generate_tokens(params, config, prompts, max_new_tokens=6, stop_tokens=[stop])
@@ -88,10 +85,9 @@ def test_filters_and_stops(tiny):
     assert row == (full[:full.index(stop) + 1] if stop in full else full)
 
 
-def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch):
+def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch, rng):
   """A cache that starts at the prompt's 8 slots and grows to 13 mid-call changes nothing."""
   config, params = tiny
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 97, n)] for n in (2, 7, 0)]  # 8 tokens at most
   whole = generate_tokens(params, config, prompts, max_new_tokens=6)
   assert decode.cache_size_for(8, 13) == 13  # by default one buffer serves this call
@@ -105,9 +101,8 @@ def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch):
   assert grown == [(8, 13)]
 
 
-def test_sampling_is_batch_independent_and_seeded(tiny):
+def test_sampling_is_batch_independent_and_seeded(tiny, rng):
   config, params = tiny
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 97, n)] for n in (5, 2, 9)]
   s = TokenSampling(1.0, top_k=20, top_p=0.9)
   key = jax.random.key(int(rng.integers(1 << 30)))
@@ -132,7 +127,7 @@ def test_filter_logits_keeps_top_k_and_the_nucleus():
     TokenSampling(1.0, top_p=0.0)
 
 
-def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny):
+def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny, rng):
   from monoformer_jax.inference import cache_shardings
   from monoformer_jax.train import sharding as sharding_lib
   from monoformer_jax.train.state import abstract_boxed_params
@@ -141,7 +136,6 @@ def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny):
   rules = sharding_lib.DEFAULT_RULES
   shardings = sharding_lib.logical_shardings(abstract_boxed_params(config), mesh, rules)
   placed = jax.tree.map(jax.device_put, params, shardings)
-  rng = np.random.default_rng()
   prompts = [[1, *rng.integers(3, 97, n)] for n in (3, 6, 2, 5)]
   want = generate_tokens(params, config, prompts, max_new_tokens=5)
   assert generate_tokens(placed, config, prompts, max_new_tokens=5, mesh=mesh,

@@ -21,13 +21,12 @@ def _slice(batch, lo, hi):
 # Every layer writes its slice of the stacked cache in place: unrolled layers get their index as
 # a constant, scanned ones through the carry, rematerialised ones as a traced value.
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full")])
-def test_decode_with_cache_equals_full_recompute(scan, remat):
+def test_decode_with_cache_equals_full_recompute(scan, remat, seed, rng):
   from monoformer_jax.convert.monoformer_weights import stack_layers
   config = tiny_config(scan_layers=scan, remat=remat)
-  params = random_params(tiny_config(), seed=4)
+  params = random_params(tiny_config(), seed=seed)
   if scan:
     params = stack_layers(params, config.num_layers)
-  rng = np.random.default_rng(0)
   lengths = [9, 5]
   batch = build(config, [[[("text", rng.integers(3, 97, n), True)]] for n in lengths], 12)
   batch = jax.tree.map(jnp.asarray, batch)
@@ -48,10 +47,9 @@ def test_decode_with_cache_equals_full_recompute(scan, remat):
 
 
 @pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
-def test_cached_prefix_image_tokens_equal_the_full_sequence(t_embed):
+def test_cached_prefix_image_tokens_equal_the_full_sequence(t_embed, seed, rng):
   config = tiny_config(t_embed=t_embed)
-  params = random_params(config, seed=5)
-  rng = np.random.default_rng(1)
+  params = random_params(config, seed=seed)
   shape = (config.image_height, config.image_width, config.image_channels)
   prompt = rng.integers(3, 97, 6)
   batch = build(config, [[[("text", prompt, False), ("image", np.zeros(shape, np.float32), 0)]]],
@@ -71,7 +69,7 @@ def test_cached_prefix_image_tokens_equal_the_full_sequence(t_embed):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_the_decode_loop_writes_the_cache_in_place(scan):
+def test_the_decode_loop_writes_the_cache_in_place(scan, rng):
   """The compiled decode loop neither copies, transposes nor restacks the key/value cache.
 
   Per token it should only read each layer's slots and write one slot per layer: a copy of the
@@ -86,7 +84,7 @@ def test_the_decode_loop_writes_the_cache_in_place(scan):
     from monoformer_jax.convert.monoformer_weights import stack_layers
     params = stack_layers(params, config.num_layers)
   b, p, size = 5, 7, 48
-  ids = jnp.asarray(np.random.default_rng().integers(3, 90, (b, p)), jnp.int32)
+  ids = jnp.asarray(rng.integers(3, 90, (b, p)), jnp.int32)
   state = decode.prefill(params, ids, jnp.full((b,), p, jnp.int32), jnp.arange(b), config=config,
                          cache_size=size, max_new_tokens=8)
   full = tuple(state["cache"]["layers"]["k"].shape)

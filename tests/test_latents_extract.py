@@ -10,14 +10,15 @@ import torch
 from monoformer_jax.data import image_sources, tfds_latents
 from monoformer_jax.tools import extract_latents
 from monoformer_jax.vae import convert, latents
+from tests.helpers_env import subprocess_env
 
 SIZE = 16  # the crop; files are larger and not square, so the centre crop really runs
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
+def tiny_vae(tmp_path_factory, module_seed):
   """A random 2-level diffusers AutoencoderKL written by diffusers itself (16x16 -> 8x8x4)."""
-  torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+  torch.manual_seed(module_seed("vae weights"))
   model = diffusers.AutoencoderKL(
       in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
@@ -58,9 +59,8 @@ def _read_back(out, split="train"):
   return recs, order
 
 
-def test_image_folder_round_trip(tmp_path, tiny_vae):
+def test_image_folder_round_trip(tmp_path, tiny_vae, rng):
   vae_dir, torch_model = tiny_vae
-  rng = np.random.default_rng()
   root = _image_folder(tmp_path / "images", rng)
   out = tmp_path / "latents"
   # batch 5 over 8 devices: padded to 8; chunks of 4 records: the last one short.
@@ -98,14 +98,14 @@ def test_image_folder_round_trip(tmp_path, tiny_vae):
   # ... and that comparison can fail: another image's latent decodes to something else.
   assert np.abs(via_dataset[::-1] - direct).max() > 1e-2
   # Train-time draws scatter around the stored mean with the stored spread.
-  draw = tfds_latents.sample_latent(recs[0], np.random.default_rng(), 0.37) / 0.37
+  draw = tfds_latents.sample_latent(recs[0], rng, 0.37) / 0.37
   z = (draw - recs[0]["mean"]) / np.exp(0.5 * recs[0]["logvar"])
   assert 0.6 < z.std() < 1.5 and np.abs(draw - recs[0]["mean"]).max() > 0
 
 
-def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch):
+def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch, rng):
   vae_dir, _ = tiny_vae
-  root = _image_folder(tmp_path / "images", np.random.default_rng(), classes=2, per_class=5)
+  root = _image_folder(tmp_path / "images", rng, classes=2, per_class=5)
   out = tmp_path / "latents"
   args = ["--source", "image_folder", "--input", root, "--out", out, "--image_size", SIZE,
           "--chunk_size", 3, "--batch_size", 8]
@@ -147,9 +147,8 @@ def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch):
     assert a["label"] == b["label"]
 
 
-def test_image_text_jsonl_prompts(tmp_path, tiny_vae):
+def test_image_text_jsonl_prompts(tmp_path, tiny_vae, rng):
   vae_dir, _ = tiny_vae
-  rng = np.random.default_rng()
   root = _image_folder(tmp_path / "images", rng, classes=1, per_class=3)
   prompts = [f"a smooth blob número {rng.integers(1000)}" for _ in range(3)]
   lines = [json.dumps({"image": f"class_0/{i}.png", "prompt": p}) for i, p in enumerate(prompts)]
@@ -191,13 +190,13 @@ def test_clear_errors(tmp_path, tiny_vae, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae):
+def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae, rng):
   """Chunks dealt over 2 jax.distributed processes (1 CPU device each), assembled by process 0."""
   import socket
   import subprocess
   import sys
   vae_dir, _ = tiny_vae
-  root = _image_folder(tmp_path / "images", np.random.default_rng(), classes=2, per_class=4)
+  root = _image_folder(tmp_path / "images", rng, classes=2, per_class=4)
   args = ["--source", "image_folder", "--input", root, "--image_size", SIZE, "--chunk_size", 3,
           "--no_progress"]
   assert _extract(vae_dir, *args, "--out", tmp_path / "single") == 0
@@ -207,9 +206,8 @@ def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MONOFORMER_DISTRIBUTED="1",
-               MONOFORMER_COORDINATOR=f"127.0.0.1:{port}", MONOFORMER_NUM_PROCESSES="2",
-               MONOFORMER_PROCESS_ID=str(i))
+    env = subprocess_env(MONOFORMER_DISTRIBUTED=1, MONOFORMER_COORDINATOR=f"127.0.0.1:{port}",
+                         MONOFORMER_NUM_PROCESSES=2, MONOFORMER_PROCESS_ID=i)
     cmd = [sys.executable, "-m", "monoformer_jax.tools.extract_latents", "--vae", vae_dir,
            *map(str, args), "--out", str(tmp_path / "multi"), "--keep_partial"]
     procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,

@@ -13,12 +13,13 @@ from configs import mnist_vae
 from monoformer_jax.data import sources, tfds_latents
 from monoformer_jax.tools import extract_latents
 from monoformer_jax.vae import convert, latents, train_vae
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained_vae(tmp_path_factory):
+def trained_vae(tmp_path_factory, module_seed):
   """The `test` VAE of configs/mnist_vae.py, trained by its trainer with a fresh seed.
 
   Trained for 200 steps of batch 8 at lr 6e-3 instead of the variant's 60 of 16 (2.3x its
@@ -27,7 +28,7 @@ def trained_vae(tmp_path_factory):
   that reconstructions are close to their digits rather than blurs of them.
   """
   config = mnist_vae.get_config("test")
-  config.seed = int(np.random.default_rng().integers(1 << 16))
+  config.seed = module_seed("config.seed") % (1 << 16)
   config.update(dict(num_train_steps=200, batch_size=8, log_every_steps=50))
   config.optimizer.learning_rate = 6e-3
   workdir = tmp_path_factory.mktemp("mnist_vae")
@@ -67,7 +68,7 @@ def test_mnist_vae_beats_mean_image_and_saves_diffusers_folder(trained_vae):
 
 
 @pytest.mark.slow
-def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path):
+def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path, rng):
   workdir, metrics = trained_vae
   out = tmp_path / "latents"
   assert extract_latents.main(["--vae", str(workdir / "vae"), "--source", "mnist", "--split",
@@ -89,7 +90,6 @@ def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path):
   baseline = metrics["heldout_mean_image_baseline"]["mse"]
   assert error["mse"] < 0.3 * baseline, (error, baseline)
   # A latent drawn as the training pipeline draws it also decodes near its digit.
-  rng = np.random.default_rng()
   drawn = np.stack([tfds_latents.sample_latent(r, rng, scale) for r in recs[:64]])
   decoded = np.asarray(latents.decode_latents(params, drawn, scale, config=config))
   drawn_error = train_vae.reconstruction_metrics(images[:64], decoded)["mse"]
@@ -98,7 +98,7 @@ def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path):
   assert drawn_error < 0.3 * baseline, (drawn_error, baseline)
 
 
-def _write_digit_folder(root, per_class=4):
+def _write_digit_folder(root, rng, per_class=4):
   """Held-out MNIST digits (never trained on) as 28x28 grey PNGs, one folder per class.
 
   Returns the digits in the folder source's order (sorted class folders, sorted file names).
@@ -106,7 +106,7 @@ def _write_digit_folder(root, per_class=4):
   from PIL import Image
   src = sources.MnistSource("holdout")
   by_class = {}
-  for i in np.random.default_rng().permutation(len(src)):
+  for i in rng.permutation(len(src)):
     record = src[int(i)]
     by_class.setdefault(int(record["label"]), [])
     if len(by_class[record["label"]]) < per_class:
@@ -121,13 +121,13 @@ def _write_digit_folder(root, per_class=4):
 
 
 @pytest.mark.slow
-def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path):
+def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path, rng):
   """A folder of digit PNGs -> the extraction command -> the dataset's means decode near them."""
   workdir, metrics = trained_vae
-  digits, classes = _write_digit_folder(tmp_path / "digits")
+  digits, classes = _write_digit_folder(tmp_path / "digits", rng)
   assert len(classes) == 10 and len(digits) == 40
   out = tmp_path / "latents"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   proc = subprocess.run(
       [sys.executable, "-m", "monoformer_jax.tools.extract_latents", "--vae",
        str(workdir / "vae"), "--source", "image_folder", "--input", str(tmp_path / "digits"),
@@ -173,7 +173,7 @@ def test_latent_default_trains_end_to_end(trained_vae, tmp_path):
   cmd = [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:latent_test",
          f"--workdir={run}", f"--config.data.image_path={data_dir}",
          f"--config.vae.path={workdir / 'vae'}", f"--config.vae.scale={scale}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   with open(run / "config.json") as f:

@@ -14,16 +14,18 @@ from tests.helpers import build, image_sample, text_sample, tiny_config
 from tests.random_weights import random_params
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config, options=()):
+  """One compiled forward per config and apply options (a tuple of (name, value) pairs)."""
+  model = MonoFormer(config)
+  return jax.jit(lambda p, b, x, t: model.apply({"params": p}, b, x, t, **dict(options)))
+
+
 def run(config, params, batch, t=None, **kw):
   t = np.full(batch["image_mask"].shape, 300.0, np.float32) if t is None else t
-  return MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch),
-                                  jnp.asarray(batch["images"]), jnp.asarray(t), **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_apply(config):
-  model = MonoFormer(config)
-  return jax.jit(lambda p, b, x, t: model.apply({"params": p}, b, x, t))
+  options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+  return _jitted_apply(config, options)(params, jax.tree.map(jnp.asarray, batch),
+                                        jnp.asarray(batch["images"]), jnp.asarray(t))
 
 
 def run_rows(config, params, batch, t=300.0):
@@ -50,14 +52,13 @@ def _positions(batch, kind):
 
 
 @pytest.fixture(scope="module", params=["adaln_before_decoder", "add_before_image_tokens"])
-def setup(request):
+def setup(request, module_seed):
   config = tiny_config(t_embed=request.param)
-  return config, random_params(config, seed=1)
+  return config, random_params(config, seed=module_seed("params"))
 
 
-def test_later_text_never_changes_earlier_outputs(setup):
+def test_later_text_never_changes_earlier_outputs(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(0)
   batch = build(config, [[image_sample(config, rng, 5, tail_len=4)]], 32)
   base = run(config, params, batch)
   n_valid = int((batch["segment_ids"][0] > 0).sum())
@@ -74,10 +75,9 @@ def test_later_text_never_changes_earlier_outputs(setup):
   assert np.abs(run(config, params, changed)["image"] - base["image"]).max() > 1e-5
 
 
-def test_a_row_without_the_text_tail_gives_the_same_image_output(setup):
+def test_a_row_without_the_text_tail_gives_the_same_image_output(setup, rng):
   # What lets the data pipeline end untrained image rows with the image (sequences.image_sample).
   config, params = setup
-  rng = np.random.default_rng()
   sample = image_sample(config, rng, int(rng.integers(2, 7)), tail_len=3)
   full = build(config, [[sample]], 32)
   short = build(config, [[sample[:2]]], 32)
@@ -87,10 +87,9 @@ def test_a_row_without_the_text_tail_gives_the_same_image_output(setup):
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_image_tokens_see_each_other(bidirectional):
+def test_image_tokens_see_each_other(bidirectional, rng, seed):
   config = tiny_config(bidirectional_image=bidirectional)
-  params = random_params(config, seed=2)
-  rng = np.random.default_rng(1)
+  params = random_params(config, seed=seed + 1)
   batch = build(config, [[image_sample(config, rng, 3)]], 24)
   base = np.asarray(run(config, params, batch)["image"])[0, 0]
   p = config.patch_size
@@ -110,9 +109,8 @@ def test_image_tokens_see_each_other(bidirectional):
         assert diff == 0.0, (patch, other)
 
 
-def test_packed_samples_never_influence_each_other(setup):
+def test_packed_samples_never_influence_each_other(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(2)
   a = image_sample(config, rng, 4)
   b = image_sample(config, rng, 6, tail_len=3)
   c = text_sample(config, rng, 5)
@@ -138,9 +136,8 @@ def test_packed_samples_never_influence_each_other(setup):
   assert np.abs(out2["image"][0, 0] - out["image"][0, 0]).max() > 1e-5
 
 
-def test_timestep_conditions_only_its_image(setup):
+def test_timestep_conditions_only_its_image(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(3)
   batch = build(config, [[image_sample(config, rng, 4), image_sample(config, rng, 3)]], 80, slots=2)
   out1 = run(config, params, batch, np.array([[10.0, 500.0]], np.float32))
   out2 = run(config, params, batch, np.array([[900.0, 500.0]], np.float32))
@@ -148,9 +145,8 @@ def test_timestep_conditions_only_its_image(setup):
   np.testing.assert_array_equal(out1["image"][0, 1], out2["image"][0, 1])
 
 
-def test_heads_are_optional_and_text_only_path(setup):
+def test_heads_are_optional_and_text_only_path(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(4)
   batch = build(config, [[text_sample(config, rng, 9)], [text_sample(config, rng, 4)]], 12)
   full = run(config, params, batch)
   text_only = MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch))
@@ -162,10 +158,9 @@ def test_heads_are_optional_and_text_only_path(setup):
   np.testing.assert_allclose(no_logits["image"], run(config, params, img_batch)["image"], atol=1e-6)
 
 
-def test_scan_and_remat_give_the_same_outputs(setup):
+def test_scan_and_remat_give_the_same_outputs(setup, rng):
   from monoformer_jax.convert.monoformer_weights import stack_layers
   config, params = setup
-  rng = np.random.default_rng(5)
   batch = build(config, [[image_sample(config, rng, 4)], [text_sample(config, rng, 7)]], 24)
   ref = run(config, params, batch)
   for kw in (dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")):
@@ -176,9 +171,8 @@ def test_scan_and_remat_give_the_same_outputs(setup):
     np.testing.assert_allclose(out["image"], ref["image"], atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_compute_is_close_and_params_stay_float32(setup):
+def test_bfloat16_compute_is_close_and_params_stay_float32(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(6)
   batch = build(config, [[image_sample(config, rng, 4)]], 24)
   ref = run(config, params, batch)
   bf16 = config.replace(dtype="bfloat16")
@@ -194,9 +188,8 @@ def test_bfloat16_compute_is_close_and_params_stay_float32(setup):
   assert len(jax.tree.leaves(fresh)) == len(jax.tree.leaves(params))
 
 
-def test_wrong_image_shape_is_a_clear_error(setup):
+def test_wrong_image_shape_is_a_clear_error(setup, rng):
   config, params = setup
-  rng = np.random.default_rng(7)
   batch = build(config, [[image_sample(config, rng, 4)]], 24)
   bad = np.zeros((1, 1, 8, 8, 3), np.float32) + 1
   with pytest.raises(ValueError, match="model expects"):
@@ -214,10 +207,9 @@ def test_config_validation_names_the_field():
     ModelConfig.from_mapping({"hiden_size": 3})
 
 
-def test_label_embedding_variant_conditions_on_the_class():
+def test_label_embedding_variant_conditions_on_the_class(rng, seed):
   config = tiny_config(num_classes=10)
-  params = random_params(config, seed=3)
-  rng = np.random.default_rng(8)
+  params = random_params(config, seed=seed + 1)
   batch = build(config, [[image_sample(config, rng, 2, label=3)]], 24)
   out1 = run(config, params, batch)
   batch["labels"][0, 0] = 7
@@ -226,11 +218,10 @@ def test_label_embedding_variant_conditions_on_the_class():
   assert inputs_lib.KIND_IMAGE == 1
 
 
-def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(setup):
+def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(setup, rng):
   """(a) a prompt token before the image: earlier logits bit-identical; its own and the image's
   outputs change."""
   config, params = setup
-  rng = np.random.default_rng(10)
   sample = image_sample(config, rng, 7, tail_len=3)
   batch = build(config, [[sample]], 40)
   js = (1, 2, 3, 4, 5, 6)  # prompt positions; 1 + 6 rows = the row count of the test below
@@ -250,11 +241,10 @@ def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(set
       assert diff[_patch_slices(config, patch)].max() > 1e-3 * image_scale, (j, patch)
 
 
-def test_later_text_sees_every_image_token(setup):
+def test_later_text_sees_every_image_token(setup, rng):
   """(b) text after the image (after <|im_end|>) depends on each single image token's x_t patch;
   the text before the image does not."""
   config, params = setup
-  rng = np.random.default_rng(11)
   batch = build(config, [[image_sample(config, rng, 4, tail_len=4)]], 40)
   n = config.num_patches
   rows = _variants(batch, 1 + n)
@@ -275,12 +265,11 @@ def test_later_text_sees_every_image_token(setup):
 
 
 @pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
-def test_causal_image_switch_hides_later_image_tokens(t_embed):
+def test_causal_image_switch_hides_later_image_tokens(t_embed, rng, seed):
   """(c) bidirectional_image=False: an image token's output never depends on later image
   tokens, always on earlier ones and itself (and later text still sees the whole image)."""
   config = tiny_config(t_embed=t_embed, bidirectional_image=False)
-  params = random_params(config, seed=12)
-  rng = np.random.default_rng(12)
+  params = random_params(config, seed=seed + 1)
   batch = build(config, [[image_sample(config, rng, 3, tail_len=2)]], 40)
   n = config.num_patches
   rows = _variants(batch, 1 + n)

@@ -141,9 +141,9 @@ SIZES = dict(layers=3, hidden=48, ffn=100, heads=6, kv_heads=3, vocab=157, eps=1
 
 
 @pytest.fixture(scope="module")
-def resized(tmp_path_factory):
+def resized(tmp_path_factory, module_seed):
   path = tmp_path_factory.mktemp("resized") / "model_resized"
-  official_reference.write_golden_dir(str(path), SIZES, seed=3)
+  official_reference.write_golden_dir(str(path), SIZES, seed=module_seed("reference weights"))
   return path
 
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/mnist_tiny.py:test", "--config.num_train_steps=6",
@@ -21,14 +22,13 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_two_processes_train_the_same_losses_as_one(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   single = tmp_path / "single"
-  env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env1 = subprocess_env(devices=2)
   proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main", f"--workdir={single}",
                          *FLAGS], cwd=ROOT, env=env1, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   multi = tmp_path / "multi"
-  env2 = dict(env, XLA_FLAGS="", DEVICES_PER_PROCESS="1", LOG_DIR=str(tmp_path))
+  env2 = subprocess_env(DEVICES_PER_PROCESS=1, LOG_DIR=tmp_path)
   proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", f"--workdir={multi}",
                          *FLAGS], cwd=ROOT, env=env2, capture_output=True, text=True, timeout=600)
   logs = "".join(open(tmp_path / f"monoformer_proc_{i}.log").read()[-2000:] for i in range(2))

@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from tests.helpers import ROOT, shared_tiny_run
+from tests.helpers_env import subprocess_env
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sampling_demo.ipynb")
 
@@ -66,7 +67,8 @@ def test_install_cell_installs_from_the_repository_it_sits_in(tmp_path):
 def test_sampling_demo_notebook_runs(tmp_path_factory):
   run = shared_tiny_run(tmp_path_factory)
   env = {"MONOFORMER_WORKDIR": str(run), "MONOFORMER_NUM_STEPS": "2",
-         "MONOFORMER_NUM_PER_CLASS": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "MONOFORMER_NUM_PER_CLASS": "1", "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": subprocess_env()["XLA_FLAGS"],
          "PYTHONPATH": ROOT}  # this checkout, whatever the environment has installed
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # the kernel inherits the environment

@@ -13,12 +13,13 @@ import pytest
 from monoformer_jax.inference import InferenceModel
 from monoformer_jax.train import periodic_samples as ps
 from tests.helpers import shared_tiny_run
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess_env()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from tests.helpers import shared_tiny_run
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess_env()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.inference import InferenceModel
 from monoformer_jax.train import periodic_samples as ps
 from tests.helpers import random_params, tiny_config
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = {"0": ["n000", "cat"], "1": ["n001", "dog"], "2": ["n002", "seven"]}  # ImageNet style
@@ -24,15 +25,15 @@ PROMPTS = ["hello there", "the cat and"]
 
 def _sample(*args):
   return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *args], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+                        env=subprocess_env(),
                         capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, module_seed):
   """(dirs, config, params): one random tiny model saved both ways, its tokenizer, class names."""
   root = tmp_path_factory.mktemp("converted")
-  rng = random.Random()
+  rng = random.Random(module_seed("corpus and params"))
   words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7))) for _ in range(80)]
   corpus = [" ".join(rng.choices(words + ["the", "cat", "and", "hello"], k=12)) for _ in range(200)]
   tok = tok_lib.train_sentencepiece(corpus, 300, str(root / "tok"))

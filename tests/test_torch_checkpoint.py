@@ -62,8 +62,8 @@ def _random_tensors(gen):
   }
 
 
-def test_dtypes_and_views_roundtrip_exactly(tmp_path):
-  tensors = _random_tensors(torch.Generator().manual_seed(0))
+def test_dtypes_and_views_roundtrip_exactly(tmp_path, seed):
+  tensors = _random_tensors(torch.Generator().manual_seed(seed))
   path = tmp_path / "tensors.pt"
   torch.save(tensors, path)
   got = load_torch_state_dict(path)
@@ -76,8 +76,8 @@ def test_dtypes_and_views_roundtrip_exactly(tmp_path):
   assert got["base"][0, 0] == tensors["base"][0, 0].item()
 
 
-def test_module_state_dict_and_nesting(tmp_path):
-  torch.manual_seed(1)
+def test_module_state_dict_and_nesting(tmp_path, seed):
+  torch.manual_seed(seed)
   module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4),
                                torch.nn.Linear(5, 2))
   state = module.state_dict()
@@ -105,8 +105,9 @@ def test_module_state_dict_and_nesting(tmp_path):
   _assert_same(weight, module[0].weight.detach())
 
 
-def test_reading_needs_no_torch(tmp_path):
-  tensors = {"w": torch.randn(3, 2), "v": torch.randn(4, 3).t()}
+def test_reading_needs_no_torch(tmp_path, seed):
+  gen = torch.Generator().manual_seed(seed)
+  tensors = {"w": torch.randn(3, 2, generator=gen), "v": torch.randn(4, 3, generator=gen).t()}
   torch.save(tensors, tmp_path / "w.pt")
   np.savez(tmp_path / "want.npz", **{k: v.contiguous().numpy() for k, v in tensors.items()})
   script = textwrap.dedent(f"""
@@ -150,8 +151,9 @@ def test_malicious_pickle_is_refused(tmp_path):
     load_torch_state_dict(tmp_path / "eval.pt")
 
 
-def test_corrupt_and_missing_files_are_named(tmp_path):
-  torch.save({"w": torch.randn(64, 64)}, tmp_path / "good.pt")
+def test_corrupt_and_missing_files_are_named(tmp_path, seed):
+  gen = torch.Generator().manual_seed(seed)
+  torch.save({"w": torch.randn(64, 64, generator=gen)}, tmp_path / "good.pt")
   data = (tmp_path / "good.pt").read_bytes()
   (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
   with pytest.raises(ValueError, match=r"truncated\.pt: truncated or corrupt zip"):
@@ -166,19 +168,20 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         dst.writestr(info, src.read(info))
   with pytest.raises(ValueError, match=r"nostorage\.pt: missing storage record .*data/0"):
     load_state_dict(tmp_path / "nostorage.pt")
-  torch.save({"w": torch.randn(64)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+  torch.save({"w": torch.randn(64, generator=gen)}, tmp_path / "legacy.pt",
+             _use_new_zipfile_serialization=False)
   data = (tmp_path / "legacy.pt").read_bytes()
   (tmp_path / "legacy_cut.pt").write_bytes(data[:-10])
   with pytest.raises(ValueError, match=r"legacy_cut\.pt: truncated; storage"):
     load_state_dict(tmp_path / "legacy_cut.pt")
-  (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100))
+  (tmp_path / "random.pt").write_bytes(np.random.default_rng(seed).bytes(100))
   with pytest.raises(ValueError, match=r"random\.pt: not a PyTorch checkpoint"):
     load_state_dict(tmp_path / "random.pt")
 
 
-def test_legacy_format_roundtrips_exactly(tmp_path):
+def test_legacy_format_roundtrips_exactly(tmp_path, seed):
   """Pre-1.6 torch.save (a pickle stream + raw storages): still how pytorch-fid ships weights."""
-  tensors = _random_tensors(torch.Generator().manual_seed(2))
+  tensors = _random_tensors(torch.Generator().manual_seed(seed))
   path = tmp_path / "legacy.pth"
   torch.save(tensors, path, _use_new_zipfile_serialization=False)
   assert not zipfile.is_zipfile(path)
@@ -196,9 +199,8 @@ def test_legacy_format_roundtrips_exactly(tmp_path):
   assert not (tmp_path / "pwned").exists()
 
 
-def test_sharded_safetensors_and_directories(tmp_path):
+def test_sharded_safetensors_and_directories(tmp_path, rng):
   from safetensors.numpy import save_file
-  rng = np.random.default_rng(0)
   shards = {"model-00001-of-00002.safetensors": {"a.weight": rng.normal(size=(3, 4)),
                                                  "a.bias": rng.normal(size=(4,))},
             "model-00002-of-00002.safetensors": {"b.weight": rng.normal(size=(2, 2)).astype(
@@ -231,8 +233,9 @@ def test_sharded_safetensors_and_directories(tmp_path):
     load_state_dict(tmp_path / "broken.safetensors")
 
 
-def test_bin_directory_and_bin_index(tmp_path):
-  a, b = {"x": torch.randn(3)}, {"y": torch.randn(2, 2).bfloat16()}
+def test_bin_directory_and_bin_index(tmp_path, seed):
+  gen = torch.Generator().manual_seed(seed)
+  a, b = {"x": torch.randn(3, generator=gen)}, {"y": torch.randn(2, 2, generator=gen).bfloat16()}
   torch.save(a, tmp_path / "pytorch_model-00001-of-00002.bin")
   torch.save(b, tmp_path / "pytorch_model-00002-of-00002.bin")
   (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
@@ -248,11 +251,11 @@ def test_bin_directory_and_bin_index(tmp_path):
 
 
 @pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
-def test_official_torch_bin_checkpoint_with_ema_folder_end_to_end(tmp_path, t_embed):
+def test_official_torch_bin_checkpoint_with_ema_folder_end_to_end(tmp_path, t_embed, rng, seed):
   """An official-layout checkpoint as torch.save'd pytorch_model.bin files: the raw weights beside
   config.json and the EMA weights in ema/ (as released); both load, EMA first, and run."""
   config = tiny_config(t_embed=t_embed, image_height=8, image_width=8, image_channels=4)
-  raw, ema = random_params(config, seed=21), random_params(config, seed=22)
+  raw, ema = random_params(config, seed=seed + 1), random_params(config, seed=seed + 2)
   ckpt = tmp_path / "MonoFormer"
   checkpoints.save_official(raw, config, str(ckpt))  # config.json in the official field names
   os.remove(ckpt / "model.safetensors")
@@ -266,7 +269,6 @@ def test_official_torch_bin_checkpoint_with_ema_folder_end_to_end(tmp_path, t_em
   assert jax.tree.structure(loaded) == jax.tree.structure(ema)
   jax.tree.map(np.testing.assert_array_equal, loaded, ema)
   jax.tree.map(np.testing.assert_array_equal, loaded_raw, raw)
-  rng = np.random.default_rng(23)
   batch = build(config, [[image_sample(config, rng, 4)], [text_sample(config, rng, 9)]], 32)
   t = jnp.asarray(np.array([[420.0], [0.0]], np.float32))
 

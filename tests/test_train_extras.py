@@ -14,7 +14,7 @@ import pytest
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.train import metrics as metrics_lib
 from tests.helpers import build, image_sample, random_params, tiny_config
-from tests.test_train_system import xla_cache_env
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +25,10 @@ def _cmd(workdir, *flags):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   """The training subprocesses' environment: CPU, and the session's shared compilation cache
   (the runs here compile the same programs as those of test_train_system.py)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **xla_cache_env(tmp_path_factory))
+  return subprocess_env()
 
 
 @pytest.mark.slow
@@ -62,10 +62,10 @@ def test_nan_stops_with_a_clear_error(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_init_from_a_hugging_face_llama(tmp_path, env):
+def test_init_from_a_hugging_face_llama(tmp_path, env, seed):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  tie_word_embeddings=False)
@@ -94,11 +94,10 @@ def test_init_from_a_hugging_face_llama(tmp_path, env):
   assert proc.returncode != 0 and "num_layers: checkpoint 2 vs config 3" in proc.stderr
 
 
-def test_flop_count_matches_xla_cost_analysis():
+def test_flop_count_matches_xla_cost_analysis(rng):
   config = tiny_config(hidden_size=128, intermediate_size=512, num_heads=4, num_kv_heads=2,
                        vocab_size=512, image_height=8, image_width=8, patch_size=2)
   params = random_params(config)
-  rng = np.random.default_rng(0)
   batch = build(config, [[image_sample(config, rng, 40, tail_len=8)] for _ in range(2)], 64)
   model = MonoFormer(config)
 

@@ -61,7 +61,7 @@ def _stack_layers(params, num_layers):
   return out
 
 
-def _train(config, kind, batches, mesh_spec, accum=1, init_config=None):
+def _train(config, kind, batches, mesh_spec, seed, accum=1, init_config=None):
   """5 steps from a fresh init -> (losses, final state, metrics, initial params).
 
   `init_config`: initialise with that (unscanned) model's params, converted to `config`'s layout,
@@ -78,7 +78,8 @@ def _train(config, kind, batches, mesh_spec, accum=1, init_config=None):
     def init_fn(rng):
       params = nn.unbox(init_params(init_config, rng))
       return _stack_layers(params, config.num_layers) if config.scan_layers else params
-  state, _, shardings = state_lib.create_train_state(config, opt, jax.random.key(0), mesh, rules,
+  init_key, step_key = jax.random.split(jax.random.key(seed))
+  state, _, shardings = state_lib.create_train_state(config, opt, init_key, mesh, rules,
                                                      init_params_fn=init_fn)
   initial = jax.device_get(state.params)
   objective = make_objective("gaussian")
@@ -87,28 +88,29 @@ def _train(config, kind, batches, mesh_spec, accum=1, init_config=None):
   step = steps_lib.compile_step(fn, shardings, mesh, rules, batches[0])
   losses, metrics = [], []
   for b in batches:
-    state, m = step(state, sharding_lib.global_batch(b, mesh), jax.random.key(7))
+    state, m = step(state, sharding_lib.global_batch(b, mesh), step_key)
     losses.append(float(m["loss"]))
     metrics.append(jax.device_get(m))
   return losses, state, metrics, initial
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(module_seed):
   config = tiny_config(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2,
                        intermediate_size=64)
-  return config, _batches(config, 0)
+  return config, _batches(config, module_seed("batches")), module_seed("init and noise")
 
 
 @pytest.fixture(scope="module")
 def single_device(setup):
   """Memoised 1-device runs (each costs a compile): the reference of every comparison here."""
-  config, batches = setup
+  config, batches, seed = setup
   memo = {}
 
   def get(kind, accum=1):
     if (kind, accum) not in memo:
-      losses, state, metrics, initial = _train(config, kind, batches[kind], MESHES[0], accum)
+      losses, state, metrics, initial = _train(config, kind, batches[kind], MESHES[0], seed,
+                                               accum)
       memo[kind, accum] = losses, jax.device_get(state), metrics, initial
     return memo[kind, accum]
 
@@ -131,7 +133,7 @@ def _assert_params_close(a, b, rtol=1e-5, atol=3e-6):
 
 @pytest.mark.parametrize("kind", ["ar", "diffusion", "mixed"])
 def test_meshes_give_the_same_losses(setup, single_device, kind):
-  config, batches = setup
+  config, batches, seed = setup
   ref, ref_state, _, initial = single_device(kind)
   # The steps really train (or the comparisons below would hold trivially).
   path = ("layers_0", "mlp", "gate_proj", "kernel")
@@ -140,7 +142,7 @@ def test_meshes_give_the_same_losses(setup, single_device, kind):
   if kind == "ar":
     assert ref[4] < ref[0]  # the same batch, 4 updates later
   for spec in MESHES[1:]:
-    losses, state, _, _ = _train(config, kind, batches[kind], spec)
+    losses, state, _, _ = _train(config, kind, batches[kind], spec, seed)
     np.testing.assert_allclose(losses, ref, rtol=1e-5)
     # Parameters really are sharded: a device holds about total / (fsdp x tensor) bytes.
     params = state.params
@@ -155,7 +157,7 @@ def test_meshes_give_the_same_losses(setup, single_device, kind):
 
 @pytest.mark.parametrize("kind", ["ar", "diffusion", "mixed"])
 def test_gradient_accumulation_is_the_full_batch_step(setup, single_device, kind):
-  _, batches = setup
+  _, batches, _ = setup
   # The micro-batches (even rows / odd rows) differ in what the losses average over, so averaging
   # per-micro-batch means would not give the full batch's loss.
   counts = {"ar": ["loss_mask"], "diffusion": ["image_mask"],
@@ -177,10 +179,11 @@ def test_gradient_accumulation_is_the_full_batch_step(setup, single_device, kind
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat="full")])
 def test_scan_and_remat_train_like_the_plain_model(setup, single_device, variant):
-  config, batches = setup
+  config, batches, seed = setup
   ref, ref_state, _, _ = single_device("mixed")
   cfg = config.replace(**variant)
-  losses, state, _, _ = _train(cfg, "mixed", batches["mixed"], MESHES[0], init_config=config)
+  losses, state, _, _ = _train(cfg, "mixed", batches["mixed"], MESHES[0], seed,
+                               init_config=config)
   np.testing.assert_allclose(losses, ref, rtol=1e-5)
   params, ema = jax.device_get((state.params, state.ema_params))
   if cfg.scan_layers:  # compare in the unscanned layout

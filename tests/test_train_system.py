@@ -2,8 +2,8 @@
 initialisation from other checkpoints, what a run records, config errors.
 
 The runs are subprocesses of `python -m monoformer_jax.main` on the `mnist_tiny.py:test` config.
-They share one XLA compilation cache (`xla_cache_env`), so only the first run of a given program
-pays its compile; the runs compile the same programs, so this keeps the module cheap.
+They share the session's XLA compilation cache (tests/conftest.py), so only the first run of a
+given program pays its compile; the runs compile the same programs, so this keeps the module cheap.
 """
 import json
 import os
@@ -20,29 +20,17 @@ import pytest
 
 from monoformer_jax.train import checkpointing
 from monoformer_jax.train.scheduler import StepScheduler
+from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Throughput values depend on the wall clock; every other metric must be reproduced exactly.
 TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu"}
 
 
-def xla_cache_env(tmp_path_factory) -> dict:
-  """One persistent XLA compilation cache for every training subprocess of the test session."""
-  cache = tmp_path_factory.getbasetemp() / "xla_cache"
-  cache.mkdir(exist_ok=True)
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-  return xla_cache_env(tmp_path_factory)
-
-
 def _run(workdir, *overrides, env=None, check=True):
   cmd = [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test",
          f"--workdir={workdir}", *overrides]
-  full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  full_env = subprocess_env()
   full_env.update(env or {})
   proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
@@ -99,25 +87,25 @@ KINDS = [_SCHEDULE.next(i) for i in range(12)]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache_env):
+def straight(tmp_path_factory):
   """One uninterrupted run: the reference of the resume test, the run the observability test
   inspects, and the run another run initialises from."""
   work = tmp_path_factory.mktemp("straight")
-  proc = _run(work, *STEPS, env=cache_env)
+  proc = _run(work, *STEPS)
   return work, proc
 
 
 @pytest.mark.slow
-def test_sigkill_between_checkpoints_and_resume_is_exact(tmp_path, straight, cache_env):
+def test_sigkill_between_checkpoints_and_resume_is_exact(tmp_path, straight):
   straight_dir, _ = straight
   broken = tmp_path / "broken"
   # Killed at step 10: after checkpoint 8, mid-interval, with the row of step 9 already logged.
-  killed = _run(broken, *STEPS, env=dict(cache_env, MONOFORMER_FAULT_KILL_AFTER_STEP="10"),
+  killed = _run(broken, *STEPS, env=dict(MONOFORMER_FAULT_KILL_AFTER_STEP="10"),
                 check=False)
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert sorted(os.listdir(broken / "checkpoints"), key=int) == ["4", "8"]
   assert [r["step"] for r in _rows(broken)] == [3, 6, 9]
-  resumed = _run(broken, *STEPS, env=cache_env)
+  resumed = _run(broken, *STEPS)
   assert "resumed from checkpoint step 8" in resumed.stdout
   assert "dropped 1 metrics.jsonl rows past step 8" in resumed.stdout
 
@@ -188,7 +176,7 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
   assert sorted(os.listdir(work / "checkpoints"), key=int) == ["8", "12"]
 
 
-def _save_tiny_official(out_dir):
+def _save_tiny_official(out_dir, seed):
   """A MonoFormer checkpoint in the official layout, of the test config's model, with every
   weight random (the zero-initialised image layers too)."""
   from configs.mnist_tiny import get_config
@@ -198,7 +186,7 @@ def _save_tiny_official(out_dir):
   c = get_config("test")
   # The run's vocabulary (516 = the 512-token tokenizer + 4 special tokens) and model.
   model_config = ModelConfig.from_mapping(c.model)
-  params = random_params(model_config, seed=3)
+  params = random_params(model_config, seed=seed)
   save_official(params, model_config, str(out_dir))
   return params
 
@@ -216,18 +204,17 @@ def _assert_run_starts_from(workdir, params):
 
 
 @pytest.mark.slow
-def test_init_from_an_official_checkpoint(tmp_path, cache_env):
-  params = _save_tiny_official(tmp_path / "official")
-  proc = _run(tmp_path / "run", f"--config.init_from=official:{tmp_path / 'official'}", *INIT,
-              env=cache_env)
+def test_init_from_an_official_checkpoint(tmp_path, seed):
+  params = _save_tiny_official(tmp_path / "official", seed)
+  proc = _run(tmp_path / "run", f"--config.init_from=official:{tmp_path / 'official'}", *INIT)
   assert "initialised from official:" in proc.stdout
   _assert_run_starts_from(tmp_path / "run", params)
 
 
 @pytest.mark.slow
-def test_init_from_another_run(tmp_path, straight, cache_env):
+def test_init_from_another_run(tmp_path, straight):
   source, _ = straight
-  proc = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT, env=cache_env)
+  proc = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT)
   assert f"initialised from run:{source}" in proc.stdout
   assert "resumed" not in proc.stdout
   # The source run's latest raw (not EMA) weights start the new run, its EMA included.
@@ -236,15 +223,15 @@ def test_init_from_another_run(tmp_path, straight, cache_env):
       jax.tree.leaves(source_params), jax.tree.leaves(_final_params(source, use_ema=True))))
   _assert_run_starts_from(tmp_path / "run", source_params)
   # A second start of the same workdir resumes from its own checkpoint, not from the source.
-  again = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT, env=cache_env)
+  again = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT)
   assert "resumed from checkpoint step 0" in again.stdout
   assert "initialised from" not in again.stdout
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache_env):
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   work = tmp_path / "run"
-  _run(work, "--config.num_train_steps=6", "--config.checkpoint_every_steps=3", env=cache_env)
+  _run(work, "--config.num_train_steps=6", "--config.checkpoint_every_steps=3")
   ckpts = work / "checkpoints"
   assert sorted(os.listdir(ckpts)) == ["3", "6"]
   # A save of step 9 interrupted half-way: orbax's temporary folder, without its commit marker.
@@ -255,8 +242,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache_env):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  proc = _run(work, "--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
-              env=cache_env)
+  proc = _run(work, "--config.num_train_steps=8", "--config.checkpoint_every_steps=4")
   out = proc.stdout + proc.stderr
   assert "ignoring and deleting the unfinished save" in out and "9.orbax-checkpoint-tmp" in out
   assert "falling back to the previous checkpoint" in out
@@ -265,11 +251,10 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache_env):
   assert [r["step"] for r in _rows(work)] == [2, 4, 6, 8]
 
 
-def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys, rng):
   """The Checkpointer alone (no training): every way a save can be left unfinished."""
   devices = jax.devices()[:1]
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
-  rng = np.random.default_rng(0)
   value = rng.standard_normal((3, 5)).astype(np.float32)
   abstract = {"w": jax.ShapeDtypeStruct(value.shape, jnp.float32, sharding=sharding)}
   ck = checkpointing.Checkpointer(str(tmp_path), async_save=False)
@@ -310,7 +295,7 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
   np.testing.assert_array_equal(np.asarray(state["w"]), value * 4)
 
 
-def test_metric_writer_drops_rows_past_the_resume_step(tmp_path):
+def test_metric_writer_drops_rows_past_the_resume_step(tmp_path, rng):
   from monoformer_jax.train.metrics import Accumulator, MetricWriter
   w = MetricWriter(str(tmp_path))
   for step in (2, 4, 6):
@@ -325,7 +310,7 @@ def test_metric_writer_drops_rows_past_the_resume_step(tmp_path):
                              {"step": 6, "loss": 7.0}]
   # The logging window survives a JSON round trip exactly (float32 totals).
   acc = Accumulator()
-  for v in np.random.default_rng(1).standard_normal(3):
+  for v in rng.standard_normal(3):
     acc.add({"loss": v, "grad_norm": abs(v)})
   acc2 = Accumulator()
   acc2.set_state(json.loads(json.dumps(acc.get_state())))
@@ -344,7 +329,7 @@ def test_metric_writer_drops_rows_past_the_resume_step(tmp_path):
 ])
 def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
   proc = _run(tmp_path / "bad", override, "--config.mesh.data=2", env={
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, check=False)
+      "XLA_FLAGS": subprocess_env(devices=2)["XLA_FLAGS"]}, check=False)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "bad" / "checkpoints").exists()
@@ -416,8 +401,8 @@ def test_scheduler_ratio_and_resume():
     StepScheduler({"diffusion": 0, "ar": 0})
 
 
-def test_text_warmup_runs_ar_first_then_the_round_robin():
-  n = int(np.random.default_rng().integers(3, 30))
+def test_text_warmup_runs_ar_first_then_the_round_robin(rng):
+  n = int(rng.integers(3, 30))
   warm = StepScheduler({"diffusion": 9, "ar": 1}, text_warmup_steps=n)
   plain = StepScheduler({"diffusion": 9, "ar": 1})
   kinds = [warm.next(i) for i in range(n + 50)]

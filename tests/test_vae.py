@@ -67,10 +67,10 @@ def assert_close(got, want, atol=FP32_ATOL):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, module_seed):
   folder = tmp_path_factory.mktemp("tiny_vae")
-  model = make_tiny_vae(folder)
-  images = random_images(1, (2, 16, 24, 3))  # non-square, so H/W mix-ups fail
+  model = make_tiny_vae(folder, seed=module_seed("vae weights"))
+  images = random_images(module_seed("images"), (2, 16, 24, 3))  # non-square, so H/W mix-ups fail
   config, params = convert.load_diffusers_vae(str(folder))
   return dict(folder=folder, model=model, images=images, config=config, params=params,
               reference=torch_reference(model, images))
@@ -87,7 +87,7 @@ def test_moments_and_decoder_match_diffusers(tiny):
   assert_close(vae.decode_latents(tiny["params"], mean, scale=1.0, config=tiny["config"]), decoded)
 
 
-def test_scaled_latents_api(tiny):
+def test_scaled_latents_api(tiny, seed):
   cfg, params, images = tiny["config"], tiny["params"], tiny["images"]
   mean, logvar, _ = tiny["reference"]
   assert cfg.scaling_factor == 0.18215
@@ -97,12 +97,12 @@ def test_scaled_latents_api(tiny):
     want = tiny["model"].decode(torch.from_numpy(mean).permute(0, 3, 1, 2)).sample
   assert_close(vae.decode_latents(params, latents, config=cfg),
                want.permute(0, 2, 3, 1).numpy())
-  rng = jax.random.PRNGKey(3)
+  rng = jax.random.key(seed)
   sampled = vae.encode_to_latents(params, images, rng, config=cfg)
   np.testing.assert_allclose(sampled, vae.sample_latents(mean, logvar, rng), rtol=1e-4, atol=1e-5)
   eps = (np.asarray(sampled) / 0.18215 - mean) / np.exp(0.5 * logvar)
   assert abs(eps.mean()) < 0.3 and 0.7 < eps.std() < 1.3  # a standard-normal draw, not the mean
-  other = vae.encode_to_latents(params, images, jax.random.PRNGKey(4), config=cfg)
+  other = vae.encode_to_latents(params, images, jax.random.key(seed + 1), config=cfg)
   assert not np.allclose(sampled, other)
   with pytest.raises(ValueError, match="rng"):
     vae.encode_to_latents(params, images, config=cfg)
@@ -162,11 +162,11 @@ def test_conversion_names_the_problem(tiny, tmp_path):
     convert.config_from_diffusers({**fields, "down_block_types": ["CrossAttnDownBlock2D"] * 3})
 
 
-def test_variant_without_mid_attention_or_quant_convs(tmp_path):
-  model = make_tiny_vae(tmp_path, seed=5, block_out_channels=(8, 16), layers_per_block=1,
+def test_variant_without_mid_attention_or_quant_convs(tmp_path, seed):
+  model = make_tiny_vae(tmp_path, seed=seed, block_out_channels=(8, 16), layers_per_block=1,
                         latent_channels=3, mid_block_add_attention=False, use_quant_conv=False,
                         use_post_quant_conv=False)
-  images = random_images(6, (1, 8, 8, 3))
+  images = random_images(seed + 1, (1, 8, 8, 3))
   mean, logvar, decoded = torch_reference(model, images)
   config, params = convert.load_diffusers_vae(str(tmp_path))
   assert "quant_conv" not in params and "attention" not in params["encoder"]["mid_block"]
@@ -176,7 +176,7 @@ def test_variant_without_mid_attention_or_quant_convs(tmp_path):
   assert_close(vae.decode_latents(params, mean, scale=1.0, config=config), decoded)
 
 
-def test_logical_axes_bf16_and_sharded_batch(tiny):
+def test_logical_axes_bf16_and_sharded_batch(tiny, seed):
   config, params, images = tiny["config"], tiny["params"], tiny["images"]
   abstract = jax.eval_shape(lambda: vae.init_params(config, jax.random.PRNGKey(0)))
   specs = nn.get_partition_spec(abstract)
@@ -191,7 +191,7 @@ def test_logical_axes_bf16_and_sharded_batch(tiny):
   assert bf16_mean.dtype == jnp.float32
   assert_close(bf16_mean, mean, atol=BF16_ATOL)  # bf16 compute: close, not exact
   # Batch sharded over the 8 fake devices gives the unsharded result.
-  batch = random_images(7, (8, 8, 8, 3))
+  batch = random_images(seed, (8, 8, 8, 3))
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
   want, _ = vae.encode_moments(params, batch, config=config)

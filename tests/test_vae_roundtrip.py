@@ -11,10 +11,10 @@ from tests.test_vae import BF16_ATOL, assert_close, make_tiny_vae, random_images
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, module_seed):
   folder = tmp_path_factory.mktemp("roundtrip")
-  model = make_tiny_vae(folder / "vae", seed=11)
-  images = random_images(12, (5, 8, 16, 3))  # 5 images, batch 2: a padded last batch
+  model = make_tiny_vae(folder / "vae", seed=module_seed("vae weights"))
+  images = random_images(module_seed("images"), (5, 8, 16, 3))  # 5 images, batch 2: a padded last batch
   np.savez(folder / "images.npz", images=images)
   return dict(folder=folder, model=model, images=images)
 

@@ -1,0 +1,21 @@
+"""How the tests run XLA, in this process and in the subprocesses they start (no jax import here:
+conftest reads it before jax starts).
+
+Test programs are tiny and most are compiled once and run a few times, so compiling is most of
+the suite's time: LLVM's backend optimisations are switched off (`--xla_backend_optimization_level=0`
+halved the compile-bound tests; benchmarks/RESULTS.md). Nothing the tests check depends on it:
+every comparison runs both sides under the same flags, and the seed sweep measured the
+tolerances under them. Benchmarks and users run XLA's defaults.
+"""
+import os
+
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+SESSION_CACHE_VAR = "MONOFORMER_TEST_XLA_CACHE"
+
+
+def subprocess_env(devices: int = 0, **extra) -> dict:
+  """The environment of a `python -m monoformer_jax...` subprocess: CPU, the test XLA flags,
+  `devices` fake CPU devices (0: XLA's default, one), the session's compilation cache."""
+  flags = TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+              **{k: str(v) for k, v in extra.items()})
