@@ -21,6 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
+
+tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -28,28 +32,26 @@ from benchmarks import text_baselines  # noqa: E402
 from monoformer_jax.data import mnist  # noqa: E402
 from monoformer_jax.data.sources import PydocSource  # noqa: E402
 from monoformer_jax.evaluation import digit_classifier  # noqa: E402
-from monoformer_jax.train import periodic_samples  # noqa: E402
-from monoformer_jax.train.checkpointing import load_for_inference  # noqa: E402
-from monoformer_jax.train.setup import build_objective  # noqa: E402
+from monoformer_jax.run import images as images_lib  # noqa: E402
+from monoformer_jax.run.open import open_run  # noqa: E402
+from monoformer_jax.sampling import classes  # noqa: E402
 
 
 def main():
-  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
-  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--num_per_class", type=int, default=20)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
-  config, model_config, params, tok = load_for_inference(args.workdir)
-  options = periodic_samples.image_sampling_options(config)
+  run = open_run(args.workdir)
+  config, model_config, params, tok = run.config, run.model_config, run.params, run.tokenizer
+  options = classes.image_options(config.sampling)
   labels = np.repeat(np.arange(10), args.num_per_class)
   t0 = time.perf_counter()
-  images = periodic_samples.sample_class_images(
-      params, model_config, build_objective(config), tok, labels, list(mnist.CLASS_NAMES),
-      rng=jax.random.key(args.seed), **options)
+  images = classes.sample_classes(params, model_config, run.objective, tok, list(mnist.CLASS_NAMES),
+                                  labels, seed=args.seed, **options)
   sample_s = time.perf_counter() - t0
-  images = periodic_samples.to_uint8(periodic_samples.decode_images(images, config))
+  images = images_lib.to_uint8(images_lib.decode_images(images, config.vae.path, config.vae.scale))
   clf = digit_classifier.load_or_train()
   predicted = clf.classify(images)
   per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]

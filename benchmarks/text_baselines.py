@@ -46,9 +46,9 @@ def unigram_bigram_nll(train_ids, test_ids, vocab_size, bigram_weight=0.7):
 
 def model_nll(config, params, test_ids, seq_len, batch_size=32):
   """Mean NLL of our model on the same tokens (teacher forcing, one passage per row)."""
-  from monoformer_jax.model import inputs as inputs_lib
+  from monoformer_jax import batch as batch_lib
   from monoformer_jax.model.monoformer import MonoFormer
-  from monoformer_jax.train.losses import token_cross_entropy
+  from monoformer_jax.model.losses import token_cross_entropy
   model = MonoFormer(config)
 
   @jax.jit
@@ -61,9 +61,9 @@ def model_nll(config, params, test_ids, seq_len, batch_size=32):
   shape = (config.image_height, config.image_width, config.image_channels)
   for i in range(0, len(test_ids), batch_size):
     chunk = test_ids[i:i + batch_size]
-    batch = inputs_lib.empty_batch(batch_size, seq_len, 1, shape)
+    batch = batch_lib.empty_batch(batch_size, seq_len, 1, shape)
     for r, ids in enumerate(chunk):
-      inputs_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
+      batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
           [("text", ids[:1], False), ("text", ids[1:], True)])
     s, c = nll(jax.tree.map(jnp.asarray, batch))
     total += float(s)

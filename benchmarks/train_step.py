@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 def build_ours(args, tokens):
   import ml_collections
   from monoformer_jax.model.config import ModelConfig
-  from monoformer_jax.train import sharding, state as state_lib, steps
-  from tests.helpers import build
+  from monoformer_jax import batch as batch_lib
+  from monoformer_jax.run import sharding, state as state_lib
+  from monoformer_jax.train import steps
   cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.width * 4,
                     num_layers=args.layers, num_heads=args.width // 64, num_kv_heads=args.width // 64,
                     image_height=4, image_width=4, image_channels=1, patch_size=2)
@@ -38,7 +39,11 @@ def build_ours(args, tokens):
   rules = sharding.DEFAULT_RULES
   st, _, shardings = state_lib.create_train_state(cfg, opt, jax.random.key(0), mesh, rules)
   rows = [[[("text", tokens[r], True)]] for r in range(tokens.shape[0])]
-  batch = build(cfg, rows, tokens.shape[1])
+  batch = batch_lib.empty_batch(len(rows), tokens.shape[1], 1, (4, 4, 1))
+  for r, samples in enumerate(rows):
+    builder = batch_lib.RowBuilder(batch, r, cfg.num_patches, cfg.has_t_token)
+    for sample in samples:
+      builder.add(sample)
   fn = steps.make_train_step("ar", cfg, None, opt)
   step = steps.compile_step(fn, shardings, mesh, rules, batch)
   gb = sharding.global_batch(batch, mesh)

@@ -15,7 +15,7 @@ Variants: `repo` uses the t-token conditioning of the repository's configs
 (`add_before_image_tokens`); `fsdp` shards params over all devices.
 """
 
-from configs.common import base_config
+from monoformer_jax.run.config import base_config
 
 
 def get_config(arg: str = ""):

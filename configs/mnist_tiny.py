@@ -15,7 +15,7 @@ Variants (`--config=configs/mnist_tiny.py:VARIANT`):
   latent_test  the `test` shrink of `latent`.
 """
 
-from configs.common import base_config
+from monoformer_jax.run.config import base_config
 
 
 def get_config(arg: str = ""):

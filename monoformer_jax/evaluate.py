@@ -14,7 +14,7 @@ by default every suite whose input is given):
               from inception_weights against `reference` (ADM .npz with mu/sigma or arr_0, or an
               image folder).
 The language suites load the run's weights (EMA unless use_ema=false) and tokenizer through
-`train.checkpointing.load_for_inference`; the image suites need no checkpoint. Results go to
+`run.open.open_run`; the image suites need no checkpoint. Results go to
 DIR/eval/report.json and as TensorBoard scalars (tags "eval/<suite>/...") to DIR/eval/tensorboard,
 at the run's latest checkpoint step (0 without checkpoints).
 
@@ -28,29 +28,26 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation",
-                               "eval_config.py")
-# The default file is put on the command line by `_with_default_config` rather than given as the
-# flag's default: absl parses a default when the flag is defined, at import, where a misspelt
-# --config.eval.FIELD would raise a traceback instead of a flags error naming the field.
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Evaluation config file (default: the package's evaluation/eval_config.py); "
-    "override fields with --config.eval.FIELD=VALUE.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints); "
-                               "the report goes to WORKDIR/eval.")
+from monoformer_jax import cli
+from monoformer_jax.evaluation import image_suites, loglikelihood, multiple_choice, perplexity
+from monoformer_jax.host_memory import tune_for_xla_cpu
+from monoformer_jax.run.checkpoints import step_dirs
+from monoformer_jax.run.open import open_run
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation",
+                              "eval_config.py")
 
 SUITES = ("mc", "perplexity", "mnist", "fid")
 
 
 def latest_step(workdir: str) -> int:
   """The newest checkpoint step (0 if none): the TensorBoard step of the eval scalars."""
-  from monoformer_jax.train.checkpointing import step_dirs  # pylint: disable=import-outside-toplevel
   return max(step_dirs(workdir), default=0)
 
 
@@ -74,7 +71,7 @@ def write_report(workdir: str, report: dict, step: int) -> str:
   for suite in SUITES:
     if suite in report:
       _scalars(f"eval/{suite}", report[suite], scalars)
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # imports torch where installed
   writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
   for tag, value in sorted(scalars.items()):
     writer.add_scalar(tag, value, step)
@@ -116,7 +113,6 @@ def run_evaluation(workdir: str, config) -> dict:
   """Runs the suites of `config.eval` (a config like eval_config.get_config()) and writes the
   report; returns it. Under jax.distributed every process runs the language suites (each on its
   local devices) and only process 0 the image suites, whose numbers do not depend on the process."""
-  import jax  # pylint: disable=import-outside-toplevel
   if "eval" not in config:
     raise ValueError(f"not an evaluation config: no 'eval' section (has {sorted(config)}); see "
                      "monoformer_jax/evaluation/eval_config.py")
@@ -126,11 +122,10 @@ def run_evaluation(workdir: str, config) -> dict:
   report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir),
             "config": e.to_dict()}
   if "mc" in suites or "perplexity" in suites:
-    # pylint: disable=import-outside-toplevel  # the model loads only for these suites
-    from monoformer_jax.evaluation import loglikelihood, multiple_choice, perplexity
-    from monoformer_jax.train.checkpointing import load_for_inference
-    _, model_config, params, tokenizer = load_for_inference(workdir, use_ema=e.use_ema)
-    scorer = loglikelihood.LoglikelihoodScorer(model_config, params, max_len=e.max_len or None,
+    opened = open_run(workdir, use_ema=e.use_ema)
+    tokenizer = opened.tokenizer
+    scorer = loglikelihood.LoglikelihoodScorer(opened.model_config, opened.params,
+                                               max_len=e.max_len or None,
                                                batch_size=e.batch_size, pack_len=e.pack_len)
     if "mc" in suites:
       report["mc"] = multiple_choice.evaluate_tasks(
@@ -145,7 +140,6 @@ def run_evaluation(workdir: str, config) -> dict:
       print(f"perplexity: {report['perplexity']['perplexity']:.3f}, "
             f"{report['perplexity']['bits_per_byte']:.4f} bits/byte", flush=True)
   if jax.process_index() == 0 and ("mnist" in suites or "fid" in suites):
-    from monoformer_jax.evaluation import image_suites  # pylint: disable=import-outside-toplevel
     images, labels = image_suites.load_images(_path(e.samples))
     if "mnist" in suites:
       report["mnist"] = image_suites.mnist_suite(images, labels, _path(e.digit_reference),
@@ -165,46 +159,30 @@ def run_evaluation(workdir: str, config) -> dict:
   return report
 
 
-def main(argv):
-  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
-  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]} (fields are set as "
+def define_flags(fv, argv=()):
+  """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
+  config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Evaluation config file (default: the package's "
+      "evaluation/eval_config.py); override fields with --config.eval.FIELD=VALUE.",
+      flag_values=fv, lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints); the "
+                      "report goes to WORKDIR/eval.", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def run(fv, args) -> int:
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args} (fields are set as "
                          "--config.eval.FIELD=VALUE)")
-  from absl import logging  # pylint: disable=import-outside-toplevel
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore drown the results
-  try:
-    run_evaluation(_WORKDIR.value, _CONFIG.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_evaluation(fv.workdir, fv.config)
+  return 0
 
 
-def _with_default_config(argv: list[str]) -> list[str]:
-  if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv):
-    return argv
-  return argv[:1] + [f"--config={_DEFAULT_CONFIG}"] + argv[1:]
-
-
-def _parse_flags(argv: list[str]):
-  """absl's parsing, plus one line instead of a traceback for a field the locked config lacks
-  (config_flags raises AttributeError / KeyError there, which absl does not catch)."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    message = e
-    while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError(str))
-      message = message.args[0]
-    field, _, hint = str(message).partition("\n")
-    field = field.strip("\"'")
-    given = [a.split("=", 1)[0] for a in argv
-             if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")]
-    print(f"error: the config has no field {field!r} ({', '.join(given) or 'from --config'}); "
-          f"{hint + ' ' if hint else ''}the fields are listed in "
-          "monoformer_jax/evaluation/eval_config.py", file=sys.stderr)
-    sys.exit(2)
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main, argv=_with_default_config(sys.argv), flags_parser=_parse_flags)
+  cli.run_as_script(main)

@@ -1,39 +1,46 @@
-"""Entry point: `python -m monoformer_jax.main --config=configs/NAME.py[:VARIANT] --workdir=DIR`.
+"""Training: `python -m monoformer_jax.main --config=configs/NAME.py[:VARIANT] --workdir=DIR`.
 
 Override any field on the command line: `--config.optimizer.learning_rate=3e-4`. Unknown fields
-and wrong types are refused by the (locked) config before anything is built. Multi-host: set
-MONOFORMER_DISTRIBUTED=1 (the launch scripts do) to call `jax.distributed.initialize()` first;
-on a single machine with several local processes, also set MONOFORMER_COORDINATOR=host:port,
-MONOFORMER_NUM_PROCESSES and MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh).
+and wrong types are refused by the (locked) config before anything is built. DIR may be a local
+folder or a bucket path (gs://...). Multi-host: set MONOFORMER_DISTRIBUTED=1 (the launch scripts
+do) to call `jax.distributed.initialize()` first; on a single machine with several local
+processes, also MONOFORMER_COORDINATOR=host:port, MONOFORMER_NUM_PROCESSES and
+MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh).
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.mark_flags_as_required(["config", "workdir"])
+from monoformer_jax import cli
+from monoformer_jax.distributed import maybe_initialize_distributed
+from monoformer_jax.host_memory import tune_for_xla_cpu
+from monoformer_jax.train.trainer import train_and_evaluate
 
 
-def main(argv):
-  del argv
-  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+def define_flags(fv, argv=()):
+  """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:VARIANT]).",
+                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, metrics and "
+                      "samples.", flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def run(fv, args, hooks=()) -> int:
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args} (config fields are set as "
+                         "--config.FIELD=VALUE)")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
-  from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
-  from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
   maybe_initialize_distributed()
-  from monoformer_jax.train.setup import ConfigError  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  train_and_evaluate(fv.config, fv.workdir, hooks=hooks)
+  return 0
+
+
+def main(argv=None, hooks=()) -> int:
+  """`hooks`: see train.trainer (the tests inject faults through them)."""
+  return cli.main(__doc__, define_flags, lambda fv, args: run(fv, args, hooks), argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_as_script(main)

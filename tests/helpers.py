@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
 from tests.helpers_env import subprocess_env
@@ -84,9 +84,9 @@ def text_sample(config, rng, length):
 def build(config, rows, seq_len, slots=1):
   """rows: list of lists of samples (each a list of pieces) -> batch."""
   shape = (config.image_height, config.image_width, config.image_channels)
-  batch = inputs_lib.empty_batch(len(rows), seq_len, slots, shape)
+  batch = batch_lib.empty_batch(len(rows), seq_len, slots, shape)
   for r, samples in enumerate(rows):
-    builder = inputs_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
+    builder = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
     for s in samples:
       builder.add(s)
   return batch

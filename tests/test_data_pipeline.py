@@ -10,7 +10,7 @@ from PIL import Image
 from monoformer_jax.data import image_sources, pipeline, sources
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import tokenizer as tok_lib
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_image_packing_uses_slots(tok):
   assert b["image_mask"].shape == (2, 3) and b["image_mask"].sum() >= 4
   for r in range(2):
     slots = np.flatnonzero(b["image_mask"][r])
-    image_tokens = b["patch_index"][r][b["kinds"][r] == inputs_lib.KIND_IMAGE]
+    image_tokens = b["patch_index"][r][b["kinds"][r] == batch_lib.KIND_IMAGE]
     assert sorted(set(image_tokens // 4)) == slots.tolist()
     for s in range(1, b["segment_ids"][r].max() + 1):
       pos = b["positions"][r][b["segment_ids"][r] == s]

@@ -6,9 +6,9 @@ import pytest
 
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import tokenizer as tok_lib
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 
-T, I, X = inputs_lib.KIND_TEXT, inputs_lib.KIND_IMAGE, inputs_lib.KIND_T_TOKEN
+T, I, X = batch_lib.KIND_TEXT, batch_lib.KIND_IMAGE, batch_lib.KIND_T_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tok(tmp_path_factory):
 
 
 def _batch(seq_len, slots=2, shape=(4, 4, 1)):
-  return inputs_lib.empty_batch(1, seq_len, slots, shape)
+  return batch_lib.empty_batch(1, seq_len, slots, shape)
 
 
 @pytest.mark.parametrize("t_token", [False, True])
@@ -33,7 +33,7 @@ def test_image_sample_layout(tok, t_token, train_text, rng):
   n = seq.sample_length(pieces, num_patches, t_token)
   assert n == seq.image_seq_len(2, num_patches, t_token, tok)
   batch = _batch(n + 3)
-  inputs_lib.RowBuilder(batch, 0, num_patches, t_token).add(pieces)
+  batch_lib.RowBuilder(batch, 0, num_patches, t_token).add(pieces)
   S, E = tok.im_start_id, tok.im_end_id
   t = [0] if t_token else []
   tk = [X] if t_token else []
@@ -88,7 +88,7 @@ def test_chat_and_packing(tok, seed):
   other = seq.text_sample(tok, [(tok.encode("gamma delta"), True)], max_len=100)
   n1, n2 = len(ids), sum(len(v) for _, v, _ in other)
   batch = _batch(n1 + n2 + 2, slots=1)
-  rb = inputs_lib.RowBuilder(batch, 0, 4, False)
+  rb = batch_lib.RowBuilder(batch, 0, 4, False)
   rb.add(pieces)
   rb.add(other)
   np.testing.assert_array_equal(batch["segment_ids"][0], [1] * n1 + [2] * n2 + [0, 0])

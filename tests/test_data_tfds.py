@@ -54,12 +54,12 @@ def test_write_latents_checks_shapes(tmp_path, rng):
 def test_sample_latent(rng):
   mean = rng.standard_normal((64, 64, 4)).astype(np.float32)
   rec = {"mean": mean, "logvar": np.full_like(mean, np.log(0.25))}
-  z = tfds_latents.sample_latent(rec, rng, 0.5)
+  z = pipeline.sample_latent(rec, rng, 0.5)
   assert z.dtype == np.float32
   np.testing.assert_allclose(((z / 0.5 - mean) / 0.5).std(), 1.0, atol=0.05)
   rec["logvar"] = np.full_like(mean, -60.0)  # no spread: exactly mean * scale
   # (the draw adds noise x exp(-30) ~ 1e-13: below float32 rounding of all but tiny means)
-  np.testing.assert_allclose(tfds_latents.sample_latent(rec, rng, 0.18215), mean * 0.18215,
+  np.testing.assert_allclose(pipeline.sample_latent(rec, rng, 0.18215), mean * 0.18215,
                              rtol=1e-6, atol=1e-12)
 
 

@@ -88,7 +88,7 @@ def test_load_sentencepiece_file(trained):
 def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch, seed):
   """Resuming or sampling a run never retrains its tokenizer, even if the corpus changed since."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train import setup  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.run import tokenizer as setup  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict({"data": {"tokenizer": "train", "tokenizer_vocab_size": 300}})
   first = _random_corpus(seed)
   monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)

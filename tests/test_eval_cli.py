@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import eval_config, image_suites
 from monoformer_jax.evaluation import multiple_choice as mc
 from monoformer_jax.evaluation.loglikelihood import LoglikelihoodScorer
+from monoformer_jax.run.open import open_run
 from tests.helpers import shared_digit_classifier, shared_tiny_run, tensorboard_scalars
 from tests.helpers_env import subprocess_env
 
@@ -60,11 +62,10 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, 
   assert report["mnist"]["class_accuracy"] >= 0.9  # real digits as "samples"
   assert report["mnist"]["digit_fid"] < 5 * report["mnist"]["digit_fid_real_same_size"] + 1
   # The same numbers as the library called directly on one device.
-  from monoformer_jax.train.checkpointing import load_for_inference
-  import jax
-  _, model_config, params, tokenizer = load_for_inference(run_dir)
-  scorer = LoglikelihoodScorer(model_config, params, devices=jax.local_devices()[:1])
-  direct = mc.evaluate_tasks(scorer, tokenizer, str(tasks))
+  opened = open_run(run_dir)
+  scorer = LoglikelihoodScorer(opened.model_config, opened.params,
+                               devices=jax.local_devices()[:1])
+  direct = mc.evaluate_tasks(scorer, opened.tokenizer, str(tasks))
   assert direct["piqa"]["acc"] == report["mc"]["piqa"]["acc"]
   scalars = tensorboard_scalars(os.path.join(run_dir, "eval", "tensorboard"))
   assert scalars["eval/mc/piqa/acc_norm"] == (6, pytest.approx(report["mc"]["piqa"]["acc_norm"]))

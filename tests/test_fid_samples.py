@@ -80,7 +80,7 @@ def test_load_samples_checks_that_every_chunk_is_there(tmp_path, rng):
 
 
 @pytest.mark.slow
-def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory, monkeypatch,
+def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory,
                                                   capsys):
   one, eight = tmp_path / "one", tmp_path / "eight"
   fid_samples.generate(str(run_dir), str(one), 24, chunk=16, devices=jax.devices()[:1])
@@ -110,11 +110,9 @@ def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_fa
   assert f1 > real and abs(f1 - f8) <= 1e-6 * abs(f1), (f1, f8, real)
   # The command on the finished directory: nothing is generated again, the digits are scored.
   written = {name: os.path.getmtime(one / name) for name in os.listdir(one)}
-  monkeypatch.setattr(sys, "argv", ["fid_samples", f"--workdir={run_dir}", f"--out_dir={one}",
-                                    "--num_samples=24", "--chunk=16", "--score_mnist",
-                                    f"--classifier_cache={cache}"])
   capsys.readouterr()
-  fid_samples.main()
+  assert fid_samples.main([f"--workdir={run_dir}", f"--out_dir={one}", "--num_samples=24",
+                           "--chunk=16", "--score_mnist", f"--classifier_cache={cache}"]) == 0
   report = json.loads(capsys.readouterr().out)
   assert {n: os.path.getmtime(one / n) for n in written if n != "manifest.json"} == {
       n: t for n, t in written.items() if n != "manifest.json"}

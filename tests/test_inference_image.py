@@ -9,10 +9,10 @@ import pytest
 
 from monoformer_jax import diffusion
 from monoformer_jax.convert import golden_cases as gc
-from monoformer_jax.inference import (decode, generate_interleaved, init_cache, run_interleaved,
+from monoformer_jax.sampling import (decode, generate_interleaved, init_cache, run_interleaved,
                                       sample_images, sample_images_full_recompute, span_length)
-from monoformer_jax.inference import image as image_lib
-from monoformer_jax.inference import interleaved as interleaved_lib
+from monoformer_jax.sampling import image as image_lib
+from monoformer_jax.sampling import interleaved as interleaved_lib
 from monoformer_jax.model.monoformer import MonoFormer
 from tests.helpers import build, random_params, tiny_config
 

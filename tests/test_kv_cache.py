@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.inference.cache import init_cache as empty_cache
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax.sampling.cache import init_cache as empty_cache
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.monoformer import MonoFormer
 from tests.helpers import build, random_params, tiny_config
 
 
 def _slice(batch, lo, hi):
-  return {k: (v[:, lo:hi] if k in inputs_lib.SEQUENCE_KEYS else v) for k, v in batch.items()}
+  return {k: (v[:, lo:hi] if k in batch_lib.SEQUENCE_KEYS else v) for k, v in batch.items()}
 
 
 # Every layer writes its slice of the stacked cache in place: unrolled layers get their index as
@@ -76,8 +76,8 @@ def test_the_decode_loop_writes_the_cache_in_place(scan, rng):
   whole cache per step made the per-token time ~3x slower at 1,024 slots (benchmarks/RESULTS.md).
   """
   import re
-  from monoformer_jax.inference import decode
-  from monoformer_jax.inference.tokens import TokenSampling
+  from monoformer_jax.sampling import decode
+  from monoformer_jax.sampling.tokens import TokenSampling
   config = tiny_config(num_layers=3, scan_layers=scan)  # cache (3, 5, 2, 48, 8): dims distinct
   params = random_params(tiny_config(num_layers=3))
   if scan:

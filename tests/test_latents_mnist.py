@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import mnist_vae
-from monoformer_jax.data import sources, tfds_latents
+from monoformer_jax.data import pipeline, sources, tfds_latents
 from monoformer_jax.tools import extract_latents
 from monoformer_jax.vae import convert, latents, train_vae
 from tests.helpers_env import subprocess_env
@@ -90,7 +90,7 @@ def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path, rng):
   baseline = metrics["heldout_mean_image_baseline"]["mse"]
   assert error["mse"] < 0.3 * baseline, (error, baseline)
   # A latent drawn as the training pipeline draws it also decodes near its digit.
-  drawn = np.stack([tfds_latents.sample_latent(r, rng, scale) for r in recs[:64]])
+  drawn = np.stack([pipeline.sample_latent(r, rng, scale) for r in recs[:64]])
   decoded = np.asarray(latents.decode_latents(params, drawn, scale, config=config))
   drawn_error = train_vae.reconstruction_metrics(images[:64], decoded)["mse"]
   print(f"... decoded from latents drawn from the stored posterior: MSE {drawn_error:.4f} "

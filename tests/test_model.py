@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.monoformer import MonoFormer, init_params
 from tests.helpers import build, image_sample, text_sample, tiny_config
 from tests.random_weights import random_params
@@ -71,7 +71,7 @@ def test_later_text_never_changes_earlier_outputs(setup, rng):
     assert np.abs(out["logits"][0, j] - base["logits"][0, j]).max() > 1e-4
   # A prompt token changes the image output (the image attends to the text before it).
   changed = copy.deepcopy(batch)
-  changed["tokens"][0, 2] += 1
+  changed["tokens"][0, 2] = (changed["tokens"][0, 2] + 1) % config.vocab_size
   assert np.abs(run(config, params, changed)["image"] - base["image"]).max() > 1e-5
 
 
@@ -128,7 +128,7 @@ def test_packed_samples_never_influence_each_other(setup, rng):
   np.testing.assert_allclose(out["logits"][0, seg == 3], out_c["logits"][0, :5], atol=2e-5)
   # Perturbing sample a (its text and its image) leaves b and c untouched.
   changed = copy.deepcopy(packed)
-  changed["tokens"][0, 1] += 3
+  changed["tokens"][0, 1] = (changed["tokens"][0, 1] + 3) % config.vocab_size
   changed["images"][0, 0] += 1.0
   out2 = run(config, params, changed, t_packed)
   np.testing.assert_array_equal(out2["logits"][0, seg >= 2], out["logits"][0, seg >= 2])
@@ -150,12 +150,17 @@ def test_heads_are_optional_and_text_only_path(setup, rng):
   batch = build(config, [[text_sample(config, rng, 9)], [text_sample(config, rng, 4)]], 12)
   full = run(config, params, batch)
   text_only = MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch))
-  np.testing.assert_allclose(text_only["logits"], full["logits"], atol=1e-6)
+  # Two programs (with and without the image path), fused differently: float32 rounding of
+  # logits of magnitude ~10 (seed sweep: worst 1.3e-6).
+  scale = max(1.0, float(np.abs(full["logits"]).max()))
+  np.testing.assert_allclose(text_only["logits"], full["logits"], rtol=0, atol=1e-6 * scale)
   assert "image" not in text_only
   img_batch = build(config, [[image_sample(config, rng, 3)]], 24)
   no_logits = run(config, params, img_batch, return_logits=False)
   assert set(no_logits) == {"image"}
-  np.testing.assert_allclose(no_logits["image"], run(config, params, img_batch)["image"], atol=1e-6)
+  image = run(config, params, img_batch)["image"]
+  np.testing.assert_allclose(no_logits["image"], image, rtol=0,
+                             atol=1e-6 * max(1.0, float(np.abs(image).max())))
 
 
 def test_scan_and_remat_give_the_same_outputs(setup, rng):
@@ -215,7 +220,7 @@ def test_label_embedding_variant_conditions_on_the_class(rng, seed):
   batch["labels"][0, 0] = 7
   out2 = run(config, params, batch)
   assert np.abs(out1["image"] - out2["image"]).max() > 1e-5
-  assert inputs_lib.KIND_IMAGE == 1
+  assert batch_lib.KIND_IMAGE == 1
 
 
 def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(setup, rng):
@@ -253,8 +258,8 @@ def test_later_text_sees_every_image_token(setup, rng):
     rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(
         rows["images"][1 + patch, 0, hs, ws].shape)
   out = run_rows(config, params, rows)
-  after = _positions(batch, inputs_lib.KIND_TEXT)
-  first_image = _positions(batch, inputs_lib.KIND_IMAGE)[0]
+  after = _positions(batch, batch_lib.KIND_TEXT)
+  first_image = _positions(batch, batch_lib.KIND_IMAGE)[0]
   before, after = after[after < first_image], after[after > first_image]
   assert len(after) == 4 and len(before) == 4
   for patch in range(n):
@@ -279,8 +284,8 @@ def test_causal_image_switch_hides_later_image_tokens(t_embed, rng, seed):
         rows["images"][1 + patch, 0, hs, ws].shape)
   out = run_rows(config, params, rows)
   scale = np.abs(out["image"][0]).max()
-  image_pos = _positions(batch, inputs_lib.KIND_IMAGE)
-  tail = _positions(batch, inputs_lib.KIND_TEXT)
+  image_pos = _positions(batch, batch_lib.KIND_IMAGE)
+  tail = _positions(batch, batch_lib.KIND_TEXT)
   tail = tail[tail > image_pos[-1]]
   for patch in range(n):
     for other in range(n):

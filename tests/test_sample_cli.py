@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax.inference import InferenceModel
-from monoformer_jax.train import periodic_samples as ps
+from monoformer_jax.run import images as ps
 from tests.helpers import shared_tiny_run
 from tests.helpers_env import subprocess_env
 

@@ -14,7 +14,7 @@ import pytest
 from monoformer_jax.convert.checkpoints import save_hf_llama, save_official
 from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.inference import InferenceModel
-from monoformer_jax.train import periodic_samples as ps
+from monoformer_jax.run import images as ps
 from tests.helpers import random_params, tiny_config
 from tests.helpers_env import subprocess_env
 

@@ -78,9 +78,8 @@ def test_init_from_a_hugging_face_llama(tmp_path, env, seed):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "initialised from hf:" in proc.stdout
-  from monoformer_jax.train.checkpointing import load_for_inference
-  _, config, params, _ = load_for_inference(str(work), use_ema=False)
-  _, _, ema, _ = load_for_inference(str(work), use_ema=True)
+  from monoformer_jax.run.open import open_run
+  params, ema = open_run(str(work), use_ema=False).params, open_run(str(work)).params
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), jax.device_get(params))
   emb = np.asarray(params["embed_tokens"]["embedding"])
   ref = model.model.embed_tokens.weight.detach().numpy()

@@ -7,12 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.common import base_config
+from monoformer_jax.run.config import base_config
 from monoformer_jax.convert.monoformer_weights import unstack_layers
 from monoformer_jax.diffusion import make_objective
 from monoformer_jax.model.monoformer import init_params
-from monoformer_jax.train import sharding as sharding_lib
-from monoformer_jax.train import state as state_lib
+from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.run import state as state_lib
 from monoformer_jax.train import steps as steps_lib
 from monoformer_jax.train.data_streams import MixedIterator
 from tests.helpers import build, image_sample, text_sample, tiny_config

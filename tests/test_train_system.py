@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.train import checkpointing
+from configs import mnist_tiny
+from monoformer_jax.run import checkpoints
+from monoformer_jax.run.config import ConfigError, build_objective
+from monoformer_jax.run.open import open_run
+from monoformer_jax.train.trainer import check_config
 from monoformer_jax.train.scheduler import StepScheduler
 from tests.helpers_env import subprocess_env
 
@@ -27,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu"}
 
 
-def _run(workdir, *overrides, env=None, check=True):
-  cmd = [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test",
+def _run(workdir, *overrides, env=None, check=True, module="monoformer_jax.main"):
+  cmd = [sys.executable, "-m", module, "--config=configs/mnist_tiny.py:test",
          f"--workdir={workdir}", *overrides]
   full_env = subprocess_env()
   full_env.update(env or {})
@@ -44,9 +48,7 @@ def _rows(workdir):
 
 
 def _final_params(workdir, use_ema=False):
-  from monoformer_jax.train.checkpointing import load_for_inference
-  _, _, params, _ = load_for_inference(str(workdir), use_ema=use_ema)
-  return jax.device_get(params)
+  return open_run(str(workdir), use_ema=use_ema).params
 
 
 def _assert_trees_equal(a, b):
@@ -100,8 +102,7 @@ def test_sigkill_between_checkpoints_and_resume_is_exact(tmp_path, straight):
   straight_dir, _ = straight
   broken = tmp_path / "broken"
   # Killed at step 10: after checkpoint 8, mid-interval, with the row of step 9 already logged.
-  killed = _run(broken, *STEPS, env=dict(MONOFORMER_FAULT_KILL_AFTER_STEP="10"),
-                check=False)
+  killed = _run(broken, *STEPS, "--kill_after_step=10", module="tests.fault_main", check=False)
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert sorted(os.listdir(broken / "checkpoints"), key=int) == ["4", "8"]
   assert [r["step"] for r in _rows(broken)] == [3, 6, 9]
@@ -142,9 +143,8 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
     assert ("loss_lm" in row) == ("ar" in window), row
   assert "loss_lm" not in rows[0] and "loss_lm" in rows[1]  # the schedule gives both cases
   # The learning rate averaged over the window's steps (step s trains at schedule(s - 1)).
-  from configs.mnist_tiny import get_config
-  from monoformer_jax.train.state import learning_rate_schedule
-  lr = learning_rate_schedule(get_config("test").optimizer)
+  from monoformer_jax.run.state import learning_rate_schedule
+  lr = learning_rate_schedule(mnist_tiny.get_config("test").optimizer)
   for row in rows:
     want = np.mean([float(lr(s - 1)) for s in range(row["step"] - 2, row["step"] + 1)])
     np.testing.assert_allclose(row["learning_rate"], want, rtol=1e-5)
@@ -179,11 +179,10 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
 def _save_tiny_official(out_dir, seed):
   """A MonoFormer checkpoint in the official layout, of the test config's model, with every
   weight random (the zero-initialised image layers too)."""
-  from configs.mnist_tiny import get_config
   from monoformer_jax.convert.checkpoints import save_official
   from monoformer_jax.model.config import ModelConfig
   from tests.helpers import random_params
-  c = get_config("test")
+  c = mnist_tiny.get_config("test")
   # The run's vocabulary (516 = the 512-token tokenizer + 4 special tokens) and model.
   model_config = ModelConfig.from_mapping(c.model)
   params = random_params(model_config, seed=seed)
@@ -235,8 +234,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   ckpts = work / "checkpoints"
   assert sorted(os.listdir(ckpts)) == ["3", "6"]
   # A save of step 9 interrupted half-way: orbax's temporary folder, without its commit marker.
-  shutil.copytree(ckpts / "6", ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}")
-  os.remove(ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}" / checkpointing.COMMIT_SUCCESS_FILE)
+  shutil.copytree(ckpts / "6", ckpts / f"9{checkpoints.TMP_DIR_SUFFIX}")
+  os.remove(ckpts / f"9{checkpoints.TMP_DIR_SUFFIX}" / checkpoints.COMMIT_SUCCESS_FILE)
   # Corrupt every data file of the latest finished step's state.
   for root, _, files in os.walk(ckpts / "6" / "state"):
     for name in files:
@@ -247,7 +246,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   assert "ignoring and deleting the unfinished save" in out and "9.orbax-checkpoint-tmp" in out
   assert "falling back to the previous checkpoint" in out
   assert "resumed from checkpoint step 3" in proc.stdout
-  assert not (ckpts / f"9{checkpointing.TMP_DIR_SUFFIX}").exists()
+  assert not (ckpts / f"9{checkpoints.TMP_DIR_SUFFIX}").exists()
   assert [r["step"] for r in _rows(work)] == [2, 4, 6, 8]
 
 
@@ -257,16 +256,16 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys, r
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   value = rng.standard_normal((3, 5)).astype(np.float32)
   abstract = {"w": jax.ShapeDtypeStruct(value.shape, jnp.float32, sharding=sharding)}
-  ck = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ck = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   for step in (1, 2, 3):
     ck.save(step, {"w": jnp.asarray(value * step)}, {"step": step})
   ck.close()
   d = tmp_path / "checkpoints"
   # 4: interrupted before orbax's final rename (the temporary folder, no commit marker).
-  shutil.copytree(d / "3", d / f"4{checkpointing.TMP_DIR_SUFFIX}")
-  os.remove(d / f"4{checkpointing.TMP_DIR_SUFFIX}" / checkpointing.COMMIT_SUCCESS_FILE)
+  shutil.copytree(d / "3", d / f"4{checkpoints.TMP_DIR_SUFFIX}")
+  os.remove(d / f"4{checkpoints.TMP_DIR_SUFFIX}" / checkpoints.COMMIT_SUCCESS_FILE)
   # 3: a step folder without its commit marker (a copy cut short).
-  os.remove(d / "3" / checkpointing.COMMIT_SUCCESS_FILE)
+  os.remove(d / "3" / checkpoints.COMMIT_SUCCESS_FILE)
   # 2: finished, then its array data truncated.
   for root, _, files in os.walk(d / "2" / "state"):
     for name in files:
@@ -275,7 +274,7 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys, r
         f.truncate(os.path.getsize(path) // 2)
 
   # A reader (sampling from a running job's workdir) leaves temporary folders alone.
-  reader = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  reader = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   step, state, extra = reader.restore_latest(abstract)
   reader.close()
   assert (step, extra) == (1, {"step": 1})
@@ -283,15 +282,15 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys, r
   out = capsys.readouterr().out
   assert f"checkpoint {d}/3 has no commit_success.txt" in out
   assert f"checkpoint {d}/2 is unreadable" in out
-  assert (d / f"4{checkpointing.TMP_DIR_SUFFIX}").exists()
+  assert (d / f"4{checkpoints.TMP_DIR_SUFFIX}").exists()
 
   # The training job warns about the leftover and deletes it; saving step 4 again works.
-  trainer_ck = checkpointing.Checkpointer(str(tmp_path), async_save=False, clean_unfinished=True)
+  trainer_ck = checkpoints.Checkpointer(str(tmp_path), async_save=False, clean_unfinished=True)
   assert "ignoring and deleting the unfinished save" in capsys.readouterr().out
   trainer_ck.save(4, {"w": jnp.asarray(value * 4)}, {"step": 4})
   step, state, _ = trainer_ck.restore_latest(abstract)
   trainer_ck.close()
-  assert step == 4 and not (d / f"4{checkpointing.TMP_DIR_SUFFIX}").exists()
+  assert step == 4 and not (d / f"4{checkpoints.TMP_DIR_SUFFIX}").exists()
   np.testing.assert_array_equal(np.asarray(state["w"]), value * 4)
 
 
@@ -336,52 +335,47 @@ def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
 
 
 def _mnist_tiny_test_config():
-  from configs.mnist_tiny import get_config  # pylint: disable=import-outside-toplevel
-  return get_config("test")
+  return mnist_tiny.get_config("test")
 
 
 @pytest.mark.parametrize("kind,sampler", [("flow", "ddpm"), ("gaussian", "heun")])
 def test_sampler_must_match_the_objective(kind, sampler):
   # In-process (no compile): the sampler only runs after training, so this must fail up front.
-  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
   config = _mnist_tiny_test_config()
-  validate_config(config)  # the default pairing passes
+  check_config(config)  # the default pairing passes
   config.objective.kind, config.sampling.sampler = kind, sampler
   config.objective.min_snr_gamma = 0.0  # Gaussian-only: would be the first error for flow
   with pytest.raises(ConfigError, match=f"config.sampling.sampler: '{sampler}' does not sample"):
-    validate_config(config)
+    check_config(config)
 
 
 @pytest.mark.parametrize("kind,gamma", [("gaussian", -1.0), ("flow", 5.0)])
 def test_min_snr_gamma_is_checked_up_front(kind, gamma):
-  from monoformer_jax.train.setup import (ConfigError, build_objective,  # pylint: disable=import-outside-toplevel
-                                          validate_config)
   config = _mnist_tiny_test_config()
   config.objective.min_snr_gamma = 5.0
-  validate_config(config)
+  check_config(config)
   assert build_objective(config).min_snr_gamma == 5.0
   config.objective.kind, config.objective.min_snr_gamma = kind, gamma
   if kind == "flow":
     config.sampling.sampler = "euler"
   with pytest.raises(ConfigError, match="config.objective.min_snr_gamma: must be >= 0"):
-    validate_config(config)
+    check_config(config)
 
 
 
 @pytest.mark.parametrize("change", [dict(kind="flow"), dict(vae="runs/v/vae")])
 def test_clip_denoised_is_checked_up_front(change):
   """x0 clamping is for Gaussian sampling in pixel space; latents or the ODE samplers fail now."""
-  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
   config = _mnist_tiny_test_config()
   config.sampling.clip_denoised = True
-  validate_config(config)
+  check_config(config)
   if "kind" in change:
     config.objective.kind, config.objective.min_snr_gamma = "flow", 0.0
     config.sampling.sampler = "euler"
   else:
     config.vae.path = change["vae"]
   with pytest.raises(ConfigError, match="config.sampling.clip_denoised: clamps the predicted x0"):
-    validate_config(config)
+    check_config(config)
 
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
@@ -414,10 +408,9 @@ def test_text_warmup_runs_ar_first_then_the_round_robin(rng):
   assert [again.next(i) for i in range(n - 2, n + 50)] == kinds[n - 2:]
   with pytest.raises(ValueError, match="text_warmup_steps"):
     StepScheduler({"diffusion": 1}, text_warmup_steps=5)
-  from monoformer_jax.train.setup import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
   config = _mnist_tiny_test_config()
   config.schedule.text_warmup_steps = 10
-  validate_config(config)
+  check_config(config)
   config.schedule.ar = 0.0
   with pytest.raises(ConfigError, match="schedule.text_warmup_steps"):
-    validate_config(config)
+    check_config(config)

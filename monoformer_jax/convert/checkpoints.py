@@ -21,7 +21,9 @@ import numpy as np
 
 from monoformer_jax.convert.monoformer_weights import (params_to_state_dict,
                                                        state_dict_to_params, weight_table)
+from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.model.config import ModelConfig, from_official_config
+from monoformer_jax.model.monoformer import init_params
 
 _IMAGE_KEY_PREFIXES = ("x_embedder", "t_embedder", "adaLN_module", "t_projector", "final_layer",
                        "y_embedder")
@@ -39,7 +41,6 @@ def _read_config(path: str) -> dict:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  from monoformer_jax.convert.torch_checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
   return load_state_dict(path)
 
 
@@ -86,7 +87,6 @@ def load_llama_checkpoint(path: str, *, vocab_size: Optional[int] = None,
   diffusion head) gets its fresh official initialisation from `rng`. `vocab_size` grows the
   vocabulary (new rows ~ N(0, initializer_range)).
   """
-  from monoformer_jax.model.monoformer import init_params  # pylint: disable=import-outside-toplevel
   hf = _read_config(path)
   rng = jax.random.key(0) if rng is None else rng
   base = from_official_config(hf, **config_overrides)

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from monoformer_jax.convert.monoformer_weights import state_dict_to_params
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig, from_official_config
 
 SPECIAL_ORDER = ("<s>", "</s>", "<PAD>", "<image>", "<|im_start|>", "<|im_end|>", "\\n")
@@ -65,11 +65,11 @@ def build_batch(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.n
   """
   b = input_ids.shape[0]
   shape = (config.image_height, config.image_width, config.image_channels)
-  batch = inputs_lib.empty_batch(b, merged_len, 1, shape)
+  batch = batch_lib.empty_batch(b, merged_len, 1, shape)
   image_id = special["<image>"]
   for r in range(b):
     kept = [int(t) for t, keep in zip(input_ids[r], attention_mask[r]) if keep]
-    builder = inputs_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
+    builder = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
     if image_id in kept:
       i = kept.index(image_id)
       image = nchw_to_nhwc(latents_nchw[r]).astype(np.float32)
@@ -100,7 +100,7 @@ def pad_rows(batch: dict, rows: int) -> dict:
   b, length = batch["tokens"].shape
   if rows == b:
     return batch
-  extra = inputs_lib.empty_batch(rows - b, length, batch["images"].shape[1],
+  extra = batch_lib.empty_batch(rows - b, length, batch["images"].shape[1],
                                  batch["images"].shape[2:])
   return {k: np.concatenate([v, extra[k]]) for k, v in batch.items()}
 
@@ -115,7 +115,7 @@ def merged_labels(batch: dict, labels: np.ndarray, attention_mask: np.ndarray,
     keep = attention_mask[r].astype(bool)
     text = input_ids[r][keep] != special["<image>"]
     row_labels = labels[r][keep][text]
-    where = np.nonzero((kinds[r] == inputs_lib.KIND_TEXT) & (seg[r] > 0))[0]
+    where = np.nonzero((kinds[r] == batch_lib.KIND_TEXT) & (seg[r] > 0))[0]
     if len(where) != len(row_labels):
       raise ValueError(f"row {r}: {len(row_labels)} kept text labels but {len(where)} text "
                        "positions in the merged row")
@@ -128,7 +128,7 @@ def image_spans(batch: dict) -> np.ndarray:
   kinds = batch["kinds"]
   out = np.full((kinds.shape[0], 2), -1, np.int64)
   for r in range(kinds.shape[0]):
-    pos = np.nonzero(kinds[r] == inputs_lib.KIND_IMAGE)[0]
+    pos = np.nonzero(kinds[r] == batch_lib.KIND_IMAGE)[0]
     if len(pos):
       out[r] = pos.min(), pos.max() + 1
   return out

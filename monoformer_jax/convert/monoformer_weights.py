@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.model.monoformer import init_params
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
@@ -147,9 +150,6 @@ def params_to_state_dict(params: Mapping, config: ModelConfig, *, include_image:
 
 
 def _expected_shapes(config: ModelConfig) -> dict:
-  import jax  # local: keep this module importable without initialising a backend
-  import flax.linen as nn
-  from monoformer_jax.model.monoformer import init_params
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(config, jax.random.key(0))))
   flat = {}
 
@@ -165,7 +165,6 @@ def _expected_shapes(config: ModelConfig) -> dict:
 
 def stack_layers(params: Mapping, num_layers: int) -> dict:
   """Unscanned params (layers_0, layers_1, ...) -> scanned layout ('layers' with a leading axis)."""
-  import jax
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[f"layers_{i}"]
                                                            for i in range(num_layers)])
@@ -174,7 +173,6 @@ def stack_layers(params: Mapping, num_layers: int) -> dict:
 
 def unstack_layers(params: Mapping, num_layers: int) -> dict:
   """Scanned layout -> unscanned."""
-  import jax
   out = {k: v for k, v in params.items() if k != "layers"}
   for i in range(num_layers):
     out[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x[i]), params["layers"])

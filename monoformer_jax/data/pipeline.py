@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from monoformer_jax.data import sequences as seq
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class BatchIterator:
     return next(self._it), state
 
   def __next__(self) -> dict:
-    batch = inputs_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots,
+    batch = batch_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots,
                                    self.image_shape)
     row, placed = 0, 0
     builder = self._builder(batch, 0)
@@ -189,7 +189,7 @@ class BatchIterator:
     return batch
 
   def _builder(self, batch, row):
-    return inputs_lib.RowBuilder(batch, row, self.num_patches, self.t_token)
+    return batch_lib.RowBuilder(batch, row, self.num_patches, self.t_token)
 
   @property
   def stats(self) -> dict:
@@ -224,9 +224,16 @@ def image_to_float(image: np.ndarray) -> np.ndarray:
   return np.asarray(image, np.float32)
 
 
+def sample_latent(record: dict, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+  """One draw from a stored VAE posterior (`mean`, `logvar`), times the VAE scale factor."""
+  mean = np.asarray(record["mean"], np.float32)
+  std = np.exp(0.5 * np.asarray(record["logvar"], np.float32))
+  eps = rng.standard_normal(mean.shape, dtype=np.float32)
+  return (mean + std * eps) * np.float32(scale)
+
+
 def _record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
   if "mean" in record:  # precomputed VAE posterior: sample it afresh every time (official)
-    from monoformer_jax.data.tfds_latents import sample_latent
     return sample_latent(record, rng, latent_scale)
   return image_to_float(record["image"])
 

@@ -142,11 +142,3 @@ class LatentSource:
 def latent_source(data_dir: str, split: str = "train", class_names=None) -> LatentSource:
   """Reads a split written by `write_latents` through `tfds.data_source`."""
   return LatentSource(data_dir, split, class_names)
-
-
-def sample_latent(record: dict, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-  """One draw from the stored posterior, times the VAE scale factor (float32)."""
-  mean = np.asarray(record["mean"], np.float32)
-  std = np.exp(0.5 * np.asarray(record["logvar"], np.float32))
-  eps = rng.standard_normal(mean.shape, dtype=np.float32)
-  return (mean + std * eps) * np.float32(scale)

@@ -13,15 +13,16 @@ import os
 
 import numpy as np
 
-from monoformer_jax.evaluation import fid
+from monoformer_jax.data import mnist
+from monoformer_jax.evaluation import digit_classifier as dc
+from monoformer_jax.evaluation import fid, inception, inception_convert, sample_dirs
 
 
 def load_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """(images uint8 (N, H, W, C), labels int32 (N,) or None) from a samples .npz (`images` or
   `arr_0`, optional `labels`) or a `fid_samples` directory; errors name the file."""
   if os.path.isdir(path):
-    from monoformer_jax.evaluation import fid_samples  # pylint: disable=import-outside-toplevel
-    images, labels = fid_samples.load_samples(path)
+    images, labels = sample_dirs.load_samples(path)
     return images, labels.astype(np.int32)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such samples file {path}")
@@ -56,8 +57,6 @@ def _check_digits(images: np.ndarray, name: str) -> None:
 
 def mnist_suite(images: np.ndarray, labels: np.ndarray | None, reference_path: str = "",
                 cache_dir: str = "", name: str = "samples") -> dict:
-  from monoformer_jax.data import mnist  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.evaluation import digit_classifier as dc  # pylint: disable=import-outside-toplevel
   _check_digits(images, name)
   if reference_path:
     reference = load_images(reference_path)[0]
@@ -137,8 +136,6 @@ def inception_metrics(images: np.ndarray, features_fn, reference: str, *, batch_
 def fid_suite(images: np.ndarray, weights: str, reference: str, *, batch_size: int = 100,
               splits: int = 10) -> dict:
   """`inception_metrics` with the FID Inception read from a pytorch-fid .pth file."""
-  # pylint: disable=import-outside-toplevel  # jax and the network load only for this suite
-  from monoformer_jax.evaluation import inception, inception_convert
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"no such Inception weights file {weights}")
   features = inception.InceptionFeatures(inception_convert.load_fid_inception(weights),

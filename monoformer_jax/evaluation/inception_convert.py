@@ -15,6 +15,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from monoformer_jax.convert import torch_checkpoint
 from monoformer_jax.evaluation import inception
 
 _BN_NAMES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -106,6 +107,4 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
 
 def load_fid_inception(path: str, model: inception.FIDInceptionV3 | None = None) -> dict:
   """Reads a pt_inception `.pth` file (no torch needed) and converts it."""
-  # Imported here so that converting an in-memory state dict does not need the reader module.
-  from monoformer_jax.convert import torch_checkpoint
   return convert_state_dict(torch_checkpoint.load_state_dict(path), model)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
-from monoformer_jax.train.losses import token_cross_entropy
+from monoformer_jax.model.losses import token_cross_entropy
 
 Request = tuple  # (ids: sequence of int, num_scored: int)
 

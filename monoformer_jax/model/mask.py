@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from monoformer_jax.model.inputs import KIND_IMAGE
+from monoformer_jax.batch import KIND_IMAGE
 
 Array = jax.Array
 

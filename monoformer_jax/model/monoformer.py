@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.image import (FinalLayer, TimestepEmbedder, patchify,
                                         sincos_pos_embed_2d, unpatchify)
@@ -48,7 +48,7 @@ def _per_slot(values: Array, slot: Array) -> Array:
 def _patch_positions(kinds: Array, patch_index: Array, num_slots: int) -> Array:
   """(B, num_slots): where in the sequence each image patch sits (0 for slots that are absent)."""
   seq = jnp.broadcast_to(jnp.arange(kinds.shape[1], dtype=jnp.int32), kinds.shape)
-  target = jnp.where(kinds == inputs_lib.KIND_IMAGE, patch_index, num_slots)  # num_slots: dropped
+  target = jnp.where(kinds == batch_lib.KIND_IMAGE, patch_index, num_slots)  # num_slots: dropped
 
   def one_row(t, s):
     return jnp.zeros((num_slots,), jnp.int32).at[t].set(s, mode="drop")
@@ -122,7 +122,7 @@ class MonoFormer(nn.Module):
       patch_emb = nn.Dense(hidden, param_dtype=jnp.float32, dtype=dtype, name="x_embedder",
                            kernel_init=zeros_init(("patch", "embed")),
                            bias_init=zeros_init(("embed",)))(patches)
-      is_image = (kinds == inputs_lib.KIND_IMAGE)[..., None]
+      is_image = (kinds == batch_lib.KIND_IMAGE)[..., None]
       x = jnp.where(is_image, _gather_tokens(patch_emb, patch_index).astype(dtype), x)
       slot = patch_index // num_patches  # image slot of image tokens and t-tokens
       if cfg.has_t_token:
@@ -133,7 +133,7 @@ class MonoFormer(nn.Module):
                          kernel_init=zeros_init(("embed", "embed_out")),
                          bias_init=zeros_init(("embed_out",)))(nn.gelu(t_tok, approximate=False))
         self.sow("intermediates", "c_embeds", t_tok)
-        is_t = (kinds == inputs_lib.KIND_T_TOKEN)[..., None]
+        is_t = (kinds == batch_lib.KIND_T_TOKEN)[..., None]
         x = jnp.where(is_t, _per_slot(t_tok, slot).astype(dtype), x)
       self.sow("intermediates", "merged_embeds", x)
       if cfg.use_pos_embed:
@@ -200,9 +200,9 @@ def dummy_batch(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int]
   n = config.num_patches + int(config.has_t_token)
   seq_len = seq_len or n + 4
   shape = (config.image_height, config.image_width, config.image_channels)
-  batch = inputs_lib.empty_batch(batch_size, seq_len, num_image_slots, shape)
+  batch = batch_lib.empty_batch(batch_size, seq_len, num_image_slots, shape)
   for r in range(batch_size):
-    rb = inputs_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
+    rb = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
     rb.add([("text", [1, 2], True), ("image", np.zeros(shape, np.float32), 0),
             ("text", [2], True)])
   timesteps = np.zeros((batch_size, num_image_slots), np.float32)

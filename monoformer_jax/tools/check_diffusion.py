@@ -12,15 +12,15 @@ with |ours - ref| <= 1e-4 * max(1, max|ref|). Exit status: 0 all within toleranc
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from monoformer_jax import cli
 from monoformer_jax import diffusion as dif
 
 TOLERANCE = 1e-4
@@ -29,7 +29,7 @@ TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance"
 PMV_OUTPUTS = ("mean", "variance", "log_variance", "pred_xstart", "clip_mean", "clip_pred_xstart")
 
 
-class GoldenError(Exception):
+class GoldenError(ValueError):
   """The directory or one of its arrays is missing or malformed."""
 
 
@@ -185,19 +185,19 @@ def load_cases(directory) -> dict[str, np.ndarray]:
     raise GoldenError(f"cannot read {npz}: {e}") from e
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("directory", help="golden directory holding cases.npz")
-  parser.add_argument("--dump", metavar="FILE.npz", help="write every computed array here")
-  args = parser.parse_args(argv)
-  try:
-    cases = load_cases(args.directory)
-    ours = compute_all(cases)
-  except GoldenError as e:
-    print(f"check_diffusion: error: {e}", file=sys.stderr)
-    return 2
-  if args.dump:
-    np.savez(args.dump, **ours)
+def define_flags(fv, argv=()):
+  del argv  # no config file: the flags alone
+  flags.DEFINE_string("dump", None, "Write every computed array to this .npz.", flag_values=fv)
+
+
+def run(fv, args) -> int:
+  if len(args) != 1:
+    raise cli.UsageError("give one golden directory (holding cases.npz): "
+                         "python -m monoformer_jax.tools.check_diffusion DIR [--dump FILE.npz]")
+  cases = load_cases(args[0])
+  ours = compute_all(cases)
+  if fv.dump:
+    np.savez(fv.dump, **ours)
   rows = compare(ours, cases)
   for name, err, tol, ok in rows:
     print(f"{name:40s} max_abs_err={err:.3e} tol={tol:.3e} {'ok' if ok else 'FAIL'}")
@@ -213,5 +213,9 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_as_script(main)

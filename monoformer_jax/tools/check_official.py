@@ -13,23 +13,24 @@ Nothing is specialised to the golden sizes: the model is built from DIR/config.j
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from monoformer_jax import cli
 from monoformer_jax import diffusion
 from monoformer_jax.convert import golden_cases as gc
 from monoformer_jax.diffusion.samplers import ddpm_step
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.image import FinalLayer, sincos_pos_embed_2d
 from monoformer_jax.model.mask import attention_mask, token_meta
 from monoformer_jax.model.monoformer import MonoFormer
-from monoformer_jax.train.losses import lm_loss
+from monoformer_jax.model.losses import lm_loss
 
 TOLERANCE = 1e-4
 
@@ -96,7 +97,7 @@ def _apply_fn(config: ModelConfig, with_images: bool):
     if images is not None:
       inter["final_layer_out_everywhere"] = final_layer_everywhere(
           config, params["final_layer"], inter["final_hidden"], inter["t_emb"][:, 0],
-          batch["kinds"] == inputs_lib.KIND_IMAGE)
+          batch["kinds"] == batch_lib.KIND_IMAGE)
     return out, inter
 
   if with_images:
@@ -169,7 +170,7 @@ def _model_case(config, params, cases, special, prefix, shape, with_images=True)
   def seq(a):  # back to the case's (B, L_merged, ...)
     return np.asarray(a)[:b, :length]
 
-  batch = {k: v[:b, :length] if k in inputs_lib.SEQUENCE_KEYS else v[:b] for k, v in batch.items()}
+  batch = {k: v[:b, :length] if k in batch_lib.SEQUENCE_KEYS else v[:b] for k, v in batch.items()}
   valid = batch["segment_ids"] > 0
   res, masks = {}, {}
   res["logits"] = seq(out["logits"])
@@ -180,8 +181,8 @@ def _model_case(config, params, cases, special, prefix, shape, with_images=True)
     res["layer0_input"] = seq(inter["layer0_input"])
   for name in list(res):
     masks[name] = valid[..., None]
-  res["gen_mask"] = batch["kinds"] == inputs_lib.KIND_IMAGE
-  res["text_mask"] = (batch["kinds"] == inputs_lib.KIND_TEXT) & valid
+  res["gen_mask"] = batch["kinds"] == batch_lib.KIND_IMAGE
+  res["text_mask"] = (batch["kinds"] == batch_lib.KIND_TEXT) & valid
   res["merged_attention_mask"] = valid
   res["image_spans"] = gc.image_spans(batch)
   res["attn_allowed"] = np.asarray(inter["attn_allowed"])[:b, :length, :length]
@@ -397,18 +398,23 @@ def run(path: str, dump: str | None = None, tolerance: float = TOLERANCE,
   return (1 if failed else 0), ours, masks, refs, rows
 
 
+def define_flags(fv, argv=()):
+  del argv  # no config file: the flags alone
+  flags.DEFINE_string("dump", None, "Write every array we computed to this .npz.",
+                      flag_values=fv)
+  flags.DEFINE_float("tolerance", TOLERANCE, "|ours - ref| <= tolerance * max(1, max|ref|).",
+                     flag_values=fv)
+
+
+def _run_command(fv, args) -> int:
+  if len(args) != 1:
+    raise cli.UsageError("give one golden directory (config.json, model.safetensors, cases.npz)")
+  return run(args[0], fv.dump, fv.tolerance)[0]
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-  parser.add_argument("dir", help="golden directory (config.json, model.safetensors, cases.npz)")
-  parser.add_argument("--dump", help="write every array we computed to this .npz")
-  parser.add_argument("--tolerance", type=float, default=TOLERANCE)
-  args = parser.parse_args(argv)
-  try:
-    return run(args.dir, args.dump, args.tolerance)[0]
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.main(__doc__, define_flags, _run_command, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_as_script(main)

@@ -28,65 +28,87 @@ finish; a rerun with the same arguments skips them (and refuses different argume
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hashlib
 import json
 import os
 import shutil
 import sys
+import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+from tqdm import tqdm
+
+from monoformer_jax import cli
+from monoformer_jax.data import image_sources, sources
+from monoformer_jax.data.image_sources import center_crop_arr
+from monoformer_jax.data.tfds_latents import NAME, write_latents
+from monoformer_jax.distributed import maybe_initialize_distributed
+from monoformer_jax.host_memory import tune_for_xla_cpu
+from monoformer_jax.vae import latents
+from monoformer_jax.vae.convert import load_diffusers_vae
 
 SOURCES = ("mnist", "image_folder", "image_text_jsonl")
 PARTIAL = "_partial"
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-  parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
-  parser.add_argument("--source", required=True, choices=SOURCES)
-  parser.add_argument("--input", default="", help="image folder root, JSONL file(s) (comma-"
-                      "separated), or for mnist an optional mnist_5k.csv.gz")
-  parser.add_argument("--out", required=True, help="output data_dir")
-  parser.add_argument("--split", default="train", help="split name written (mnist: train, "
-                      "holdout or all, which also selects the digits)")
-  parser.add_argument("--image_size", "--image-size", type=int, default=0,
-                      help="centre-crop to this size (0: keep; all images must then agree)")
-  parser.add_argument("--image_root", "--image-root", default=None,
-                      help="image_text_jsonl: resolve relative image paths here")
-  parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
-  parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4096,
-                      help="records per resumable chunk")
-  parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
-  parser.add_argument("--skip_bad_records", "--skip-bad-records", action="store_true")
-  parser.add_argument("--keep_partial", "--keep-partial", action="store_true",
-                      help="keep DATA_DIR/_partial after assembling")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="VAE compute dtype (the stored moments are float32)")
-  parser.add_argument("--no_progress", "--no-progress", action="store_true")
-  args = parser.parse_args(argv)
+def define_flags(fv, argv=()):
+  del argv  # no config file: the flags alone
+  flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder.", flag_values=fv)
+  flags.DEFINE_enum("source", None, list(SOURCES), "What to encode.", flag_values=fv)
+  flags.DEFINE_string("input", "", "Image folder root, JSONL file(s) (comma-separated), or for "
+                      "mnist an optional mnist_5k.csv.gz.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output data_dir.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "Split name written (mnist: train, holdout or all, which "
+                      "also selects the digits).", flag_values=fv)
+  flags.DEFINE_integer("image_size", 0, "Centre-crop to this size (0: keep; all images must then "
+                       "agree).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_string("image_root", None, "image_text_jsonl: resolve relative image paths here.",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Images per encoder batch.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("chunk_size", 4096, "Records per resumable chunk.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("workers", 8, "Image decoding threads.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) unreadable records.",
+                    flag_values=fv)
+  flags.DEFINE_bool("keep_partial", False, "Keep DATA_DIR/_partial after assembling.",
+                    flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype (the stored "
+                    "moments are float32).", flag_values=fv)
+  flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=fv)
+  for name in ("image_size", "image_root", "batch_size", "chunk_size", "skip_bad_records",
+               "keep_partial", "no_progress"):
+    flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
+  flags.mark_flags_as_required(["vae", "source", "out"], flag_values=fv)
+
+
+def _options(fv) -> types.SimpleNamespace:
+  """The parsed flags as a plain namespace, checked against each other and the file system."""
+  args = types.SimpleNamespace(**{name: fv[name].value for name in (
+      "vae", "source", "input", "out", "split", "image_size", "image_root", "batch_size",
+      "chunk_size", "workers", "skip_bad_records", "keep_partial", "dtype", "no_progress")})
   if not os.path.isdir(args.vae):
-    parser.error(f"--vae: no such directory: {args.vae}")
+    raise cli.UsageError(f"--vae: no such directory: {args.vae}")
   if args.source != "mnist" and not args.input:
-    parser.error(f"--input is required for --source {args.source}")
+    raise cli.UsageError(f"--input is required for --source {args.source}")
   for path in (args.input.split(",") if args.input else []):
     want_dir = args.source == "image_folder"
     if not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
-      parser.error(f"--input: no such {'directory' if want_dir else 'file'}: {path}")
+      raise cli.UsageError(f"--input: no such {'directory' if want_dir else 'file'}: {path}")
   if args.source == "mnist" and args.split not in ("train", "holdout", "all"):
-    parser.error(f"--split {args.split!r}: mnist splits are train, holdout and all")
-  for name in ("batch_size", "chunk_size", "workers"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name} must be positive")
-  if args.image_size < 0:
-    parser.error("--image_size must be >= 0")
-  return args, parser
+    raise cli.UsageError(f"--split {args.split!r}: mnist splits are train, holdout and all")
+  return args
 
 
 def open_source(args, channels: int):
   """The record source: {"image": uint8 HWC, "label"} or {"image", "prompt"}."""
-  from monoformer_jax.data import image_sources, sources  # pylint: disable=import-outside-toplevel
   size = args.image_size or None
   if args.source == "mnist":
     return sources.MnistSource(split=args.split, path=args.input or None)
@@ -102,8 +124,6 @@ def to_model_input(image: np.ndarray, image_size: int | None, channels: int) -> 
   """uint8 HWC -> float32 [-1, 1]; MNIST digits get the same centre crop when resized, and
   are repeated to RGB for a 3-channel VAE."""
   if image_size and image.shape[:2] != (image_size, image_size):
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    from monoformer_jax.data.image_sources import center_crop_arr  # pylint: disable=import-outside-toplevel
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     image = np.asarray(center_crop_arr(pil, image_size)).reshape(image_size, image_size, -1)
   if image.shape[-1] == 1 and channels == 3:  # grey digits through an RGB VAE (e.g. SD-VAE)
@@ -117,15 +137,12 @@ class Encoder:
   """Jitted encode_moments over batches sharded across a 1-D mesh of the local devices."""
 
   def __init__(self, vae_config, params, batch_size: int, dtype):
-    import jax  # pylint: disable=import-outside-toplevel
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-    from monoformer_jax.vae import latents  # pylint: disable=import-outside-toplevel
     devices = jax.local_devices()
     self.mesh = Mesh(np.array(devices), ("batch",))
     self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
     self.data_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
     self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-    self.config, self.dtype, self._jax, self._latents = vae_config, dtype, jax, latents
+    self.config, self.dtype = vae_config, dtype
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     means, logvars = [], []
@@ -134,9 +151,9 @@ class Encoder:
       real = len(batch)
       if real < self.batch_size:  # pad by repetition: one compiled shape for every batch
         batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - real, axis=0)])
-      batch = self._jax.device_put(batch, self.data_sharding)
-      mean, logvar = self._latents.encode_moments(self.params, batch, config=self.config,
-                                                  dtype=self.dtype)
+      batch = jax.device_put(batch, self.data_sharding)
+      mean, logvar = latents.encode_moments(self.params, batch, config=self.config,
+                                            dtype=self.dtype)
       means.append(np.asarray(mean, np.float32)[:real])
       logvars.append(np.asarray(logvar, np.float32)[:real])
     return np.concatenate(means), np.concatenate(logvars)
@@ -159,8 +176,8 @@ def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
       old = json.load(f)
     if old != fingerprint:
       diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-      raise SystemExit(f"error: {partial} holds chunks of a different extraction ({diff}, "
-                       "as (before, now)); rerun with the same arguments or delete it")
+      raise ValueError(f"{partial} holds chunks of a different extraction ({diff}, as "
+                       "(before, now)); rerun with the same arguments or delete it")
   elif is_main:
     os.makedirs(partial, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -180,12 +197,12 @@ def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -
   images = [to_model_input(r["image"], args.image_size or None, channels) for _, r in kept]
   shapes = sorted({im.shape for im in images})
   if len(shapes) > 1:
-    raise SystemExit(f"error: images of several sizes {shapes[:4]} in records {start}..{stop}: "
-                     "pass --image_size to centre-crop them to one size")
+    raise ValueError(f"images of several sizes {shapes[:4]} in records {start}..{stop}: pass "
+                     "--image_size to centre-crop them to one size")
   factor = encoder.config.downsample_factor
   if shapes[0][0] % factor or shapes[0][1] % factor:
-    raise SystemExit(f"error: {shapes[0][:2]} images do not divide by the VAE's downsampling "
-                     f"factor {factor}: pass --image_size (a multiple of {factor})")
+    raise ValueError(f"{shapes[0][:2]} images do not divide by the VAE's downsampling factor "
+                     f"{factor}: pass --image_size (a multiple of {factor})")
   mean, logvar = encoder(np.stack(images))
   out = {"mean": mean, "logvar": logvar,
          "source_index": np.asarray([i for i, _ in kept], np.int64)}
@@ -205,18 +222,17 @@ def save_chunk(path: str, arrays: dict) -> None:
 
 def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> str:
   """Concatenates the chunks in order and writes the TFDS dataset and its side files."""
-  from monoformer_jax.data.tfds_latents import write_latents  # pylint: disable=import-outside-toplevel
   missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(partial, c))]
   if missing:
-    raise SystemExit(f"error: chunks {missing[:5]} are missing from {partial} (with several "
-                     "hosts DATA_DIR must be a shared filesystem)")
+    raise ValueError(f"chunks {missing[:5]} are missing from {partial} (with several hosts "
+                     "DATA_DIR must be a shared filesystem)")
   parts = []
   for c in range(num_chunks):
     with np.load(chunk_path(partial, c)) as data:
       parts.append({k: data[k] for k in data.files})
   parts = [p for p in parts if len(p["source_index"])]
   if not parts:
-    raise SystemExit("error: no records could be read (all skipped as bad)")
+    raise ValueError("no records could be read (all skipped as bad)")
   arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   source_index = arrays.pop("source_index")
   if "prompt" in arrays:
@@ -237,31 +253,27 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
   return target
 
 
-def main(argv=None) -> int:
-  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+def run(fv, positional) -> int:
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
-  args, parser = parse_args(argv)
-  from monoformer_jax.data.tfds_latents import NAME  # pylint: disable=import-outside-toplevel
+  args = _options(fv)
   if os.path.exists(os.path.join(args.out, NAME)):
-    parser.error(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
-  from monoformer_jax.distributed import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
+    raise cli.UsageError(f"--out: {args.out} already holds a {NAME} dataset; use another "
+                         "directory")
   maybe_initialize_distributed()  # MONOFORMER_DISTRIBUTED=1: the same environment as training
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.vae.convert import load_diffusers_vae  # pylint: disable=import-outside-toplevel
   try:
     vae_config, params = load_diffusers_vae(args.vae)
   except (FileNotFoundError, ValueError) as err:
-    parser.error(f"--vae {args.vae}: {err}")
+    raise cli.UsageError(f"--vae {args.vae}: {err}") from None
   if args.image_size and args.image_size % vae_config.downsample_factor:
-    parser.error(f"--image_size {args.image_size} is not a multiple of the VAE's downsampling "
-                 f"factor {vae_config.downsample_factor}")
+    raise cli.UsageError(f"--image_size {args.image_size} is not a multiple of the VAE's "
+                         f"downsampling factor {vae_config.downsample_factor}")
   channels = vae_config.in_channels
   try:
     source = open_source(args, channels)
   except (FileNotFoundError, ValueError) as err:
-    parser.error(f"--input {args.input}: {err}")
+    raise cli.UsageError(f"--input {args.input}: {err}") from None
   num_records = len(source)
   num_chunks = -(-num_records // args.chunk_size)
   proc, procs = jax.process_index(), jax.process_count()
@@ -287,7 +299,6 @@ def main(argv=None) -> int:
       save_chunk(chunk_path(partial, c), chunk)
       bar.update(size(c))
   if procs > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("extract_latents_chunks")
   if proc == 0:
     class_names = getattr(source, "class_names", None)
@@ -297,5 +308,9 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_as_script(main)

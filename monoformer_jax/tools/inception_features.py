@@ -7,11 +7,14 @@ IN.npz holds uint8 images (N, H, W, 3) under `arr_0` (the ADM sample/reference-b
 under the only key, or under --key. OUT.npz gets `pool` (N, 2048) and `logits` (N, 1008), float32.
 Running pytorch-fid on the same images and comparing checks the weight conversion.
 """
-import argparse
 import os
 import sys
 
 import numpy as np
+from absl import flags
+
+from monoformer_jax import cli
+from monoformer_jax.evaluation import inception, inception_convert
 
 
 def _select_images(path: str, key: str | None) -> np.ndarray:
@@ -36,44 +39,42 @@ def _select_images(path: str, key: str | None) -> np.ndarray:
   return images
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--weights", required=True,
-                      help="pytorch-fid FID Inception weights (pt_inception-2015-12-05-*.pth)")
-  parser.add_argument("--images", required=True, help=".npz with uint8 images (N, H, W, 3)")
-  parser.add_argument("--out", required=True, help="output .npz (pool, logits)")
-  parser.add_argument("--key", default=None, help="array name in --images (default: arr_0 or the "
-                      "only array)")
-  parser.add_argument("--batch-size", type=int, default=50)
-  args = parser.parse_args(argv)
-  if not os.path.isfile(args.weights):
-    parser.error(f"--weights: no such file: {args.weights} (the FID Inception .pth must be "
-                 "supplied locally; nothing is downloaded)")
-  if not os.path.isfile(args.images):
-    parser.error(f"--images: no such file: {args.images}")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size must be positive, got {args.batch_size}")
-  return args, parser
+def define_flags(fv, argv=()):
+  del argv  # no config file: the flags alone
+  flags.DEFINE_string("weights", None, "pytorch-fid FID Inception weights "
+                      "(pt_inception-2015-12-05-*.pth).", flag_values=fv)
+  flags.DEFINE_string("images", None, ".npz with uint8 images (N, H, W, 3).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output .npz (pool, logits).", flag_values=fv)
+  flags.DEFINE_string("key", None, "Array name in --images (default: arr_0 or the only array).",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch-size", 50, "Images per Inception batch.", lower_bound=1,
+                       flag_values=fv)
+  flags.mark_flags_as_required(["weights", "images", "out"], flag_values=fv)
 
 
-def main(argv=None) -> int:
-  args, parser = parse_args(argv)
+def run(fv, args) -> int:
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args}")
+  if not os.path.isfile(fv.weights):
+    raise cli.UsageError(f"--weights: no such file: {fv.weights} (the FID Inception .pth must be "
+                         "supplied locally; nothing is downloaded)")
+  if not os.path.isfile(fv.images):
+    raise cli.UsageError(f"--images: no such file: {fv.images}")
+  images = _select_images(fv.images, fv.key)
   try:
-    images = _select_images(args.images, args.key)
-  except ValueError as err:
-    parser.error(str(err))
-  # Imported after argument checks so that usage errors come back without loading JAX.
-  from monoformer_jax.evaluation import inception, inception_convert
-  try:
-    variables = inception_convert.load_fid_inception(args.weights)
+    variables = inception_convert.load_fid_inception(fv.weights)
   except inception_convert.ConversionError as err:
-    parser.error(f"--weights {args.weights}: {err}")
-  features = inception.InceptionFeatures(variables, batch_size=args.batch_size)(images)
-  np.savez(args.out, pool=features["pool"], logits=features["logits"])
-  print(f"wrote {args.out}: pool {features['pool'].shape}, logits {features['logits'].shape}",
+    raise cli.UsageError(f"--weights {fv.weights}: {err}") from None
+  features = inception.InceptionFeatures(variables, batch_size=fv["batch-size"].value)(images)
+  np.savez(fv.out, pool=features["pool"], logits=features["logits"])
+  print(f"wrote {fv.out}: pool {features['pool'].shape}, logits {features['logits'].shape}",
         file=sys.stderr)
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_as_script(main)

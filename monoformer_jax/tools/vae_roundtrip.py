@@ -9,11 +9,15 @@ decoder applied to `mean` (unscaled; no 0.18215 round trip). Running diffusers' 
 the same images and comparing (`latent_dist.mean`, `.logvar`, `decode(mean).sample`, moved to
 NHWC) checks a conversion. The weights must be local; nothing is downloaded.
 """
-import argparse
 import os
 import sys
 
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+
+from monoformer_jax import cli
+from monoformer_jax.vae import convert, latents
 
 
 def _select_images(path: str, key: str | None) -> np.ndarray:
@@ -42,28 +46,20 @@ def _select_images(path: str, key: str | None) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-  parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + "
-                      "diffusion_pytorch_model.safetensors or .bin), or a pipeline folder "
-                      "with vae/")
-  parser.add_argument("--images", required=True, help=".npz with float32 images (N, H, W, 3) "
-                      "in [-1, 1] under 'images'")
-  parser.add_argument("--out", required=True, help="output .npz (mean, logvar, decoded)")
-  parser.add_argument("--key", default=None, help="array name in --images (default: images, or "
-                      "the only array)")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="compute dtype (parameters stay float32)")
-  args = parser.parse_args(argv)
-  if not os.path.isdir(args.vae):
-    parser.error(f"--vae: no such directory: {args.vae} (a local diffusers AutoencoderKL folder, "
-                 "e.g. a snapshot of stabilityai/sd-vae-ft-mse)")
-  if not os.path.isfile(args.images):
-    parser.error(f"--images: no such file: {args.images}")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size must be positive, got {args.batch_size}")
-  return args, parser
+def define_flags(fv, argv=()):
+  del argv  # no config file: the flags alone
+  flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (config.json + "
+                      "diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with "
+                      "vae/.", flag_values=fv)
+  flags.DEFINE_string("images", None, ".npz with float32 images (N, H, W, 3) in [-1, 1] under "
+                      "'images'.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output .npz (mean, logvar, decoded).", flag_values=fv)
+  flags.DEFINE_string("key", None, "Array name in --images (default: images, or the only "
+                      "array).", flag_values=fv)
+  flags.DEFINE_integer("batch-size", 8, "Images per batch.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay "
+                    "float32).", flag_values=fv)
+  flags.mark_flags_as_required(["vae", "images", "out"], flag_values=fv)
 
 
 def _batched(fn, array: np.ndarray, batch_size: int):
@@ -78,36 +74,43 @@ def _batched(fn, array: np.ndarray, batch_size: int):
   return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
-def main(argv=None) -> int:
-  args, parser = parse_args(argv)
+def run(fv, args) -> int:
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args}")
+  if not os.path.isdir(fv.vae):
+    raise cli.UsageError(f"--vae: no such directory: {fv.vae} (a local diffusers AutoencoderKL "
+                         "folder, e.g. a snapshot of stabilityai/sd-vae-ft-mse)")
+  if not os.path.isfile(fv.images):
+    raise cli.UsageError(f"--images: no such file: {fv.images}")
   try:
-    images = _select_images(args.images, args.key)
+    images = _select_images(fv.images, fv.key)
   except ValueError as err:
-    parser.error(f"--images: {err}")
-  # Imported after argument checks so that usage errors come back without loading JAX.
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.vae import convert, latents  # pylint: disable=import-outside-toplevel
+    raise cli.UsageError(f"--images: {err}") from None
   try:
-    config, params = convert.load_diffusers_vae(args.vae)
+    config, params = convert.load_diffusers_vae(fv.vae)
   except (FileNotFoundError, ValueError) as err:  # ConversionError is a ValueError
-    parser.error(f"--vae {args.vae}: {err}")
+    raise cli.UsageError(f"--vae {fv.vae}: {err}") from None
   factor = config.downsample_factor
   if images.shape[-1] != config.in_channels or images.shape[1] % factor or images.shape[2] % factor:
-    parser.error(f"--images: shape {images.shape} does not fit this VAE: want (N, H, W, "
-                 f"{config.in_channels}) with H and W multiples of {factor}")
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    raise cli.UsageError(f"--images: shape {images.shape} does not fit this VAE: want (N, H, W, "
+                         f"{config.in_channels}) with H and W multiples of {factor}")
+  dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else jnp.float32
 
   def roundtrip(batch):
     mean, logvar = latents.encode_moments(params, batch, config=config, dtype=dtype)
     decoded = latents.decode_latents(params, mean, scale=1.0, config=config, dtype=dtype)
     return mean, logvar, decoded
 
-  mean, logvar, decoded = _batched(roundtrip, images, args.batch_size)
-  np.savez(args.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32),
+  mean, logvar, decoded = _batched(roundtrip, images, fv["batch-size"].value)
+  np.savez(fv.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32),
            decoded=decoded.astype(np.float32))
-  print(f"wrote {args.out}: mean/logvar {mean.shape}, decoded {decoded.shape}", file=sys.stderr)
+  print(f"wrote {fv.out}: mean/logvar {mean.shape}, decoded {decoded.shape}", file=sys.stderr)
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_as_script(main)

@@ -6,10 +6,13 @@ the local batch size; `next_global` assembles the global array from the process-
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
-from monoformer_jax.model import inputs as inputs_lib
-from monoformer_jax.train import sharding as sharding_lib
+from monoformer_jax import batch as batch_lib
+from monoformer_jax.data import pipeline, registry
+from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.train.metrics import train_flops_per_step
 
 
@@ -72,8 +75,8 @@ class DataStream:
 def _pad_batch(batch: dict, seq_len: int, slots: int, image_shape) -> dict:
   """Pads a batch to `seq_len` positions and `slots` image slots of `image_shape`."""
   b, l = batch["tokens"].shape
-  out = inputs_lib.empty_batch(b, seq_len, slots, image_shape)
-  for key in inputs_lib.SEQUENCE_KEYS:
+  out = batch_lib.empty_batch(b, seq_len, slots, image_shape)
+  for key in batch_lib.SEQUENCE_KEYS:
     out[key][:, :l] = batch[key]
   m = batch["image_mask"].shape[1]
   if tuple(batch["images"].shape[2:]) == tuple(image_shape):
@@ -112,3 +115,40 @@ class MixedIterator:
   def close(self) -> None:
     self.image_it.close()
     self.text_it.close()
+
+
+def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict:
+  """{step kind: DataStream} for every kind in `step_kinds`."""
+  d = config.data
+  procs = jax.process_count()
+  image_shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
+  names = registry.class_names(d)
+
+  def image_it(batch):
+    return pipeline.make_image_iterator(
+        registry.image_source(d, image_shape), tokenizer, batch_size=batch // procs,
+        patch_size=model_config.patch_size, t_token=model_config.has_t_token, seed=config.seed,
+        image_shape=image_shape, text_dropout=d.prompt_dropout,
+        train_text=d.lm_loss_on_image_prompts, latent_scale=d.latent_scale,
+        seq_len=d.image_seq_len or None, class_names=names,
+        max_prompt_tokens=(None if d.image_source != "image_text_jsonl"
+                           else d.max_prompt_tokens),
+        null_label=model_config.num_classes if model_config.num_classes else None,
+        num_threads=max(d.worker_count, 1))
+
+  def text_it(batch):
+    return pipeline.make_text_iterator(
+        registry.text_source(d), tokenizer, batch_size=batch // procs, seq_len=d.text_seq_len,
+        seed=config.seed + 1, packing=d.packing, image_shape=image_shape,
+        num_threads=max(d.worker_count, 1))
+
+  streams = {}
+  if "diffusion" in step_kinds:
+    streams["diffusion"] = DataStream(image_it(d.image_batch_size), d.image_batch_size, True)
+  if "ar" in step_kinds:
+    streams["ar"] = DataStream(text_it(d.text_batch_size), d.text_batch_size, False)
+  if "mixed" in step_kinds:
+    total = d.image_batch_size + d.text_batch_size
+    streams["mixed"] = DataStream(MixedIterator(image_it(d.image_batch_size),
+                                                text_it(d.text_batch_size)), total, True)
+  return streams

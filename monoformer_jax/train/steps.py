@@ -25,9 +25,9 @@ import optax
 
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
-from monoformer_jax.train import sharding as sharding_lib
-from monoformer_jax.train.losses import lm_loss_sum
-from monoformer_jax.train.state import TrainState, ema_decay, update_ema
+from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.model.losses import lm_loss_sum
+from monoformer_jax.run.state import TrainState, ema_decay, update_ema
 
 STEP_KINDS = ("ar", "diffusion", "mixed")
 

@@ -11,32 +11,43 @@ the scheduler, the data iterators and the half-filled metrics window come back f
 checkpoint, and whatever the killed job logged after it (metrics.jsonl rows, TensorBoard events,
 sample files) is dropped, so each step is logged once.
 
-Fault injection for the resume tests (environment variables):
-  MONOFORMER_FAULT_KILL_AT_STEP=N     SIGKILL once checkpoint step N is saved.
-  MONOFORMER_FAULT_KILL_AFTER_STEP=N  SIGKILL right after step N is dispatched and logged, without
-                                      saving it (saves already under way are finished first, so
-                                      the test knows which checkpoint survives).
+`hooks` see every finished step (`after_step(context)` with the step, whether it was saved, the
+checkpointer and the metric writer): the tests inject faults through them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import signal
 import time
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
-from monoformer_jax.train import checkpointing
+from monoformer_jax.run import checkpoints
+from monoformer_jax.run import config as config_lib
+from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.run import state as state_lib
+from monoformer_jax.run.tokenizer import build_tokenizer
 from monoformer_jax.train import metrics as metrics_lib
-from monoformer_jax.train import setup as setup_lib
-from monoformer_jax.train import sharding as sharding_lib
-from monoformer_jax.train import state as state_lib
 from monoformer_jax.train import steps as steps_lib
+from monoformer_jax.train.data_streams import build_data
+from monoformer_jax.train.init_from import initialise_from
 from monoformer_jax.train.periodic_samples import PeriodicSampler
 from monoformer_jax.train.scheduler import StepScheduler
+
+
+@dataclasses.dataclass
+class StepContext:
+  """What a hook sees after a step."""
+  step: int
+  saved: bool
+  checkpointer: Any
+  writer: Any
 
 
 class _Preemption:
@@ -69,32 +80,60 @@ def _check_finite(step: int, values: dict):
                              "learning rate or check the data)")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`; returns the last logged metrics."""
-  setup_lib.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+def make_scheduler(config) -> StepScheduler:
+  """The schedule of `config.schedule`, its errors named by field."""
+  weights = {k: config.schedule[k] for k in steps_lib.STEP_KINDS}
+  if any(v < 0 for v in weights.values()) or not any(v > 0 for v in weights.values()):
+    raise config_lib.ConfigError(f"config.schedule: weights must be >= 0 with at least one > 0, "
+                                 f"got {weights}")
+  warmup = config.schedule.text_warmup_steps
+  if not isinstance(warmup, int):
+    raise config_lib.ConfigError(f"config.schedule.text_warmup_steps: must be an integer, got "
+                                 f"{warmup!r}")
+  try:
+    return StepScheduler(weights, warmup)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.schedule.text_warmup_steps: {e}") from e
+
+
+def check_config(config) -> StepScheduler:
+  """Every check a config gets before anything is built (ConfigError naming the field); returns
+  the step schedule."""
+  scheduler = make_scheduler(config)
+  config_lib.validate_config(config, scheduler.weights)
+  return scheduler
+
+
+def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
+  """Trains `config` in `workdir` (a local or bucket path); returns the last logged metrics."""
+  scheduler = check_config(config)
   is_main = jax.process_index() == 0
-  setup_lib.save_resolved_config(config, workdir, is_main)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  changes = config_lib.save_resolved_config(config, workdir, is_main,
+                                            has_checkpoints=bool(checkpoints.step_dirs(workdir)))
+  if is_main:
+    print("resolved config:\n" + config.to_json(indent=2, sort_keys=True), flush=True)
+    for field, old, new in changes:
+      print(f"config.{field} changed since this workdir's config.json: {old!r} -> {new!r}",
+            flush=True)
 
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
-  tokenizer = setup_lib.build_tokenizer(config, workdir)
-  model_config = setup_lib.model_config_from(config, tokenizer)
+  tokenizer = build_tokenizer(config, workdir)
+  model_config = config_lib.model_config_from(config, tokenizer)
   needs_images = config.schedule.diffusion > 0 or config.schedule.mixed > 0
-  objective = setup_lib.build_objective(config) if needs_images else None
+  objective = config_lib.build_objective(config) if needs_images else None
   optimizer = state_lib.make_optimizer(config.optimizer)
   lr_fn = state_lib.learning_rate_schedule(config.optimizer)
-  data = setup_lib.build_data(config, model_config, tokenizer)
-  scheduler = StepScheduler({k: config.schedule[k] for k in steps_lib.STEP_KINDS},
-                            config.schedule.text_warmup_steps)
+  data = build_data(config, model_config, tokenizer, scheduler.weights)
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   state, abstract, shardings = state_lib.create_train_state(model_config, optimizer, init_rng,
                                                             mesh, rules)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                    clean_unfinished=True)
-  restored = ckpt.restore_latest(checkpointing.abstract_with_shardings(abstract, shardings))
+  ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                  clean_unfinished=True)
+  restored = ckpt.restore_latest(checkpoints.abstract_with_shardings(abstract, shardings))
   accum = metrics_lib.Accumulator()
   if restored is not None:
     step0, state, extra = restored
@@ -106,13 +145,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from step %d", step0)
     print(f"resumed from checkpoint step {step0}", flush=True)
   elif config.init_from:
-    state = setup_lib.initialise_from(config, state, shardings, model_config, optimizer,
-                                      init_rng)
+    state = initialise_from(config, state, shardings, model_config, optimizer, init_rng)
 
   step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
   compiled = {}
-  t_compile = time.perf_counter()
   for kind in scheduler.weights:
     step_fn = steps_lib.make_train_step(
         kind, model_config, objective, optimizer,
@@ -124,8 +161,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   flops_per_step = {kind: data[kind].flops_per_step(model_config, kind) for kind in compiled}
 
   throughput = metrics_lib.Throughput()
-  sampler = PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer,
-                                      is_main)
+  sampler = PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer, is_main,
+                            draws_text=config.schedule.ar > 0 or config.schedule.mixed > 0)
   sampler.discard_after(step)
   pending = None  # (step, kind, metrics on device)
   last = {}
@@ -148,8 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.save(step_now, state, {
         "scheduler": scheduler.get_state(),
         "data": {k: it.get_state() for k, it in data.items()},
-        "metrics_window": accum.get_state(),
-        "config_hash": setup_lib.config_hash(config)}, force=True)
+        "metrics_window": accum.get_state()}, force=True)
 
   with _Preemption() as preempt:
     while step < config.num_train_steps:
@@ -184,16 +220,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"step {step}/{config.num_train_steps} {losses} "
                 f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "
                 f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
-      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      saved = bool(config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      if saved:
         save(step)
-        if os.environ.get("MONOFORMER_FAULT_KILL_AT_STEP") == str(step):
-          # Fault injection for the resume tests: die hard (no cleanup) once this step is saved.
-          ckpt.wait()
-          writer.flush()
-          os.kill(os.getpid(), signal.SIGKILL)
-      if os.environ.get("MONOFORMER_FAULT_KILL_AFTER_STEP") == str(step):
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
+      for hook in hooks:
+        hook.after_step(StepContext(step=step, saved=saved, checkpointer=ckpt, writer=writer))
       if config.sample_every_steps and step % config.sample_every_steps == 0:
         sampler(step, state.ema_params)
       if preempt.requested:
@@ -213,7 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for it in data.values():
     it.close()
   if is_main:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump({"final_step": step, "wall_clock_s": time.perf_counter() - t_start,
-                 "compile_s": compile_note, "last_metrics": last}, f, indent=2)
+    (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(
+        {"final_step": step, "wall_clock_s": time.perf_counter() - t_start,
+         "compile_s": compile_note, "last_metrics": last}, indent=2))
   return last

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 
@@ -174,7 +175,6 @@ def load_diffusers_config(path: str) -> VAEConfig:
 
 def load_diffusers_vae(path: str) -> tuple[VAEConfig, dict]:
   """(config, params) from a diffusers AutoencoderKL folder (safetensors or .bin weights)."""
-  from monoformer_jax.convert.torch_checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
   folder = _vae_folder(os.fspath(path))
   config = load_diffusers_config(folder)
   state = load_state_dict(folder)

@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 
+from monoformer_jax import cli
 from monoformer_jax.data import mnist
+from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.vae import export, latents
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig, init_params
 
@@ -170,18 +174,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return result
 
 
-def main(argv):
-  from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+def define_flags(fv, argv=()):
+  """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
+  config_flags.DEFINE_config_file("config", None, "VAE training config file.", flag_values=fv,
+                                  lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "Output directory (WORKDIR/vae, vae_metrics.json).",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def run(fv, args) -> int:
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  train_and_evaluate(fv.config, fv.workdir)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=ungrouped-imports
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "VAE training config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory (WORKDIR/vae, vae_metrics.json).")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_as_script(main)

@@ -1,4 +1,5 @@
-"""Loss functions shared by the train steps, the evaluators and the parity checks."""
+"""Next-token losses of the model, shared by the train steps, the evaluators and the parity
+checks."""
 
 from __future__ import annotations
 
@@ -34,9 +35,3 @@ def lm_loss_sum(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array,
   """
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
-
-
-def masked_mean(values: Array, mask: Array) -> Array:
-  """Mean of `values` over entries where `mask` is set (0 when none is)."""
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)

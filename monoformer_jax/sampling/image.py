@@ -24,14 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import diffusion
-from monoformer_jax.inference import cache as cache_lib
-from monoformer_jax.inference.decode import mesh_context, pad_prompts, text_batch
-from monoformer_jax.model import inputs as inputs_lib
+from monoformer_jax.sampling import cache as cache_lib
+from monoformer_jax.sampling.decode import mesh_context, pad_prompts, text_batch
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
-
-DEFAULT_CLASS_TEMPLATE = "Please generate an image of {}."
-
 
 def span_length(config: ModelConfig) -> int:
   """Tokens of one generated image in the sequence: [t-token] + patches."""
@@ -52,10 +49,10 @@ def span_batch(config: ModelConfig, start_positions, slots, live, labels=None) -
   n, p = span_length(config), config.num_patches
   b = start_positions.shape[0]
   offsets = jnp.arange(n, dtype=jnp.int32)[None, :]
-  kinds = jnp.full((1, n), inputs_lib.KIND_IMAGE, jnp.int32)
+  kinds = jnp.full((1, n), batch_lib.KIND_IMAGE, jnp.int32)
   index = slots[:, None] * p + offsets
   if config.has_t_token:
-    kinds = kinds.at[:, 0].set(inputs_lib.KIND_T_TOKEN)
+    kinds = kinds.at[:, 0].set(batch_lib.KIND_T_TOKEN)
     index = jnp.concatenate([slots[:, None] * p, index[:, :-1]], axis=1)
   batch = text_batch(jnp.zeros((b, n), jnp.int32),
                      jnp.broadcast_to(live.astype(jnp.int32)[:, None], (b, n)),
@@ -201,9 +198,9 @@ def sample_images(params, config: ModelConfig, objective, prompts: Sequence[Sequ
 def full_sequence_batch(config: ModelConfig, prompts, labels, seq_len: Optional[int] = None):
   shape = image_shape(config)
   seq_len = seq_len or max(len(p) for p in prompts) + span_length(config)
-  batch = inputs_lib.empty_batch(len(prompts), seq_len, 1, shape)
+  batch = batch_lib.empty_batch(len(prompts), seq_len, 1, shape)
   for r, ids in enumerate(prompts):
-    inputs_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
+    batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
         [("text", list(ids), False), ("image", np.zeros(shape, np.float32), int(labels[r]))])
   return {k: v for k, v in batch.items() if k not in ("images", "image_mask", "targets",
                                                       "loss_mask")}

@@ -12,7 +12,7 @@ import optax
 
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
-from monoformer_jax.train import sharding as sharding_lib
+from monoformer_jax.run import sharding as sharding_lib
 
 
 @flax.struct.dataclass

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import diffusion
-from monoformer_jax.inference import cache as cache_lib
-from monoformer_jax.inference import decode
-from monoformer_jax.inference import image as image_lib
-from monoformer_jax.inference.tokens import TokenSampling
+from monoformer_jax.sampling import cache as cache_lib
+from monoformer_jax.sampling import decode
+from monoformer_jax.sampling import image as image_lib
+from monoformer_jax.sampling.tokens import TokenSampling
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
 

@@ -13,26 +13,59 @@ fails to load (corrupt files) is reported and the previous one is used.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 # orbax 0.12.8's markers (orbax/checkpoint/_src/path/atomicity_types.py).
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
 
 
-def step_dirs(workdir: str) -> list[int]:
+def checkpoint_dir(workdir) -> epath.Path:
+  """WORKDIR/checkpoints (a local workdir made absolute: orbax wants absolute paths)."""
+  path = epath.Path(workdir)
+  if "://" not in str(workdir):
+    path = epath.Path(os.path.abspath(workdir))
+  return path / "checkpoints"
+
+
+def step_dirs(workdir) -> list[int]:
   """The steps with a `<step>` folder under WORKDIR/checkpoints, sorted (no orbax, no checks:
   for "does this run have checkpoints / which is the newest"; restore validates them)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint of another model than the one asked for (not corruption: restoring
+  an older step would not help, so nothing falls back)."""
+
+
+def _flat_shapes(tree, prefix="") -> dict:
+  """{'a/b/c': shape} of a nested dict of arrays / ShapeDtypeStructs / orbax array metadata."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) or hasattr(value, "items"):
+      out.update(_flat_shapes(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = tuple(value.shape)
+  return out
+
+
+def shape_mismatches(stored_params, wanted_params) -> list[str]:
+  """What differs between a checkpoint's parameter shapes and the model's, one line each."""
+  stored, wanted = _flat_shapes(stored_params), _flat_shapes(wanted_params)
+  problems = [f"{k}: checkpoint {stored.get(k, 'missing')} vs model {v}"
+              for k, v in sorted(wanted.items()) if stored.get(k) != v]
+  problems += [f"{k}: not in the model" for k in sorted(set(stored) - set(wanted))]
+  return problems
 
 
 def _warn(message: str) -> None:
@@ -47,16 +80,23 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
                clean_unfinished: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if clean_unfinished and jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in sorted(os.listdir(self.directory)):
-        if TMP_DIR_SUFFIX in name:
-          _warn(f"ignoring and deleting the unfinished save {self.directory}/{name} (a job was "
-                "stopped while writing it)")
+    self.directory = checkpoint_dir(workdir)
+    if clean_unfinished and jax.process_index() == 0 and self.directory.is_dir():
+      for path in sorted(self.directory.iterdir()):
+        if TMP_DIR_SUFFIX in path.name:
+          _warn(f"ignoring and deleting the unfinished save {path} (a job was stopped while "
+                "writing it)")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=clean_unfinished)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front, so a step's metadata (its arrays' shapes) reads before a restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args_type, ocp.StandardCheckpointHandler())
+    for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("extra", args_type, ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         handler_registry=registry)
 
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
     """Saves asynchronously (returns once the device arrays are copied)."""
@@ -77,10 +117,11 @@ class Checkpointer:
     already sharded on the current mesh (which may differ from the one that saved them).
     """
     for step in reversed(self.steps()):
-      if not os.path.exists(os.path.join(self.directory, str(step), COMMIT_SUCCESS_FILE)):
+      if not (self.directory / str(step) / COMMIT_SUCCESS_FILE).exists():
         _warn(f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "
               "finished); falling back to the previous checkpoint")
         continue
+      self._check_shapes(step, abstract_state)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
@@ -92,6 +133,20 @@ class Checkpointer:
               f"({type(e).__name__}); falling back to the previous checkpoint", flush=True)
     return None
 
+  def _check_shapes(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError when step's readable metadata holds parameters of other
+    shapes than `abstract_state` (unreadable metadata is left to the restore, as corruption)."""
+    try:
+      stored = self.manager.item_metadata(step)["state"]["params"]
+    except Exception:  # pylint: disable=broad-except  # unreadable: the restore decides
+      return
+    problems = shape_mismatches(stored, abstract_state.params)
+    if problems:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} holds a model of another shape than the config "
+          f"({len(problems)} parameters differ: {'; '.join(problems[:6])}): a checkpoint of "
+          "another model, or the wrong config")
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
@@ -100,39 +155,3 @@ class Checkpointer:
 def abstract_with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
-
-
-def load_for_inference(workdir: str, *, use_ema: bool = True):
-  """(config, model_config, params, tokenizer) of a training run, for sampling and evaluation.
-
-  Reads WORKDIR/config.json (the resolved config the run saved) and the latest good checkpoint;
-  returns the EMA weights unless `use_ema` is False. The tokenizer is the one the run used.
-  """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.train.setup import build_tokenizer  # pylint: disable=import-outside-toplevel
-
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{workdir!r} is not a training run directory (no config.json)")
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model_config = ModelConfig.from_mapping(config.model)
-  # One local device: under multi-host every process loads its own copy (jax.devices()[:1] would
-  # name process 0's device, which other processes cannot address).
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
-  rules = sharding_lib.rules_from_config(config.logical_axis_rules)
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
-  ckpt = Checkpointer(workdir, async_save=False)
-  try:
-    got = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
-  finally:
-    ckpt.close()
-  if got is None:
-    raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
-  _, state, _ = got
-  params = state.ema_params if use_ema else state.params
-  return config, model_config, params, build_tokenizer(config, workdir)

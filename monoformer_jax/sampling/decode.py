@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.inference import cache as cache_lib
-from monoformer_jax.inference.tokens import TokenSampling, choose_tokens
+from monoformer_jax.sampling import cache as cache_lib
+from monoformer_jax.sampling.tokens import TokenSampling, choose_tokens
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.run.sharding import fit_spec
 
 # Logical axes of the cache leaves; the config's rules map them to mesh axes (the batch over
 # data x fsdp, the key/value heads over tensor, like the activations that fill them).
@@ -31,17 +32,13 @@ def cache_logical_axes() -> dict:
           "meta": {"segment_ids": META_AXES, "image_id": META_AXES}}
 
 
-def _fit(spec, shape, mesh):
-  from monoformer_jax.train.sharding import fit_spec  # pylint: disable=import-outside-toplevel
-  return fit_spec(spec, shape, mesh, "kv cache")
-
-
 def cache_shardings(config: ModelConfig, batch: int, size: int, mesh: Mesh, rules) -> dict:
   """NamedShardings of a (batch, size) cache on `mesh` under logical axis `rules`."""
   shapes = jax.eval_shape(lambda: init_cache(config, batch, size))
   axes = cache_logical_axes()
   return jax.tree.map(
-      lambda s, a: NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(a, rules), s.shape, mesh)),
+      lambda s, a: NamedSharding(mesh, fit_spec(nn.logical_to_mesh_axes(a, rules), s.shape, mesh,
+                                                "kv cache")),
       shapes, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
           isinstance(e, (str, type(None))) for e in x))
 
@@ -62,8 +59,3 @@ def constrain_cache(cache: dict) -> dict:
                      for k in ("k", "v")},
           "meta": {k: nn.with_logical_constraint(cache["meta"][k], axes["meta"][k])
                    for k in ("segment_ids", "image_id")}}
-
-
-def cache_bytes(config: ModelConfig, batch: int, size: int) -> int:
-  item = jnp.dtype(config.dtype).itemsize
-  return 2 * config.num_layers * batch * size * config.num_kv_heads * config.dim_per_head * item

@@ -1,0 +1,116 @@
+"""Data sources by name: `config.data.image_source` / `text_source` -> a random-access source.
+
+A new source is one function here, `(data config, **kw) -> source`, added to IMAGE_SOURCES or
+TEXT_SOURCES; the trainer, the tokenizer's corpus and the config checks find it by name.
+"""
+
+from __future__ import annotations
+
+import json
+
+from etils import epath
+
+from monoformer_jax.data import image_sources, mnist, sources, tfds_latents
+
+
+class DataConfigError(ValueError):
+  """A data field that cannot work (the field is named in the message)."""
+
+
+def class_names(data) -> list[str] | None:
+  """Class names for label -> prompt: `data.class_names_file` (a JSON list, `{id: name}` or
+  ImageNet-style `{id: [wnid, name]}`), MNIST's for the MNIST sources, else None."""
+  if data.class_names_file:
+    path = epath.Path(data.class_names_file)
+    if not path.is_file():
+      raise DataConfigError(f"config.data.class_names_file: no such file {str(path)!r}")
+    try:
+      names = json.loads(path.read_text())
+    except ValueError as e:
+      raise DataConfigError(f"config.data.class_names_file: {path} is not JSON ({e})") from None
+    return names_from_json(names, str(path))
+  if data.image_source in ("mnist", "mnist_latents"):
+    return list(mnist.CLASS_NAMES)
+  return None
+
+
+def names_from_json(names, where: str) -> list[str]:
+  """A JSON list of names, or {id: name} / {id: [wnid, name]} in id order."""
+  if isinstance(names, dict):
+    try:
+      names = [names[k] for k in sorted(names, key=int)]
+    except ValueError:
+      raise DataConfigError(f"{where}: keys must be class ids (0, 1, ...)") from None
+  if not isinstance(names, list) or not names:
+    raise DataConfigError(f"{where}: expected a non-empty list of class names")
+  out = [n if isinstance(n, str) else (n[-1] if isinstance(n, list) and n else None)
+         for n in names]
+  bad = [i for i, n in enumerate(out) if not isinstance(n, str) or not n.strip()]
+  if bad:
+    raise DataConfigError(f"{where}: class {bad[0]} has no name ({names[bad[0]]!r})")
+  return out
+
+
+def _need_path(data, source_field: str) -> str:
+  field = "image_path" if source_field == "image_source" else "text_path"
+  if not data[field]:
+    raise DataConfigError(f"config.data.{field}: required for "
+                          f"{source_field}={data[source_field]!r}")
+  return data[field]
+
+
+def _latents(data, image_shape, split="train"):
+  return tfds_latents.latent_source(_need_path(data, "image_source"), split,
+                                    class_names=class_names(data))
+
+
+def _image_folder(data, image_shape, split="train"):
+  del split
+  return image_sources.ImageFolderSource(_need_path(data, "image_source"),
+                                         image_size=image_shape[0], channels=image_shape[2],
+                                         skip_bad_records=data.skip_bad_records)
+
+
+def _image_text_jsonl(data, image_shape, split="train"):
+  del split
+  return image_sources.ImageTextJsonlSource(_need_path(data, "image_source").split(","),
+                                            image_size=image_shape[0], channels=image_shape[2],
+                                            skip_bad_records=data.skip_bad_records)
+
+
+IMAGE_SOURCES = {
+    "mnist": lambda data, image_shape, split="train": sources.MnistSource(split=split),
+    "mnist_latents": _latents,
+    "latents": _latents,
+    "image_folder": _image_folder,
+    "image_text_jsonl": _image_text_jsonl,
+}
+
+
+def _text_files(data, split="train"):
+  del split
+  return sources.TextFileSource(_need_path(data, "text_source").split(","),
+                                skip_bad_records=data.skip_bad_records)
+
+
+def _chat_jsonl(data, split="train"):
+  del split
+  return sources.ChatJsonlSource(_need_path(data, "text_source").split(","),
+                                 skip_bad_records=data.skip_bad_records)
+
+
+TEXT_SOURCES = {
+    "pydoc": lambda data, split="train": sources.PydocSource(split=split),
+    "text_file": _text_files,
+    "chat_jsonl": _chat_jsonl,
+}
+
+
+def image_source(data, image_shape, split: str = "train"):
+  """The image source `data.image_source` names; `image_shape` (H, W, C) of what the model
+  diffuses (image files are centre-cropped to it)."""
+  return IMAGE_SOURCES[data.image_source](data, tuple(image_shape), split)
+
+
+def text_source(data, split: str = "train"):
+  return TEXT_SOURCES[data.text_source](data, split)

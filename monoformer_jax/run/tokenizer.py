@@ -1,0 +1,62 @@
+"""The run's tokenizer: a SentencePiece `.model` file, or one trained on the run's corpus and kept
+in WORKDIR/tokenizer (a run's token ids never change once it has checkpoints)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.experimental import multihost_utils
+
+from monoformer_jax.data import registry
+from monoformer_jax.data import sequences as seq
+from monoformer_jax.data import sources
+from monoformer_jax.data import tokenizer as tok_lib
+from monoformer_jax.run.checkpoints import step_dirs
+from monoformer_jax.run.config import ConfigError
+
+
+def tokenizer_corpus(config) -> list[str]:
+  """Texts a tokenizer is trained on: the text corpus plus the image prompts it will see."""
+  texts = []
+  d = config.data
+  if d.text_source == "pydoc":
+    texts.extend(sources.pydoc_passages())
+  elif d.text_path:
+    source = registry.text_source(d, split="all")
+    for i in range(min(len(source), 200_000)):
+      rec = source[i]
+      if rec is None:
+        continue
+      texts.extend([rec["text"]] if "text" in rec else [t for pair in rec["turns"] for t in pair])
+  names = registry.class_names(d)
+  if names:
+    texts.extend(t.format(n) for n in names for t in seq.MAIN_TEMPLATES)
+  return texts
+
+
+def build_tokenizer(config, workdir: str):
+  """SentencePiece: `config.data.tokenizer` (a .model path), or "train": trained on the corpus
+  and cached in WORKDIR/tokenizer; a run with checkpoints always loads its saved one."""
+  spec = config.data.tokenizer
+  if not spec:
+    raise ConfigError("config.data.tokenizer: give the path of a SentencePiece tokenizer.model "
+                      "(e.g. TinyLlama's), or 'train' to train one on the corpus")
+  if spec != "train":
+    if not os.path.isfile(spec):
+      raise ConfigError(f"config.data.tokenizer: no such file {spec!r}")
+    return tok_lib.load_sentencepiece(spec)
+  out_dir = os.path.join(workdir, "tokenizer")
+  saved = os.path.join(out_dir, "tokenizer.model")
+  if os.path.isfile(saved) and step_dirs(workdir):
+    # A run's tokenizer is part of the run: resuming or sampling it must never retrain it (a
+    # changed corpus or recipe would silently renumber the tokens its weights were trained on).
+    return tok_lib.load_sentencepiece(saved)
+  if jax.process_count() > 1:
+    # Process 0 trains (or finds) the cached model; the others load it after a barrier.
+    if jax.process_index() == 0:
+      tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
+                                  out_dir)
+    multihost_utils.sync_global_devices("monoformer_tokenizer")
+  return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
+                                     out_dir)
