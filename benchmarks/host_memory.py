@@ -6,6 +6,7 @@ Prints the minor page faults of each run of a jitted step whose temporaries are 
 tuned and untuned, one fresh process each (results in benchmarks/RESULTS.md). A measurement,
 not a test: the counts depend on what else the machine is doing.
 """
+
 import argparse
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def main():
   parser.add_argument("--runs", type=int, default=8)
   args = parser.parse_args()
   for mode in ("on", "off"):
-    out = subprocess.run([sys.executable, "-c", _PROGRAM, mode, str(args.runs)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PROGRAM, mode, str(args.runs)], capture_output=True, text=True, check=True
+    ).stdout.split()
     faults = [int(v) for v in out[1:]]
     print(f"tuning {mode}: faults per run {faults} (median {sorted(faults)[len(faults) // 2]})")
 

@@ -48,8 +48,9 @@ def main():
   options = classes.image_options(config.sampling)
   labels = np.repeat(np.arange(10), args.num_per_class)
   t0 = time.perf_counter()
-  images = classes.sample_classes(params, model_config, run.objective, tok, list(mnist.CLASS_NAMES),
-                                  labels, seed=args.seed, **options)
+  images = classes.sample_classes(
+      params, model_config, run.objective, tok, list(mnist.CLASS_NAMES), labels, seed=args.seed, **options
+  )
   sample_s = time.perf_counter() - t0
   images = images_lib.to_uint8(images_lib.decode_images(images, config.vae.path, config.vae.scale))
   clf = digit_classifier.load_or_train()
@@ -58,8 +59,7 @@ def main():
   mnist_images, _ = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(mnist_images))
   report = {
-      "sampling": {**options, "num_samples": int(len(labels)),
-                   "seconds": sample_s},
+      "sampling": {**options, "num_samples": int(len(labels)), "seconds": sample_s},
       "digit_accuracy": float((predicted == labels).mean()),
       "digit_accuracy_per_class": per_class,
       "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
@@ -75,8 +75,12 @@ def main():
   uni, bi, n = text_baselines.unigram_bigram_nll(train_ids, test_ids, tok.vocab_size)
   model_nll, n_model = text_baselines.model_nll(model_config, params, test_ids, seq_len)
   assert n_model == n, (n_model, n)
-  report["text"] = {"heldout_tokens": n, "model_ppl": math.exp(model_nll),
-                    "unigram_ppl": math.exp(uni), "bigram_ppl": math.exp(bi)}
+  report["text"] = {
+      "heldout_tokens": n,
+      "model_ppl": math.exp(model_nll),
+      "unigram_ppl": math.exp(uni),
+      "bigram_ppl": math.exp(bi),
+  }
   summary = os.path.join(args.workdir, "train_summary.json")
   if os.path.exists(summary):
     report["train_wall_clock_s"] = json.load(open(summary))["wall_clock_s"]

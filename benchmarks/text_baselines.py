@@ -49,6 +49,7 @@ def model_nll(config, params, test_ids, seq_len, batch_size=32):
   from monoformer_jax import batch as batch_lib
   from monoformer_jax.model.monoformer import MonoFormer
   from monoformer_jax.model.losses import token_cross_entropy
+
   model = MonoFormer(config)
 
   @jax.jit
@@ -60,11 +61,12 @@ def model_nll(config, params, test_ids, seq_len, batch_size=32):
   total, count = 0.0, 0.0
   shape = (config.image_height, config.image_width, config.image_channels)
   for i in range(0, len(test_ids), batch_size):
-    chunk = test_ids[i:i + batch_size]
+    chunk = test_ids[i : i + batch_size]
     batch = batch_lib.empty_batch(batch_size, seq_len, 1, shape)
     for r, ids in enumerate(chunk):
       batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
-          [("text", ids[:1], False), ("text", ids[1:], True)])
+          [("text", ids[:1], False), ("text", ids[1:], True)]
+      )
     s, c = nll(jax.tree.map(jnp.asarray, batch))
     total += float(s)
     count += float(c)

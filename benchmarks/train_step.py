@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -27,13 +28,34 @@ def build_ours(args, tokens):
   from monoformer_jax import batch as batch_lib
   from monoformer_jax.run import sharding, state as state_lib
   from monoformer_jax.train import steps
-  cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.width * 4,
-                    num_layers=args.layers, num_heads=args.width // 64, num_kv_heads=args.width // 64,
-                    image_height=4, image_width=4, image_channels=1, patch_size=2)
-  opt_cfg = ml_collections.ConfigDict(dict(learning_rate=1e-4, schedule="constant", warmup_steps=0,
-                                           decay_steps=0, final_lr_fraction=0.0, b1=0.9,
-                                           b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=0.0,
-                                           grad_accum_steps=1))
+
+  cfg = ModelConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.width,
+      intermediate_size=args.width * 4,
+      num_layers=args.layers,
+      num_heads=args.width // 64,
+      num_kv_heads=args.width // 64,
+      image_height=4,
+      image_width=4,
+      image_channels=1,
+      patch_size=2,
+  )
+  opt_cfg = ml_collections.ConfigDict(
+      dict(
+          learning_rate=1e-4,
+          schedule="constant",
+          warmup_steps=0,
+          decay_steps=0,
+          final_lr_fraction=0.0,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=0.0,
+          grad_clip=0.0,
+          grad_accum_steps=1,
+      )
+  )
   opt = state_lib.make_optimizer(opt_cfg)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
@@ -53,18 +75,25 @@ def build_ours(args, tokens):
     holder["state"], m = step(holder["state"], gb, jax.random.key(1))
     jax.block_until_ready(m["loss"])
     return float(m["loss"])
+
   return run
 
 
 def build_torch(args, tokens):
   import torch
   import transformers
+
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
-                                 intermediate_size=args.width * 4, num_hidden_layers=args.layers,
-                                 num_attention_heads=args.width // 64,
-                                 num_key_value_heads=args.width // 64, tie_word_embeddings=False,
-                                 attn_implementation="sdpa")
+  cfg = transformers.LlamaConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.width,
+      intermediate_size=args.width * 4,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.width // 64,
+      num_key_value_heads=args.width // 64,
+      tie_word_embeddings=False,
+      attn_implementation="sdpa",
+  )
   model = transformers.LlamaForCausalLM(cfg)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   ids = torch.tensor(tokens, dtype=torch.long)
@@ -75,11 +104,13 @@ def build_torch(args, tokens):
     loss.backward()
     opt.step()
     return float(loss)
+
   return run
 
 
 def main():
   from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
+
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   p = argparse.ArgumentParser()
   p.add_argument("--layers", type=int, default=6)
@@ -107,8 +138,10 @@ def main():
         fn()
       times[name].append((time.perf_counter() - t) / args.steps_per_round)
   tok = args.batch * args.seq
-  res = {name: {"median_step_s": float(np.median(v)), "tokens_per_s": tok / float(np.median(v))}
-         for name, v in times.items()}
+  res = {
+      name: {"median_step_s": float(np.median(v)), "tokens_per_s": tok / float(np.median(v))}
+      for name, v in times.items()
+  }
   res["jax"]["first_step_incl_compile_s"] = compile_ours
   res["torch"]["first_step_incl_build_s"] = warm_torch
   res["speedup_jax_over_torch"] = res["jax"]["tokens_per_s"] / res["torch"]["tokens_per_s"]

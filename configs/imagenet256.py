@@ -25,8 +25,16 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 10_000
   c.sample_every_steps = 10_000
   c.model.update(dict(dtype="bfloat16", remat="full", scan_layers=True))
-  c.data.update(dict(image_source="latents", image_batch_size=256, latent_scale=0.18215,
-                     prompt_dropout=0.1, tokenizer="", tokenizer_vocab_size=32000))
+  c.data.update(
+      dict(
+          image_source="latents",
+          image_batch_size=256,
+          latent_scale=0.18215,
+          prompt_dropout=0.1,
+          tokenizer="",
+          tokenizer_vocab_size=32000,
+      )
+  )
   c.schedule.update(dict(diffusion=1.0, ar=0.0, mixed=0.0))
   c.sampling.update(dict(sampler="ddpm", num_steps=250, guidance_scale=1.5, cfg_mode="eps"))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))

@@ -24,16 +24,46 @@ def get_config(arg: str = ""):
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.sample_every_steps = 1000
-  c.model.update(dict(
-      vocab_size=1028, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
-      num_kv_heads=2, image_height=28, image_width=28, image_channels=1, patch_size=4,
-      learn_sigma=True, t_embed="adaln_before_decoder", dtype="float32",
-      max_position_embeddings=256))
-  c.sampling.update(dict(sampler="ddpm", num_steps=50, guidance_scale=4.0, cfg_mode="eps",
-                         num_per_class=4, max_new_tokens=48, temperature=0.8))
-  c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=100,
-                          decay_steps=1800, final_lr_fraction=0.05, grad_clip=1.0,
-                          weight_decay=0.0))
+  c.model.update(
+      dict(
+          vocab_size=1028,
+          hidden_size=128,
+          intermediate_size=352,
+          num_layers=4,
+          num_heads=4,
+          num_kv_heads=2,
+          image_height=28,
+          image_width=28,
+          image_channels=1,
+          patch_size=4,
+          learn_sigma=True,
+          t_embed="adaln_before_decoder",
+          dtype="float32",
+          max_position_embeddings=256,
+      )
+  )
+  c.sampling.update(
+      dict(
+          sampler="ddpm",
+          num_steps=50,
+          guidance_scale=4.0,
+          cfg_mode="eps",
+          num_per_class=4,
+          max_new_tokens=48,
+          temperature=0.8,
+      )
+  )
+  c.optimizer.update(
+      dict(
+          learning_rate=2e-3,
+          schedule="cosine",
+          warmup_steps=100,
+          decay_steps=1800,
+          final_lr_fraction=0.05,
+          grad_clip=1.0,
+          weight_decay=0.0,
+      )
+  )
   c.ema.update(dict(decay=0.999, warmup=True))
   # Alternating steps, 9 diffusion : 1 text, the LM loss weighted 0.02 in its own steps. The text
   # gradients on the shared layers are much larger than the diffusion ones; at 5:1 and weight 0.1
@@ -48,18 +78,34 @@ def get_config(arg: str = ""):
   # and text batch 16 still reach 94% and ppl 43 (unigram 363) in 530 s (seeds 1, 2: 89.5, 90%).
   c.objective.min_snr_gamma = 5.0
   c.schedule.update(dict(diffusion=9.0, ar=1.0, mixed=0.0))
-  c.data.update(dict(image_source="mnist", image_batch_size=32, text_source="pydoc",
-                     text_batch_size=16, text_seq_len=96, tokenizer_vocab_size=1024,
-                     prompt_dropout=0.1))
+  c.data.update(
+      dict(
+          image_source="mnist",
+          image_batch_size=32,
+          text_source="pydoc",
+          text_batch_size=16,
+          text_seq_len=96,
+          tokenizer_vocab_size=1024,
+          prompt_dropout=0.1,
+      )
+  )
   if arg == "test":
     c.num_train_steps = 6
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
     c.sample_every_steps = 0
-    c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, patch_size=7, vocab_size=516))
-    c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32,
-                       tokenizer_vocab_size=512))
+    c.model.update(
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            patch_size=7,
+            vocab_size=516,
+        )
+    )
+    c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32, tokenizer_vocab_size=512))
     c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
     c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
     # 5:1, so that a few steps already hold both kinds (the tests' logging windows rely on it).
@@ -80,6 +126,7 @@ def get_config(arg: str = ""):
     import json  # pylint: disable=import-outside-toplevel
     import os  # pylint: disable=import-outside-toplevel
     import ml_collections  # pylint: disable=import-outside-toplevel
+
     vae_path = "runs/mnist_vae/vae"
     scale = 1.2469  # what configs/mnist_vae.py's default run measured (used if it is not there)
     if os.path.isfile(os.path.join(vae_path, "config.json")):
@@ -88,8 +135,7 @@ def get_config(arg: str = ""):
     scale = ml_collections.FieldReference(scale)
     c.vae.path = vae_path
     c.vae.scale = scale
-    c.data.update(dict(image_source="mnist_latents", image_path="runs/mnist_vae/latents",
-                       latent_scale=scale))
+    c.data.update(dict(image_source="mnist_latents", image_path="runs/mnist_vae/latents", latent_scale=scale))
     # 7x7x4 latents in 1x1 patches: 49 image tokens, as the pixel default's 4x4 patches of 28x28.
     c.model.update(dict(image_height=7, image_width=7, image_channels=4, patch_size=1))
     if arg == "latent_test":  # the `test` shrink (no default paths: the test passes its own)
@@ -97,10 +143,10 @@ def get_config(arg: str = ""):
       c.log_every_steps = 2
       c.checkpoint_every_steps = 3
       c.sample_every_steps = 0
-      c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                          num_kv_heads=2, vocab_size=516))
-      c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32,
-                         tokenizer_vocab_size=512))
+      c.model.update(
+          dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=516)
+      )
+      c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32, tokenizer_vocab_size=512))
       c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
       c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
       c.schedule.update(dict(diffusion=5.0, ar=1.0))

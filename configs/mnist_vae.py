@@ -21,26 +21,32 @@ def get_config(arg: str = ""):
   c.num_train_steps = 600
   c.batch_size = 64
   c.log_every_steps = 50
-  c.holdout_fraction = 0.1           # the same fixed split as MnistSource("train" / "holdout")
-  c.max_train_images = 0             # 0: all training digits
-  c.vae = ml_collections.ConfigDict(dict(
-      block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
-      norm_num_groups=8, mid_block_add_attention=True))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3, warmup_steps=30, final_lr_fraction=0.05, grad_clip=1.0))
+  c.holdout_fraction = 0.1  # the same fixed split as MnistSource("train" / "holdout")
+  c.max_train_images = 0  # 0: all training digits
+  c.vae = ml_collections.ConfigDict(
+      dict(
+          block_out_channels=(16, 32, 32),
+          layers_per_block=1,
+          latent_channels=4,
+          norm_num_groups=8,
+          mid_block_add_attention=True,
+      )
+  )
+  c.optimizer = ml_collections.ConfigDict(
+      dict(learning_rate=2e-3, warmup_steps=30, final_lr_fraction=0.05, grad_clip=1.0)
+  )
   # Per-element means: recon = mean |x - y|^2 + l1_weight * mean |x - y|; the KL is averaged per
   # latent element. A small KL keeps the posterior a real distribution (logvar well above the
   # -30 clip) that the diffusion data pipeline can re-sample, without blurring the digits.
   c.loss = ml_collections.ConfigDict(dict(l1_weight=0.1, kl_weight=1e-3))
-  c.num_scale_images = 1000          # training digits whose sampled latents set scaling_factor
+  c.num_scale_images = 1000  # training digits whose sampled latents set scaling_factor
   if arg == "test":
     c.num_train_steps = 60
     c.batch_size = 16
     c.log_every_steps = 10
     c.max_train_images = 512
     c.num_scale_images = 128
-    c.vae.update(dict(block_out_channels=(8, 16, 16), norm_num_groups=8,
-                      mid_block_add_attention=False))
+    c.vae.update(dict(block_out_channels=(8, 16, 16), norm_num_groups=8, mid_block_add_attention=False))
     c.optimizer.update(dict(learning_rate=3e-3, warmup_steps=5))
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of mnist_vae (variants: test)")

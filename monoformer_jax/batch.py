@@ -87,8 +87,7 @@ class RowBuilder:
 
   def fits(self, pieces, num_images: int = 0) -> bool:
     slots = self.batch["image_mask"].shape[1]
-    return (self.cursor + self.sample_length(pieces) <= self.seq_len
-            and self.image_slot + num_images <= slots)
+    return self.cursor + self.sample_length(pieces) <= self.seq_len and self.image_slot + num_images <= slots
 
   def add(self, pieces) -> None:
     """Appends one sample. Raises ValueError if it does not fit in the row."""
@@ -96,7 +95,8 @@ class RowBuilder:
     if not self.fits(pieces, num_images):
       raise ValueError(
           f"sample of {self.sample_length(pieces)} tokens / {num_images} images does not fit in row "
-          f"{self.row} (length {self.seq_len}, {self.cursor} used)")
+          f"{self.row} (length {self.seq_len}, {self.cursor} used)"
+      )
     b, r = self.batch, self.row
     self.segment += 1
     pos = 0

@@ -26,28 +26,32 @@ class UsageError(ValueError):
 
 # What bad input raises across the package (ConfigError, InferenceError, DataConfigError and the
 # readers' errors are ValueErrors; a missing file is a FileNotFoundError).
-EXPECTED_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError,
-                   IsADirectoryError, PermissionError)
+EXPECTED_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
   """One line for what parsing raised: absl's flags.Error, or the KeyError / AttributeError a
   locked ml_collections config raises for a field it does not have (with its "did you mean")."""
   if not isinstance(error, (KeyError, AttributeError)):
-    return str(error).strip().split("\n")[0]
+    return str(error).strip().split("\n", maxsplit=1)[0]
   message = error
   while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError(str))
     message = message.args[0]
   field, _, hint = str(message).partition("\n")
   field = field.strip("\"'")
-  given = [a.split("=", 1)[0] for a in argv
-           if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")]
-  return (f"the config has no field {field!r} ({', '.join(given) or 'from --config'})"
-          + (f"; {hint.strip()}" if hint.strip() else ""))
+  given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")]
+  return f"the config has no field {field!r} ({', '.join(given) or 'from --config'})" + (
+      f"; {hint.strip()}" if hint.strip() else ""
+  )
 
 
-def main(doc: Optional[str], define_flags: Callable, run: Callable,
-         argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+def main(
+    doc: Optional[str],
+    define_flags: Callable,
+    run: Callable,
+    argv: Optional[Sequence[str]] = None,
+    prog: Optional[str] = None,
+) -> int:
   """Parses `argv` (default: sys.argv[1:]) into fresh flags, runs `run(fv, positional args)`."""
   argv = list(sys.argv[1:] if argv is None else argv)
   prog = prog or os.path.basename(sys.argv[0] or "monoformer_jax")

@@ -10,16 +10,21 @@ import os
 
 def maybe_initialize_distributed() -> None:
   import jax  # pylint: disable=import-outside-toplevel
+
   if os.environ.get("MONOFORMER_DISTRIBUTED") != "1":
     return
   coordinator = os.environ.get("MONOFORMER_COORDINATOR")
   if coordinator:
-    jax.distributed.initialize(coordinator, int(os.environ["MONOFORMER_NUM_PROCESSES"]),
-                               int(os.environ["MONOFORMER_PROCESS_ID"]))
+    jax.distributed.initialize(
+        coordinator, int(os.environ["MONOFORMER_NUM_PROCESSES"]), int(os.environ["MONOFORMER_PROCESS_ID"])
+    )
   else:  # TPU pods / SLURM: discovered from the environment
     jax.distributed.initialize()
   expected = os.environ.get("MONOFORMER_NUM_PROCESSES")
   if expected and jax.process_count() != int(expected):
     raise RuntimeError(f"expected {expected} processes, jax sees {jax.process_count()}")
-  print(f"process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+  print(
+      f"process {jax.process_index()} of {jax.process_count()}, "
+      f"{jax.local_device_count()} local / {jax.device_count()} global devices",
+      flush=True,
+  )

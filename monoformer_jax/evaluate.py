@@ -40,8 +40,7 @@ from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.run.checkpoints import step_dirs
 from monoformer_jax.run.open import open_run
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation",
-                              "eval_config.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation", "eval_config.py")
 
 SUITES = ("mc", "perplexity", "mnist", "fid")
 
@@ -72,6 +71,7 @@ def write_report(workdir: str, report: dict, step: int) -> str:
     if suite in report:
       _scalars(f"eval/{suite}", report[suite], scalars)
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # imports torch where installed
+
   writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
   for tag, value in sorted(scalars.items()):
     writer.add_scalar(tag, value, step)
@@ -92,16 +92,26 @@ def choose_suites(e) -> list[str]:
   """The suites to run for config.eval `e`; errors name the field that is missing."""
   suites = _names(e.suite)
   if not suites:
-    given = {"mc": e.tasks_dir, "perplexity": e.text_file, "fid": e.inception_weights,
-             "mnist": e.samples and not e.inception_weights}
+    given = {
+        "mc": e.tasks_dir,
+        "perplexity": e.text_file,
+        "fid": e.inception_weights,
+        "mnist": e.samples and not e.inception_weights,
+    }
     suites = [s for s in SUITES if given[s]]
   unknown = sorted(set(suites) - set(SUITES))
   if unknown or not suites:
-    raise ValueError(f"choose suites from {', '.join(SUITES)} with config.eval.suite (got "
-                     f"{', '.join(unknown) or 'none'}); by default a suite runs when its input "
-                     "(config.eval.tasks_dir, text_file, samples, inception_weights) is given")
-  needs = {"mc": ("tasks_dir",), "perplexity": ("text_file",), "mnist": ("samples",),
-           "fid": ("samples", "inception_weights", "reference")}
+    raise ValueError(
+        f"choose suites from {', '.join(SUITES)} with config.eval.suite (got "
+        f"{', '.join(unknown) or 'none'}); by default a suite runs when its input "
+        "(config.eval.tasks_dir, text_file, samples, inception_weights) is given"
+    )
+  needs = {
+      "mc": ("tasks_dir",),
+      "perplexity": ("text_file",),
+      "mnist": ("samples",),
+      "fid": ("samples", "inception_weights", "reference"),
+  }
   for suite in suites:
     for field in needs[suite]:
       if not e[field]:
@@ -114,45 +124,60 @@ def run_evaluation(workdir: str, config) -> dict:
   report; returns it. Under jax.distributed every process runs the language suites (each on its
   local devices) and only process 0 the image suites, whose numbers do not depend on the process."""
   if "eval" not in config:
-    raise ValueError(f"not an evaluation config: no 'eval' section (has {sorted(config)}); see "
-                     "monoformer_jax/evaluation/eval_config.py")
+    raise ValueError(
+        f"not an evaluation config: no 'eval' section (has {sorted(config)}); see "
+        "monoformer_jax/evaluation/eval_config.py"
+    )
   e = config.eval
   suites = choose_suites(e)
   start = time.time()
-  report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir),
-            "config": e.to_dict()}
+  report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir), "config": e.to_dict()}
   if "mc" in suites or "perplexity" in suites:
     opened = open_run(workdir, use_ema=e.use_ema)
     tokenizer = opened.tokenizer
-    scorer = loglikelihood.LoglikelihoodScorer(opened.model_config, opened.params,
-                                               max_len=e.max_len or None,
-                                               batch_size=e.batch_size, pack_len=e.pack_len)
+    scorer = loglikelihood.LoglikelihoodScorer(
+        opened.model_config, opened.params, max_len=e.max_len or None, batch_size=e.batch_size, pack_len=e.pack_len
+    )
     if "mc" in suites:
       report["mc"] = multiple_choice.evaluate_tasks(
-          scorer, tokenizer, _path(e.tasks_dir), _names(e.tasks) or None, e.limit or None,
-          e.add_bos)
-      print(f"mc: average {report['mc']['average']:.4f} over "
-            f"{len(report['mc']) - 1} tasks", flush=True)
+          scorer, tokenizer, _path(e.tasks_dir), _names(e.tasks) or None, e.limit or None, e.add_bos
+      )
+      print(f"mc: average {report['mc']['average']:.4f} over {len(report['mc']) - 1} tasks", flush=True)
     if "perplexity" in suites:
       report["perplexity"] = perplexity.perplexity_of_file(
-          _path(e.text_file), tokenizer, scorer, stride=e.stride or None, add_bos=e.add_bos,
-          max_chars=e.max_chars or None)
-      print(f"perplexity: {report['perplexity']['perplexity']:.3f}, "
-            f"{report['perplexity']['bits_per_byte']:.4f} bits/byte", flush=True)
+          _path(e.text_file),
+          tokenizer,
+          scorer,
+          stride=e.stride or None,
+          add_bos=e.add_bos,
+          max_chars=e.max_chars or None,
+      )
+      print(
+          f"perplexity: {report['perplexity']['perplexity']:.3f}, "
+          f"{report['perplexity']['bits_per_byte']:.4f} bits/byte",
+          flush=True,
+      )
   if jax.process_index() == 0 and ("mnist" in suites or "fid" in suites):
     images, labels = image_suites.load_images(_path(e.samples))
     if "mnist" in suites:
-      report["mnist"] = image_suites.mnist_suite(images, labels, _path(e.digit_reference),
-                                                 _path(e.classifier_cache), name=e.samples)
-      print(f"mnist: digit FID {report['mnist']['digit_fid']:.3f}, class accuracy "
-            f"{report['mnist'].get('class_accuracy', float('nan')):.4f}", flush=True)
+      report["mnist"] = image_suites.mnist_suite(
+          images, labels, _path(e.digit_reference), _path(e.classifier_cache), name=e.samples
+      )
+      print(
+          f"mnist: digit FID {report['mnist']['digit_fid']:.3f}, class accuracy "
+          f"{report['mnist'].get('class_accuracy', float('nan')):.4f}",
+          flush=True,
+      )
     if "fid" in suites:
       report["fid"] = image_suites.fid_suite(
-          images, _path(e.inception_weights), _path(e.reference),
-          batch_size=e.inception_batch_size, splits=e.is_splits)
-      print(f"fid: FID {report['fid']['fid']:.3f}, Inception Score "
-            f"{report['fid']['inception_score']:.3f} over {report['fid']['num_samples']} "
-            "samples", flush=True)
+          images, _path(e.inception_weights), _path(e.reference), batch_size=e.inception_batch_size, splits=e.is_splits
+      )
+      print(
+          f"fid: FID {report['fid']['fid']:.3f}, Inception Score "
+          f"{report['fid']['inception_score']:.3f} over {report['fid']['num_samples']} "
+          "samples",
+          flush=True,
+      )
   report["seconds"] = time.time() - start
   if jax.process_index() == 0:
     print(f"report: {write_report(workdir, report, report['step'])}", flush=True)
@@ -162,18 +187,26 @@ def run_evaluation(workdir: str, config) -> dict:
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
   config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Evaluation config file (default: the package's "
+      "config",
+      DEFAULT_CONFIG,
+      "Evaluation config file (default: the package's "
       "evaluation/eval_config.py); override fields with --config.eval.FIELD=VALUE.",
-      flag_values=fv, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints); the "
-                      "report goes to WORKDIR/eval.", flag_values=fv)
+      flag_values=fv,
+      lock_config=True,
+      sys_argv=list(argv),
+  )
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Training run directory (config.json, checkpoints); the report goes to WORKDIR/eval.",
+      flag_values=fv,
+  )
   flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
 def run(fv, args) -> int:
   if args:
-    raise cli.UsageError(f"unexpected arguments {args} (fields are set as "
-                         "--config.eval.FIELD=VALUE)")
+    raise cli.UsageError(f"unexpected arguments {args} (fields are set as --config.eval.FIELD=VALUE)")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore drown the results
   run_evaluation(fv.workdir, fv.config)

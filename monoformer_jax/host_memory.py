@@ -26,8 +26,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-_ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "libtpu", "jax-rocm", "jax_rocm",
-                              "jax-tpu", "jax_tpu")
+_ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "libtpu", "jax-rocm", "jax_rocm", "jax-tpu", "jax_tpu")
 
 _applied = False
 
@@ -50,7 +49,7 @@ def tune_for_xla_cpu(mode: str | None = None) -> bool:
   Call it before the first JAX computation (it must precede the creation of malloc arenas by
   XLA's threads to take full effect); calling it again is a no-op.
   """
-  global _applied
+  global _applied  # pylint: disable=global-statement  # once per process, before XLA's threads
   mode = (mode or os.environ.get("MONOFORMER_HOST_MALLOC", "auto")).lower()
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"MONOFORMER_HOST_MALLOC={mode!r}: use auto, on or off")
@@ -66,7 +65,6 @@ def tune_for_xla_cpu(mode: str | None = None) -> bool:
   except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  ok = (mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
-        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+  ok = mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
   _applied = ok
   return ok

@@ -19,17 +19,23 @@ from monoformer_jax.train.trainer import train_and_evaluate
 
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:VARIANT]).",
-                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, metrics and "
-                      "samples.", flag_values=fv)
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "Training config file (configs/*.py[:VARIANT]).",
+      flag_values=fv,
+      lock_config=True,
+      sys_argv=list(argv),
+  )
+  flags.DEFINE_string(
+      "workdir", None, "Directory (or gs:// path) for checkpoints, metrics and samples.", flag_values=fv
+  )
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
 def run(fv, args, hooks=()) -> int:
   if args:
-    raise cli.UsageError(f"unexpected arguments {args} (config fields are set as "
-                         "--config.FIELD=VALUE)")
+    raise cli.UsageError(f"unexpected arguments {args} (config fields are set as --config.FIELD=VALUE)")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
   maybe_initialize_distributed()

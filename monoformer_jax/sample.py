@@ -36,35 +36,55 @@ from monoformer_jax.run import images as images_lib
 def define_flags(fv, argv=()):
   del argv  # no config file: the flags alone
   flags.DEFINE_string("workdir", None, "Training run directory (EMA weights).", flag_values=fv)
-  flags.DEFINE_string("official_checkpoint", None,
-                                  "Official MonoFormer checkpoint folder (config.json + weights).", flag_values=fv)
+  flags.DEFINE_string(
+      "official_checkpoint", None, "Official MonoFormer checkpoint folder (config.json + weights).", flag_values=fv
+  )
   flags.DEFINE_string("hf_checkpoint", None, "transformers LLaMA folder (text only).", flag_values=fv)
-  flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model for "
-                                   "--official_checkpoint / --hf_checkpoint.", flag_values=fv)
-  flags.DEFINE_string("class_names_file", None, "JSON list (or {id: name}) of class "
-                                     "names for --official_checkpoint.", flag_values=fv)
+  flags.DEFINE_string(
+      "tokenizer", None, "SentencePiece tokenizer.model for --official_checkpoint / --hf_checkpoint.", flag_values=fv
+  )
+  flags.DEFINE_string(
+      "class_names_file", None, "JSON list (or {id: name}) of class names for --official_checkpoint.", flag_values=fv
+  )
   flags.DEFINE_string("classes", None, "Comma-separated class ids (or names) to draw.", flag_values=fv)
   flags.DEFINE_integer("num_per_class", None, "Samples per class.", flag_values=fv)
-  flags.DEFINE_string("template", None, "Class prompt template (default: "
-                                  "'Please generate an image of {}.').", flag_values=fv)
-  flags.DEFINE_bool("use_label_embedding", None, "Feed class labels to the label "
-                                   "embedding (default: when the model has one).", flag_values=fv)
+  flags.DEFINE_string(
+      "template", None, "Class prompt template (default: 'Please generate an image of {}.').", flag_values=fv
+  )
+  flags.DEFINE_bool(
+      "use_label_embedding",
+      None,
+      "Feed class labels to the label embedding (default: when the model has one).",
+      flag_values=fv,
+  )
   flags.DEFINE_multi_string("t2i_prompt", [], "Text-to-image prompt(s).", flag_values=fv)
   flags.DEFINE_string("t2i_prompt_file", None, "File with one text-to-image prompt a line.", flag_values=fv)
-  flags.DEFINE_string("out", None, "Output .npz (+ .png grid beside) or .png; with "
-                             "--interleaved, the stem of the image files.", flag_values=fv)
+  flags.DEFINE_string(
+      "out",
+      None,
+      "Output .npz (+ .png grid beside) or .png; with --interleaved, the stem of the image files.",
+      flag_values=fv,
+  )
   flags.DEFINE_multi_string("prompt", [], "Text prompt(s) to continue.", flag_values=fv)
   flags.DEFINE_string("prompt_file", None, "File with one text prompt per line.", flag_values=fv)
-  flags.DEFINE_bool("interleaved", False, "Text and images in one call: draw an "
-                                   "image where the model writes <|im_start|>.", flag_values=fv)
+  flags.DEFINE_bool(
+      "interleaved",
+      False,
+      "Text and images in one call: draw an image where the model writes <|im_start|>.",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("max_images", 1, "Images per prompt with --interleaved.", flag_values=fv)
   flags.DEFINE_string("sampler", None, "ddpm | ddim (gaussian), euler | heun (flow).", flag_values=fv)
   flags.DEFINE_integer("num_steps", None, "Sampling steps.", flag_values=fv)
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 1).", flag_values=fv)
   flags.DEFINE_enum("cfg_mode", None, ["eps", "official_first3"], "Guided channels.", flag_values=fv)
   flags.DEFINE_float("eta", None, "DDIM eta.", flag_values=fv)
-  flags.DEFINE_bool("clip_denoised", None, "Clamp the predicted x0 to [-1, 1] at every "
-                            "Gaussian step (pixel-space models; default: the run's config).", flag_values=fv)
+  flags.DEFINE_bool(
+      "clip_denoised",
+      None,
+      "Clamp the predicted x0 to [-1, 1] at every Gaussian step (pixel-space models; default: the run's config).",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("seed", None, "Random seed (default: the run's sampling.seed, 0).", flag_values=fv)
   flags.DEFINE_integer("batch_size", 200, "Images sampled per compiled call.", flag_values=fv)
   flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate per prompt.", flag_values=fv)
@@ -85,8 +105,7 @@ def _read_lines(path, flag):
     return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def load_model(workdir=None, official=None, hf=None, tokenizer=None, class_names_file=None,
-               use_ema=True):
+def load_model(workdir=None, official=None, hf=None, tokenizer=None, class_names_file=None, use_ema=True):
   sources = [s for s in (workdir, official, hf) if s]
   if len(sources) != 1:
     raise UsageError("give exactly one of --workdir, --official_checkpoint, --hf_checkpoint")
@@ -122,8 +141,10 @@ def sample_images(model, classes, num_per_class, **kw):
       raise UsageError(f"--classes: empty entry in {classes!r}")
     classes = items
   if not model.class_names:
-    raise UsageError("this model has no class names (not a class-conditional run; give "
-                     "--class_names_file for a converted checkpoint)")
+    raise UsageError(
+        "this model has no class names (not a class-conditional run; give "
+        "--class_names_file for a converted checkpoint)"
+    )
   per = num_per_class or model.defaults.get("num_per_class", 1)
   images, labels = model.sample_classes(classes, per, **kw)
   return images_lib.to_uint8(model.decode(images)), labels
@@ -145,36 +166,46 @@ def run(fv, args) -> int:
     raise UsageError(f"unexpected arguments {args}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   logging.set_verbosity(logging.WARNING)
-  prompts = list(fv.prompt) + (_read_lines(fv.prompt_file, "prompt_file")
-                                   if fv.prompt_file else [])
-  t2i = list(fv.t2i_prompt) + (_read_lines(fv.t2i_prompt_file, "t2i_prompt_file")
-                            if fv.t2i_prompt_file else [])
-  if (fv['prompt'].present or fv.prompt_file) and (not prompts or any(not p.strip()
-                                                                     for p in prompts)):
+  prompts = list(fv.prompt) + (_read_lines(fv.prompt_file, "prompt_file") if fv.prompt_file else [])
+  t2i = list(fv.t2i_prompt) + (_read_lines(fv.t2i_prompt_file, "t2i_prompt_file") if fv.t2i_prompt_file else [])
+  if (fv["prompt"].present or fv.prompt_file) and (not prompts or any(not p.strip() for p in prompts)):
     raise UsageError("--prompt: empty prompt")
-  if (fv['t2i_prompt'].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
+  if (fv["t2i_prompt"].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
     raise UsageError("--t2i_prompt: empty prompt")
   if not prompts and not t2i and fv.classes is None:
-    raise UsageError("nothing to do: give --classes or --t2i_prompt (images) and/or --prompt "
-                     "(text)")
+    raise UsageError("nothing to do: give --classes or --t2i_prompt (images) and/or --prompt (text)")
   if t2i and fv.classes is not None:
     raise UsageError("--classes and --t2i_prompt both write --out: run them separately")
   if (t2i or fv.classes is not None or fv.interleaved) and not fv.out:
     raise UsageError("--out: give the file to write the images to")
   if fv.guidance_scale is not None and fv.guidance_scale < 1:
     raise UsageError(f"--guidance_scale must be >= 1 (1 = no guidance), got {fv.guidance_scale}")
-  model = load_model(fv.workdir, fv.official_checkpoint, fv.hf_checkpoint, fv.tokenizer,
-                     fv.class_names_file, fv.use_ema)
-  image_kw = dict(seed=fv.seed, guidance_scale=fv.guidance_scale, cfg_mode=fv.cfg_mode,
-                  sampler=fv.sampler, num_steps=fv.num_steps, eta=fv.eta,
-                  clip_denoised=fv.clip_denoised)
-  text_kw = dict(seed=fv.seed, max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
-                 top_k=fv.top_k, top_p=fv.top_p, greedy=fv.greedy)
+  model = load_model(
+      fv.workdir, fv.official_checkpoint, fv.hf_checkpoint, fv.tokenizer, fv.class_names_file, fv.use_ema
+  )
+  image_kw = dict(
+      seed=fv.seed,
+      guidance_scale=fv.guidance_scale,
+      cfg_mode=fv.cfg_mode,
+      sampler=fv.sampler,
+      num_steps=fv.num_steps,
+      eta=fv.eta,
+      clip_denoised=fv.clip_denoised,
+  )
+  text_kw = dict(
+      seed=fv.seed,
+      max_new_tokens=fv.max_new_tokens,
+      temperature=fv.temperature,
+      top_k=fv.top_k,
+      top_p=fv.top_p,
+      greedy=fv.greedy,
+  )
   try:
     if prompts and fv.interleaved:
       stem = os.path.splitext(fv.out)[0]
-      results = model.generate(prompts, max_images=fv.max_images, **text_kw,
-                               **{k: v for k, v in image_kw.items() if k != "seed"})
+      results = model.generate(
+          prompts, max_images=fv.max_images, **text_kw, **{k: v for k, v in image_kw.items() if k != "seed"}
+      )
       for i, (p, parts) in enumerate(zip(prompts, results)):
         shown = []
         for kind, value in parts:
@@ -182,22 +213,25 @@ def run(fv, args) -> int:
             shown.append({"text": value})
             continue
           path = f"{stem}_p{i}_{sum('image' in s for s in shown)}.png"
-          images_lib.save_png(os.path.abspath(path),
-                              images_lib.to_uint8(model.decode(value[None]))[0])
+          images_lib.save_png(os.path.abspath(path), images_lib.to_uint8(model.decode(value[None]))[0])
           shown.append({"image": path})
         print(json.dumps({"prompt": p, "parts": shown}, ensure_ascii=False))
     elif prompts:
       for p, t in zip(prompts, model.generate_text(prompts, **text_kw)):
         print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False))
     if fv.classes is not None:
-      images, labels = sample_images(model, fv.classes, fv.num_per_class,
-                                     template=fv.template,
-                                     use_label_embedding=fv.use_label_embedding,
-                                     batch_size=fv.batch_size, **image_kw)
+      images, labels = sample_images(
+          model,
+          fv.classes,
+          fv.num_per_class,
+          template=fv.template,
+          use_label_embedding=fv.use_label_embedding,
+          batch_size=fv.batch_size,
+          **image_kw,
+      )
       _write_images(fv.out, images, len(np.unique(labels)), labels=labels)
     if t2i:
-      images = images_lib.to_uint8(model.decode(model.text_to_image(
-          t2i, batch_size=fv.batch_size, **image_kw)))
+      images = images_lib.to_uint8(model.decode(model.text_to_image(t2i, batch_size=fv.batch_size, **image_kw)))
       _write_images(fv.out, images, 1, prompts=np.asarray(t2i))
   except InferenceError as e:
     raise UsageError(str(e)) from e

@@ -1,5 +1,6 @@
 """Test-wide settings: 8 fake CPU devices (sharding tests), strict rank promotion, seeds, and
 compiles that cost less (tests/helpers_env.py: TEST_XLA_FLAGS, one compilation cache per session)."""
+
 import os
 import shutil
 import tempfile
@@ -31,12 +32,15 @@ _OWNS_CACHE = pytest.StashKey[str]()
 
 def pytest_addoption(parser):
   group = parser.getgroup("seeds", "random inputs (tests/seeding.py)")
-  group.addoption("--seed-offset", type=int, default=0,
-                  help="seed index of every seeded test (0: the suite's own inputs)")
-  group.addoption("--seed-sweep", type=int, default=0,
-                  help="run every seeded test under N seed indices (offset .. offset+N-1)")
-  group.addoption("--tolerance-log", default="",
-                  help="append how much of its tolerance every assert_allclose used to FILE")
+  group.addoption(
+      "--seed-offset", type=int, default=0, help="seed index of every seeded test (0: the suite's own inputs)"
+  )
+  group.addoption(
+      "--seed-sweep", type=int, default=0, help="run every seeded test under N seed indices (offset .. offset+N-1)"
+  )
+  group.addoption(
+      "--tolerance-log", default="", help="append how much of its tolerance every assert_allclose used to FILE"
+  )
 
 
 def pytest_configure(config):
@@ -63,8 +67,9 @@ def pytest_generate_tests(metafunc):
   sweep = metafunc.config.getoption("seed_sweep")
   if sweep and "seed_index" in metafunc.fixturenames:
     offset = metafunc.config.getoption("seed_offset")
-    metafunc.parametrize("seed_index", range(offset, offset + sweep), indirect=True,
-                         scope="module", ids=lambda i: f"seed{i}")
+    metafunc.parametrize(
+        "seed_index", range(offset, offset + sweep), indirect=True, scope="module", ids=lambda i: f"seed{i}"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -98,10 +103,12 @@ def rng(seed):
 @pytest.fixture(scope="module")
 def module_seed(request, seed_index):
   """module_seed(label) -> the seed of a module-scoped fixture's random input."""
+
   def get(label: str) -> int:
     value = seeding.derive(f"{request.node.nodeid}::{label}", seed_index)
     seeding.record(request.node, label, value, seed_index)
     return value
+
   return get
 
 

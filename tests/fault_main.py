@@ -6,6 +6,7 @@ tests): `python -m tests.fault_main --kill_after_step=N [monoformer_jax.main fla
                        checkpoint survives).
   --kill_at_step=N     SIGKILL once checkpoint step N is saved (and written to disk).
 """
+
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from monoformer_jax import main as entry
 
 
 class KillAfterStep:
+
   def __init__(self, step: int, after_save: bool):
     self.step, self.after_save = step, after_save
 

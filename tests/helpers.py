@@ -1,4 +1,5 @@
 """Small shared helpers for tests: tiny configs, random parameters, random batches, one tiny run."""
+
 import fcntl
 import os
 import subprocess
@@ -12,7 +13,6 @@ from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
 from tests.helpers_env import subprocess_env
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,30 +34,52 @@ def session_shared(tmp_path_factory, name: str, make):
 
 
 def _run_module(*args, env=None):
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env or subprocess_env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, *args], cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def shared_tiny_run(tmp_path_factory):
   """The 6-step `mnist_tiny.py:test` run, trained once per test session for every module that
   only reads it (sampling, the notebook, evaluation)."""
-  return session_shared(tmp_path_factory, "shared_tiny_run", lambda work: _run_module(
-      "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test", f"--workdir={work}"))
+  return session_shared(
+      tmp_path_factory,
+      "shared_tiny_run",
+      lambda work: _run_module("-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test", f"--workdir={work}"),
+  )
 
 
 def shared_digit_classifier(tmp_path_factory):
   """The embedded default's digit classifier (evaluation/digit_classifier.py), trained once per
   session into the cache folder returned. Trained with XLA's default flags (its training is
   execution-bound: the compile-saving test flags cost it a third more time)."""
-  return str(session_shared(tmp_path_factory, "digit_classifier_cache", lambda path: _run_module(
-      "-c", f"from monoformer_jax.evaluation import digit_classifier as dc; "
-      f"dc.load_or_train({str(path)!r})", env=dict(subprocess_env(), XLA_FLAGS=""))))
+  return str(
+      session_shared(
+          tmp_path_factory,
+          "digit_classifier_cache",
+          lambda path: _run_module(
+              "-c",
+              f"from monoformer_jax.evaluation import digit_classifier as dc; dc.load_or_train({str(path)!r})",
+              env=dict(subprocess_env(), XLA_FLAGS=""),
+          ),
+      )
+  )
 
 
 def tiny_config(**kw) -> ModelConfig:
-  base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-              num_kv_heads=2, image_height=4, image_width=6, image_channels=3, patch_size=2)
+  base = dict(
+      vocab_size=97,
+      hidden_size=32,
+      intermediate_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      image_height=4,
+      image_width=6,
+      image_channels=3,
+      patch_size=2,
+  )
   base.update(kw)
   return ModelConfig(**base)
 
@@ -66,15 +88,21 @@ def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.3) -> dic
   """Fresh params with every leaf perturbed (the zero-initialised image layers too)."""
   params = jax.device_get(nn.unbox(init_params(config, jax.random.key(seed))))
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: (p + scale * rng.standard_normal(p.shape) / np.sqrt(
-      max(p.shape[0], 1) if p.ndim > 1 else 4)).astype(np.float32), params)
+  return jax.tree.map(
+      lambda p: (p + scale * rng.standard_normal(p.shape) / np.sqrt(max(p.shape[0], 1) if p.ndim > 1 else 4)).astype(
+          np.float32
+      ),
+      params,
+  )
 
 
 def image_sample(config, rng, prompt_len, tail_len=2, label=0):
   shape = (config.image_height, config.image_width, config.image_channels)
-  return [("text", rng.integers(3, config.vocab_size, prompt_len), True),
-          ("image", rng.standard_normal(shape).astype(np.float32), label),
-          ("text", rng.integers(3, config.vocab_size, tail_len), True)]
+  return [
+      ("text", rng.integers(3, config.vocab_size, prompt_len), True),
+      ("image", rng.standard_normal(shape).astype(np.float32), label),
+      ("text", rng.integers(3, config.vocab_size, tail_len), True),
+  ]
 
 
 def text_sample(config, rng, length):
@@ -98,6 +126,7 @@ def random_fid_state_dict(seed: int) -> dict:
   through the 90-odd layers and the pooled features depend on the input (PLATFORM.md)."""
   import torch  # pylint: disable=import-outside-toplevel  # only the Inception tests need torch
   from pytorch_fid import inception as pytorch_fid_inception  # pylint: disable=import-outside-toplevel
+
   skeleton = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
   gen = torch.Generator().manual_seed(seed)
   normal = lambda shape: torch.randn(shape, generator=gen)
@@ -129,6 +158,7 @@ def pytorch_fid_outputs(state: dict, images: np.ndarray) -> dict:
   """
   import torch  # pylint: disable=import-outside-toplevel
   from pytorch_fid import inception as pytorch_fid_inception  # pylint: disable=import-outside-toplevel
+
   original = pytorch_fid_inception.load_state_dict_from_url
   pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state
   try:
@@ -161,14 +191,15 @@ def tensorboard_scalars(directory) -> dict:
   import os  # pylint: disable=import-outside-toplevel
   import struct  # pylint: disable=import-outside-toplevel
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   out = {}
   for name in os.listdir(directory):
     with open(os.path.join(directory, name), "rb") as f:
       data = f.read()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for v in event.summary.value:
         out[v.tag] = (event.step, v.simple_value)

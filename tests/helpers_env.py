@@ -7,6 +7,7 @@ halved the compile-bound tests; benchmarks/RESULTS.md). Nothing the tests check 
 every comparison runs both sides under the same flags, and the seed sweep measured the
 tolerances under them. Benchmarks and users run XLA's defaults.
 """
+
 import os
 
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -17,5 +18,4 @@ def subprocess_env(devices: int = 0, **extra) -> dict:
   """The environment of a `python -m monoformer_jax...` subprocess: CPU, the test XLA flags,
   `devices` fake CPU devices (0: XLA's default, one), the session's compilation cache."""
   flags = TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
-              **{k: str(v) for k, v in extra.items()})
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **{k: str(v) for k, v in extra.items()})

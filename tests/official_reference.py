@@ -14,6 +14,7 @@ tests/testdata/model_adaln/README.txt. The arrays come from:
   * the diffusion training losses (mse / vb): monoformer_jax.diffusion.training_losses applied to
     this reference's x_out (checked against the official code by tests/test_diffusion_golden.py).
 """
+
 import json
 import math
 import os
@@ -27,37 +28,67 @@ SPECIAL_NAMES = ("<s>", "</s>", "<PAD>", "<image>", "<|im_start|>", "<|im_end|>"
 
 
 def _special(vocab: int) -> dict:
-  return {"<s>": 1, "</s>": 2, "\\n": 13, "<PAD>": vocab - 4, "<image>": vocab - 3,
-          "<|im_start|>": vocab - 2, "<|im_end|>": vocab - 1}
+  return {
+      "<s>": 1,
+      "</s>": 2,
+      "\\n": 13,
+      "<PAD>": vocab - 4,
+      "<image>": vocab - 3,
+      "<|im_start|>": vocab - 2,
+      "<|im_end|>": vocab - 1,
+  }
 
 
 def official_config(s: dict) -> dict:
   """config.json in the official (transformers 4.38 LlamaConfig + MonoFormer) field names."""
   sp = _special(s["vocab"])
   return {
-      "architectures": ["MonoFormerForCausalLM"], "model_type": "llama",
-      "vocab_size": s["vocab"], "hidden_size": s["hidden"], "intermediate_size": s["ffn"],
-      "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-      "num_key_value_heads": s["kv_heads"], "hidden_act": "silu", "rms_norm_eps": s["eps"],
-      "rope_theta": s["rope_theta"], "rope_scaling": None, "max_position_embeddings": 256,
-      "initializer_range": 0.02, "tie_word_embeddings": False, "attention_bias": False,
-      "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
-      "image_size": s["image_size"], "in_channels": s["channels"], "patch_size": s["patch"],
-      "learn_sigma": True, "decoder_t_embed": s["t_embed"],
-      "use_bi_attn_img_tokens": s["bidirectional"], "use_pos_embed": True,
-      "add_pos_embed_each_layer": False, "use_adaln_final_layer": True,
+      "architectures": ["MonoFormerForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": s["vocab"],
+      "hidden_size": s["hidden"],
+      "intermediate_size": s["ffn"],
+      "num_hidden_layers": s["layers"],
+      "num_attention_heads": s["heads"],
+      "num_key_value_heads": s["kv_heads"],
+      "hidden_act": "silu",
+      "rms_norm_eps": s["eps"],
+      "rope_theta": s["rope_theta"],
+      "rope_scaling": None,
+      "max_position_embeddings": 256,
+      "initializer_range": 0.02,
+      "tie_word_embeddings": False,
+      "attention_bias": False,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "torch_dtype": "float32",
+      "image_size": s["image_size"],
+      "in_channels": s["channels"],
+      "patch_size": s["patch"],
+      "learn_sigma": True,
+      "decoder_t_embed": s["t_embed"],
+      "use_bi_attn_img_tokens": s["bidirectional"],
+      "use_pos_embed": True,
+      "add_pos_embed_each_layer": False,
+      "use_adaln_final_layer": True,
       "image_token_index": sp["<image>"],
   }
 
 
 def _llama_config(cfg: dict):
   return transformers.LlamaConfig(
-      vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-      intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+      vocab_size=cfg["vocab_size"],
+      hidden_size=cfg["hidden_size"],
+      intermediate_size=cfg["intermediate_size"],
+      num_hidden_layers=cfg["num_hidden_layers"],
       num_attention_heads=cfg["num_attention_heads"],
-      num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
-      rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
-      tie_word_embeddings=False, attn_implementation="eager")
+      num_key_value_heads=cfg["num_key_value_heads"],
+      rms_norm_eps=cfg["rms_norm_eps"],
+      rope_theta=cfg["rope_theta"],
+      max_position_embeddings=cfg["max_position_embeddings"],
+      tie_word_embeddings=False,
+      attn_implementation="eager",
+  )
 
 
 def random_state_dict(cfg: dict, seed: int) -> dict:
@@ -67,11 +98,14 @@ def random_state_dict(cfg: dict, seed: int) -> dict:
   gen = torch.Generator().manual_seed(seed)
   h, p, c = cfg["hidden_size"], cfg["patch_size"], cfg["in_channels"]
   with torch.device("meta"):
-    shapes = {k: tuple(v.shape) for k, v in
-              transformers.LlamaForCausalLM(_llama_config(cfg)).state_dict().items()}
-  image = {"x_embedder": (h, c * p * p), "t_embedder.mlp.0": (h, 256), "t_embedder.mlp.2": (h, h),
-           "final_layer.adaLN_modulation.1": (2 * h, h),
-           "final_layer.linear": (p * p * 2 * c, h)}
+    shapes = {k: tuple(v.shape) for k, v in transformers.LlamaForCausalLM(_llama_config(cfg)).state_dict().items()}
+  image = {
+      "x_embedder": (h, c * p * p),
+      "t_embedder.mlp.0": (h, 256),
+      "t_embedder.mlp.2": (h, h),
+      "final_layer.adaLN_modulation.1": (2 * h, h),
+      "final_layer.linear": (p * p * 2 * c, h),
+  }
   if cfg["decoder_t_embed"] == "adaln_before_decoder":
     image["adaLN_module.1"] = (2 * h, h)
   else:
@@ -124,8 +158,7 @@ class Reference:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
     args = torch.as_tensor(t).float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).double()
-    return self._linear("t_embedder.mlp.2",
-                        torch.nn.functional.silu(self._linear("t_embedder.mlp.0", emb)))
+    return self._linear("t_embedder.mlp.2", torch.nn.functional.silu(self._linear("t_embedder.mlp.0", emb)))
 
   def pos_embed(self):
     """MAE/DiT table: features [0, H/2) encode the column, [H/2, H) the row; each half is
@@ -173,8 +206,9 @@ class Reference:
     embed = self.llama.model.embed_tokens.weight.detach()
     t_emb = self.t_embed(t)
     if self.t_token:
-      c_embeds = self._linear("t_projector.2", torch.nn.functional.gelu(
-          self._linear("t_projector.0", t_emb), approximate="none"))
+      c_embeds = self._linear(
+          "t_projector.2", torch.nn.functional.gelu(self._linear("t_projector.0", t_emb), approximate="none")
+      )
     else:
       c_embeds = self._linear("adaLN_module.1", torch.nn.functional.silu(t_emb))
     rows, kinds, row_labels = [], [], []
@@ -221,25 +255,26 @@ class Reference:
     for r in range(b):
       if spans[r, 0] >= 0:
         s0 = spans[r, 0]
-        x[r, s0:s0 + self.n_img] += table
+        x[r, s0 : s0 + self.n_img] += table
         if not self.t_token:
           c = c_embeds[r]
-          x[r, s0:s0 + self.n_img] = x[r, s0:s0 + self.n_img] * (1 + c[h:]) + c[:h]
+          x[r, s0 : s0 + self.n_img] = x[r, s0 : s0 + self.n_img] * (1 + c[h:]) + c[:h]
     # allowed(q, k) = (k <= q and valid(k)) or (gen(q) and gen(k))
     q_idx, k_idx = np.meshgrid(np.arange(length), np.arange(length), indexing="ij")
     allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
     if self.cfg["use_bi_attn_img_tokens"]:
       allowed = allowed | (gen[:, :, None] & gen[:, None, :])
     additive = torch.zeros((b, 1, length, length), dtype=torch.float64).masked_fill(
-        ~torch.as_tensor(allowed)[:, None], torch.finfo(torch.float64).min)
+        ~torch.as_tensor(allowed)[:, None], torch.finfo(torch.float64).min
+    )
     layer_outs, final = [], []
-    hooks = [layer.register_forward_hook(lambda m, i, o: layer_outs.append(o))
-             for layer in self.llama.model.layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: layer_outs.append(o)) for layer in self.llama.model.layers]
     hooks.append(self.llama.model.norm.register_forward_hook(lambda m, i, o: final.append(o)))
     try:
       with torch.no_grad():
-        logits = self.llama(inputs_embeds=x, attention_mask=additive,
-                            position_ids=torch.arange(length)[None].expand(b, length)).logits
+        logits = self.llama(
+            inputs_embeds=x, attention_mask=additive, position_ids=torch.arange(length)[None].expand(b, length)
+        ).logits
     finally:
       for hook in hooks:
         hook.remove()
@@ -252,14 +287,27 @@ class Reference:
     y = torch.where(gen_t, y * (1 + scale[:, None]) + shift[:, None], y)
     flo = self._linear("final_layer.linear", y)
     image_rows = [r for r in range(b) if spans[r, 0] >= 0]
-    x_out = np.stack([self.unpatchify(flo[r, spans[r, 0]:spans[r, 1]].numpy())
-                      for r in image_rows]) if image_rows else None
+    x_out = (
+        np.stack([self.unpatchify(flo[r, spans[r, 0] : spans[r, 1]].numpy()) for r in image_rows])
+        if image_rows
+        else None
+    )
     out = {
-        "merged_embeds": merged, "layer0_input": x, "final_hidden": hidden, "logits": logits,
-        "final_layer_out": flo, "t_emb": t_emb, "c_embeds": c_embeds,
-        "merged_attention_mask": valid, "gen_mask": gen, "text_mask": text,
-        "attn_allowed": allowed, "image_spans": spans, "x_indices": np.asarray(image_rows),
-        "x_out": x_out}
+        "merged_embeds": merged,
+        "layer0_input": x,
+        "final_hidden": hidden,
+        "logits": logits,
+        "final_layer_out": flo,
+        "t_emb": t_emb,
+        "c_embeds": c_embeds,
+        "merged_attention_mask": valid,
+        "gen_mask": gen,
+        "text_mask": text,
+        "attn_allowed": allowed,
+        "image_spans": spans,
+        "x_indices": np.asarray(image_rows),
+        "x_out": x_out,
+    }
     for i, o in enumerate(layer_outs):
       out[f"layer{i}_output"] = o
     if labels is not None:
@@ -322,10 +370,14 @@ def respaced_chain(num_steps: int) -> dict:
   ac = np.cumprod(1.0 - betas)
   ac_prev = np.append(1.0, ac[:-1])
   post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-  return {"timestep_map": np.asarray(kept, np.int64), "betas": betas, "ac": ac,
-          "post_log_var": np.log(np.append(post_var[1], post_var[1:])),
-          "coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-          "coef2": (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)}
+  return {
+      "timestep_map": np.asarray(kept, np.int64),
+      "betas": betas,
+      "ac": ac,
+      "post_log_var": np.log(np.append(post_var[1], post_var[1:])),
+      "coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+      "coef2": (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+  }
 
 
 def p_sample(chain: dict, out: np.ndarray, x: np.ndarray, i: int, noise: np.ndarray):
@@ -344,7 +396,7 @@ def _pad_rows(rows, pad_id):
   length = max(len(r) for r in rows)
   ids = np.full((len(rows), length), pad_id, np.int64)
   for r, row in enumerate(rows):
-    ids[r, :len(row)] = row
+    ids[r, : len(row)] = row
   return ids
 
 
@@ -389,14 +441,23 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
     for k in keys:
       cases[f"{prefix}_{k}"] = out[k]
 
-  model_keys = (["merged_embeds", "layer0_input", "final_hidden", "logits", "final_layer_out",
-                 "t_emb", "c_embeds", "merged_attention_mask", "gen_mask", "text_mask",
-                 "attn_allowed", "image_spans"]
-                + [f"layer{i}_output" for i in range(cfg["num_hidden_layers"])])
+  model_keys = [
+      "merged_embeds",
+      "layer0_input",
+      "final_hidden",
+      "logits",
+      "final_layer_out",
+      "t_emb",
+      "c_embeds",
+      "merged_attention_mask",
+      "gen_mask",
+      "text_mask",
+      "attn_allowed",
+      "image_spans",
+  ] + [f"layer{i}_output" for i in range(cfg["num_hidden_layers"])]
 
   # text: two pure text rows through the training path; also forward_wo_image.
-  rows = [[sp["<s>"]] + words(7) + words(9) + [sp["</s>"]], [sp["<s>"]] + words(3) + words(2)
-                                                            + [sp["</s>"]]]
+  rows = [[sp["<s>"]] + words(7) + words(9) + [sp["</s>"]], [sp["<s>"]] + words(3) + words(2) + [sp["</s>"]]]
   ids, mask, labels = collate(rows)
   t = rng.integers(0, 1000, 2)
   out = ref.forward(ids, mask, np.zeros((2, c, lat, lat)), t, labels)
@@ -413,15 +474,21 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
 
     def nhwc(a):
       return jnp.asarray(np.moveaxis(np.asarray(a, np.float32), 1, -1))
+
     terms = diffusion.training_losses(
-        diffusion.create_gaussian_diffusion(), nhwc(x_out), nhwc(cases[f"{prefix}_x0"][rows_img]),
-        nhwc(cases[f"{prefix}_x_t"][rows_img]), nhwc(cases[f"{prefix}_noise"][rows_img]),
-        jnp.asarray(cases[f"{prefix}_t"][rows_img]))
+        diffusion.create_gaussian_diffusion(),
+        nhwc(x_out),
+        nhwc(cases[f"{prefix}_x0"][rows_img]),
+        nhwc(cases[f"{prefix}_x_t"][rows_img]),
+        nhwc(cases[f"{prefix}_noise"][rows_img]),
+        jnp.asarray(cases[f"{prefix}_t"][rows_img]),
+    )
     cases[f"{prefix}_loss_mse"] = np.asarray(terms["mse"])
     cases[f"{prefix}_loss_vb"] = np.asarray(terms["vb"])
     cases[f"{prefix}_loss_terms"] = np.asarray(terms["loss"])
     cases[f"{prefix}_total_loss"] = np.asarray(
-        np.mean(np.asarray(terms["loss"], np.float64)) + 0.01 * float(lm), np.float32)[None]
+        np.mean(np.asarray(terms["loss"], np.float64)) + 0.01 * float(lm), np.float32
+    )[None]
 
   # train: two image rows with different prompt lengths.
   rows = [[sp["<s>"]] + words(6) + image_target(), [sp["<s>"]] + words(2) + image_target()]
@@ -429,9 +496,15 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
   x0, noise = 0.9 * latents(2), latents(2)
   t = np.asarray([137, 862])
   x_t = q_sample(x0, t, noise)
-  cases.update(train_input_ids=ids, train_attention_mask=mask, train_labels=labels, train_t=t,
-               train_x0=x0.astype(np.float32), train_noise=noise.astype(np.float32),
-               train_x_t=x_t)
+  cases.update(
+      train_input_ids=ids,
+      train_attention_mask=mask,
+      train_labels=labels,
+      train_t=t,
+      train_x0=x0.astype(np.float32),
+      train_noise=noise.astype(np.float32),
+      train_x_t=x_t,
+  )
   out = ref.forward(ids, mask, x_t, t, labels)
   store("train", out, model_keys + ["merged_labels", "x_indices", "x_out"])
   cases["train_lm_loss"] = np.asarray(out["lm_loss"], np.float32)[None]
@@ -439,18 +512,27 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
 
   # mixed: image, text and text-dropout (prompt replaced by <PAD> * n) rows.
   n_drop = 5
-  rows = [[sp["<s>"]] + words(3) + image_target(),
-          [sp["<s>"]] + words(5) + words(2) + [sp["</s>"]],
-          [sp["<s>"]] + [sp["<PAD>"]] * n_drop + image_target()]
+  rows = [
+      [sp["<s>"]] + words(3) + image_target(),
+      [sp["<s>"]] + words(5) + words(2) + [sp["</s>"]],
+      [sp["<s>"]] + [sp["<PAD>"]] * n_drop + image_target(),
+  ]
   ids, mask, labels = collate(rows)
   is_image = np.asarray([True, False, True])
   x0 = 0.9 * latents(3) * is_image[:, None, None, None]
   noise = latents(3) * is_image[:, None, None, None]
   t = np.asarray([421, 55, 999])
   x_t = q_sample(x0, t, noise)
-  cases.update(mixed_input_ids=ids, mixed_attention_mask=mask, mixed_labels=labels, mixed_t=t,
-               mixed_is_image=is_image, mixed_x0=x0.astype(np.float32),
-               mixed_noise=noise.astype(np.float32), mixed_x_t=x_t)
+  cases.update(
+      mixed_input_ids=ids,
+      mixed_attention_mask=mask,
+      mixed_labels=labels,
+      mixed_t=t,
+      mixed_is_image=is_image,
+      mixed_x0=x0.astype(np.float32),
+      mixed_noise=noise.astype(np.float32),
+      mixed_x_t=x_t,
+  )
   out = ref.forward(ids, mask, x_t, t, labels)
   store("mixed", out, model_keys + ["merged_labels", "x_indices", "x_out"])
   cases["mixed_lm_loss"] = np.asarray(out["lm_loss"], np.float32)[None]
@@ -464,8 +546,9 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
   x_t = latents(2).astype(np.float32)
   t = np.asarray([500, 500])
   out, guided = ref.forward_with_cfg(ids, mask, x_t, t, scale)
-  cases.update(cfg_input_ids=ids, cfg_attention_mask=mask, cfg_x_t=x_t, cfg_t=t,
-               cfg_scale=np.asarray([scale], np.float32))
+  cases.update(
+      cfg_input_ids=ids, cfg_attention_mask=mask, cfg_x_t=x_t, cfg_t=t, cfg_scale=np.asarray([scale], np.float32)
+  )
   store("cfg", out, model_keys)
   cases["cfg_x_out_unguided"] = out["x_out"]
   cases["cfg_x_out"] = guided.astype(np.float32)
@@ -473,8 +556,7 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
   # sample: the respaced DDPM loop with forward_with_cfg, on recorded noise.
   steps = int(sizes.get("sample_steps", 20))
   chain = respaced_chain(steps)
-  ids = _pad_rows([[sp["<s>"]] + words(4) + image_target()[:3],
-                   [sp["<s>"]] + image_target()[:3]], sp["<PAD>"])
+  ids = _pad_rows([[sp["<s>"]] + words(4) + image_target()[:3], [sp["<s>"]] + image_target()[:3]], sp["<PAD>"])
   mask = ids != sp["<PAD>"]
   z = np.repeat(0.9 * latents(1), 2, axis=0).astype(np.float32)
   step_noise = latents(2 * steps).reshape(steps, 2, c, lat, lat).astype(np.float32)
@@ -489,16 +571,20 @@ def write_golden_dir(path: str, sizes: dict, seed: int = 0) -> None:
     outs.append(model_out)
     preds.append(pred)
     t_model.append(t)
-  cases.update(sample_input_ids=ids, sample_attention_mask=mask, sample_z=z,
-               sample_noise=step_noise, sample_seed=np.asarray([seed], np.int64),
-               sample_t_index=np.arange(steps - 1, -1, -1, dtype=np.int64),
-               sample_t_model=np.stack(t_model).astype(np.int64),
-               sample_timestep_map=chain["timestep_map"],
-               sample_traj=np.stack(traj).astype(np.float32),
-               sample_model_out=np.stack(outs).astype(np.float32),
-               sample_pred_xstart=np.stack(preds).astype(np.float32),
-               sample_final=traj[-1].astype(np.float32))
+  cases.update(
+      sample_input_ids=ids,
+      sample_attention_mask=mask,
+      sample_z=z,
+      sample_noise=step_noise,
+      sample_seed=np.asarray([seed], np.int64),
+      sample_t_index=np.arange(steps - 1, -1, -1, dtype=np.int64),
+      sample_t_model=np.stack(t_model).astype(np.int64),
+      sample_timestep_map=chain["timestep_map"],
+      sample_traj=np.stack(traj).astype(np.float32),
+      sample_model_out=np.stack(outs).astype(np.float32),
+      sample_pred_xstart=np.stack(preds).astype(np.float32),
+      sample_final=traj[-1].astype(np.float32),
+  )
   cases["pos_embed"] = ref.pos_embed().astype(np.float32)
-  cases = {k: (v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v)
-           for k, v in cases.items()}
+  cases = {k: (v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v) for k, v in cases.items()}
   np.savez(os.path.join(path, "cases.npz"), **cases)

@@ -4,6 +4,7 @@
 machine); the shapes come from `jax.eval_shape` (a trace, nothing compiled) and the values from
 NumPy. Every leaf is random, the image path included (the official init zeroes several layers).
 """
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -34,4 +35,5 @@ def random_params(config, seed: int = 0) -> dict:
       fan_in = core[0] * core[1] if "o_proj" in name else core[0]
       v = x / np.sqrt(fan_in)
     return v.astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)

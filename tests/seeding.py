@@ -15,6 +15,7 @@ Checking a test on other inputs (the seed sweep, not run by CI):
 over the indices offset .. offset+N-1 (ids `seedK`); module fixtures are rebuilt per index, and a
 compiled function whose shapes do not change is compiled once for all of them.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,7 @@ _SWEEP_ID = re.compile(r"-seed\d+(?=[\]-])|(?<=\[)seed\d+-|\[seed\d+\]")
 
 def derive(name: str, index: int) -> int:
   """A 31-bit seed from a name and a seed index (stable across runs, platforms, processes)."""
-  return int(np.random.SeedSequence([zlib.crc32(name.encode()), int(index)]).generate_state(1)[0]
-             >> 1)
+  return int(np.random.SeedSequence([zlib.crc32(name.encode()), int(index)]).generate_state(1)[0] >> 1)
 
 
 def base_name(nodeid: str) -> str:
@@ -45,8 +45,11 @@ def record(node, label: str, seed: int, index: int) -> None:
 def report_section(item) -> str | None:
   """The seeds a failed test used (its own and its module's fixtures'), and how to rerun them."""
   callspec = getattr(item, "callspec", None)
-  index = (callspec.params["seed_index"] if callspec and "seed_index" in callspec.params
-           else item.config.getoption("seed_offset"))
+  index = (
+      callspec.params["seed_index"]
+      if callspec and "seed_index" in callspec.params
+      else item.config.getoption("seed_offset")
+  )
   used = {}
   for node in item.listchain():  # the module's fixtures, then the test's own
     used.update({label: seed for label, seed, i in node.stash.get(_SEEDS, []) if i == index})
@@ -64,6 +67,7 @@ def log_tolerances(path: str) -> None:
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
+
   original = np.testing.assert_allclose
 
   def checked(actual, desired, rtol=1e-7, atol=0, *args, **kwargs):
@@ -73,15 +77,24 @@ def log_tolerances(path: str) -> None:
       err = np.abs(a - d)
       allowed = atol + rtol * np.abs(d)
       finite = np.isfinite(err)
-      used = float(np.max(np.where(finite, err / np.maximum(allowed, 1e-300), 0.0),
-                          initial=0.0))
+      used = float(np.max(np.where(finite, err / np.maximum(allowed, 1e-300), 0.0), initial=0.0))
       frame = sys._getframe(1)  # pylint: disable=protected-access
       test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
       with open(path, "a") as f:
-        f.write(json.dumps({"test": base_name(test), "sweep_id": test, "where":
-                            f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}",
-                            "used": used, "max_abs": float(np.max(err, initial=0.0)),
-                            "rtol": float(rtol), "atol": float(atol)}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "test": base_name(test),
+                    "sweep_id": test,
+                    "where": f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}",
+                    "used": used,
+                    "max_abs": float(np.max(err, initial=0.0)),
+                    "rtol": float(rtol),
+                    "atol": float(atol),
+                }
+            )
+            + "\n"
+        )
     except Exception:  # pylint: disable=broad-except  # logging must never change a verdict
       pass
     return original(actual, desired, rtol, atol, *args, **kwargs)
@@ -92,14 +105,24 @@ def log_tolerances(path: str) -> None:
 def summarise(path: str) -> list[dict]:
   """Per assertion (test without its seed index, file:line): runs, worst use of the tolerance."""
   import json  # pylint: disable=import-outside-toplevel
+
   rows = {}
   with open(path) as f:
     for line in f:
       r = json.loads(line)
       key = (r["test"], r["where"])
-      row = rows.setdefault(key, {"test": r["test"], "where": r["where"], "calls": 0,
-                                  "worst_used": 0.0, "worst_abs": 0.0, "rtol": r["rtol"],
-                                  "atol": r["atol"]})
+      row = rows.setdefault(
+          key,
+          {
+              "test": r["test"],
+              "where": r["where"],
+              "calls": 0,
+              "worst_used": 0.0,
+              "worst_abs": 0.0,
+              "rtol": r["rtol"],
+              "atol": r["atol"],
+          },
+      )
       row["calls"] += 1
       if r["used"] >= row["worst_used"]:
         row.update(worst_used=r["used"], worst_abs=r["max_abs"], rtol=r["rtol"], atol=r["atol"])
@@ -108,6 +131,9 @@ def summarise(path: str) -> list[dict]:
 
 if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
+
   for row in summarise(sys.argv[1]):
-    print(f"{row['worst_used']:8.3f}  {row['calls']:5d}  abs {row['worst_abs']:.3g}  "
-          f"rtol {row['rtol']:.3g} atol {row['atol']:.3g}  {row['test']}  {row['where']}")
+    print(
+        f"{row['worst_used']:8.3f}  {row['calls']:5d}  abs {row['worst_abs']:.3g}  "
+        f"rtol {row['rtol']:.3g} atol {row['atol']:.3g}  {row['test']}  {row['where']}"
+    )

@@ -1,4 +1,5 @@
 """Sequence layout: image / CFG / text / chat samples against hand-built expectations."""
+
 import random
 
 import numpy as np
@@ -14,8 +15,10 @@ T, I, X = batch_lib.KIND_TEXT, batch_lib.KIND_IMAGE, batch_lib.KIND_T_TOKEN
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   rng = random.Random(0)
-  corpus = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "image", "of", "zero", "one"])
-                     for _ in range(12)) for _ in range(200)]
+  corpus = [
+      " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "image", "of", "zero", "one"]) for _ in range(12))
+      for _ in range(200)
+  ]
   return tok_lib.train_sentencepiece(corpus, 300, str(tmp_path_factory.mktemp("tok")))
 
 
@@ -49,8 +52,7 @@ def test_image_sample_layout(tok, t_token, train_text, rng):
   img = [0] * (len(t) + 4)
   np.testing.assert_array_equal(batch["targets"][0], [a, b, S, 0, *img, 13, 2, 0, *pad])
   on = float(train_text)
-  np.testing.assert_array_equal(batch["loss_mask"][0],
-                                [on, on, on, 0, *img, on, on, 0, *pad])
+  np.testing.assert_array_equal(batch["loss_mask"][0], [on, on, on, 0, *img, on, on, 0, *pad])
   np.testing.assert_array_equal(batch["images"][0, 0], image)
   assert batch["image_mask"][0].tolist() == [True, False]
   assert batch["labels"][0].tolist() == [7, 0]
@@ -71,15 +73,16 @@ def test_class_prompts_use_official_templates(tok, rng):
   got = {seq.class_prompt("dog", rng, seq.OFFICIAL_TEMPLATES) for _ in range(100)}
   assert got == {"Please generate an image of dog.", "dog", "an image of dog."}
   longest = seq.max_class_prompt_tokens(tok, ["zero", "one"])
-  assert longest == max(len(tok.encode(t.format(c))) for c in ("zero", "one")
-                        for t in seq.MAIN_TEMPLATES)
+  assert longest == max(len(tok.encode(t.format(c))) for c in ("zero", "one") for t in seq.MAIN_TEMPLATES)
 
 
 def test_chat_and_packing(tok, seed):
   rng = random.Random(seed)
   words = ["alpha", "beta", "gamma", "delta"]
-  turns = [(" ".join(rng.choices(words, k=rng.randint(1, 4))),
-            " ".join(rng.choices(words, k=rng.randint(1, 4)))) for _ in range(2)]
+  turns = [
+      (" ".join(rng.choices(words, k=rng.randint(1, 4))), " ".join(rng.choices(words, k=rng.randint(1, 4))))
+      for _ in range(2)
+  ]
   segs = seq.chat_segments(tok, turns, train_on_prompt=False)
   pieces = seq.text_sample(tok, segs, max_len=100)
   ids = [i for _, v, _ in pieces for i in v]

@@ -1,4 +1,5 @@
 """Every data source on small files the test writes; malformed input names file:line."""
+
 import json
 import random
 import string
@@ -11,8 +12,7 @@ from monoformer_jax.data import image_sources, sources
 
 
 def _words(rng, n):
-  return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 7)))
-                  for _ in range(n))
+  return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 7))) for _ in range(n))
 
 
 def test_mnist_source(rng):
@@ -66,15 +66,13 @@ def _chat_line(fmt, pairs):
     return {"messages": msgs}
   if fmt == "data":
     return {"id": 3, "data": [t for p in pairs for t in p]}
-  return {"conversations": [m for u, a in pairs
-                            for m in ({"from": "human", "value": u}, {"from": "gpt", "value": a})]}
+  return {"conversations": [m for u, a in pairs for m in ({"from": "human", "value": u}, {"from": "gpt", "value": a})]}
 
 
 @pytest.mark.parametrize("fmt", ["messages", "data", "conversations"])
 def test_chat_jsonl_source(tmp_path, fmt, seed):
   rng = random.Random(seed)
-  dialogues = [[(_words(rng, 4), _words(rng, 6)) for _ in range(rng.randint(1, 4))]
-               for _ in range(5)]
+  dialogues = [[(_words(rng, 4), _words(rng, 6)) for _ in range(rng.randint(1, 4))] for _ in range(5)]
   path = tmp_path / "chat.jsonl"
   path.write_text("\n".join(json.dumps(_chat_line(fmt, d)) for d in dialogues) + "\n\n")
   last = sources.ChatJsonlSource(str(path))
@@ -132,8 +130,7 @@ def test_image_folder_source(tmp_path, rng):
     for j in range(c + 1):
       expected[f"{folder}/{j}.png"] = _write_image(tmp_path / folder / f"{j}.png", rng)
   (tmp_path / "n01" / "notes.txt").write_text("not an image")
-  src = image_sources.ImageFolderSource(str(tmp_path), class_names={"n01": "cat", "n02": "dog",
-                                                                     "n03": "eel"})
+  src = image_sources.ImageFolderSource(str(tmp_path), class_names={"n01": "cat", "n02": "dog", "n03": "eel"})
   assert src.folders == ["n01", "n02", "n03"] and len(src) == 6
   seen = set()
   for i in range(len(src)):
@@ -164,12 +161,21 @@ def _adm_crop_reference(image, size):
     target = (round(width * size / height), size)
   pixels = np.asarray(image.resize(target, resample=Image.BICUBIC))
   top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-  return pixels[top:top + size, left:left + size]
+  return pixels[top : top + size, left : left + size]
 
 
 # (width, height, size): several halvings, none, upscaling, odd sides, both orientations, square.
-CROP_CASES = [(101, 67, 16), (67, 101, 16), (97, 255, 12), (33, 31, 16), (9, 13, 12),
-              (21, 8, 12), (129, 129, 32), (250, 63, 15), (17, 300, 16)]
+CROP_CASES = [
+    (101, 67, 16),
+    (67, 101, 16),
+    (97, 255, 12),
+    (33, 31, 16),
+    (9, 13, 12),
+    (21, 8, 12),
+    (129, 129, 32),
+    (250, 63, 15),
+    (17, 300, 16),
+]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

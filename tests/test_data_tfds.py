@@ -1,4 +1,5 @@
 """TFDS ArrayRecord latents: builder round trip through tfds.data_source, and train-time sampling."""
+
 import glob
 import os
 import tempfile
@@ -11,9 +12,11 @@ from monoformer_jax.data import tokenizer as tok_lib
 
 
 def _arrays(rng, n, shape=(4, 4, 3), prompts=False):
-  out = {"mean": rng.standard_normal((n, *shape)).astype(np.float32),
-         "logvar": rng.uniform(-3, 0, (n, *shape)).astype(np.float32),
-         "label": rng.integers(0, 5, n)}
+  out = {
+      "mean": rng.standard_normal((n, *shape)).astype(np.float32),
+      "logvar": rng.uniform(-3, 0, (n, *shape)).astype(np.float32),
+      "label": rng.integers(0, 5, n),
+  }
   if prompts:
     out["prompt"] = [f"prompt número {i} {rng.integers(1000)}" for i in range(n)]
   return out
@@ -59,8 +62,7 @@ def test_sample_latent(rng):
   np.testing.assert_allclose(((z / 0.5 - mean) / 0.5).std(), 1.0, atol=0.05)
   rec["logvar"] = np.full_like(mean, -60.0)  # no spread: exactly mean * scale
   # (the draw adds noise x exp(-30) ~ 1e-13: below float32 rounding of all but tiny means)
-  np.testing.assert_allclose(pipeline.sample_latent(rec, rng, 0.18215), mean * 0.18215,
-                             rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(pipeline.sample_latent(rec, rng, 0.18215), mean * 0.18215, rtol=1e-6, atol=1e-12)
 
 
 def test_image_iterator_over_latents(tmp_path, rng, seed):
@@ -68,12 +70,21 @@ def test_image_iterator_over_latents(tmp_path, rng, seed):
   tfds_latents.write_latents(str(tmp_path), {"train": arrays})
   names = ["cat", "dog", "eel", "fox", "gnu"]
   tok = tok_lib.train_sentencepiece(
-      [f"an image of {n}." for n in names] * 20 + ["please generate a photo"] * 20, 300,
-      str(tmp_path / "tok"))
+      [f"an image of {n}." for n in names] * 20 + ["please generate a photo"] * 20, 300, str(tmp_path / "tok")
+  )
   src = tfds_latents.latent_source(str(tmp_path), "train", class_names=names)
-  it = pipeline.make_image_iterator(src, tok, batch_size=4, patch_size=2, t_token=False,
-                                    latent_scale=0.5, text_dropout=0.0, seed=seed,
-                                    shard_index=0, shard_count=1)
+  it = pipeline.make_image_iterator(
+      src,
+      tok,
+      batch_size=4,
+      patch_size=2,
+      t_token=False,
+      latent_scale=0.5,
+      text_dropout=0.0,
+      seed=seed,
+      shard_index=0,
+      shard_count=1,
+  )
   b = next(it)
   assert b["images"].shape == (4, 1, 4, 4, 3) and b["image_mask"].all()
   for r in range(4):
@@ -81,10 +92,19 @@ def test_image_iterator_over_latents(tmp_path, rng, seed):
     dist = [np.abs(b["images"][r, 0] / 0.5 - m).mean() for m in arrays["mean"]]
     j = int(np.argmin(dist))
     assert b["labels"][r, 0] == arrays["label"][j]
-    text = tok.decode(b["tokens"][r][:list(b["tokens"][r]).index(tok.im_start_id)])
+    text = tok.decode(b["tokens"][r][: list(b["tokens"][r]).index(tok.im_start_id)])
     assert names[arrays["label"][j]] in text
   # The noise is a function of (seed, position): a second pass draws the same, a new seed not.
-  again = pipeline.make_image_iterator(src, tok, batch_size=4, patch_size=2, t_token=False,
-                                       latent_scale=0.5, text_dropout=0.0, seed=seed,
-                                       shard_index=0, shard_count=1)
+  again = pipeline.make_image_iterator(
+      src,
+      tok,
+      batch_size=4,
+      patch_size=2,
+      t_token=False,
+      latent_scale=0.5,
+      text_dropout=0.0,
+      seed=seed,
+      shard_index=0,
+      shard_count=1,
+  )
   np.testing.assert_array_equal(next(again)["images"], b["images"])

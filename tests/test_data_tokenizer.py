@@ -1,4 +1,5 @@
 """Tokenizer: official special ids, roundtrip, cache reuse, clear errors."""
+
 import os
 import random
 import string
@@ -43,7 +44,7 @@ def test_roundtrip_and_specials(trained, seed):
   assert tok.decode(tok.encode("Zürich\n€ 42")) == "Zürich\n€ 42"
   ids = tok.encode("ab<|im_start|><image><|im_end|>\n<PAD>")
   i = ids.index(tok.im_start_id)
-  assert ids[i:i + 3] == [tok.im_start_id, tok.image_id, tok.im_end_id]
+  assert ids[i : i + 3] == [tok.im_start_id, tok.image_id, tok.im_end_id]
   assert tok.encode("ab") == ids[:i]
   assert ids[-1] == tok.pad_id
   assert tok.decode(ids, skip_special=False).endswith("<|im_start|><image><|im_end|>\n<PAD>")
@@ -89,6 +90,7 @@ def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch, seed)
   """Resuming or sampling a run never retrains its tokenizer, even if the corpus changed since."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from monoformer_jax.run import tokenizer as setup  # pylint: disable=import-outside-toplevel
+
   config = ml_collections.ConfigDict({"data": {"tokenizer": "train", "tokenizer_vocab_size": 300}})
   first = _random_corpus(seed)
   monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)

@@ -4,6 +4,7 @@ One tiny run of `configs/mnist_tiny.py:test` with objective.kind=flow and a flow
 trainer builds the flow objective from the config, its diffusion steps minimise the velocity
 loss, and the end-of-training class grid is drawn by the configured ODE sampler.
 """
+
 import json
 
 import numpy as np
@@ -36,6 +37,7 @@ def flow_run(tmp_path_factory, module_seed):
   def recording_loop(denoise_fn, x_T, num_steps, sampler="euler", *args, **kw):
     calls.append((num_steps, sampler, x_T.shape))  # at trace time, under jit
     return real_loop(denoise_fn, x_T, num_steps, sampler, *args, **kw)
+
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(flow, "flow_sample_loop", recording_loop)
     last = trainer.train_and_evaluate(config, str(workdir))
@@ -70,6 +72,7 @@ def test_flow_objective_trains_and_samples_through_the_trainer(flow_run):
 def test_clip_denoised_is_refused_for_flow_sampling(flow_run):
   """Clamping is a Gaussian-sampler option: asked of a flow model, one named error, no samples."""
   from monoformer_jax.inference import InferenceError, InferenceModel  # pylint: disable=import-outside-toplevel
+
   model = InferenceModel.from_workdir(str(flow_run[0]))
   with pytest.raises(InferenceError, match="clip_denoised clamps the Gaussian sampler's x0"):
     model.sample_classes([3], clip_denoised=True)

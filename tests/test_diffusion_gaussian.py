@@ -36,9 +36,16 @@ def test_cosine_schedule_follows_alpha_bar():
     dif.named_betas("quadratic", 10)
 
 
-@pytest.mark.parametrize("spacing,expected", [
-    ("", list(range(10))), ("5", [0, 2, 4, 7, 9]), ("ddim5", [0, 2, 4, 6, 8]),
-    ("2,3", [0, 4, 5, 7, 9]), (10, list(range(10)))])
+@pytest.mark.parametrize(
+    "spacing,expected",
+    [
+        ("", list(range(10))),
+        ("5", [0, 2, 4, 7, 9]),
+        ("ddim5", [0, 2, 4, 6, 8]),
+        ("2,3", [0, 4, 5, 7, 9]),
+        (10, list(range(10))),
+    ],
+)
 def test_spaced_timesteps(spacing, expected):
   assert dif.spaced_timesteps(10, spacing) == expected
 
@@ -69,8 +76,10 @@ def test_float32_tables_are_the_cast_float64_tables():
   for name, value in ref.items():
     np.testing.assert_array_equal(np.asarray(getattr(chain, name)), value.astype(np.float32))
   # ... and float32 storage costs far less than the golden tolerance on the worst table.
-  worst = np.max(np.abs(ref["sqrt_recip_alphas_cumprod"].astype(np.float32)
-                        - ref["sqrt_recip_alphas_cumprod"]) / ref["sqrt_recip_alphas_cumprod"])
+  worst = np.max(
+      np.abs(ref["sqrt_recip_alphas_cumprod"].astype(np.float32) - ref["sqrt_recip_alphas_cumprod"])
+      / ref["sqrt_recip_alphas_cumprod"]
+  )
   assert worst < 1e-7
 
 
@@ -101,8 +110,10 @@ def test_q_posterior_is_the_gaussian_product(seed):
   ac = np.cumprod(1 - betas)
   for b, s in enumerate(np.asarray(t)):
     prec = 1 / (1 - ac[s - 1]) + (1 - betas[s]) / betas[s]
-    mean = (math.sqrt(ac[s - 1]) * np.asarray(x0[b]) / (1 - ac[s - 1])
-            + math.sqrt(1 - betas[s]) * np.asarray(x_t[b]) / betas[s]) / prec
+    mean = (
+        math.sqrt(ac[s - 1]) * np.asarray(x0[b]) / (1 - ac[s - 1])
+        + math.sqrt(1 - betas[s]) * np.asarray(x_t[b]) / betas[s]
+    ) / prec
     np.testing.assert_allclose(np.asarray(post.mean[b]), mean, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(np.asarray(post.variance[b]), 1 / prec, rtol=1e-5)
 
@@ -117,8 +128,9 @@ def test_p_mean_variance_fixed_variances(sigma_small, seed):
   tab = dif.float64_tables(betas)
   var = tab["posterior_variance"] if sigma_small else tab["fixed_large_variance"]
   np.testing.assert_allclose(np.asarray(pred.variance[:, 0, 0, 0]), var[np.asarray(t)], rtol=1e-6)
-  x0 = (np.sqrt(1 / tab["alphas_cumprod"])[np.asarray(t), None, None, None] * np.asarray(x)
-        - np.sqrt(1 / tab["alphas_cumprod"] - 1)[np.asarray(t), None, None, None] * np.asarray(eps))
+  x0 = np.sqrt(1 / tab["alphas_cumprod"])[np.asarray(t), None, None, None] * np.asarray(x) - np.sqrt(
+      1 / tab["alphas_cumprod"] - 1
+  )[np.asarray(t), None, None, None] * np.asarray(eps)
   np.testing.assert_allclose(np.asarray(pred.pred_xstart), x0, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="channels"):
     dif.p_mean_variance(chain, jnp.concatenate([eps, eps], -1), x, t)
@@ -130,10 +142,8 @@ def test_learned_range_interpolates_log_variance(seed):
   t = jnp.array([5, 600])
   lo = dif.p_mean_variance(chain, jnp.concatenate([eps, -jnp.ones_like(x)], -1), x, t)
   hi = dif.p_mean_variance(chain, jnp.concatenate([eps, jnp.ones_like(x)], -1), x, t)
-  np.testing.assert_allclose(np.asarray(lo.log_variance[:, 0, 0]),
-                             np.asarray(chain.posterior_log_variance_clipped[t]))
-  np.testing.assert_allclose(np.asarray(hi.log_variance[:, 0, 0]),
-                             np.log(np.asarray(chain.betas[t])), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lo.log_variance[:, 0, 0]), np.asarray(chain.posterior_log_variance_clipped[t]))
+  np.testing.assert_allclose(np.asarray(hi.log_variance[:, 0, 0]), np.log(np.asarray(chain.betas[t])), rtol=1e-6)
 
 
 def test_training_loss_gradients_split_between_mean_and_variance(seed):
@@ -201,23 +211,21 @@ def test_min_snr_weighting_counts_each_step_as_clipped_snr_times_the_x0_error(pr
   assert (snr > gamma).any() and (snr < gamma).any()
   x0, noise = _rand(seed, 16, (6, 4, 4, 2), 0.5), _rand(seed, 17, (6, 4, 4, 2))
   x_t = dif.q_sample(chain, x0, t, noise)
-  out = jnp.concatenate([_rand(seed, 18, x0.shape), jax.random.uniform(_key(seed, 19),
-                                                                   x0.shape, minval=-1.0)], -1)
+  out = jnp.concatenate([_rand(seed, 18, x0.shape), jax.random.uniform(_key(seed, 19), x0.shape, minval=-1.0)], -1)
   plain = dif.training_losses(chain, out, x0, x_t, noise, t)
   weighted = dif.training_losses(chain, out, x0, x_t, noise, t, min_snr_gamma=gamma)
-  x0_pred = out[..., :2] if predict_xstart else dif.predict_xstart_from_eps(chain, x_t, t,
-                                                                             out[..., :2])
+  x0_pred = out[..., :2] if predict_xstart else dif.predict_xstart_from_eps(chain, x_t, t, out[..., :2])
   x0_mse = np.mean((np.asarray(x0_pred, np.float64) - np.asarray(x0)) ** 2, (1, 2, 3))
-  np.testing.assert_allclose(np.asarray(weighted["loss"] - weighted["vb"]),
-                             np.minimum(snr, gamma) * x0_mse, rtol=2e-3)
-  np.testing.assert_allclose(np.asarray(dif.min_snr_weight(chain, t, gamma)),
-                             np.minimum(snr, gamma) / (1.0 if predict_xstart else snr), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(weighted["loss"] - weighted["vb"]), np.minimum(snr, gamma) * x0_mse, rtol=2e-3)
+  np.testing.assert_allclose(
+      np.asarray(dif.min_snr_weight(chain, t, gamma)),
+      np.minimum(snr, gamma) / (1.0 if predict_xstart else snr),
+      rtol=1e-4,
+  )
   for k in ("mse", "vb"):  # the reported terms stay the official, unweighted ones
     np.testing.assert_array_equal(np.asarray(weighted[k]), np.asarray(plain[k]))
-  g = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t,
-                                                     min_snr_gamma=gamma)["loss"]))(out)
-  g_plain = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise,
-                                                           t)["loss"]))(out)
+  g = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t, min_snr_gamma=gamma)["loss"]))(out)
+  g_plain = jax.grad(lambda o: jnp.sum(dif.training_losses(chain, o, x0, x_t, noise, t)["loss"]))(out)
   np.testing.assert_allclose(np.asarray(g[..., 2:]), np.asarray(g_plain[..., 2:]), rtol=1e-6)
 
 
@@ -230,6 +238,7 @@ def test_min_snr_objective_option(seed):
   out = _rand(seed, 22, (3, 4, 2))
   np.testing.assert_allclose(
       np.asarray(obj.loss(out, x0, x_t, noise, t)["loss"]),
-      np.asarray(dif.training_losses(obj.diffusion, out, x0, x_t, noise, t, 5.0)["loss"]))
+      np.asarray(dif.training_losses(obj.diffusion, out, x0, x_t, noise, t, 5.0)["loss"]),
+  )
   with pytest.raises(ValueError, match="min_snr_gamma"):
     dif.make_objective("gaussian", min_snr_gamma=-1.0)

@@ -18,10 +18,20 @@ def golden(testdata):
 def test_every_golden_array_within_tolerance(golden):
   ours = check_diffusion.compute_all(golden)
   rows = check_diffusion.compare(ours, golden)
-  inputs = {"loop_noise", "loop_seed", "loop_z", "qs_x0", "qs_noise", "qs_t", "loss_x0",
-            "loss_noise", "loss_t", "loss_model_output"}
+  inputs = {
+      "loop_noise",
+      "loop_seed",
+      "loop_z",
+      "qs_x0",
+      "qs_noise",
+      "qs_t",
+      "loss_x0",
+      "loss_noise",
+      "loss_t",
+      "loss_model_output",
+  }
   inputs |= {f"{p}_{k}" for p in ("pmv", "pmv20") for k in ("x", "t", "model_output")}
-  assert {r[0] for r in rows} == set(golden) - inputs   # nothing left unchecked
+  assert {r[0] for r in rows} == set(golden) - inputs  # nothing left unchecked
   bad = [r for r in rows if not r[3]]
   assert not bad, bad
   # Far inside the tolerance, not just under it: the loop tracks the official float32 run.
@@ -30,14 +40,17 @@ def test_every_golden_array_within_tolerance(golden):
 
 def test_cli_ok_and_dump(testdata, tmp_path):
   dump = tmp_path / "ours.npz"
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.tools.check_diffusion",
-                         str(testdata / "diffusion"), "--dump", str(dump)],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.tools.check_diffusion", str(testdata / "diffusion"), "--dump", str(dump)],
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "loop_final" in proc.stdout and "FAIL" not in proc.stdout
   with np.load(dump) as ours, np.load(testdata / "diffusion" / "cases.npz") as ref:
     assert set(ours.files) <= set(ref.files)
-    assert ours["loop_sample"].shape == ref["loop_sample"].shape   # NCHW, like the golden
+    assert ours["loop_sample"].shape == ref["loop_sample"].shape  # NCHW, like the golden
     np.testing.assert_allclose(ours["loss_vb"], ref["loss_vb"], rtol=1e-5)
 
 

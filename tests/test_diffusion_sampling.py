@@ -31,14 +31,17 @@ BASE_ALPHAS_CUMPROD = jnp.asarray(np.cumprod(1 - dif.linear_betas(1000)), jnp.fl
 def gaussian_data_eps_model(x, model_t):
   """The exact E[eps | x_t] for data ~ N(GAUSS_MEAN, GAUSS_STD^2) per element (learn_sigma)."""
   ab = BASE_ALPHAS_CUMPROD[model_t.astype(jnp.int32)].reshape((-1,) + (1,) * (x.ndim - 1))
-  eps = jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * GAUSS_MEAN) / (ab * GAUSS_STD ** 2 + 1 - ab)
+  eps = jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * GAUSS_MEAN) / (ab * GAUSS_STD**2 + 1 - ab)
   return jnp.concatenate([eps, jnp.zeros_like(x)], axis=-1)
 
 
 def _ddim_roundtrip(respacing, x_T):
   chain = dif.create_gaussian_diffusion(respacing=respacing)
-  run = jax.jit(lambda x, key, eta: dif.ddim_sample_loop(
-      chain, gaussian_data_eps_model, x, dif.per_sample_noise_fn(key, None, x.shape[0]), eta=eta))
+  run = jax.jit(
+      lambda x, key, eta: dif.ddim_sample_loop(
+          chain, gaussian_data_eps_model, x, dif.per_sample_noise_fn(key, None, x.shape[0]), eta=eta
+      )
+  )
   back = jax.jit(lambda x: dif.ddim_reverse_loop(chain, gaussian_data_eps_model, x))
   return run, back
 
@@ -47,10 +50,9 @@ def test_ddim_eta0_is_deterministic_and_invertible(seed):
   x_T = _rand(seed, 0, (3, 4, 4, 2))
   run, back = _ddim_roundtrip("ddim500", x_T)
   x0_a, x0_b = run(x_T, _key(seed, 1), 0.0), run(x_T, _key(seed, 2), 0.0)
-  np.testing.assert_array_equal(np.asarray(x0_a), np.asarray(x0_b))   # the rng does not matter
+  np.testing.assert_array_equal(np.asarray(x0_a), np.asarray(x0_b))  # the rng does not matter
   # The deterministic flow maps N(0, 1) onto the data law: x_0 = mean + std * x_T.
-  np.testing.assert_allclose(np.asarray(x0_a), GAUSS_MEAN + GAUSS_STD * np.asarray(x_T),
-                             atol=2e-2)
+  np.testing.assert_allclose(np.asarray(x0_a), GAUSS_MEAN + GAUSS_STD * np.asarray(x_T), atol=2e-2)
   err = float(jnp.max(jnp.abs(back(x0_a) - x_T)))
   assert err < 2e-2 * float(jnp.max(jnp.abs(x_T))), err
   # Inversion is first order in the step size: 5x fewer steps, several times the error.
@@ -58,13 +60,13 @@ def test_ddim_eta0_is_deterministic_and_invertible(seed):
   err_100 = float(jnp.max(jnp.abs(back_100(run_100(x_T, _key(seed, 1), 0.0)) - x_T)))
   assert 3 * err < err_100 < 10 * err
   noisy_1, noisy_2 = run(x_T, _key(seed, 1), 1.0), run(x_T, _key(seed, 2), 1.0)
-  assert float(jnp.max(jnp.abs(noisy_1 - noisy_2))) > 1e-2   # eta > 0 does use the noise
+  assert float(jnp.max(jnp.abs(noisy_1 - noisy_2))) > 1e-2  # eta > 0 does use the noise
 
 
 def test_ddim_eta1_equals_ddpm_with_posterior_variance(seed):
   """DDIM(eta=1) has the DDPM posterior mean and variance: same noise, same trajectory."""
   chain = dif.create_gaussian_diffusion(respacing="25", learn_sigma=False, sigma_small=True)
-  model = lambda x, t: toy_eps_model(x, t)[..., :x.shape[-1]]   # noqa: E731
+  model = lambda x, t: toy_eps_model(x, t)[..., : x.shape[-1]]  # noqa: E731
   x_T, key = _rand(seed, 3, (2, 5, 3)), _key(seed, 4)
   noise_fn = dif.per_sample_noise_fn(key, None, 2)
   ddpm = dif.ddpm_sample_loop(chain, model, x_T, noise_fn)
@@ -84,9 +86,10 @@ def _loops_and_size(jaxpr):
         loops.append((eqn.primitive.name, eqn.params.get("length")))
       for value in eqn.params.values():
         for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-          inner = getattr(sub, "jaxpr", sub)   # ClosedJaxpr -> Jaxpr
+          inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
           if hasattr(inner, "eqns"):
             walk(inner)
+
   walk(jaxpr.jaxpr)
   return loops, size
 
@@ -98,15 +101,16 @@ def _traced(sample_fn, num_steps, channels=2):
   def counting_model(x, t):
     calls.append(1)
     return toy_eps_model(x, t)[..., :channels]
+
   jaxpr = jax.make_jaxpr(lambda x, key: sample_fn(counting_model, x, key, num_steps))(
-      jnp.zeros((2, 3, 2)), jax.random.key(0))  # traced only: the values never matter
+      jnp.zeros((2, 3, 2)), jax.random.key(0)
+  )  # traced only: the values never matter
   return (*_loops_and_size(jaxpr), len(calls))
 
 
 def _objective_sampler(kind, sampler, **options):
   objective = dif.make_objective(kind)
-  return lambda model, x, key, n: objective.sample(model, x, key, sampler=sampler, num_steps=n,
-                                                   **options)
+  return lambda model, x, key, n: objective.sample(model, x, key, sampler=sampler, num_steps=n, **options)
 
 
 def _python_loop_euler(model, x, key, num_steps):
@@ -114,7 +118,7 @@ def _python_loop_euler(model, x, key, num_steps):
   del key
   for k in range(num_steps):
     t = 1.0 - k / num_steps
-    x = x - model(x, jnp.full((x.shape[0],), 1000.0 * t))[..., :x.shape[-1]] / num_steps
+    x = x - model(x, jnp.full((x.shape[0],), 1000.0 * t))[..., : x.shape[-1]] / num_steps
   return x
 
 
@@ -122,19 +126,20 @@ ONE_LOOP_SAMPLERS = [
     ("ddpm", _objective_sampler("gaussian", "ddpm"), 4, 1),
     ("ddim", _objective_sampler("gaussian", "ddim", eta=0.5), 4, 1),
     ("euler", _objective_sampler("flow", "euler"), 2, 1),
-    ("heun", _objective_sampler("flow", "heun"), 2, 2),   # two model calls per step
+    ("heun", _objective_sampler("flow", "heun"), 2, 2),  # two model calls per step
 ]
 
 
-@pytest.mark.parametrize("name, sample_fn, channels, calls_per_step", ONE_LOOP_SAMPLERS,
-                         ids=[s[0] for s in ONE_LOOP_SAMPLERS])
+@pytest.mark.parametrize(
+    "name, sample_fn, channels, calls_per_step", ONE_LOOP_SAMPLERS, ids=[s[0] for s in ONE_LOOP_SAMPLERS]
+)
 def test_sampler_is_one_compiled_loop(name, sample_fn, channels, calls_per_step):
   """One scan over the steps, its body (and the model) traced once, whatever the step count."""
   loops_5, size_5, calls_5 = _traced(sample_fn, 5, channels)
   loops_40, size_40, calls_40 = _traced(sample_fn, 40, channels)
   assert loops_5 == [("scan", 5)] and loops_40 == [("scan", 40)], (name, loops_5, loops_40)
   assert calls_5 == calls_40 == calls_per_step, (name, calls_5, calls_40)
-  assert size_5 == size_40, (name, size_5, size_40)   # nothing unrolled per step
+  assert size_5 == size_40, (name, size_5, size_40)  # nothing unrolled per step
 
 
 def test_one_loop_check_rejects_a_python_loop():
@@ -152,22 +157,24 @@ def test_per_sample_noise_does_not_depend_on_the_batch(seed):
   x_T = dif.sample_noise(start, ids, (3, 3, 2))
   part = dif.sample_noise(start, ids[4:], (3, 3, 2))
   np.testing.assert_array_equal(np.asarray(x_T[4:]), np.asarray(part))
-  sample = jax.jit(lambda x, i: objective.sample(toy_eps_model, x, key, num_steps=10,
-                                                 sample_ids=i))
+  sample = jax.jit(lambda x, i: objective.sample(toy_eps_model, x, key, num_steps=10, sample_ids=i))
   full, half = sample(x_T, ids), sample(part, ids[4:])
   np.testing.assert_allclose(np.asarray(full[4:]), np.asarray(half), rtol=1e-5, atol=1e-6)
-  assert float(jnp.max(jnp.abs(full[:4] - full[4:]))) > 0.1   # different samples differ
+  assert float(jnp.max(jnp.abs(full[:4] - full[4:]))) > 0.1  # different samples differ
 
 
 def test_guidance_scale_one_is_the_conditional_output(seed):
   cond, uncond = _rand(seed, 8, (2, 4, 4, 8)), _rand(seed, 9, (2, 4, 4, 8))
   for mode in dif.CFG_MODES:
-    np.testing.assert_allclose(np.asarray(dif.guided_output(cond, uncond, 1.0, mode)),
-                               np.asarray(cond), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(dif.guided_output(cond, uncond, 1.0, mode)), np.asarray(cond), rtol=1e-6, atol=1e-6
+    )
+
   # Through a doubled-batch model whose branches differ.
-  def model(x, t):   # the unconditional half [B, 2B) is offset by 1
+  def model(x, t):  # the unconditional half [B, 2B) is offset by 1
     uncond = (jnp.arange(x.shape[0]) >= x.shape[0] // 2).astype(x.dtype).reshape(-1, 1, 1, 1)
     return toy_eps_model(x, t) + uncond
+
   x, t = _rand(seed, 10, (2, 4, 4, 4)), jnp.array([300.0, 700.0])
   guided = dif.cfg_denoise_fn(model, 1.0)(x, t)
   np.testing.assert_allclose(np.asarray(guided), np.asarray(toy_eps_model(x, t)), atol=1e-5)
@@ -193,7 +200,7 @@ def test_forward_with_cfg_official_semantics(seed):
   x = jnp.concatenate([_rand(seed, 13, (2, 4, 4, 4)), 5.0 + _rand(seed, 14, (2, 4, 4, 4))])
   t = jnp.full((4,), 500.0)
   branch = jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1, 1, 1)
-  model = lambda x, t: toy_eps_model(x, t) * (1.0 + branch)   # noqa: E731  uncond rows differ
+  model = lambda x, t: toy_eps_model(x, t) * (1.0 + branch)  # noqa: E731  uncond rows differ
   out = np.asarray(dif.forward_with_cfg(model, x, t, 4.0))
   base = np.asarray(toy_eps_model(x[:2], t[:2]))
   c, u = base, 2.0 * base
@@ -206,18 +213,18 @@ def test_forward_with_cfg_official_semantics(seed):
 def test_flow_samplers_integrate_exactly_where_they_should(seed):
   """Constant velocity: Euler and Heun land on x_T - v. Point-mass data: Euler hits it."""
   x_T, v = _rand(seed, 15, (4, 3, 2)), _rand(seed, 16, (1, 3, 2))
-  const = lambda x, t: jnp.broadcast_to(v, x.shape)   # noqa: E731
+  const = lambda x, t: jnp.broadcast_to(v, x.shape)  # noqa: E731
   for sampler in dif.FLOW_SAMPLERS:
     out = dif.flow_sample_loop(const, x_T, 7, sampler)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x_T - v), rtol=1e-5, atol=1e-5)
   target = _rand(seed, 17, (1, 3, 2))
 
-  def exact_velocity(x, model_t):   # E[noise - x0 | x_t] for data == target
+  def exact_velocity(x, model_t):  # E[noise - x0 | x_t] for data == target
     t = (model_t / 1000.0).reshape(-1, 1, 1)
     return (x - target) / t
+
   out = dif.flow_sample_loop(exact_velocity, x_T, 10, "euler")
-  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(target), out.shape),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(target), out.shape), atol=1e-5)
 
 
 def test_flow_objective_interface(seed):
@@ -248,11 +255,9 @@ def test_gaussian_objective_interface(seed):
   assert t.shape == (2, 3) and t.dtype == jnp.int32
   assert np.all((np.asarray(t) >= 0) & (np.asarray(t) < 1000))
   assert objective.sampling_diffusion(20).num_timesteps == 20
-  np.testing.assert_array_equal(np.asarray(objective.sampling_diffusion(20).timestep_map)[[0, -1]],
-                                [0, 999])
+  np.testing.assert_array_equal(np.asarray(objective.sampling_diffusion(20).timestep_map)[[0, -1]], [0, 999])
   with pytest.raises(ValueError):
-    objective.sample(toy_eps_model, _rand(seed, 0, (1, 2)), _key(seed, 0), sampler="euler",
-                     num_steps=3)
+    objective.sample(toy_eps_model, _rand(seed, 0, (1, 2)), _key(seed, 0), sampler="euler", num_steps=3)
   with pytest.raises(ValueError):
     dif.make_objective("vpred")
 
@@ -268,6 +273,7 @@ def test_objectives_are_pytrees_through_jit(kind, seed):
   def terms(obj, x0, noise, t, out):
     x_t = obj.add_noise(x0, noise, t)
     return obj.loss(out, x0, x_t, noise, t)
+
   jitted = jax.jit(terms)(objective, x0, noise, t, out)
   eager = terms(objective, x0, noise, t, out)
   for name in eager:

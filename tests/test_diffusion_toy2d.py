@@ -15,7 +15,7 @@ import pytest
 
 from monoformer_jax import diffusion as dif
 
-CENTERS = np.array([[-0.5, -0.2], [1.5, -0.2], [0.5, 1.3]], np.float32)   # non-zero mean
+CENTERS = np.array([[-0.5, -0.2], [1.5, -0.2], [0.5, 1.3]], np.float32)  # non-zero mean
 MODE_STD = 0.1
 
 
@@ -58,8 +58,10 @@ def train(objective, model, params, steps, rng, batch=512, lr=3e-3):
       grads = jax.grad(loss_fn)(p, k)
       updates, opt = tx.update(grads, opt, p)
       return (optax.apply_updates(p, updates), opt), None
+
     (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(key, steps))
     return params
+
   return run(params, rng)
 
 
@@ -77,8 +79,10 @@ def matches_data(samples, key) -> tuple[bool, dict]:
   return bool(mean_err < 0.1 and cov_err < 0.1 and near_mode > 0.8), stats
 
 
-@pytest.mark.parametrize("kind,sampler,num_steps,train_steps", [
-    ("gaussian", "ddpm", 100, 800), ("flow", "euler", 50, 400), ("flow", "heun", 25, 400)])
+@pytest.mark.parametrize(
+    "kind,sampler,num_steps,train_steps",
+    [("gaussian", "ddpm", 100, 800), ("flow", "euler", 50, 400), ("flow", "heun", 25, 400)],
+)
 def test_toy_mixture_is_learned(kind, sampler, num_steps, train_steps, seed):
   k_init, k_noise, k_sample, k_train, k_data = jax.random.split(jax.random.key(seed), 5)
   objective = dif.make_objective(kind)
@@ -88,9 +92,8 @@ def test_toy_mixture_is_learned(kind, sampler, num_steps, train_steps, seed):
 
   @jax.jit
   def sample(params, x_T):
-    denoise = lambda x, t: model.apply(params, x, t)   # noqa: E731
-    return objective.sample(denoise, x_T, k_sample, sampler=sampler,
-                            num_steps=num_steps)
+    denoise = lambda x, t: model.apply(params, x, t)  # noqa: E731
+    return objective.sample(denoise, x_T, k_sample, sampler=sampler, num_steps=num_steps)
 
   untrained_ok, untrained = matches_data(sample(init, x_T), k_data)
   assert not untrained_ok, untrained

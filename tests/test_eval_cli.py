@@ -1,4 +1,5 @@
 """`python -m monoformer_jax.evaluate` end to end on a tiny trained run of the embedded default."""
+
 import json
 import os
 import subprocess
@@ -38,10 +39,18 @@ def eval_fields(**fields):
 def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, rng):
   tasks = tmp_path / "tasks"
   tasks.mkdir()
-  piqa = [{"goal": f"How do I open a {w}?", "sol1": "Twist the lid.", "sol2": "Sing to it.",
-           "label": int(rng.integers(2))} for w in ("jar", "door", "box")]
-  wino = [{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
-           "option2": "the table", "answer": "2"}]
+  piqa = [
+      {"goal": f"How do I open a {w}?", "sol1": "Twist the lid.", "sol2": "Sing to it.", "label": int(rng.integers(2))}
+      for w in ("jar", "door", "box")
+  ]
+  wino = [
+      {
+          "sentence": "The cup fell off the table because _ was wobbly.",
+          "option1": "the cup",
+          "option2": "the table",
+          "answer": "2",
+      }
+  ]
   (tasks / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in piqa))
   (tasks / "winogrande.jsonl").write_text(json.dumps(wino[0]) + "\n")
   text = tmp_path / "text.txt"
@@ -50,9 +59,17 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, 
   pick = rng.choice(len(images), 64, replace=False)
   np.savez(tmp_path / "samples.npz", images=images[pick], labels=labels[pick])
   cache = shared_digit_classifier(tmp_path_factory)
-  report = evaluate.run_evaluation(run_dir, eval_fields(
-      tasks_dir=str(tasks), text_file=str(text), samples=str(tmp_path / "samples.npz"),
-      classifier_cache=cache, batch_size=3, pack_len=64))
+  report = evaluate.run_evaluation(
+      run_dir,
+      eval_fields(
+          tasks_dir=str(tasks),
+          text_file=str(text),
+          samples=str(tmp_path / "samples.npz"),
+          classifier_cache=cache,
+          batch_size=3,
+          pack_len=64,
+      ),
+  )
   with open(os.path.join(run_dir, "eval", "report.json")) as f:
     assert json.load(f) == json.loads(json.dumps(report))
   assert report["step"] == 6 and report["config"]["batch_size"] == 3
@@ -63,21 +80,18 @@ def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, 
   assert report["mnist"]["digit_fid"] < 5 * report["mnist"]["digit_fid_real_same_size"] + 1
   # The same numbers as the library called directly on one device.
   opened = open_run(run_dir)
-  scorer = LoglikelihoodScorer(opened.model_config, opened.params,
-                               devices=jax.local_devices()[:1])
+  scorer = LoglikelihoodScorer(opened.model_config, opened.params, devices=jax.local_devices()[:1])
   direct = mc.evaluate_tasks(scorer, opened.tokenizer, str(tasks))
   assert direct["piqa"]["acc"] == report["mc"]["piqa"]["acc"]
   scalars = tensorboard_scalars(os.path.join(run_dir, "eval", "tensorboard"))
   assert scalars["eval/mc/piqa/acc_norm"] == (6, pytest.approx(report["mc"]["piqa"]["acc_norm"]))
-  assert scalars["eval/perplexity/bits_per_byte"][1] == pytest.approx(
-      report["perplexity"]["bits_per_byte"])
+  assert scalars["eval/perplexity/bits_per_byte"][1] == pytest.approx(report["perplexity"]["bits_per_byte"])
   assert "eval/mnist/digit_fid" in scalars
 
 
 def test_errors_name_the_input(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="nothere.npz"):
-    evaluate.run_evaluation(run_dir, eval_fields(suite="mnist",
-                                                 samples=str(tmp_path / "nothere.npz")))
+    evaluate.run_evaluation(run_dir, eval_fields(suite="mnist", samples=str(tmp_path / "nothere.npz")))
   np.savez(tmp_path / "bad.npz", images=np.ones((3, 28, 28, 1), np.float32))
   with pytest.raises(ValueError, match=r"bad.npz: images must be uint8"):
     image_suites.load_images(str(tmp_path / "bad.npz"))
@@ -92,23 +106,44 @@ def test_errors_name_the_input(run_dir, tmp_path):
   with pytest.raises(ValueError, match=r"boolq.jsonl:2: not valid JSON"):
     evaluate.run_evaluation(run_dir, eval_fields(suite="mc", tasks_dir=str(tmp_path)))
   # The command line: exit status 2 and the message, no traceback.
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={run_dir}",
-                         f"--config.eval.samples={tmp_path / 'missing.npz'}"], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.evaluate",
+          f"--workdir={run_dir}",
+          f"--config.eval.samples={tmp_path / 'missing.npz'}",
+      ],
+      cwd=ROOT,
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 2 and "missing.npz" in proc.stderr, proc.stderr
   assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.eval.sample=x.npz", "the config has no field 'sample' (--config.eval.sample); "
-     'Did you mean "samples"'),
-    ("--config.eval.limit=many", "--config.eval.limit=many: invalid literal for int()"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--config.eval.sample=x.npz",
+            "the config has no field 'sample' (--config.eval.sample); " 'Did you mean "samples"',
+        ),
+        ("--config.eval.limit=many", "--config.eval.limit=many: invalid literal for int()"),
+    ],
+)
 def test_command_line_refuses_unknown_fields_and_bad_values(tmp_path, override, message):
   """Flag parsing fails before anything is loaded (no run directory needed)."""
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate",
-                         f"--workdir={tmp_path}", override], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={tmp_path}", override],
+      cwd=ROOT,
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "eval").exists()

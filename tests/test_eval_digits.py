@@ -1,4 +1,5 @@
 """The digit classifier of the embedded default: accuracy, cache, FID in its feature space."""
+
 import os
 import time
 

@@ -5,6 +5,7 @@ nothing is downloaded. The expected numbers come from pytorch-fid's own model on
 the Fréchet distance and the Inception Score re-derived here (the library's Fréchet distance is
 checked against pytorch-fid's in tests/test_fid.py).
 """
+
 import json
 import os
 import subprocess
@@ -17,8 +18,7 @@ import torch
 
 from monoformer_jax import evaluate
 from monoformer_jax.evaluation import eval_config, fid, image_suites
-from tests.helpers import (pytorch_fid_outputs, random_fid_state_dict, random_images,
-                           tensorboard_scalars)
+from tests.helpers import (pytorch_fid_outputs, random_fid_state_dict, random_images, tensorboard_scalars)
 from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,18 +75,29 @@ def test_fid_suite_end_to_end_matches_pytorch_fid(tmp_path, rng):
   state["fc.weight"] = torch.from_numpy(weight).float()
   state["fc.bias"] = torch.from_numpy(-weight @ pool.mean(0).astype(np.float64)).float()
   torch.save(state, tmp_path / "pt_inception_random.pth")
-  logits = (pool.astype(np.float64) @ state["fc.weight"].double().numpy().T
-            + state["fc.bias"].double().numpy())
+  logits = pool.astype(np.float64) @ state["fc.weight"].double().numpy().T + state["fc.bias"].double().numpy()
   np.savez(tmp_path / "reference.npz", mu=mu_ref, sigma=sigma_ref)
   np.savez(tmp_path / "samples.npz", images=samples)
   workdir = tmp_path / "run"
   proc = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={workdir}",
-       "--config.eval.suite=fid", f"--config.eval.samples={tmp_path / 'samples.npz'}",
-       f"--config.eval.inception_weights={tmp_path / 'pt_inception_random.pth'}",
-       f"--config.eval.reference={tmp_path / 'reference.npz'}",
-       f"--config.eval.inception_batch_size={N}", "--config.eval.is_splits=2"],
-      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.evaluate",
+          f"--workdir={workdir}",
+          "--config.eval.suite=fid",
+          f"--config.eval.samples={tmp_path / 'samples.npz'}",
+          f"--config.eval.inception_weights={tmp_path / 'pt_inception_random.pth'}",
+          f"--config.eval.reference={tmp_path / 'reference.npz'}",
+          f"--config.eval.inception_batch_size={N}",
+          "--config.eval.is_splits=2",
+      ],
+      cwd=ROOT,
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / "eval" / "report.json") as f:
     report = json.load(f)
@@ -109,12 +120,13 @@ def test_fid_suite_end_to_end_matches_pytorch_fid(tmp_path, rng):
 def colour_features(images):
   """A cheap stand-in for the Inception ({'pool', 'logits'} like InceptionFeatures)."""
   x = np.asarray(images, np.float64) / 255.0
-  pool = np.concatenate([x.mean(axis=(1, 2)), (x ** 2).mean(axis=(1, 2, 3))[:, None]], axis=1)
+  pool = np.concatenate([x.mean(axis=(1, 2)), (x**2).mean(axis=(1, 2, 3))[:, None]], axis=1)
   return {"pool": pool, "logits": np.concatenate([pool, -pool], axis=1) * 5}
 
 
 def test_references_from_folder_adm_images_and_adm_statistics_agree(tmp_path, rng):
   from PIL import Image
+
   reference = random_images(rng, (12, 9, 7, 3))
   samples = random_images(rng, (10, 9, 7, 3)) // 2  # darker: a clear distance to the reference
   (tmp_path / "folder").mkdir()
@@ -124,14 +136,16 @@ def test_references_from_folder_adm_images_and_adm_statistics_agree(tmp_path, rn
   mu, sigma = fid.statistics_from_images(reference, colour_features)
   np.savez(tmp_path / "adm_stats.npz", mu=mu, sigma=sigma)
   want = fid.fid_from_features(colour_features(samples)["pool"], colour_features(reference)["pool"])
-  results = [image_suites.inception_metrics(samples, colour_features, str(tmp_path / name),
-                                            batch_size=4, splits=5)
-             for name in ("folder", "adm_images.npz", "adm_stats.npz")]
+  results = [
+      image_suites.inception_metrics(samples, colour_features, str(tmp_path / name), batch_size=4, splits=5)
+      for name in ("folder", "adm_images.npz", "adm_stats.npz")
+  ]
   assert want > 0.01
   for got in results:
     assert got["fid"] == pytest.approx(want, rel=1e-9)
     assert got["inception_score"] == pytest.approx(
-        hand_inception_score(colour_features(samples)["logits"], 5)[0], rel=1e-9)
+        hand_inception_score(colour_features(samples)["logits"], 5)[0], rel=1e-9
+    )
   assert [r.get("num_reference") for r in results] == [12, 12, None]  # stored statistics: unknown
 
 
@@ -140,12 +154,18 @@ def test_fid_suite_errors_name_the_problem(tmp_path, rng):
   np.savez(tmp_path / "samples.npz", images=samples)
   np.savez(tmp_path / "stats.npz", mu=np.ones(2048), sigma=np.eye(2048))
   with pytest.raises(ValueError, match="suite 'fid' needs config.eval.reference"):
-    evaluate.run_evaluation(str(tmp_path), eval_fields(
-        samples=str(tmp_path / "samples.npz"), inception_weights=str(tmp_path / "w.pth")))
+    evaluate.run_evaluation(
+        str(tmp_path), eval_fields(samples=str(tmp_path / "samples.npz"), inception_weights=str(tmp_path / "w.pth"))
+    )
   with pytest.raises(FileNotFoundError, match="no such Inception weights file .*nope.pth"):
-    evaluate.run_evaluation(str(tmp_path), eval_fields(
-        samples=str(tmp_path / "samples.npz"), inception_weights=str(tmp_path / "nope.pth"),
-        reference=str(tmp_path / "stats.npz")))
+    evaluate.run_evaluation(
+        str(tmp_path),
+        eval_fields(
+            samples=str(tmp_path / "samples.npz"),
+            inception_weights=str(tmp_path / "nope.pth"),
+            reference=str(tmp_path / "stats.npz"),
+        ),
+    )
   # Statistics of another feature space (here 2048-d against the stand-in's 4-d features).
   with pytest.raises(ValueError, match=r"stats.npz: statistics of shape \(2048,\)"):
     image_suites.inception_metrics(samples, colour_features, str(tmp_path / "stats.npz"), splits=2)

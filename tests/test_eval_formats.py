@@ -1,4 +1,5 @@
 """Task formats, tokenisation split, metrics and input errors of the multiple-choice scorer."""
+
 import json
 
 import numpy as np
@@ -9,24 +10,40 @@ from monoformer_jax.evaluation.loglikelihood import _bucket, _pack
 
 
 def test_each_format_by_hand():
-  ex = mc.hellaswag({"activity_label": "Baking cookies", "ctx_a": "A woman mixes dough.",
-                     "ctx_b": "she", "label": "1",
-                     "endings": ["bakes it [title] done.", " puts it [step] in the oven.", "x", "y"]})
+  ex = mc.hellaswag(
+      {
+          "activity_label": "Baking cookies",
+          "ctx_a": "A woman mixes dough.",
+          "ctx_b": "she",
+          "label": "1",
+          "endings": ["bakes it [title] done.", " puts it [step] in the oven.", "x", "y"],
+      }
+  )
   assert ex.contexts[0] == "Baking cookies: A woman mixes dough. She"
   assert ex.choices[:2] == ("bakes it. done.", "puts it in the oven.") and ex.gold == 1
   assert ex.continuation(1) == " puts it in the oven."
-  arc = mc.arc({"question": "Which is a metal?", "answerKey": "3",
-                "choices": {"text": ["wood", "glass", "iron"], "label": ["1", "2", "3"]}})
+  arc = mc.arc(
+      {
+          "question": "Which is a metal?",
+          "answerKey": "3",
+          "choices": {"text": ["wood", "glass", "iron"], "label": ["1", "2", "3"]},
+      }
+  )
   assert arc.contexts == ("Question: Which is a metal?\nAnswer:",) * 3 and arc.gold == 2
-  nested = mc.arc({"question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"},
-                                                         {"text": "b", "label": "B"}]},
-                   "answerKey": "B"})
+  nested = mc.arc(
+      {
+          "question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+          "answerKey": "B",
+      }
+  )
   assert nested.choices == ("a", "b") and nested.gold == 1
-  obqa = mc.openbookqa({"question_stem": "The sun is", "answerKey": " A",
-                        "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}})
+  obqa = mc.openbookqa(
+      {"question_stem": "The sun is", "answerKey": " A", "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}}
+  )
   assert obqa.contexts[0] == "The sun is" and obqa.gold == 0
-  wino = mc.winogrande({"sentence": "Ann gave Sue the book because _ had read it.",
-                        "option1": "Ann", "option2": "Sue", "answer": "1"})
+  wino = mc.winogrande(
+      {"sentence": "Ann gave Sue the book because _ had read it.", "option1": "Ann", "option2": "Sue", "answer": "1"}
+  )
   assert wino.contexts == ("Ann gave Sue the book because Ann", "Ann gave Sue the book because Sue")
   assert wino.choices == ("had read it.",) * 2 and wino.continuation(0) == " had read it."
   bq = mc.boolq({"passage": "P.", "question": "is it", "answer": False})
@@ -38,8 +55,10 @@ def test_each_format_by_hand():
 
 
 def test_metrics_by_hand():
-  examples = [mc.Example(("c",) * 2, ("short", "a much longer one"), gold=1),  # 5 vs 17 chars
-              mc.Example(("c",) * 3, ("aa", "bb", "cc"), gold=2)]
+  examples = [
+      mc.Example(("c",) * 2, ("short", "a much longer one"), gold=1),  # 5 vs 17 chars
+      mc.Example(("c",) * 3, ("aa", "bb", "cc"), gold=2),
+  ]
   # Example 1: sums -10 vs -12 -> acc picks 0 (wrong); per char -2.0 vs -0.71 -> acc_norm picks 1.
   # Example 2: -3, -2, -1 -> both pick 2 (right).
   got = mc.metrics(examples, [-10.0, -12.0, -3.0, -2.0, -1.0])
@@ -73,12 +92,15 @@ def test_packing_and_buckets(rng):
   assert _bucket(17, 16, 512) == 32 and _bucket(300, 16, 400) == 400 and _bucket(3, 16, 512) == 16
 
 
-@pytest.mark.parametrize("line, message", [
-    ("[1, 2]", "piqa.jsonl:2: expected a JSON object"),
-    ('{"goal": "g", "sol1": "a", "label": 0}', "piqa.jsonl:2: bad piqa record: missing field 'sol2'"),
-    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": ""}', "piqa.jsonl:2: .*unlabelled"),
-    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "piqa.jsonl:2: .*out of range"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("[1, 2]", "piqa.jsonl:2: expected a JSON object"),
+        ('{"goal": "g", "sol1": "a", "label": 0}', "piqa.jsonl:2: bad piqa record: missing field 'sol2'"),
+        ('{"goal": "g", "sol1": "a", "sol2": "b", "label": ""}', "piqa.jsonl:2: .*unlabelled"),
+        ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "piqa.jsonl:2: .*out of range"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, line, message):
   good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 1})
   (tmp_path / "piqa.jsonl").write_text(good + "\n" + line + "\n")
@@ -93,7 +115,6 @@ def test_missing_files_and_unknown_tasks(tmp_path):
     mc.evaluate_tasks(None, CharTokenizer(), str(tmp_path), tasks=["arc_e"])
   with pytest.raises(ValueError, match="unknown task 'mmlu'"):
     mc.task_format("mmlu")
-  (tmp_path / "w.jsonl").write_text(json.dumps({"sentence": "no blank", "option1": "a",
-                                                "option2": "b", "answer": "1"}))
+  (tmp_path / "w.jsonl").write_text(json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}))
   with pytest.raises(ValueError, match="w.jsonl:1: .*0 '_' blanks"):
     mc.read_examples("winogrande", str(tmp_path / "w.jsonl"))

@@ -4,6 +4,7 @@ The prompt formats are re-derived here from the lm-eval-harness conventions (not
 parsers), so a wrong format, tokenisation split, packing or sharding shows up as a log-likelihood
 mismatch.
 """
+
 import json
 import math
 import os
@@ -28,6 +29,7 @@ class WordTokenizer:
   """Words and punctuation with their leading space (as SentencePiece keeps it), other whitespace
   characters alone; each piece mapped to a fixed id by a hash (no vocabulary file). Spaces matter,
   so a format that gets one wrong changes the tokens."""
+
   bos_id = 1
 
   def encode(self, text):
@@ -38,10 +40,17 @@ class WordTokenizer:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, module_seed):
   torch.manual_seed(module_seed("transformers weights"))
-  cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                 max_position_embeddings=128)
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      max_position_embeddings=128,
+  )
   hf = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # larger than the 0.02 init, so choices get clearly different scores
     for p in hf.parameters():
@@ -63,18 +72,30 @@ def _records(task, rng, n=4):
   out = []
   for _ in range(n):
     if task == "hellaswag":
-      out.append({"activity_label": w(2), "ctx_a": w(5) + " [title] " + w(2),
-                  "ctx_b": w(3), "endings": [w() + " [header] " + w(2), w(), w(), w()],
-                  "label": str(rng.integers(4))})
+      out.append(
+          {
+              "activity_label": w(2),
+              "ctx_a": w(5) + " [title] " + w(2),
+              "ctx_b": w(3),
+              "endings": [w() + " [header] " + w(2), w(), w(), w()],
+              "label": str(rng.integers(4)),
+          }
+      )
     elif task in ("arc_easy", "arc_challenge", "openbookqa"):
       k = int(rng.integers(3, 6))
       labels = list("ABCDE"[:k]) if rng.random() < 0.7 else [str(i + 1) for i in range(k)]
       key = "question_stem" if task == "openbookqa" else "question"
-      out.append({key: w(6) + "?", "choices": {"text": [w() for _ in range(k)], "label": labels},
-                  "answerKey": labels[rng.integers(k)]})
+      out.append(
+          {
+              key: w(6) + "?",
+              "choices": {"text": [w() for _ in range(k)], "label": labels},
+              "answerKey": labels[rng.integers(k)],
+          }
+      )
     elif task == "winogrande":
-      out.append({"sentence": w(4) + " _ " + w(4) + ".", "option1": w(1), "option2": w(2),
-                  "answer": str(rng.integers(1, 3))})
+      out.append(
+          {"sentence": w(4) + " _ " + w(4) + ".", "option1": w(1), "option2": w(2), "answer": str(rng.integers(1, 3))}
+      )
     elif task == "boolq":
       out.append({"passage": w(12) + ".", "question": w(5), "label": int(rng.integers(2))})
     elif task == "piqa":
@@ -98,9 +119,8 @@ def _expected(task, r):
     return [(ctx, " " + c, c) for c in r["choices"]["text"]], gold
   if task == "winogrande":
     i = r["sentence"].index("_")
-    rest = r["sentence"][i + 1:].strip()
-    return [(r["sentence"][:i] + o, " " + rest, rest) for o in (r["option1"], r["option2"])], \
-        int(r["answer"]) - 1
+    rest = r["sentence"][i + 1 :].strip()
+    return [(r["sentence"][:i] + o, " " + rest, rest) for o in (r["option1"], r["option2"])], int(r["answer"]) - 1
   if task == "boolq":
     ctx = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
     return [(ctx, " no", "no"), (ctx, " yes", "yes")], r["label"]
@@ -114,7 +134,7 @@ def _hf_loglikelihoods(hf, sequences, scored):
   ids = np.zeros((len(sequences), n), np.int64)
   mask = np.zeros_like(ids)
   for i, s in enumerate(sequences):
-    ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    ids[i, : len(s)], mask[i, : len(s)] = s, 1
   with torch.no_grad():
     logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     logp = torch.log_softmax(logits.double(), -1).numpy()
@@ -153,7 +173,7 @@ def test_loglikelihoods_and_accuracies_match_transformers(model, fixture_dir):
       lengths.append([len(c) for _, _, c in pairs])
       for ctx, cont, _ in pairs:  # the harness's split: context tokens, then the rest
         ctx_ids = tok.encode(ctx)
-        cont_ids = tok.encode(ctx + cont)[len(ctx_ids):]
+        cont_ids = tok.encode(ctx + cont)[len(ctx_ids) :]
         sequences.append([1] + ctx_ids + cont_ids)
         scored.append(len(cont_ids))
     ref = _hf_loglikelihoods(hf, sequences, scored)
@@ -164,7 +184,7 @@ def test_loglikelihoods_and_accuracies_match_transformers(model, fixture_dir):
     acc = acc_norm = 0
     offset = 0
     for gold, lens in zip(golds, lengths):
-      ll = ref[offset:offset + len(lens)]
+      ll = ref[offset : offset + len(lens)]
       offset += len(lens)
       acc += int(np.argmax(ll) == gold)
       acc_norm += int(np.argmax(ll / np.array(lens)) == gold)
@@ -179,11 +199,11 @@ def test_loglikelihoods_and_accuracies_match_transformers(model, fixture_dir):
 
 def test_sharded_packed_and_truncated_scoring_agree(model, fixture_dir, rng):
   hf, config, params = model
-  requests = [(list(rng.integers(3, VOCAB, n)), int(rng.integers(1, min(n - 1, 9) + 1)))
-              for n in rng.integers(2, 60, 37)]
+  requests = [
+      (list(rng.integers(3, VOCAB, n)), int(rng.integers(1, min(n - 1, 9) + 1))) for n in rng.integers(2, 60, 37)
+  ]
   assert len(jax.local_devices()) == 8
-  one = LoglikelihoodScorer(config, params, batch_size=3, pack_len=64,
-                            devices=jax.local_devices()[:1])
+  one = LoglikelihoodScorer(config, params, batch_size=3, pack_len=64, devices=jax.local_devices()[:1])
   eight = LoglikelihoodScorer(config, params, batch_size=3, pack_len=64)
   unpacked = LoglikelihoodScorer(config, params, batch_size=5, pack_len=16)
   assert (one.rows_per_batch, eight.rows_per_batch) == (3, 8)

@@ -1,4 +1,5 @@
 """Fréchet distance, Inception Score and statistics (no Inception network needed here)."""
+
 import numpy as np
 import pytest
 from pytorch_fid import fid_score
@@ -25,6 +26,7 @@ def test_frechet_distance_matches_pytorch_fid(n, dim, rng):
 def test_frechet_distance_eps_fallback_and_complex_root_match_pytorch_fid(monkeypatch, rng):
   """Forces the rare paths: a non-finite first root (eps retry) and a complex root."""
   import scipy.linalg
+
   real_sqrtm = scipy.linalg.sqrtm
   mu1, sigma1 = random_statistics(rng, 30, 12)
   mu2, sigma2 = random_statistics(rng, 30, 12, shift=0.5)
@@ -105,8 +107,7 @@ def test_running_statistics_match_numpy_with_large_offset(rng):
     stats.update(part)
   assert stats.count == 103
   np.testing.assert_allclose(stats.mean, features.mean(axis=0), rtol=1e-14)
-  np.testing.assert_allclose(stats.covariance, np.cov(features, rowvar=False), rtol=1e-9,
-                             atol=1e-12)
+  np.testing.assert_allclose(stats.covariance, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-12)
   with pytest.raises(ValueError, match="dimension"):
     stats.update(np.zeros((2, 3)))
 
@@ -114,15 +115,14 @@ def test_running_statistics_match_numpy_with_large_offset(rng):
 def colour_features(images):
   """A cheap stand-in for the Inception: per-image channel means and a brightness moment."""
   x = np.asarray(images, np.float64) / 255.0
-  return np.concatenate([x.mean(axis=(1, 2)), (x ** 2).mean(axis=(1, 2, 3))[:, None]], axis=1)
+  return np.concatenate([x.mean(axis=(1, 2)), (x**2).mean(axis=(1, 2, 3))[:, None]], axis=1)
 
 
 def test_reference_statistics_from_adm_npz(tmp_path, rng):
   images = rng.integers(0, 256, (9, 8, 6, 3), dtype=np.uint8)
   images[:4] //= 2  # vary brightness so the covariance is not degenerate
   np.savez(tmp_path / "images_only.npz", arr_0=images)
-  mu, sigma = fid.load_reference_statistics(tmp_path / "images_only.npz", colour_features,
-                                            batch_size=4)
+  mu, sigma = fid.load_reference_statistics(tmp_path / "images_only.npz", colour_features, batch_size=4)
   features = colour_features(images)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12)
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-15)
@@ -145,8 +145,8 @@ def test_reference_statistics_from_adm_npz(tmp_path, rng):
 
 def test_statistics_from_folder(tmp_path, rng):
   from PIL import Image
-  arrays = [rng.integers(0, 256, shape, dtype=np.uint8)
-            for shape in [(8, 6, 3)] * 3 + [(5, 7, 3)] * 2 + [(8, 6, 3)]]
+
+  arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(8, 6, 3)] * 3 + [(5, 7, 3)] * 2 + [(8, 6, 3)]]
   for i, array in enumerate(arrays):
     Image.fromarray(array).save(tmp_path / f"{i:02d}.png")
   # A grayscale image must come back as 3-channel RGB; a non-image file is ignored.
@@ -155,9 +155,11 @@ def test_statistics_from_folder(tmp_path, rng):
   arrays.append(np.repeat(gray[:, :, None], 3, axis=2))
   (tmp_path / "notes.txt").write_text("not an image")
   seen = []
+
   def features_fn(images):
     seen.append(images.shape)
     return colour_features(images)
+
   mu, sigma = fid.statistics_from_folder(str(tmp_path), features_fn, batch_size=2)
   # Batches never mix image sizes and never exceed batch_size.
   assert seen == [(2, 8, 6, 3), (1, 8, 6, 3), (2, 5, 7, 3), (1, 8, 6, 3), (1, 5, 7, 3)]

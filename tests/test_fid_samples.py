@@ -1,4 +1,5 @@
 """FID samples depend only on the sample index: 1 device == 8 devices, resumable, complete chunks."""
+
 import json
 import os
 import subprocess
@@ -20,10 +21,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_dir(tmp_path_factory):
   work = tmp_path_factory.mktemp("fidrun") / "tiny"
   env = subprocess_env()
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main",
-                         "--config=configs/mnist_tiny.py:test", f"--workdir={work}",
-                         "--config.schedule.ar=0", "--config.sampling.num_steps=3"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.main",
+          "--config=configs/mnist_tiny.py:test",
+          f"--workdir={work}",
+          "--config.schedule.ar=0",
+          "--config.sampling.num_steps=3",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return work
 
@@ -42,8 +55,12 @@ def _write_chunks(out_dir, num_samples, chunk, rng):
   labels = rng.integers(0, 10, num_samples)
   for start in range(0, num_samples, chunk):
     part = slice(start, start + chunk)
-    np.savez(out_dir / f"samples_{start:09d}.npz", images=images[part], labels=labels[part],
-             indices=np.arange(num_samples)[part])
+    np.savez(
+        out_dir / f"samples_{start:09d}.npz",
+        images=images[part],
+        labels=labels[part],
+        indices=np.arange(num_samples)[part],
+    )
   (out_dir / "manifest.json").write_text(json.dumps({"num_samples": num_samples, "chunk": chunk}))
   return images, labels
 
@@ -60,12 +77,10 @@ def test_load_samples_checks_that_every_chunk_is_there(tmp_path, rng):
   # A chunk missing (a host that died, or scoring before every host finished): named, with its range.
   _write_chunks(tmp_path / "missing", 23, 5, rng)
   os.remove(tmp_path / "missing" / "samples_000000010.npz")
-  with pytest.raises(ValueError, match=r"1 missing chunk\(s\): samples_000000010.npz "
-                                       r"\(samples 10..14\)"):
+  with pytest.raises(ValueError, match=r"1 missing chunk\(s\): samples_000000010.npz " r"\(samples 10..14\)"):
     fid_samples.load_samples(str(tmp_path / "missing"))
   # The last chunk of a shorter earlier run: present, but short of the samples asked for.
-  with pytest.raises(ValueError, match=r"samples_000000020.npz holds samples 20..22 \(3 images\), "
-                                       r"expected 20..24"):
+  with pytest.raises(ValueError, match=r"samples_000000020.npz holds samples 20..22 \(3 images\), " r"expected 20..24"):
     fid_samples.load_samples(str(tmp_path / "ok"), num_samples=25)
   # A chunk whose indices overlap another's (written with another chunk size).
   z = dict(np.load(tmp_path / "ok" / "samples_000000005.npz"))
@@ -80,8 +95,7 @@ def test_load_samples_checks_that_every_chunk_is_there(tmp_path, rng):
 
 
 @pytest.mark.slow
-def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory,
-                                                  capsys):
+def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_factory, capsys):
   one, eight = tmp_path / "one", tmp_path / "eight"
   fid_samples.generate(str(run_dir), str(one), 24, chunk=16, devices=jax.devices()[:1])
   # Interrupted run: the first chunk exists, the second is short (an earlier, smaller num_samples);
@@ -111,11 +125,24 @@ def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_fa
   # The command on the finished directory: nothing is generated again, the digits are scored.
   written = {name: os.path.getmtime(one / name) for name in os.listdir(one)}
   capsys.readouterr()
-  assert fid_samples.main([f"--workdir={run_dir}", f"--out_dir={one}", "--num_samples=24",
-                           "--chunk=16", "--score_mnist", f"--classifier_cache={cache}"]) == 0
+  assert (
+      fid_samples.main(
+          [
+              f"--workdir={run_dir}",
+              f"--out_dir={one}",
+              "--num_samples=24",
+              "--chunk=16",
+              "--score_mnist",
+              f"--classifier_cache={cache}",
+          ]
+      )
+      == 0
+  )
   report = json.loads(capsys.readouterr().out)
   assert {n: os.path.getmtime(one / n) for n in written if n != "manifest.json"} == {
-      n: t for n, t in written.items() if n != "manifest.json"}
+      n: t for n, t in written.items() if n != "manifest.json"
+  }
   assert report["mnist"]["num_samples"] == 24
   assert report["mnist"]["digit_fid"] == pytest.approx(
-      digit_classifier.digit_fid(img1, images, classifier), rel=1e-9)  # against all of MNIST-5k
+      digit_classifier.digit_fid(img1, images, classifier), rel=1e-9
+  )  # against all of MNIST-5k

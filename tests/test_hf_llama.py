@@ -1,4 +1,5 @@
 """Hugging Face LLaMA parity: load a transformers checkpoint, match its logits, export it back."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +15,18 @@ from tests.helpers import build
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, module_seed):
   torch.manual_seed(module_seed("transformers weights"))
-  cfg = transformers.LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=112,
-                                 num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
-                                 rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                 max_position_embeddings=128)
+  cfg = transformers.LlamaConfig(
+      vocab_size=211,
+      hidden_size=48,
+      intermediate_size=112,
+      num_hidden_layers=3,
+      num_attention_heads=6,
+      num_key_value_heads=2,
+      rope_theta=5000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      max_position_embeddings=128,
+  )
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # larger weights than the 0.02 default, so logits are not near zero
     for p in model.parameters():
@@ -37,10 +46,11 @@ def _ids(rng, lengths, total, vocab):
 
 
 def _ours_logits(config, params, ids, mask):
-  rows = [[[("text", ids[r, :mask[r].sum()], True)]] for r in range(len(ids))]
+  rows = [[[("text", ids[r, : mask[r].sum()], True)]] for r in range(len(ids))]
   batch = build(config, rows, ids.shape[1])
-  return np.asarray(MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch),
-                                             return_image=False)["logits"])
+  return np.asarray(
+      MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch), return_image=False)["logits"]
+  )
 
 
 def _hf_logits(model, ids, mask):
@@ -72,8 +82,7 @@ def test_export_reloads_in_transformers(hf_dir, tmp_path, rng):
 
 def test_vocabulary_growth_and_fresh_image_path(hf_dir, seed):
   path, _ = hf_dir
-  config, params = checkpoints.load_llama_checkpoint(str(path), vocab_size=215,
-                                                     rng=jax.random.key(seed))
+  config, params = checkpoints.load_llama_checkpoint(str(path), vocab_size=215, rng=jax.random.key(seed))
   assert config.vocab_size == 215
   emb = params["embed_tokens"]["embedding"]
   assert emb.shape == (215, 48) and params["lm_head"]["kernel"].shape == (48, 215)
@@ -86,6 +95,7 @@ def test_vocabulary_growth_and_fresh_image_path(hf_dir, seed):
 
 def test_official_layout_roundtrip_and_ema_preference(tmp_path, testdata):
   from monoformer_jax.convert.golden_cases import load_golden_dir
+
   config, params, _, _ = load_golden_dir(str(testdata / "model_tok"))
   checkpoints.save_official(params, config, str(tmp_path / "ckpt"))
   shifted = jax.tree.map(lambda x: x + 1.0, params)
@@ -105,10 +115,10 @@ def test_bad_checkpoints_are_named(tmp_path, hf_dir):
   from monoformer_jax.convert.checkpoints import read_state_dict
   from monoformer_jax.model.config import from_official_config
   import json
+
   config = from_official_config(json.load(open(path / "config.json")))
   state = read_state_dict(str(path))
   state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:5]
   del state["model.norm.weight"]
   with pytest.raises(ValueError, match="up_proj.weight.*shape.*missing key 'model.norm.weight'"):
-    state_dict_to_params(state, config, allow_missing=("x_embedder", "t_embedder", "adaLN",
-                                                       "final_layer"))
+    state_dict_to_params(state, config, allow_missing=("x_embedder", "t_embedder", "adaLN", "final_layer"))

@@ -1,6 +1,7 @@
 """host_memory: the malloc tuning puts XLA:CPU-sized buffers on the heap and keeps them there
 (what stops the per-step page faults; the fault counts themselves are a benchmark:
 benchmarks/host_memory.py, figures in benchmarks/RESULTS.md)."""
+
 import subprocess
 import sys
 import textwrap
@@ -34,8 +35,14 @@ BUFFER = 64 << 20
 
 
 def _malloc_state(mode: str) -> tuple[bool, int, int]:
-  out = subprocess.run([sys.executable, "-c", _PROGRAM, mode], env=subprocess_env(),
-                       capture_output=True, text=True, timeout=300, check=True).stdout.split()
+  out = subprocess.run(
+      [sys.executable, "-c", _PROGRAM, mode],
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  ).stdout.split()
   return out[0] == "True", int(out[1]), int(out[2])
 
 

@@ -1,5 +1,6 @@
 """Cached-prefix image sampling == the official full recompute (every sampler); the LM head is
 never applied; text -> image -> text in one call when the model itself opens the image."""
+
 import functools
 
 import jax
@@ -9,8 +10,15 @@ import pytest
 
 from monoformer_jax import diffusion
 from monoformer_jax.convert import golden_cases as gc
-from monoformer_jax.sampling import (decode, generate_interleaved, init_cache, run_interleaved,
-                                      sample_images, sample_images_full_recompute, span_length)
+from monoformer_jax.sampling import (
+    decode,
+    generate_interleaved,
+    init_cache,
+    run_interleaved,
+    sample_images,
+    sample_images_full_recompute,
+    span_length,
+)
 from monoformer_jax.sampling import image as image_lib
 from monoformer_jax.sampling import interleaved as interleaved_lib
 from monoformer_jax.model.monoformer import MonoFormer
@@ -25,7 +33,7 @@ def test_cached_loop_equals_full_recompute_and_the_official_trajectory(name, tes
   config, params, cases, special = gc.load_golden_dir(str(testdata / name))
   ids, mask = cases["sample_input_ids"], cases["sample_attention_mask"]
   kept = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]
-  prompts = [k[:k.index(special["<image>"])] for k in kept]  # <s> ... <|im_start|> [cond; uncond]
+  prompts = [k[: k.index(special["<image>"])] for k in kept]  # <s> ... <|im_start|> [cond; uncond]
   scale = float(cases["cfg_scale"][0])
   chain = diffusion.create_gaussian_diffusion(respacing=str(len(cases["sample_t_index"])))
   noise = jnp.asarray(gc.nchw_to_nhwc(cases["sample_noise"][:, :1]))
@@ -35,14 +43,22 @@ def test_cached_loop_equals_full_recompute_and_the_official_trajectory(name, tes
 
   @jax.jit
   def cached_loop(x_t):
-    cache = image_lib.prompt_cache(params, config, jnp.asarray(p_ids), jnp.asarray(lengths),
-                                   p_ids.shape[1] + span_length(config))
-    model_fn = image_lib.cached_model_fn(params, config, cache, p_ids.shape[1],
-                                         jnp.asarray(lengths), jnp.zeros((2,), jnp.int32),
-                                         jnp.ones((2,), bool), labels=labels)
+    cache = image_lib.prompt_cache(
+        params, config, jnp.asarray(p_ids), jnp.asarray(lengths), p_ids.shape[1] + span_length(config)
+    )
+    model_fn = image_lib.cached_model_fn(
+        params,
+        config,
+        cache,
+        p_ids.shape[1],
+        jnp.asarray(lengths),
+        jnp.zeros((2,), jnp.int32),
+        jnp.ones((2,), bool),
+        labels=labels,
+    )
     return diffusion.ddpm_sample_loop(
-        chain, diffusion.cfg_denoise_fn(model_fn, scale, "official_first3"), x_t,
-        lambda k, x: noise[k])
+        chain, diffusion.cfg_denoise_fn(model_fn, scale, "official_first3"), x_t, lambda k, x: noise[k]
+    )
 
   @jax.jit
   def full_loop(x_t):
@@ -51,9 +67,10 @@ def test_cached_loop_equals_full_recompute_and_the_official_trajectory(name, tes
     def model_fn(x, t):
       out = MonoFormer(config).apply({"params": params}, batch, x[:, None], t[:, None])
       return out["image"][:, 0]
+
     return diffusion.ddpm_sample_loop(
-        chain, diffusion.cfg_denoise_fn(model_fn, scale, "official_first3"), x_t,
-        lambda k, x: noise[k])
+        chain, diffusion.cfg_denoise_fn(model_fn, scale, "official_first3"), x_t, lambda k, x: noise[k]
+    )
 
   cached, full = np.asarray(cached_loop(x_t)), np.asarray(full_loop(x_t))
   ref = gc.nchw_to_nhwc(cases["sample_final"][:1])
@@ -65,10 +82,12 @@ def test_cached_loop_equals_full_recompute_and_the_official_trajectory(name, tes
 @pytest.fixture(scope="module")
 def tiny_models(module_seed):
   """tiny_models(t_embed): one random tiny model per variant (its params are read-only)."""
+
   @functools.lru_cache(maxsize=None)
   def get(t_embed: str):
     config = tiny_config(t_embed=t_embed, num_classes=3)
     return config, random_params(config, seed=module_seed(f"params {t_embed}"), scale=0.5)
+
   return get
 
 
@@ -80,19 +99,29 @@ def tiny(request, tiny_models):
 def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny, rng):
   config, params = tiny
   prompts = [[1, *rng.integers(3, 90, n), IMS] for n in (5, 1, 9)]
-  kw = dict(uncond_prompt=[1, IMS], labels=[0, 2, 1], guidance_scale=3.0, num_steps=4,
-            rng=jax.random.key(int(rng.integers(1 << 30))))
+  kw = dict(
+      uncond_prompt=[1, IMS],
+      labels=[0, 2, 1],
+      guidance_scale=3.0,
+      num_steps=4,
+      rng=jax.random.key(int(rng.integers(1 << 30))),
+  )
   cached = sample_images(params, config, diffusion.make_objective("gaussian"), prompts, **kw)
-  full = sample_images_full_recompute(params, config, diffusion.make_objective("gaussian"),
-                                      prompts, **kw)
+  full = sample_images_full_recompute(params, config, diffusion.make_objective("gaussian"), prompts, **kw)
   np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5 * np.abs(full).max())
   # The same sample drawn alone (its own noise stream, whatever the batch).
-  alone = sample_images(params, config, diffusion.make_objective("gaussian"), prompts[2:],
-                        **dict(kw, labels=[1]), sample_ids=[2], pad_to=11)
+  alone = sample_images(
+      params,
+      config,
+      diffusion.make_objective("gaussian"),
+      prompts[2:],
+      **dict(kw, labels=[1]),
+      sample_ids=[2],
+      pad_to=11,
+  )
   np.testing.assert_allclose(alone[0], cached[2], rtol=0, atol=1e-5 * np.abs(full).max())
   with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
-    sample_images(params, config, diffusion.make_objective("gaussian"), prompts,
-                  **dict(kw, guidance_scale=0.5))
+    sample_images(params, config, diffusion.make_objective("gaussian"), prompts, **dict(kw, guidance_scale=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +129,29 @@ def t_token_model(tiny_models):
   return tiny_models("add_before_image_tokens")
 
 
-@pytest.mark.parametrize("kind,sampler,eta,clip", [
-    ("gaussian", "ddim", 0.0, True), ("gaussian", "ddim", 0.8, False),
-    ("flow", "euler", 0.0, False), ("flow", "heun", 0.0, False)])
+@pytest.mark.parametrize(
+    "kind,sampler,eta,clip",
+    [
+        ("gaussian", "ddim", 0.0, True),
+        ("gaussian", "ddim", 0.8, False),
+        ("flow", "euler", 0.0, False),
+        ("flow", "heun", 0.0, False),
+    ],
+)
 def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler, eta, clip, rng):
   config, params = t_token_model
   objective = diffusion.make_objective(kind, learn_sigma=config.learn_sigma)
   prompts = [[1, *rng.integers(3, 90, n), IMS] for n in (6, 2)]
-  kw = dict(uncond_prompt=[1, IMS], labels=[2, 0], guidance_scale=2.5, sampler=sampler,
-            num_steps=3, eta=eta, clip_denoised=clip,
-            rng=jax.random.key(int(rng.integers(1 << 30))))
+  kw = dict(
+      uncond_prompt=[1, IMS],
+      labels=[2, 0],
+      guidance_scale=2.5,
+      sampler=sampler,
+      num_steps=3,
+      eta=eta,
+      clip_denoised=clip,
+      rng=jax.random.key(int(rng.integers(1 << 30))),
+  )
   cached = sample_images(params, config, objective, prompts, **kw)
   full = sample_images_full_recompute(params, config, objective, prompts, **kw)
   assert np.abs(full).max() > 0.1
@@ -153,26 +195,50 @@ def test_the_lm_head_is_never_applied_while_drawing(t_token_model):
   assert config.vocab_size not in (config.hidden_size, config.intermediate_size)
   headless = {k: v for k, v in params.items() if k != "lm_head"}
   objective = diffusion.make_objective("gaussian")
-  opts = dict(guided=True, scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2, eta=0.0,
-              clip_denoised=False)
+  opts = dict(guided=True, scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2, eta=0.0, clip_denoised=False)
   ids, lengths = image_lib.pad_prompts([[1, 5, 7, IMS], [1, IMS]])
-  cached = jax.make_jaxpr(lambda p: image_lib._sample_cached(  # pylint: disable=protected-access
-      p, jnp.asarray(ids), jnp.asarray(lengths), jnp.full((2,), 3, jnp.int32),
-      jax.random.key(0), jnp.arange(1), objective, config=config, **opts))(headless)
+  cached = jax.make_jaxpr(
+      lambda p: image_lib._sample_cached(  # pylint: disable=protected-access
+          p,
+          jnp.asarray(ids),
+          jnp.asarray(lengths),
+          jnp.full((2,), 3, jnp.int32),
+          jax.random.key(0),
+          jnp.arange(1),
+          objective,
+          config=config,
+          **opts,
+      )
+  )(headless)
   assert not _vocab_dots(cached.jaxpr, config.vocab_size)
-  state = jax.eval_shape(lambda p: decode.prefill(
-      p, jnp.asarray(ids), jnp.asarray(lengths), jnp.arange(2), config=config,
-      cache_size=32, max_new_tokens=4), params)
+  state = jax.eval_shape(
+      lambda p: decode.prefill(
+          p, jnp.asarray(ids), jnp.asarray(lengths), jnp.arange(2), config=config, cache_size=32, max_new_tokens=4
+      ),
+      params,
+  )
   state["images"] = jax.ShapeDtypeStruct((2, 1) + image_lib.image_shape(config), jnp.float32)
-  phase = jax.make_jaxpr(lambda p, s: interleaved_lib.draw_pending(
-      p, s, jnp.asarray([1, IMS]), jax.random.key(0), objective, config=config, image_token=IMS,
-      end_token=IME, max_images=1, **opts))(headless, state)
+  phase = jax.make_jaxpr(
+      lambda p, s: interleaved_lib.draw_pending(
+          p,
+          s,
+          jnp.asarray([1, IMS]),
+          jax.random.key(0),
+          objective,
+          config=config,
+          image_token=IMS,
+          end_token=IME,
+          max_images=1,
+          **opts,
+      )
+  )(headless, state)
   assert not _vocab_dots(phase.jaxpr, config.vocab_size)
-  batch = jax.tree.map(jnp.asarray, image_lib.full_sequence_batch(config, [[1, 5, 7, IMS]] * 2,
-                                                                  [3, 3]))
-  official = jax.make_jaxpr(lambda p: image_lib._sample_full(  # pylint: disable=protected-access
-      p, batch, jax.random.key(0), jnp.arange(1), objective, config=config, with_lm_head=True,
-      **opts))(params)
+  batch = jax.tree.map(jnp.asarray, image_lib.full_sequence_batch(config, [[1, 5, 7, IMS]] * 2, [3, 3]))
+  official = jax.make_jaxpr(
+      lambda p: image_lib._sample_full(  # pylint: disable=protected-access
+          p, batch, jax.random.key(0), jnp.arange(1), objective, config=config, with_lm_head=True, **opts
+      )
+  )(params)
   assert _vocab_dots(official.jaxpr, config.vocab_size)
 
 
@@ -204,9 +270,16 @@ def _image_trigger(params, trigger: int, gain: float = 6.0, peak: float = 20.0):
 def _full_forward(params, config, rows, size):
   """Logits and K/V of whole sequences [(text, clean image, text)], one row each (no cache)."""
   batch = jax.tree.map(jnp.asarray, build(config, [[r] for r in rows], size))
-  out = jax.jit(lambda p, b: MonoFormer(config).apply(
-      {"params": p}, b, b["images"], jnp.zeros(b["images"].shape[:2]),
-      cache=init_cache(config, len(rows), size), cache_index=0))(params, batch)
+  out = jax.jit(
+      lambda p, b: MonoFormer(config).apply(
+          {"params": p},
+          b,
+          b["images"],
+          jnp.zeros(b["images"].shape[:2]),
+          cache=init_cache(config, len(rows), size),
+          cache_index=0,
+      )
+  )(params, batch)
   return batch, out["logits"], out["cache"]
 
 
@@ -219,16 +292,19 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch,
   key = jax.random.key(int(rng.integers(1 << 30)))
   objective = diffusion.make_objective("gaussian")
   m, span = 8, span_length(config)
-  kw = dict(image_token=IMS, end_token=IME, uncond_prompt=[1, IMS], max_new_tokens=m,
-            guidance_scale=2.0, num_steps=3, rng=key)
+  kw = dict(
+      image_token=IMS, end_token=IME, uncond_prompt=[1, IMS], max_new_tokens=m, guidance_scale=2.0, num_steps=3, rng=key
+  )
   # Without a trigger row 0 writes text only; its first new token not in its prompt becomes
   # the trigger (tiny random models repeat themselves: a few prompts may be needed).
   for _ in range(8):
     prompts = [[1, *rng.integers(3, 90, 6)], [1, *rng.integers(3, 90, 3), IMS]]
     plain = generate_interleaved(_image_trigger(base, -1), config, objective, prompts, **kw)[0]
     assert IMS not in plain["tokens"] and not plain["images"]
-    k = next((i for i, t in enumerate(plain["tokens"])
-              if t not in set(prompts[0]) | set(plain["tokens"][:i]) | {0, 1, IME}), None)
+    k = next(
+        (i for i, t in enumerate(plain["tokens"]) if t not in set(prompts[0]) | set(plain["tokens"][:i]) | {0, 1, IME}),
+        None,
+    )
     if k is not None:
       break
   assert k is not None, plain
@@ -236,27 +312,35 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch,
   state = run_interleaved(params, config, objective, prompts, **kw)
   assert decode.cache_slots(state) > 16
   generated, counts, images, drawn = jax.device_get(
-      (state["generated"], state["num_generated"], state["images"], state["images_drawn"]))
+      (state["generated"], state["num_generated"], state["images"], state["images_drawn"])
+  )
   assert counts.tolist() == [m, m]  # no stop token: every row wrote max_new_tokens
   tokens = [list(map(int, g)) for g in generated]
   # Row 0: the same text up to the trigger, then its own <|im_start|>, the image, <|im_end|>.
-  assert tokens[0][:k + 1] == plain["tokens"][:k + 1]
-  assert tokens[0][k + 1:k + 3] == [IMS, IME] and tokens[0].count(IMS) == 1
+  assert tokens[0][: k + 1] == plain["tokens"][: k + 1]
+  assert tokens[0][k + 1 : k + 3] == [IMS, IME] and tokens[0].count(IMS) == 1
   assert tokens[1][0] == IME and IMS not in tokens[1]
   assert drawn.tolist() == [1, 1]
   # Each image is what the cached image sampler draws for that exact prefix, noise and guidance.
-  prefixes = [prompts[0] + tokens[0][:k + 2], prompts[1]]
-  ref = sample_images(params, config, objective, prefixes, uncond_prompt=[1, IMS],
-                      labels=[config.num_classes] * 2, guidance_scale=2.0, num_steps=3,
-                      rng=jax.random.fold_in(key, 1))
+  prefixes = [prompts[0] + tokens[0][: k + 2], prompts[1]]
+  ref = sample_images(
+      params,
+      config,
+      objective,
+      prefixes,
+      uncond_prompt=[1, IMS],
+      labels=[config.num_classes] * 2,
+      guidance_scale=2.0,
+      num_steps=3,
+      rng=jax.random.fold_in(key, 1),
+  )
   np.testing.assert_allclose(images[:, 0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
   # The whole sequences, recomputed: text, the clean image (t = 0), text after <|im_end|>.
   rows = []
   for prompt, new, x0 in zip(prompts, tokens, images[:, 0]):
     fed = prompt + new[:-1]  # the last chosen token is never fed
     cut = fed.index(IMS) + 1
-    rows.append([("text", fed[:cut], True), ("image", x0, config.num_classes),
-                 ("text", fed[cut:], True)])
+    rows.append([("text", fed[:cut], True), ("image", x0, config.num_classes), ("text", fed[cut:], True)])
   size = max(len(p) + m - 1 + span for p in prompts)
   batch, logits, full_cache = _full_forward(params, config, rows, size)
   seg = np.asarray(batch["segment_ids"])
@@ -270,12 +354,13 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch,
       np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(
         np.asarray(state["cache"]["meta"]["image_id"][r])[ours],
-        np.asarray(full_cache["meta"]["image_id"][r])[seg[r] > 0])
+        np.asarray(full_cache["meta"]["image_id"][r])[seg[r] > 0],
+    )
     # Every token the model chose is the full recompute's greedy choice (<|im_start|> masked
     # once the row has drawn its max_images = 1 image); <|im_end|> is written, not chosen.
     kinds = np.asarray(batch["kinds"][r])
     text_at = np.nonzero((seg[r] > 0) & (kinds == 0))[0]  # text slots, in sequence order
-    chosen = text_at[len(prompt) - 1:]  # the logits there chose new[0], new[1], ...
+    chosen = text_at[len(prompt) - 1 :]  # the logits there chose new[0], new[1], ...
     opened = False
     for slot, tok, prev in zip(chosen, new, [prompt[-1]] + new[:-1]):
       if prev == IMS:

@@ -1,5 +1,6 @@
 """Cached text generation: parity with transformers' greedy generate, sampling filters, stops,
 batch independence, and the sharded cache on a mesh of 8 fake devices."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +20,19 @@ MAX_NEW = 12
 def hf_pair(tmp_path_factory, module_seed):
   """A random-weight transformers LLaMA (peaked logits: no near-ties) and our conversion."""
   from monoformer_jax.convert.checkpoints import load_llama_checkpoint
+
   torch.manual_seed(module_seed("transformers weights"))
-  cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=6,
-                                 num_key_value_heads=2, max_position_embeddings=128,
-                                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+  cfg = transformers.LlamaConfig(
+      vocab_size=101,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=6,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+      rms_norm_eps=1e-5,
+      tie_word_embeddings=False,
+  )
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():
     for p in model.parameters():
@@ -41,11 +50,16 @@ def test_greedy_equals_transformers_generate(hf_pair, rng):
   ours = generate_tokens(params, config, prompts, max_new_tokens=MAX_NEW)
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                                             dtype=torch.long),
-                           max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    assert got == ref[0, len(prompt):].tolist()
+      ref = model.generate(
+          torch.tensor([prompt]),
+          attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+          max_new_tokens=MAX_NEW,
+          min_new_tokens=MAX_NEW,
+          do_sample=False,
+          eos_token_id=None,
+          pad_token_id=0,
+      )
+    assert got == ref[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +72,17 @@ def _full_recompute_greedy(params, config, prompt, n):
   """The whole sequence every token, in one fixed-length buffer (one compile)."""
   size = len(prompt) + n
   model = MonoFormer(config)
-  step = jax.jit(lambda p, t, seg: model.apply({"params": p}, text_batch(
-      t, seg, jnp.arange(size)[None]), return_image=False)["logits"])
+  step = jax.jit(
+      lambda p, t, seg: model.apply({"params": p}, text_batch(t, seg, jnp.arange(size)[None]), return_image=False)[
+          "logits"
+      ]
+  )
   seq = list(prompt)
   for _ in range(n):
     t = jnp.asarray([seq + [0] * (size - len(seq))])
     seg = (jnp.arange(size) < len(seq)).astype(jnp.int32)[None]
     seq.append(int(jnp.argmax(step(params, t, seg)[0, len(seq) - 1])))
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 def test_filters_and_stops(tiny, rng):
@@ -75,14 +92,18 @@ def test_filters_and_stops(tiny, rng):
   assert greedy[0] == _full_recompute_greedy(params, config, prompts[0], 6)
   # top-k 1 and a tiny nucleus are greedy whatever the temperature.
   for sampling in (TokenSampling(1.5, top_k=1), TokenSampling(1.0, top_p=1e-6)):
-    assert generate_tokens(params, config, prompts, max_new_tokens=6, sampling=sampling,
-                           rng=jax.random.key(int(rng.integers(1 << 30)))) == greedy
+    assert (
+        generate_tokens(
+            params, config, prompts, max_new_tokens=6, sampling=sampling, rng=jax.random.key(int(rng.integers(1 << 30)))
+        )
+        == greedy
+    )
   # A stop token ends its row (kept as the last token); other rows run to max_new_tokens.
   stop = greedy[1][2]
   out = generate_tokens(params, config, prompts, max_new_tokens=6, stop_tokens=[stop])
-  assert out[1] == greedy[1][:greedy[1].index(stop) + 1]
+  assert out[1] == greedy[1][: greedy[1].index(stop) + 1]
   for row, full in zip(out, greedy):
-    assert row == (full[:full.index(stop) + 1] if stop in full else full)
+    assert row == (full[: full.index(stop) + 1] if stop in full else full)
 
 
 def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch, rng):
@@ -95,8 +116,11 @@ def test_a_growing_cache_gives_the_same_tokens(tiny, monkeypatch, rng):
   assert [decode.cache_size_for(n, 13) for n in (3, 8, 9, 13)] == [4, 8, 13, 13]
   grown = []
   grow = decode.grow_cache
-  monkeypatch.setattr(decode, "grow_cache", lambda state, *, size: grown.append(
-      (decode.cache_slots(state), size)) or grow(state, size=size))
+  monkeypatch.setattr(
+      decode,
+      "grow_cache",
+      lambda state, *, size: grown.append((decode.cache_slots(state), size)) or grow(state, size=size),
+  )
   assert generate_tokens(params, config, prompts, max_new_tokens=6) == whole
   assert grown == [(8, 13)]
 
@@ -107,11 +131,9 @@ def test_sampling_is_batch_independent_and_seeded(tiny, rng):
   s = TokenSampling(1.0, top_k=20, top_p=0.9)
   key = jax.random.key(int(rng.integers(1 << 30)))
   batch = generate_tokens(params, config, prompts, max_new_tokens=8, sampling=s, rng=key)
-  alone = generate_tokens(params, config, prompts[2:], max_new_tokens=8, sampling=s, rng=key,
-                          sample_ids=[2])
+  alone = generate_tokens(params, config, prompts[2:], max_new_tokens=8, sampling=s, rng=key, sample_ids=[2])
   assert alone[0] == batch[2]
-  other = generate_tokens(params, config, prompts, max_new_tokens=8, sampling=s,
-                          rng=jax.random.fold_in(key, 1))
+  other = generate_tokens(params, config, prompts, max_new_tokens=8, sampling=s, rng=jax.random.fold_in(key, 1))
   assert other != batch
 
 
@@ -131,6 +153,7 @@ def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny, rng):
   from monoformer_jax.sampling import cache_shardings
   from monoformer_jax.run import sharding as sharding_lib
   from monoformer_jax.run.state import abstract_boxed_params
+
   config, params = tiny
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding_lib.DEFAULT_RULES
@@ -138,7 +161,6 @@ def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny, rng):
   placed = jax.tree.map(jax.device_put, params, shardings)
   prompts = [[1, *rng.integers(3, 97, n)] for n in (3, 6, 2, 5)]
   want = generate_tokens(params, config, prompts, max_new_tokens=5)
-  assert generate_tokens(placed, config, prompts, max_new_tokens=5, mesh=mesh,
-                         rules=rules) == want
+  assert generate_tokens(placed, config, prompts, max_new_tokens=5, mesh=mesh, rules=rules) == want
   kv = cache_shardings(config, 4, 16, mesh, rules)["layers"]["k"]
   assert kv.spec[1] == ("data", "fsdp") and kv.spec[2] == "tensor"

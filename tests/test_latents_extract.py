@@ -1,4 +1,5 @@
 """extract_latents: an image folder / JSONL through a diffusers-format VAE into a TFDS dataset."""
+
 import json
 import os
 
@@ -20,9 +21,17 @@ def tiny_vae(tmp_path_factory, module_seed):
   """A random 2-level diffusers AutoencoderKL written by diffusers itself (16x16 -> 8x8x4)."""
   torch.manual_seed(module_seed("vae weights"))
   model = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-      latent_channels=4, norm_num_groups=4, sample_size=SIZE, scaling_factor=0.37)
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2,
+      block_out_channels=(8, 16),
+      layers_per_block=1,
+      latent_channels=4,
+      norm_num_groups=4,
+      sample_size=SIZE,
+      scaling_factor=0.37,
+  )
   path = tmp_path_factory.mktemp("vae")
   model.save_pretrained(path, safe_serialization=True)
   return str(path), model
@@ -31,6 +40,7 @@ def tiny_vae(tmp_path_factory, module_seed):
 def _image_folder(root, rng, classes=3, per_class=5):
   """Smooth random colour images (upsampled 4x5 grids), 20x24 and 28x22, in class folders."""
   from PIL import Image
+
   for c in range(classes):
     os.makedirs(root / f"class_{c}")
     for i in range(per_class):
@@ -43,6 +53,7 @@ def _image_folder(root, rng, classes=3, per_class=5):
 def _odd_jsonl(tmp_path):
   """One 15x9 image: odd sizes that a 2x-downsampling VAE cannot take without --image_size."""
   from PIL import Image
+
   Image.fromarray(np.zeros((9, 15, 3), np.uint8)).save(tmp_path / "odd.png")
   (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "odd.png", "prompt": "p"}) + "\n")
   return tmp_path / "odd.jsonl"
@@ -64,8 +75,24 @@ def test_image_folder_round_trip(tmp_path, tiny_vae, rng):
   root = _image_folder(tmp_path / "images", rng)
   out = tmp_path / "latents"
   # batch 5 over 8 devices: padded to 8; chunks of 4 records: the last one short.
-  assert _extract(vae_dir, "--source", "image_folder", "--input", root, "--out", out,
-                  "--image_size", SIZE, "--batch_size", 5, "--chunk_size", 4) == 0
+  assert (
+      _extract(
+          vae_dir,
+          "--source",
+          "image_folder",
+          "--input",
+          root,
+          "--out",
+          out,
+          "--image_size",
+          SIZE,
+          "--batch_size",
+          5,
+          "--chunk_size",
+          4,
+      )
+      == 0
+  )
   recs, order = _read_back(out)
   folder = image_sources.ImageFolderSource(str(root), image_size=SIZE)
   assert len(recs) == len(folder) == 15 and sorted(order) == list(range(15))
@@ -107,8 +134,20 @@ def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch, rng, caps
   vae_dir, _ = tiny_vae
   root = _image_folder(tmp_path / "images", rng, classes=2, per_class=5)
   out = tmp_path / "latents"
-  args = ["--source", "image_folder", "--input", root, "--out", out, "--image_size", SIZE,
-          "--chunk_size", 3, "--batch_size", 8]
+  args = [
+      "--source",
+      "image_folder",
+      "--input",
+      root,
+      "--out",
+      out,
+      "--image_size",
+      SIZE,
+      "--chunk_size",
+      3,
+      "--batch_size",
+      8,
+  ]
   real_save, saved = extract_latents.save_chunk, []
 
   def save_then_die(path, arrays):
@@ -116,6 +155,7 @@ def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch, rng, caps
       raise KeyboardInterrupt  # killed while encoding the third chunk
     real_save(path, arrays)
     saved.append(path)
+
   monkeypatch.setattr(extract_latents, "save_chunk", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     _extract(vae_dir, *args)
@@ -133,6 +173,7 @@ def test_resume_skips_finished_chunks(tmp_path, tiny_vae, monkeypatch, rng, caps
   def counting_encode(source, start, stop, *rest):
     encoded.append(start)
     return real_encode(source, start, stop, *rest)
+
   monkeypatch.setattr(extract_latents, "encode_chunk", counting_encode)
   assert _extract(vae_dir, *args, "--keep_partial") == 0
   assert encoded == [6, 9]  # chunks 2 and 3 only
@@ -154,8 +195,22 @@ def test_image_text_jsonl_prompts(tmp_path, tiny_vae, rng):
   lines = [json.dumps({"image": f"class_0/{i}.png", "prompt": p}) for i, p in enumerate(prompts)]
   (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
   out = tmp_path / "latents"
-  assert _extract(vae_dir, "--source", "image_text_jsonl", "--input", root / "pairs.jsonl",
-                  "--out", out, "--image_size", SIZE, "--split", "validation") == 0
+  assert (
+      _extract(
+          vae_dir,
+          "--source",
+          "image_text_jsonl",
+          "--input",
+          root / "pairs.jsonl",
+          "--out",
+          out,
+          "--image_size",
+          SIZE,
+          "--split",
+          "validation",
+      )
+      == 0
+  )
   recs, order = _read_back(out, "validation")
   assert [r["prompt"] for r in recs] == [prompts[j] for j in order]
   assert "label" not in recs[0] and not (out / "class_names.json").exists()
@@ -165,25 +220,27 @@ def test_clear_errors(tmp_path, tiny_vae, capsys):
   vae_dir, _ = tiny_vae
   cases = [
       (["--vae", tmp_path / "nope", "--source", "mnist", "--out", tmp_path / "o"], "--vae"),
-      (["--vae", vae_dir, "--source", "image_folder", "--out", tmp_path / "o"],
-       "--input is required"),
-      (["--vae", vae_dir, "--source", "image_folder", "--input", tmp_path / "missing",
-        "--out", tmp_path / "o"], "no such directory"),
-      (["--vae", vae_dir, "--source", "image_text_jsonl", "--input", tmp_path / "x.jsonl",
-        "--out", tmp_path / "o"], "no such file"),
-      (["--vae", vae_dir, "--source", "mnist", "--out", tmp_path / "o", "--image_size", "17"],
-       "not a multiple"),
+      (["--vae", vae_dir, "--source", "image_folder", "--out", tmp_path / "o"], "--input is required"),
+      (
+          ["--vae", vae_dir, "--source", "image_folder", "--input", tmp_path / "missing", "--out", tmp_path / "o"],
+          "no such directory",
+      ),
+      (
+          ["--vae", vae_dir, "--source", "image_text_jsonl", "--input", tmp_path / "x.jsonl", "--out", tmp_path / "o"],
+          "no such file",
+      ),
+      (["--vae", vae_dir, "--source", "mnist", "--out", tmp_path / "o", "--image_size", "17"], "not a multiple"),
   ]
   for argv, message in cases:
     assert extract_latents.main(list(map(str, argv))) == 2
     assert message in capsys.readouterr().err, message
-  assert _extract(vae_dir, "--source", "image_text_jsonl", "--input", _odd_jsonl(tmp_path),
-                  "--out", tmp_path / "o2") == 2
+  assert (
+      _extract(vae_dir, "--source", "image_text_jsonl", "--input", _odd_jsonl(tmp_path), "--out", tmp_path / "o2") == 2
+  )
   assert "do not divide" in capsys.readouterr().err
   (tmp_path / "flat").mkdir()
   (tmp_path / "flat" / "a.png").write_bytes(b"")
-  assert _extract(vae_dir, "--source", "image_folder", "--input", tmp_path / "flat", "--out",
-                  tmp_path / "o") == 2
+  assert _extract(vae_dir, "--source", "image_folder", "--input", tmp_path / "flat", "--out", tmp_path / "o") == 2
   assert "unknown class folder layout" in capsys.readouterr().err
 
 
@@ -193,10 +250,10 @@ def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae, rng):
   import socket
   import subprocess
   import sys
+
   vae_dir, _ = tiny_vae
   root = _image_folder(tmp_path / "images", rng, classes=2, per_class=4)
-  args = ["--source", "image_folder", "--input", root, "--image_size", SIZE, "--chunk_size", 3,
-          "--no_progress"]
+  args = ["--source", "image_folder", "--input", root, "--image_size", SIZE, "--chunk_size", 3, "--no_progress"]
   assert _extract(vae_dir, *args, "--out", tmp_path / "single") == 0
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -204,18 +261,33 @@ def test_two_processes_write_the_same_dataset(tmp_path, tiny_vae, rng):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for i in range(2):
-    env = subprocess_env(MONOFORMER_DISTRIBUTED=1, MONOFORMER_COORDINATOR=f"127.0.0.1:{port}",
-                         MONOFORMER_NUM_PROCESSES=2, MONOFORMER_PROCESS_ID=i)
-    cmd = [sys.executable, "-m", "monoformer_jax.tools.extract_latents", "--vae", vae_dir,
-           *map(str, args), "--out", str(tmp_path / "multi"), "--keep_partial"]
-    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    env = subprocess_env(
+        MONOFORMER_DISTRIBUTED=1,
+        MONOFORMER_COORDINATOR=f"127.0.0.1:{port}",
+        MONOFORMER_NUM_PROCESSES=2,
+        MONOFORMER_PROCESS_ID=i,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "monoformer_jax.tools.extract_latents",
+        "--vae",
+        vae_dir,
+        *map(str, args),
+        "--out",
+        str(tmp_path / "multi"),
+        "--keep_partial",
+    ]
+    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
   assert "process 1 of 2" in logs[1]
   # 8 records in chunks of 3: process 0 encoded chunks 0 and 2, process 1 chunk 1.
   assert sorted(os.listdir(tmp_path / "multi" / extract_latents.PARTIAL))[:3] == [
-      "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
+      "chunk_00000.npz",
+      "chunk_00001.npz",
+      "chunk_00002.npz",
+  ]
   single, multi = _read_back(tmp_path / "single")[0], _read_back(tmp_path / "multi")[0]
   assert len(single) == len(multi) == 8
   for a, b in zip(single, multi):

@@ -1,4 +1,5 @@
 """The latent path on the embedded MNIST: train the small VAE, extract latents, train on them."""
+
 import json
 import os
 import subprocess
@@ -62,8 +63,7 @@ def test_mnist_vae_beats_mean_image_and_saves_diffusers_folder(trained_vae):
     x = torch.from_numpy(images.transpose(0, 3, 1, 2))
     theirs_mean = model.encode(x).latent_dist.mean
     theirs = model.decode(theirs_mean).sample.numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(np.asarray(mean), theirs_mean.numpy().transpose(0, 2, 3, 1),
-                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(mean), theirs_mean.numpy().transpose(0, 2, 3, 1), atol=1e-4)
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
@@ -71,14 +71,17 @@ def test_mnist_vae_beats_mean_image_and_saves_diffusers_folder(trained_vae):
 def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path, rng):
   workdir, metrics = trained_vae
   out = tmp_path / "latents"
-  assert extract_latents.main(["--vae", str(workdir / "vae"), "--source", "mnist", "--split",
-                               "holdout", "--out", str(out), "--no_progress"]) == 0
+  assert (
+      extract_latents.main(
+          ["--vae", str(workdir / "vae"), "--source", "mnist", "--split", "holdout", "--out", str(out), "--no_progress"]
+      )
+      == 0
+  )
   src = tfds_latents.latent_source(str(out), "holdout")
   order = np.load(out / "source_index.npy")
   recs = sorted((src[i] for i in range(len(src))), key=lambda r: int(r["index"]))
   images = _digits("holdout")[order]
-  assert [r["label"] for r in recs] == [sources.MnistSource("holdout")[int(j)]["label"]
-                                        for j in order]
+  assert [r["label"] for r in recs] == [sources.MnistSource("holdout")[int(j)]["label"] for j in order]
   config, params = convert.load_diffusers_vae(str(workdir / "vae"))
   scale = config.scaling_factor
   mean = np.stack([r["mean"] for r in recs])
@@ -93,8 +96,10 @@ def test_mnist_extraction_round_trip_reconstructs(trained_vae, tmp_path, rng):
   drawn = np.stack([pipeline.sample_latent(r, rng, scale) for r in recs[:64]])
   decoded = np.asarray(latents.decode_latents(params, drawn, scale, config=config))
   drawn_error = train_vae.reconstruction_metrics(images[:64], decoded)["mse"]
-  print(f"... decoded from latents drawn from the stored posterior: MSE {drawn_error:.4f} "
-        f"({drawn_error / baseline:.3f} x the mean-image baseline)")
+  print(
+      f"... decoded from latents drawn from the stored posterior: MSE {drawn_error:.4f} "
+      f"({drawn_error / baseline:.3f} x the mean-image baseline)"
+  )
   assert drawn_error < 0.3 * baseline, (drawn_error, baseline)
 
 
@@ -104,6 +109,7 @@ def _write_digit_folder(root, rng, per_class=4):
   Returns the digits in the folder source's order (sorted class folders, sorted file names).
   """
   from PIL import Image
+
   src = sources.MnistSource("holdout")
   by_class = {}
   for i in rng.permutation(len(src)):
@@ -129,10 +135,28 @@ def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path,
   out = tmp_path / "latents"
   env = subprocess_env()
   proc = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.tools.extract_latents", "--vae",
-       str(workdir / "vae"), "--source", "image_folder", "--input", str(tmp_path / "digits"),
-       "--image_size", "28", "--out", str(out), "--no_progress"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.tools.extract_latents",
+          "--vae",
+          str(workdir / "vae"),
+          "--source",
+          "image_folder",
+          "--input",
+          str(tmp_path / "digits"),
+          "--image_size",
+          "28",
+          "--out",
+          str(out),
+          "--no_progress",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   src = tfds_latents.latent_source(str(out), "train")
   order = np.load(out / "source_index.npy")
@@ -153,10 +177,12 @@ def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path,
   own_mean = np.broadcast_to(originals.mean(axis=0, keepdims=True), originals.shape)
   baseline = train_vae.reconstruction_metrics(originals, own_mean)["mse"]
   shuffled = train_vae.reconstruction_metrics(originals, np.roll(decoded, 4, axis=0))["mse"]
-  report = (f"image-folder round trip, 40 held-out digits through the trained MNIST VAE: "
-            f"reconstruction MSE {error:.4f} = {error / baseline:.3f} x the mean-image baseline "
-            f"{baseline:.4f} (decodes paired with other digits: {shuffled:.4f}; the VAE's own "
-            f"held-out MSE {metrics['heldout']['mse']:.4f})")
+  report = (
+      f"image-folder round trip, 40 held-out digits through the trained MNIST VAE: "
+      f"reconstruction MSE {error:.4f} = {error / baseline:.3f} x the mean-image baseline "
+      f"{baseline:.4f} (decodes paired with other digits: {shuffled:.4f}; the VAE's own "
+      f"held-out MSE {metrics['heldout']['mse']:.4f})"
+  )
   print(report)
   assert error < 0.3 * baseline, report
   assert shuffled > baseline, report
@@ -166,13 +192,24 @@ def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path,
 def test_latent_default_trains_end_to_end(trained_vae, tmp_path):
   workdir, metrics = trained_vae
   data_dir = tmp_path / "latents"
-  assert extract_latents.main(["--vae", str(workdir / "vae"), "--source", "mnist",
-                               "--out", str(data_dir), "--no_progress"]) == 0
+  assert (
+      extract_latents.main(
+          ["--vae", str(workdir / "vae"), "--source", "mnist", "--out", str(data_dir), "--no_progress"]
+      )
+      == 0
+  )
   run = tmp_path / "run"
   scale = metrics["scaling_factor"]
-  cmd = [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:latent_test",
-         f"--workdir={run}", f"--config.data.image_path={data_dir}",
-         f"--config.vae.path={workdir / 'vae'}", f"--config.vae.scale={scale}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "monoformer_jax.main",
+      "--config=configs/mnist_tiny.py:latent_test",
+      f"--workdir={run}",
+      f"--config.data.image_path={data_dir}",
+      f"--config.vae.path={workdir / 'vae'}",
+      f"--config.vae.scale={scale}",
+  ]
   env = subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -189,5 +226,6 @@ def test_latent_default_trains_end_to_end(trained_vae, tmp_path):
   # The end-of-training samples went through the VAE: 28x28 grey digits (a row per class), not
   # 7x7x4 latents.
   from PIL import Image
+
   with Image.open(run / "samples" / "step_6.png") as grid:
     assert (grid.size, grid.mode) == ((28, 280), "L")

@@ -117,7 +117,12 @@ def _lint_imports(package_root):
   env = dict(os.environ, PYTHONPATH=str(package_root))
   return subprocess.run(
       [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"],
-      cwd=package_root, env=env, capture_output=True, text=True, timeout=120, check=False,
+      cwd=package_root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
   )
 
 

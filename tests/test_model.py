@@ -1,4 +1,5 @@
 """Model behaviour: the mask by perturbation, packing, variants (scan, remat, bf16), heads."""
+
 import copy
 import functools
 
@@ -24,15 +25,15 @@ def _jitted_apply(config, options=()):
 def run(config, params, batch, t=None, **kw):
   t = np.full(batch["image_mask"].shape, 300.0, np.float32) if t is None else t
   options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
-  return _jitted_apply(config, options)(params, jax.tree.map(jnp.asarray, batch),
-                                        jnp.asarray(batch["images"]), jnp.asarray(t))
+  return _jitted_apply(config, options)(
+      params, jax.tree.map(jnp.asarray, batch), jnp.asarray(batch["images"]), jnp.asarray(t)
+  )
 
 
 def run_rows(config, params, batch, t=300.0):
   """One jitted forward of a batch whose rows are variants of one sample (rows never interact)."""
   ts = np.full(batch["image_mask"].shape, t, np.float32)
-  out = _jitted_apply(config)(params, jax.tree.map(jnp.asarray, batch),
-                              jnp.asarray(batch["images"]), jnp.asarray(ts))
+  out = _jitted_apply(config)(params, jax.tree.map(jnp.asarray, batch), jnp.asarray(batch["images"]), jnp.asarray(ts))
   return jax.tree.map(np.asarray, out)
 
 
@@ -82,8 +83,9 @@ def test_a_row_without_the_text_tail_gives_the_same_image_output(setup, rng):
   full = build(config, [[sample]], 32)
   short = build(config, [[sample[:2]]], 32)
   assert (short["segment_ids"] > 0).sum() == (full["segment_ids"] > 0).sum() - 3
-  np.testing.assert_allclose(run_rows(config, params, short)["image"],
-                             run_rows(config, params, full)["image"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      run_rows(config, params, short)["image"], run_rows(config, params, full)["image"], rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -97,12 +99,13 @@ def test_image_tokens_see_each_other(bidirectional, rng, seed):
   for patch in range(config.num_patches):
     r, c = divmod(patch, gw)
     changed = copy.deepcopy(batch)
-    changed["images"][0, 0, r * p:(r + 1) * p, c * p:(c + 1) * p] += 0.5
+    changed["images"][0, 0, r * p : (r + 1) * p, c * p : (c + 1) * p] += 0.5
     out = np.asarray(run(config, params, changed)["image"])[0, 0]
     for other in range(config.num_patches):
       r2, c2 = divmod(other, gw)
-      diff = np.abs(out[r2 * p:(r2 + 1) * p, c2 * p:(c2 + 1) * p]
-                    - base[r2 * p:(r2 + 1) * p, c2 * p:(c2 + 1) * p]).max()
+      diff = np.abs(
+          out[r2 * p : (r2 + 1) * p, c2 * p : (c2 + 1) * p] - base[r2 * p : (r2 + 1) * p, c2 * p : (c2 + 1) * p]
+      ).max()
       if bidirectional or other >= patch:
         assert diff > 1e-6, (patch, other)
       else:  # causal ablation: an earlier patch never sees a later one
@@ -159,12 +162,12 @@ def test_heads_are_optional_and_text_only_path(setup, rng):
   no_logits = run(config, params, img_batch, return_logits=False)
   assert set(no_logits) == {"image"}
   image = run(config, params, img_batch)["image"]
-  np.testing.assert_allclose(no_logits["image"], image, rtol=0,
-                             atol=1e-6 * max(1.0, float(np.abs(image).max())))
+  np.testing.assert_allclose(no_logits["image"], image, rtol=0, atol=1e-6 * max(1.0, float(np.abs(image).max())))
 
 
 def test_scan_and_remat_give_the_same_outputs(setup, rng):
   from monoformer_jax.convert.monoformer_weights import stack_layers
+
   config, params = setup
   batch = build(config, [[image_sample(config, rng, 4)], [text_sample(config, rng, 7)]], 24)
   ref = run(config, params, batch)
@@ -198,8 +201,7 @@ def test_wrong_image_shape_is_a_clear_error(setup, rng):
   batch = build(config, [[image_sample(config, rng, 4)]], 24)
   bad = np.zeros((1, 1, 8, 8, 3), np.float32) + 1
   with pytest.raises(ValueError, match="model expects"):
-    MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch), bad,
-                             jnp.ones((1, 1)))
+    MonoFormer(config).apply({"params": params}, jax.tree.map(jnp.asarray, batch), bad, jnp.ones((1, 1)))
 
 
 def test_config_validation_names_the_field():
@@ -208,6 +210,7 @@ def test_config_validation_names_the_field():
   with pytest.raises(ValueError, match="t_embed"):
     tiny_config(t_embed="add_at_each_layer")
   from monoformer_jax.model.config import ModelConfig
+
   with pytest.raises(ValueError, match="unknown model config field.*hiden_size"):
     ModelConfig.from_mapping({"hiden_size": 3})
 
@@ -232,8 +235,7 @@ def test_prompt_token_changes_later_outputs_and_the_image_never_earlier_ones(set
   js = (1, 2, 3, 4, 5, 6)  # prompt positions; 1 + 6 rows = the row count of the test below
   rows = _variants(batch, 1 + len(js))
   for r, j in enumerate(js, start=1):
-    rows["tokens"][r, j] = (rows["tokens"][r, j] + 1 + rng.integers(0, config.vocab_size - 1)) \
-        % config.vocab_size
+    rows["tokens"][r, j] = (rows["tokens"][r, j] + 1 + rng.integers(0, config.vocab_size - 1)) % config.vocab_size
     assert rows["tokens"][r, j] != batch["tokens"][0, j]
   out = run_rows(config, params, rows)
   image_scale = np.abs(out["image"][0]).max()
@@ -255,8 +257,7 @@ def test_later_text_sees_every_image_token(setup, rng):
   rows = _variants(batch, 1 + n)
   for patch in range(n):
     hs, ws = _patch_slices(config, patch)
-    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(
-        rows["images"][1 + patch, 0, hs, ws].shape)
+    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(rows["images"][1 + patch, 0, hs, ws].shape)
   out = run_rows(config, params, rows)
   after = _positions(batch, batch_lib.KIND_TEXT)
   first_image = _positions(batch, batch_lib.KIND_IMAGE)[0]
@@ -265,8 +266,7 @@ def test_later_text_sees_every_image_token(setup, rng):
   for patch in range(n):
     np.testing.assert_array_equal(out["logits"][1 + patch, before], out["logits"][0, before])
     for pos in after:
-      assert np.abs(out["logits"][1 + patch, pos] - out["logits"][0, pos]).max() > 1e-2, \
-          (patch, pos)
+      assert np.abs(out["logits"][1 + patch, pos] - out["logits"][0, pos]).max() > 1e-2, (patch, pos)
 
 
 @pytest.mark.parametrize("t_embed", ["adaln_before_decoder", "add_before_image_tokens"])
@@ -280,8 +280,7 @@ def test_causal_image_switch_hides_later_image_tokens(t_embed, rng, seed):
   rows = _variants(batch, 1 + n)
   for patch in range(n):
     hs, ws = _patch_slices(config, patch)
-    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(
-        rows["images"][1 + patch, 0, hs, ws].shape)
+    rows["images"][1 + patch, 0, hs, ws] += 2.0 * rng.standard_normal(rows["images"][1 + patch, 0, hs, ws].shape)
   out = run_rows(config, params, rows)
   scale = np.abs(out["image"][0]).max()
   image_pos = _positions(batch, batch_lib.KIND_IMAGE)
@@ -293,18 +292,22 @@ def test_causal_image_switch_hides_later_image_tokens(t_embed, rng, seed):
       base = out["image"][(0, 0) + _patch_slices(config, other)]
       if other < patch:
         np.testing.assert_array_equal(out["image"][sl], base)
-        np.testing.assert_array_equal(out["logits"][1 + patch, image_pos[other]],
-                                      out["logits"][0, image_pos[other]])
+        np.testing.assert_array_equal(out["logits"][1 + patch, image_pos[other]], out["logits"][0, image_pos[other]])
       else:
         assert np.abs(out["image"][sl] - base).max() > 1e-3 * scale, (patch, other)
     assert np.abs(out["logits"][1 + patch, tail] - out["logits"][0, tail]).max() > 1e-2
 
 
-@pytest.mark.parametrize("kw", [
-    dict(t_embed="adaln_before_decoder"), dict(t_embed="add_before_image_tokens"),
-    dict(t_embed="adaln_before_decoder", num_classes=10, scan_layers=True),
-    dict(t_embed="add_before_image_tokens", num_classes=10),
-    dict(t_embed="add_before_image_tokens", scan_layers=True, remat="full")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(t_embed="adaln_before_decoder"),
+        dict(t_embed="add_before_image_tokens"),
+        dict(t_embed="adaln_before_decoder", num_classes=10, scan_layers=True),
+        dict(t_embed="add_before_image_tokens", num_classes=10),
+        dict(t_embed="add_before_image_tokens", scan_layers=True, remat="full"),
+    ],
+)
 def test_every_parameter_carries_logical_axis_names(kw):
   config = tiny_config(**kw)
   boxed = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
@@ -315,12 +318,10 @@ def test_every_parameter_carries_logical_axis_names(kw):
     assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
     assert len(leaf.names) == len(leaf.value.shape), jax.tree_util.keystr(path)
   # ... and its partition spec names every axis.
-  specs = jax.tree.leaves(nn.get_partition_spec(boxed),
-                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   assert len(specs) == len(leaves) == len(jax.tree.leaves(nn.unbox(boxed)))
   for (path, _), spec in zip(leaves, specs):
-    assert len(spec) and all(isinstance(name, str) for name in spec), \
-        (jax.tree_util.keystr(path), spec)
+    assert len(spec) and all(isinstance(name, str) for name in spec), (jax.tree_util.keystr(path), spec)
   names = {jax.tree_util.keystr(p) for p, _ in leaves}
   if config.num_classes:
     assert any("label_embedder" in n for n in names)

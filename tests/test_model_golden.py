@@ -4,6 +4,7 @@ The golden directories come from the official PyTorch code; a third directory, o
 written here from an independent reference (tests/official_reference.py: transformers'
 LlamaForCausalLM for the decoder, float64 re-derivations of the image path and the sampler).
 """
+
 import io
 import json
 import re
@@ -20,13 +21,33 @@ from tests import official_reference
 # an output the port must reproduce.
 GOLDEN_INPUTS = {
     "special_token_ids",
-    "text_input_ids", "text_attention_mask", "text_labels", "text_t",
-    "train_input_ids", "train_attention_mask", "train_labels", "train_t", "train_x0",
+    "text_input_ids",
+    "text_attention_mask",
+    "text_labels",
+    "text_t",
+    "train_input_ids",
+    "train_attention_mask",
+    "train_labels",
+    "train_t",
+    "train_x0",
     "train_noise",
-    "mixed_input_ids", "mixed_attention_mask", "mixed_labels", "mixed_t", "mixed_x0",
-    "mixed_noise", "mixed_is_image",
-    "cfg_input_ids", "cfg_attention_mask", "cfg_t", "cfg_x_t", "cfg_scale",
-    "sample_input_ids", "sample_attention_mask", "sample_seed", "sample_z", "sample_noise",
+    "mixed_input_ids",
+    "mixed_attention_mask",
+    "mixed_labels",
+    "mixed_t",
+    "mixed_x0",
+    "mixed_noise",
+    "mixed_is_image",
+    "cfg_input_ids",
+    "cfg_attention_mask",
+    "cfg_t",
+    "cfg_x_t",
+    "cfg_scale",
+    "sample_input_ids",
+    "sample_attention_mask",
+    "sample_seed",
+    "sample_z",
+    "sample_noise",
 }
 TOL = 1e-4
 
@@ -39,8 +60,9 @@ def _run_tool(path, dump):
 
 def _printed(text):
   """{array name: 'ok' | 'FAIL'} from the tool's table."""
-  return {m.group(1): m.group(2) for m in re.finditer(r"^(\S+)\s+max\|err\|=\S+\s+allowed=\S+\s+"
-                                                      r"(ok|FAIL)", text, re.M)}
+  return {
+      m.group(1): m.group(2) for m in re.finditer(r"^(\S+)\s+max\|err\|=\S+\s+allowed=\S+\s+" r"(ok|FAIL)", text, re.M)
+  }
 
 
 def _valid(name, refs):
@@ -78,9 +100,17 @@ def test_every_output_is_computed_and_scored(golden):
   assert check_official.scored_references(rows) == outputs, name
   printed = _printed(text)
   assert outputs <= set(printed)
-  for must in ("train_merged_labels", "mixed_image_spans", "text_image_spans",
-               "text_lm_loss_wo_image", "pos_embed", "train_x_t", "sample_t_index",
-               "cfg_final_layer_out", "text_final_layer_out"):
+  for must in (
+      "train_merged_labels",
+      "mixed_image_spans",
+      "text_image_spans",
+      "text_lm_loss_wo_image",
+      "pos_embed",
+      "train_x_t",
+      "sample_t_index",
+      "cfg_final_layer_out",
+      "text_final_layer_out",
+  ):
     assert must in outputs and printed[must] == "ok", must
 
 
@@ -105,8 +135,7 @@ def test_dump_holds_every_output_in_the_golden_layout(golden):
     valid = _valid(name, refs)
     if ref.dtype == bool or np.issubdtype(ref.dtype, np.integer):
       assert got.dtype == bool or np.issubdtype(got.dtype, np.integer), (name, got.dtype)
-      np.testing.assert_array_equal(got.astype(np.int64)[valid], ref.astype(np.int64)[valid],
-                                    err_msg=name)
+      np.testing.assert_array_equal(got.astype(np.int64)[valid], ref.astype(np.int64)[valid], err_msg=name)
     else:
       assert got.dtype == np.float32, (name, got.dtype)
       allowed = TOL * max(1.0, float(np.abs(ref[valid]).max()))
@@ -122,8 +151,7 @@ def test_compare_detects_wrong_missing_and_mistyped_arrays(golden):
   bad["train_image_spans"] = ours["train_image_spans"].astype(np.float32)
   del bad["text_lm_loss_wo_image"]
   rows = {r[0]: r for r in check_official.compare(bad, masks, refs)}
-  for name in ("train_x_out", "mixed_merged_labels", "train_image_spans",
-               "text_lm_loss_wo_image"):
+  for name in ("train_x_out", "mixed_merged_labels", "train_image_spans", "text_lm_loss_wo_image"):
     assert not rows[name][3], name
   assert sum(not r[3] for r in rows.values()) == 4
 
@@ -135,9 +163,22 @@ def test_tool_errors_are_named(tmp_path, capsys):
 
 # A directory of other sizes: every size field differs from the golden ones, patch 4 on a 12x12x3
 # latent (a 3x3 grid, 9 image tokens), the t-token variant, a guidance scale other than 4.
-SIZES = dict(layers=3, hidden=48, ffn=100, heads=6, kv_heads=3, vocab=157, eps=1e-6,
-             rope_theta=5000.0, image_size=96, channels=3, patch=4,
-             t_embed="add_before_image_tokens", bidirectional=True, cfg_scale=2.5)
+SIZES = dict(
+    layers=3,
+    hidden=48,
+    ffn=100,
+    heads=6,
+    kv_heads=3,
+    vocab=157,
+    eps=1e-6,
+    rope_theta=5000.0,
+    image_size=96,
+    channels=3,
+    patch=4,
+    t_embed="add_before_image_tokens",
+    bidirectional=True,
+    cfg_scale=2.5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +206,17 @@ def test_other_sizes_end_to_end(resized, testdata, tmp_path, capsys):
     cfg = json.load(f)
   with open(testdata / "model_adaln" / "config.json") as f:
     gold = json.load(f)
-  for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "image_size", "patch_size", "in_channels"):
+  for key in (
+      "num_hidden_layers",
+      "hidden_size",
+      "intermediate_size",
+      "num_attention_heads",
+      "num_key_value_heads",
+      "vocab_size",
+      "image_size",
+      "patch_size",
+      "in_channels",
+  ):
     assert cfg[key] != gold[key], key
   with np.load(resized / "cases.npz") as z:
     refs = {k: z[k] for k in z.files}
@@ -175,6 +225,7 @@ def test_other_sizes_end_to_end(resized, testdata, tmp_path, capsys):
 
   def layerless(names):
     return {re.sub(r"layer\d+_output", "layerN_output", n) for n in names}
+
   assert layerless(refs) == layerless(gold_names)  # the same format
   assert "text_layer2_output" in refs
   dump = tmp_path / "ours.npz"
@@ -198,12 +249,10 @@ def test_perturbed_copy_of_other_sizes_fails(resized, tmp_path, capsys):
   labels[1, 3] += 1
   pad = np.argwhere(~valid)[0]
   logits[pad[0], pad[1]] += 100.0  # a padding position: not scored
-  bad = _copy(resized, tmp_path / "bad", train_layer2_output=layer, mixed_merged_labels=labels,
-              text_logits=logits)
+  bad = _copy(resized, tmp_path / "bad", train_layer2_output=layer, mixed_merged_labels=labels, text_logits=logits)
   assert check_official.main([str(bad)]) == 1
   printed = _printed(capsys.readouterr().out)
-  assert {n for n, s in printed.items() if s == "FAIL"} == {"train_layer2_output",
-                                                            "mixed_merged_labels"}
+  assert {n for n, s in printed.items() if s == "FAIL"} == {"train_layer2_output", "mixed_merged_labels"}
   assert printed["text_logits"] == "ok"
 
 
@@ -240,13 +289,19 @@ def test_the_independent_reference_reproduces_the_official_vectors(name, testdat
   for prefix in ("text", "train", "mixed", "cfg"):
     x_t = cases.get(f"{prefix}_x_t", np.zeros((len(cases[f"{prefix}_t"]), 4, 8, 8)))
     if prefix == "cfg":
-      out, guided = ref.forward_with_cfg(cases["cfg_input_ids"], cases["cfg_attention_mask"],
-                                         x_t, cases["cfg_t"], float(cases["cfg_scale"][0]))
+      out, guided = ref.forward_with_cfg(
+          cases["cfg_input_ids"], cases["cfg_attention_mask"], x_t, cases["cfg_t"], float(cases["cfg_scale"][0])
+      )
       check("cfg_x_out", guided)
       out["x_out_unguided"] = out.pop("x_out")
     else:
-      out = ref.forward(cases[f"{prefix}_input_ids"], cases[f"{prefix}_attention_mask"], x_t,
-                        cases[f"{prefix}_t"], cases.get(f"{prefix}_labels"))
+      out = ref.forward(
+          cases[f"{prefix}_input_ids"],
+          cases[f"{prefix}_attention_mask"],
+          x_t,
+          cases[f"{prefix}_t"],
+          cases.get(f"{prefix}_labels"),
+      )
     out["lm_loss"] = np.asarray(out.get("lm_loss", 0.0), np.float32)[None]
     for k, v in out.items():
       if f"{prefix}_{k}" in cases:
@@ -260,10 +315,11 @@ def test_the_independent_reference_reproduces_the_official_vectors(name, testdat
   for k in (0, 7, 19):  # teacher-forced steps of the official loop
     i = len(cases["sample_noise"]) - 1 - k
     x = cases["sample_z"] if k == 0 else cases["sample_traj"][k - 1]
-    x_next, pred = official_reference.p_sample(chain, cases["sample_model_out"][k], x, i,
-                                               cases["sample_noise"][k])
-    np.testing.assert_allclose(x_next, cases["sample_traj"][k], rtol=0,
-                               atol=TOL * max(1.0, np.abs(cases["sample_traj"][k]).max()))
-    np.testing.assert_allclose(pred, cases["sample_pred_xstart"][k], rtol=0,
-                               atol=TOL * max(1.0, np.abs(cases["sample_pred_xstart"][k]).max()))
+    x_next, pred = official_reference.p_sample(chain, cases["sample_model_out"][k], x, i, cases["sample_noise"][k])
+    np.testing.assert_allclose(
+        x_next, cases["sample_traj"][k], rtol=0, atol=TOL * max(1.0, np.abs(cases["sample_traj"][k]).max())
+    )
+    np.testing.assert_allclose(
+        pred, cases["sample_pred_xstart"][k], rtol=0, atol=TOL * max(1.0, np.abs(cases["sample_pred_xstart"][k]).max())
+    )
   assert len(checked) >= 70, sorted(checked)

@@ -1,4 +1,5 @@
 """Two local processes under jax.distributed (launch/local_multiprocess.sh) == one process."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,16 @@ import pytest
 from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--config=configs/mnist_tiny.py:test", "--config.num_train_steps=6",
-         "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
-         "--config.schedule.diffusion=1", "--config.schedule.ar=1", "--config.data.packing=False",
-         "--config.mesh.data=-1"]
+FLAGS = [
+    "--config=configs/mnist_tiny.py:test",
+    "--config.num_train_steps=6",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=6",
+    "--config.schedule.diffusion=1",
+    "--config.schedule.ar=1",
+    "--config.data.packing=False",
+    "--config.mesh.data=-1",
+]
 
 
 def _losses(workdir):
@@ -24,13 +31,25 @@ def _losses(workdir):
 def test_two_processes_train_the_same_losses_as_one(tmp_path):
   single = tmp_path / "single"
   env1 = subprocess_env(devices=2)
-  proc = subprocess.run([sys.executable, "-m", "monoformer_jax.main", f"--workdir={single}",
-                         *FLAGS], cwd=ROOT, env=env1, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.main", f"--workdir={single}", *FLAGS],
+      cwd=ROOT,
+      env=env1,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   multi = tmp_path / "multi"
   env2 = subprocess_env(DEVICES_PER_PROCESS=1, LOG_DIR=tmp_path)
-  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", f"--workdir={multi}",
-                         *FLAGS], cwd=ROOT, env=env2, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", f"--workdir={multi}", *FLAGS],
+      cwd=ROOT,
+      env=env2,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   logs = "".join(open(tmp_path / f"monoformer_proc_{i}.log").read()[-2000:] for i in range(2))
   assert proc.returncode == 0, proc.stderr + logs
   assert "process 1 of 2" in open(tmp_path / "monoformer_proc_1.log").read()

@@ -1,5 +1,6 @@
 """notebooks/sampling_demo.ipynb runs end to end (nbclient) on a tiny checkpoint the test trains,
 and its Colab install cell installs the package from the repository the notebook sits in."""
+
 import json
 import os
 import subprocess
@@ -43,8 +44,14 @@ def _install_cell() -> str:
 def _run_install_cell(cwd, isolated=True):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   flags = ["-S"] if isolated else []
-  proc = subprocess.run([sys.executable, *flags, "-c", _RUN_CELL, _install_cell()], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+      [sys.executable, *flags, "-c", _RUN_CELL, _install_cell()],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout.splitlines()[-1])
 
@@ -66,17 +73,21 @@ def test_install_cell_installs_from_the_repository_it_sits_in(tmp_path):
 @pytest.mark.slow
 def test_sampling_demo_notebook_runs(tmp_path_factory):
   run = shared_tiny_run(tmp_path_factory)
-  env = {"MONOFORMER_WORKDIR": str(run), "MONOFORMER_NUM_STEPS": "2",
-         "MONOFORMER_NUM_PER_CLASS": "1", "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": subprocess_env()["XLA_FLAGS"],
-         "PYTHONPATH": ROOT}  # this checkout, whatever the environment has installed
+  env = {
+      "MONOFORMER_WORKDIR": str(run),
+      "MONOFORMER_NUM_STEPS": "2",
+      "MONOFORMER_NUM_PER_CLASS": "1",
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": subprocess_env()["XLA_FLAGS"],
+      "PYTHONPATH": ROOT,
+  }  # this checkout, whatever the environment has installed
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # the kernel inherits the environment
   try:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}
-                            ).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}
+    ).execute()
   finally:
     for k, v in old.items():
       if v is None:

@@ -1,4 +1,5 @@
 """The TinyLlama-1.1B MonoFormer's size, with nothing allocated, against an independent count."""
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -18,9 +19,15 @@ def _count(config):
 def _reference_count(t_embed):
   """transformers' LlamaForCausalLM on the meta device (32,004 tokens) + the image modules, built
   as torch modules from MONOFORMER.md's description of the official ones."""
-  cfg = transformers.LlamaConfig(vocab_size=32004, hidden_size=2048, intermediate_size=5632,
-                                 num_hidden_layers=22, num_attention_heads=32,
-                                 num_key_value_heads=4, tie_word_embeddings=False)
+  cfg = transformers.LlamaConfig(
+      vocab_size=32004,
+      hidden_size=2048,
+      intermediate_size=5632,
+      num_hidden_layers=22,
+      num_attention_heads=32,
+      num_key_value_heads=4,
+      tie_word_embeddings=False,
+  )
   with torch.device("meta"):
     llama = transformers.LlamaForCausalLM(cfg)
   n_llama = sum(p.numel() for p in llama.parameters())
@@ -28,17 +35,22 @@ def _reference_count(t_embed):
   h, p, c = 2048, 2, 4
   with torch.device("meta"):
     if t_embed == "adaln_before_decoder":
-      conditioning = tnn.Sequential(tnn.SiLU(), tnn.Linear(h, 2 * h))            # adaLN_module
+      conditioning = tnn.Sequential(tnn.SiLU(), tnn.Linear(h, 2 * h))  # adaLN_module
     else:
       conditioning = tnn.Sequential(tnn.Linear(h, h), tnn.GELU(), tnn.Linear(h, h))  # t_projector
-    image = tnn.ModuleDict({
-        "x_embedder": tnn.Linear(c * p * p, h),
-        "t_embedder": tnn.Sequential(tnn.Linear(256, h), tnn.SiLU(), tnn.Linear(h, h)),
-        "conditioning": conditioning,
-        "final_layer": tnn.ModuleDict({
-            "adaLN_modulation": tnn.Sequential(tnn.SiLU(), tnn.Linear(h, 2 * h)),
-            "linear": tnn.Linear(h, p * p * 2 * c)}),  # learn_sigma: 2c output channels
-    })
+    image = tnn.ModuleDict(
+        {
+            "x_embedder": tnn.Linear(c * p * p, h),
+            "t_embedder": tnn.Sequential(tnn.Linear(256, h), tnn.SiLU(), tnn.Linear(h, h)),
+            "conditioning": conditioning,
+            "final_layer": tnn.ModuleDict(
+                {
+                    "adaLN_modulation": tnn.Sequential(tnn.SiLU(), tnn.Linear(h, 2 * h)),
+                    "linear": tnn.Linear(h, p * p * 2 * c),
+                }
+            ),  # learn_sigma: 2c output channels
+        }
+    )
   n_image = sum(q.numel() for q in image.parameters())
   return n_llama, n_image
 

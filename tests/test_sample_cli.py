@@ -1,6 +1,7 @@
 """`python -m monoformer_jax.sample` beyond class grids: text-to-image (flags and a prompt file,
 DDIM), text+image in one call, greedy text from a prompt file, and the errors (another model
 shape, empty prompts, guidance < 1)."""
+
 import json
 import os
 import shutil
@@ -28,16 +29,29 @@ def run_dir(tmp_path_factory):
 
 
 def _sample(*args):
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *args], cwd=ROOT,
-                        env=_env(), capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.sample", *args],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 @pytest.mark.slow
 def test_t2i_interleaved_and_text(run_dir, tmp_path):
   (tmp_path / "t2i.txt").write_text("a one\n\n")
-  proc = _sample(f"--workdir={run_dir}", "--t2i_prompt=a seven",
-                 f"--t2i_prompt_file={tmp_path}/t2i.txt", f"--out={tmp_path}/t2i.npz",
-                 "--sampler=ddim", "--num_steps=4", "--guidance_scale=2", "--clip_denoised")
+  proc = _sample(
+      f"--workdir={run_dir}",
+      "--t2i_prompt=a seven",
+      f"--t2i_prompt_file={tmp_path}/t2i.txt",
+      f"--out={tmp_path}/t2i.npz",
+      "--sampler=ddim",
+      "--num_steps=4",
+      "--guidance_scale=2",
+      "--clip_denoised",
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   z = np.load(tmp_path / "t2i.npz")
   assert z["images"].shape == (2, 28, 28, 1) and list(z["prompts"]) == ["a seven", "a one"]
@@ -52,22 +66,28 @@ def test_t2i_interleaved_and_text(run_dir, tmp_path):
   assert np.abs(clamped).max() <= 1.0 + 1e-6
   unclamped = ps.to_uint8(model.decode(model.text_to_image(["a seven", "a one"], **options)))
   assert np.abs(unclamped.astype(int) - z["images"]).max() > 1
-  proc = _sample(f"--workdir={run_dir}", "--interleaved", f"--out={tmp_path}/il",
-                 "--prompt=Please generate an image of seven.<|im_start|>", "--prompt=The",
-                 "--max_new_tokens=4", "--num_steps=2", "--greedy")
+  proc = _sample(
+      f"--workdir={run_dir}",
+      "--interleaved",
+      f"--out={tmp_path}/il",
+      "--prompt=Please generate an image of seven.<|im_start|>",
+      "--prompt=The",
+      "--max_new_tokens=4",
+      "--num_steps=2",
+      "--greedy",
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert rows[0]["parts"][0] == {"image": f"{tmp_path}/il_p0_0.png"}
   assert os.path.exists(f"{tmp_path}/il_p0_0.png")
   # Greedy text from a flag and from a prompt file, with different seeds: the same line.
   (tmp_path / "prompts.txt").write_text("The class\n")
-  greedy = [_sample(f"--workdir={run_dir}", prompt, "--greedy", "--max_new_tokens=5",
-                    f"--seed={seed}").stdout
-            for seed, prompt in enumerate(["--prompt=The class",
-                                           f"--prompt_file={tmp_path}/prompts.txt"])]
+  greedy = [
+      _sample(f"--workdir={run_dir}", prompt, "--greedy", "--max_new_tokens=5", f"--seed={seed}").stdout
+      for seed, prompt in enumerate(["--prompt=The class", f"--prompt_file={tmp_path}/prompts.txt"])
+  ]
   assert greedy[0] == greedy[1] and '"completion"' in greedy[0]
-  assert json.loads(greedy[0])["completion"] == model.generate_text(
-      ["The class"], greedy=True, max_new_tokens=5)[0]
+  assert json.loads(greedy[0])["completion"] == model.generate_text(["The class"], greedy=True, max_new_tokens=5)[0]
 
 
 @pytest.mark.slow
@@ -83,11 +103,9 @@ def test_errors(run_dir, tmp_path):
       ([f"--workdir={other}", "--prompt=x"], "another model shape"),
       ([f"--workdir={run_dir}", "--t2i_prompt= ", f"--out={tmp_path}/x.npz"], "empty prompt"),
       ([f"--workdir={run_dir}", "--prompt=x", "--interleaved"], "--out"),
-      ([f"--workdir={run_dir}", "--classes=3", "--guidance_scale=0.9", f"--out={tmp_path}/x.npz"],
-       "must be >= 1"),
+      ([f"--workdir={run_dir}", "--classes=3", "--guidance_scale=0.9", f"--out={tmp_path}/x.npz"], "must be >= 1"),
       ([f"--workdir={run_dir}", "--classes=3", f"--out={tmp_path}/x.jpg"], ".npz or .png"),
-      ([f"--workdir={run_dir}", f"--official_checkpoint={tmp_path}", "--prompt=x"],
-       "exactly one of"),
+      ([f"--workdir={run_dir}", f"--official_checkpoint={tmp_path}", "--prompt=x"], "exactly one of"),
   ):
     proc = _sample(*args)
     assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1500:])

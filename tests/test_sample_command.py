@@ -1,4 +1,5 @@
 """`python -m monoformer_jax.sample` on the shared tiny run (tests/helpers.py)."""
+
 import os
 import subprocess
 import sys
@@ -25,16 +26,28 @@ def run_dir(tmp_path_factory):
 
 
 def _sample(*args):
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *args], cwd=ROOT,
-                        env=_env(), capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.sample", *args],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 @pytest.mark.slow
 def test_images_npz_png_and_batch_independence(run_dir, tmp_path):
   a, b = tmp_path / "a.npz", tmp_path / "b.npz"
   for out, batch in ((a, 7), (b, 3)):
-    proc = _sample(f"--workdir={run_dir}", "--classes=0,3,nine", "--num_per_class=3",
-                   f"--out={out}", f"--batch_size={batch}", "--num_steps=3")
+    proc = _sample(
+        f"--workdir={run_dir}",
+        "--classes=0,3,nine",
+        "--num_per_class=3",
+        f"--out={out}",
+        f"--batch_size={batch}",
+        "--num_steps=3",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
   za, zb = np.load(a), np.load(b)
   assert za["images"].shape == (9, 28, 28, 1) and za["images"].dtype == np.uint8

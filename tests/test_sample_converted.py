@@ -1,6 +1,7 @@
 """`python -m monoformer_jax.sample` and `InferenceModel` on converted checkpoints: a tiny model
 written by the project's own exporters (official MonoFormer layout, transformers LLaMA) with a
 tiny SentencePiece tokenizer and a class-names file, loaded and sampled successfully."""
+
 import json
 import os
 import random
@@ -24,9 +25,14 @@ PROMPTS = ["hello there", "the cat and"]
 
 
 def _sample(*args):
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *args], cwd=ROOT,
-                        env=subprocess_env(),
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "monoformer_jax.sample", *args],
+      cwd=ROOT,
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,7 @@ def converted(tmp_path_factory, module_seed):
   corpus = [" ".join(rng.choices(words + ["the", "cat", "and", "hello"], k=12)) for _ in range(200)]
   tok = tok_lib.train_sentencepiece(corpus, 300, str(root / "tok"))
   # The official layout: square SD-VAE-style latents (image_size 32 = 8 x 4), no label embedding.
-  config = tiny_config(vocab_size=tok.vocab_size, image_height=4, image_width=4,
-                       max_position_embeddings=256)
+  config = tiny_config(vocab_size=tok.vocab_size, image_height=4, image_width=4, max_position_embeddings=256)
   params = random_params(config, seed=rng.randrange(1000), scale=0.5)
   save_official(params, config, str(root / "official"))
   save_hf_llama(params, config, str(root / "hf"))
@@ -71,25 +76,41 @@ def _assert_same_params(got, want, prefix=""):
 def test_official_checkpoint_cli_and_from_official(converted, tmp_path):
   dirs, config, params = converted
   out = tmp_path / "classes.npz"
-  proc = _sample(f"--official_checkpoint={dirs['official']}", f"--tokenizer={dirs['tokenizer']}",
-                 f"--class_names_file={dirs['names.json']}", "--classes=0,dog",
-                 "--num_per_class=2", "--sampler=ddim", "--eta=0.5", "--num_steps=2",
-                 "--guidance_scale=2", f"--out={out}", f"--prompt_file={dirs['prompts.txt']}",
-                 "--greedy", "--max_new_tokens=4")
+  proc = _sample(
+      f"--official_checkpoint={dirs['official']}",
+      f"--tokenizer={dirs['tokenizer']}",
+      f"--class_names_file={dirs['names.json']}",
+      "--classes=0,dog",
+      "--num_per_class=2",
+      "--sampler=ddim",
+      "--eta=0.5",
+      "--num_steps=2",
+      "--guidance_scale=2",
+      f"--out={out}",
+      f"--prompt_file={dirs['prompts.txt']}",
+      "--greedy",
+      "--max_new_tokens=4",
+  )
   completions = _completions(proc)
   z = np.load(out)
   assert z["images"].shape == (4, 4, 4, 3) and z["images"].dtype == np.uint8
   np.testing.assert_array_equal(z["labels"], [0, 0, 1, 1])
   # The same model in-process: the exported weights come back exactly, and sample the same
   # (DDIM, eta 0.5: the default DDPM would draw other images, so the flags reached the sampler).
-  model = InferenceModel.from_official(dirs["official"], tokenizer=dirs["tokenizer"],
-                                       class_names=[n[-1] for n in CLASS_NAMES.values()])
-  assert (model.config.hidden_size, model.config.num_layers, model.config.vocab_size,
-          model.config.image_height, model.config.t_embed) == (
-              config.hidden_size, config.num_layers, config.vocab_size, 4, config.t_embed)
+  model = InferenceModel.from_official(
+      dirs["official"], tokenizer=dirs["tokenizer"], class_names=[n[-1] for n in CLASS_NAMES.values()]
+  )
+  assert (
+      model.config.hidden_size,
+      model.config.num_layers,
+      model.config.vocab_size,
+      model.config.image_height,
+      model.config.t_embed,
+  ) == (config.hidden_size, config.num_layers, config.vocab_size, 4, config.t_embed)
   _assert_same_params(model.params, params)
-  images, labels = model.sample_classes(["0", "dog"], 2, sampler="ddim", eta=0.5, num_steps=2,
-                                        guidance_scale=2.0, seed=0)
+  images, labels = model.sample_classes(
+      ["0", "dog"], 2, sampler="ddim", eta=0.5, num_steps=2, guidance_scale=2.0, seed=0
+  )
   np.testing.assert_array_equal(labels, z["labels"])
   want = ps.to_uint8(model.decode(images)).astype(int)
   assert np.abs(want - z["images"]).max() <= 1 and want.std() > 0
@@ -99,12 +120,16 @@ def test_official_checkpoint_cli_and_from_official(converted, tmp_path):
 @pytest.mark.slow
 def test_hf_checkpoint_cli_and_from_hf(converted):
   dirs, config, params = converted
-  proc = _sample(f"--hf_checkpoint={dirs['hf']}", f"--tokenizer={dirs['tokenizer']}",
-                 f"--prompt_file={dirs['prompts.txt']}", "--greedy", "--max_new_tokens=4")
+  proc = _sample(
+      f"--hf_checkpoint={dirs['hf']}",
+      f"--tokenizer={dirs['tokenizer']}",
+      f"--prompt_file={dirs['prompts.txt']}",
+      "--greedy",
+      "--max_new_tokens=4",
+  )
   completions = _completions(proc)
   model = InferenceModel.from_hf(dirs["hf"], tokenizer=dirs["tokenizer"])
-  text_part = {k: v for k, v in params.items()
-               if k in ("embed_tokens", "norm", "lm_head") or k.startswith("layers_")}
+  text_part = {k: v for k, v in params.items() if k in ("embed_tokens", "norm", "lm_head") or k.startswith("layers_")}
   _assert_same_params(model.params, text_part)
   assert model.config.vocab_size == config.vocab_size
   # The LLaMA export holds the language model only: its text is the official export's text.

@@ -1,5 +1,6 @@
 """The suite's own rules for random inputs: no unseeded generator anywhere in tests/, seeds derived
 from test names, printed on failure, and a sweep mode that reruns seeded tests on other seeds."""
+
 import os
 import pathlib
 import re
@@ -14,10 +15,12 @@ TESTS = pathlib.Path(__file__).parent
 # Built from pieces, so that this file does not match its own patterns.
 _CALL = r"\("
 FORBIDDEN = [
-    re.compile(r"default_rng" + _CALL + r"\)"),                       # an unseeded Generator
+    re.compile(r"default_rng" + _CALL + r"\)"),  # an unseeded Generator
     re.compile(r"np\.random\.(rand|randn|randint|normal|uniform)" + _CALL),  # NumPy's global state
-    re.compile(r"(?<![\w.])random\.(Random" + _CALL + r"\)|(random|randint|randrange|choice"
-               r"|choices|shuffle|sample|uniform|gauss)" + _CALL + ")"),  # the stdlib's global one
+    re.compile(
+        r"(?<![\w.])random\.(Random" + _CALL + r"\)|(random|randint|randrange|choice"
+        r"|choices|shuffle|sample|uniform|gauss)" + _CALL + ")"
+    ),  # the stdlib's global one
     re.compile(r"os\.urandom" + _CALL),
     re.compile(r"torch\.(randn|rand|randint|normal)" + _CALL + r"(?![^\n]*generator=)"),
 ]
@@ -34,10 +37,21 @@ def test_no_unseeded_random_input_in_the_tests():
 
 
 def test_the_patterns_catch_what_they_should():
-  bad = ["x = np.random.default_rng(" + ")", "np.random." + "rand(3)", "random." + "randint(1, 4)",
-         "random." + "Random()", "os." + "urandom(8)", "torch." + "randn(3, 2)"]
-  good = ["rng = np.random.default_rng(seed)", "rng.normal(size=3)", "random.Random(seed)",
-          "jax.random.randint(key, (4,), 0, 9)", "torch.randn(3, generator=gen)"]
+  bad = [
+      "x = np.random.default_rng(" + ")",
+      "np.random." + "rand(3)",
+      "random." + "randint(1, 4)",
+      "random." + "Random()",
+      "os." + "urandom(8)",
+      "torch." + "randn(3, 2)",
+  ]
+  good = [
+      "rng = np.random.default_rng(seed)",
+      "rng.normal(size=3)",
+      "random.Random(seed)",
+      "jax.random.randint(key, (4,), 0, 9)",
+      "torch.randn(3, generator=gen)",
+  ]
   assert all(any(p.search(s) for p in FORBIDDEN) for s in bad)
   assert not any(p.search(s) for p in FORBIDDEN for s in good)
 
@@ -69,10 +83,27 @@ def test_a_failure_names_its_seeds_and_the_sweep_reruns_them(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
 
   def run(*args):
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q",
-                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           str(tmp_path / "test_inner.py"), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_inner.py"),
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
   one = run()
   assert one.returncode == 1, one.stdout[-3000:]

@@ -1,4 +1,5 @@
 """The torch-free checkpoint reader against files written by torch.save / safetensors."""
+
 import collections
 import json
 import os
@@ -17,8 +18,12 @@ import torch
 
 from monoformer_jax.convert import checkpoints, torch_checkpoint
 from monoformer_jax.convert.monoformer_weights import params_to_state_dict
-from monoformer_jax.convert.torch_checkpoint import (UnsafeCheckpointError, load_state_dict,
-                                                     load_torch_checkpoint, load_torch_state_dict)
+from monoformer_jax.convert.torch_checkpoint import (
+    UnsafeCheckpointError,
+    load_state_dict,
+    load_torch_checkpoint,
+    load_torch_state_dict,
+)
 from monoformer_jax.model.monoformer import MonoFormer
 from tests.helpers import build, image_sample, text_sample, tiny_config
 from tests.random_weights import random_params
@@ -35,9 +40,10 @@ def _assert_same(got, want_tensor):
   want = _np(want_tensor)
   assert got.dtype == want.dtype, (got.dtype, want.dtype)
   assert got.shape == want.shape
-  np.testing.assert_array_equal(got.view(np.uint8) if got.dtype == ml_dtypes.bfloat16
-                                else got, want.view(np.uint8) if want.dtype == ml_dtypes.bfloat16
-                                else want)
+  np.testing.assert_array_equal(
+      got.view(np.uint8) if got.dtype == ml_dtypes.bfloat16 else got,
+      want.view(np.uint8) if want.dtype == ml_dtypes.bfloat16 else want,
+  )
 
 
 def _random_tensors(gen):
@@ -47,8 +53,8 @@ def _random_tensors(gen):
       "f16": torch.randn(8, generator=gen).half(),
       "bf16": torch.randn(2, 9, generator=gen).bfloat16(),
       "f64": torch.randn(3, generator=gen).double(),
-      "i64": torch.randint(-2**40, 2**40, (5,), generator=gen),
-      "i32": torch.randint(-2**30, 2**30, (2, 3), generator=gen, dtype=torch.int32),
+      "i64": torch.randint(-(2**40), 2**40, (5,), generator=gen),
+      "i32": torch.randint(-(2**30), 2**30, (2, 3), generator=gen, dtype=torch.int32),
       "i8": torch.randint(-128, 127, (7,), generator=gen, dtype=torch.int8),
       "u8": torch.randint(0, 255, (4, 4), generator=gen, dtype=torch.uint8),
       "bool": torch.rand(11, generator=gen) > 0.5,
@@ -78,8 +84,7 @@ def test_dtypes_and_views_roundtrip_exactly(tmp_path, seed):
 
 def test_module_state_dict_and_nesting(tmp_path, seed):
   torch.manual_seed(seed)
-  module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4),
-                               torch.nn.Linear(5, 2))
+  module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(5, 2))
   state = module.state_dict()
   assert isinstance(state, collections.OrderedDict)
   torch.save(state, tmp_path / "plain.pth")
@@ -120,12 +125,18 @@ def test_reading_needs_no_torch(tmp_path, seed):
         np.testing.assert_array_equal(got[k], want[k])
       print('ok')
   """)
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.dirname(__file__)),
+      timeout=120,
+  )
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
 class _Evil:
+
   def __reduce__(self):
     return (os.system, ("echo pwned > " + _Evil.marker,))
 
@@ -155,21 +166,19 @@ def test_corrupt_and_missing_files_are_named(tmp_path, seed):
   gen = torch.Generator().manual_seed(seed)
   torch.save({"w": torch.randn(64, 64, generator=gen)}, tmp_path / "good.pt")
   data = (tmp_path / "good.pt").read_bytes()
-  (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+  (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
   with pytest.raises(ValueError, match=r"truncated\.pt: truncated or corrupt zip"):
     load_state_dict(tmp_path / "truncated.pt")
   with pytest.raises(FileNotFoundError, match="absent.pt"):
     load_state_dict(tmp_path / "absent.pt")
   # Missing storage record: rewrite the archive without data/0.
-  with zipfile.ZipFile(tmp_path / "good.pt") as src, \
-      zipfile.ZipFile(tmp_path / "nostorage.pt", "w") as dst:
+  with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "nostorage.pt", "w") as dst:
     for info in src.infolist():
       if not info.filename.endswith("data/0"):
         dst.writestr(info, src.read(info))
   with pytest.raises(ValueError, match=r"nostorage\.pt: missing storage record .*data/0"):
     load_state_dict(tmp_path / "nostorage.pt")
-  torch.save({"w": torch.randn(64, generator=gen)}, tmp_path / "legacy.pt",
-             _use_new_zipfile_serialization=False)
+  torch.save({"w": torch.randn(64, generator=gen)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
   data = (tmp_path / "legacy.pt").read_bytes()
   (tmp_path / "legacy_cut.pt").write_bytes(data[:-10])
   with pytest.raises(ValueError, match=r"legacy_cut\.pt: truncated; storage"):
@@ -191,7 +200,7 @@ def test_legacy_format_roundtrips_exactly(tmp_path, seed):
     _assert_same(got[name], tensor)
   _Evil.marker = str(tmp_path / "pwned")
   with open(tmp_path / "evil_legacy.pt", "wb") as f:
-    for header in (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}):
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
       pickle.dump(header, f, protocol=2)
     pickle.dump({"w": _Evil()}, f, protocol=2)
   with pytest.raises(UnsafeCheckpointError, match="system"):
@@ -201,12 +210,15 @@ def test_legacy_format_roundtrips_exactly(tmp_path, seed):
 
 def test_sharded_safetensors_and_directories(tmp_path, rng):
   from safetensors.numpy import save_file
-  shards = {"model-00001-of-00002.safetensors": {"a.weight": rng.normal(size=(3, 4)),
-                                                 "a.bias": rng.normal(size=(4,))},
-            "model-00002-of-00002.safetensors": {"b.weight": rng.normal(size=(2, 2)).astype(
-                np.float16), "b.count": rng.integers(0, 9, size=(5,)),
-                                                 "b.bf16": rng.normal(size=(3,)).astype(
-                                                     ml_dtypes.bfloat16)}}
+
+  shards = {
+      "model-00001-of-00002.safetensors": {"a.weight": rng.normal(size=(3, 4)), "a.bias": rng.normal(size=(4,))},
+      "model-00002-of-00002.safetensors": {
+          "b.weight": rng.normal(size=(2, 2)).astype(np.float16),
+          "b.count": rng.integers(0, 9, size=(5,)),
+          "b.bf16": rng.normal(size=(3,)).astype(ml_dtypes.bfloat16),
+      },
+  }
   weight_map = {}
   for name, tensors in shards.items():
     save_file(tensors, str(tmp_path / name))
@@ -238,8 +250,9 @@ def test_bin_directory_and_bin_index(tmp_path, seed):
   a, b = {"x": torch.randn(3, generator=gen)}, {"y": torch.randn(2, 2, generator=gen).bfloat16()}
   torch.save(a, tmp_path / "pytorch_model-00001-of-00002.bin")
   torch.save(b, tmp_path / "pytorch_model-00002-of-00002.bin")
-  (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
-      "x": "pytorch_model-00001-of-00002.bin", "y": "pytorch_model-00002-of-00002.bin"}}))
+  (tmp_path / "pytorch_model.bin.index.json").write_text(
+      json.dumps({"weight_map": {"x": "pytorch_model-00001-of-00002.bin", "y": "pytorch_model-00002-of-00002.bin"}})
+  )
   got = load_state_dict(tmp_path)
   _assert_same(got["x"], a["x"])
   _assert_same(got["y"], b["y"])
@@ -272,8 +285,11 @@ def test_official_torch_bin_checkpoint_with_ema_folder_end_to_end(tmp_path, t_em
   batch = build(config, [[image_sample(config, rng, 4)], [text_sample(config, rng, 9)]], 32)
   t = jnp.asarray(np.array([[420.0], [0.0]], np.float32))
 
-  forward = jax.jit(lambda p: MonoFormer(config).apply(
-      {"params": p}, jax.tree.map(jnp.asarray, batch), jnp.asarray(batch["images"]), t))
+  forward = jax.jit(
+      lambda p: MonoFormer(config).apply(
+          {"params": p}, jax.tree.map(jnp.asarray, batch), jnp.asarray(batch["images"]), t
+      )
+  )
   got, want = forward(loaded), forward(ema)
   np.testing.assert_array_equal(got["logits"], want["logits"])
   np.testing.assert_array_equal(got["image"], want["image"])

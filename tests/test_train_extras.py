@@ -1,4 +1,5 @@
 """Trainer features: init from a Hugging Face LLaMA, SIGTERM saves, NaN stops, the FLOP count."""
+
 import json
 import os
 import signal
@@ -20,8 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cmd(workdir, *flags):
-  return [sys.executable, "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test",
-          f"--workdir={workdir}", *flags]
+  return [
+      sys.executable,
+      "-m",
+      "monoformer_jax.main",
+      "--config=configs/mnist_tiny.py:test",
+      f"--workdir={workdir}",
+      *flags,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +41,14 @@ def env():
 @pytest.mark.slow
 def test_sigterm_saves_before_exit(tmp_path, env):
   work = tmp_path / "run"
-  proc = subprocess.Popen(_cmd(work, "--config.num_train_steps=100000",
-                               "--config.checkpoint_every_steps=0", "--config.log_every_steps=5"),
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+      _cmd(work, "--config.num_train_steps=100000", "--config.checkpoint_every_steps=0", "--config.log_every_steps=5"),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.time() + 300
   while time.time() < deadline:
     if (work / "metrics.jsonl").exists() and os.path.getsize(work / "metrics.jsonl") > 0:
@@ -54,9 +65,19 @@ def test_sigterm_saves_before_exit(tmp_path, env):
 
 
 def test_nan_stops_with_a_clear_error(tmp_path, env):
-  proc = subprocess.run(_cmd(tmp_path / "nan", "--config.optimizer.learning_rate=1e30",
-                             "--config.optimizer.grad_clip=0.0", "--config.num_train_steps=30"),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      _cmd(
+          tmp_path / "nan",
+          "--config.optimizer.learning_rate=1e30",
+          "--config.optimizer.grad_clip=0.0",
+          "--config.num_train_steps=30",
+      ),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode != 0
   assert "non-finite" in proc.stderr and "at step" in proc.stderr
 
@@ -66,19 +87,35 @@ def test_init_from_a_hugging_face_llama(tmp_path, env, seed):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=False)
+  cfg = transformers.LlamaConfig(
+      vocab_size=500,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      tie_word_embeddings=False,
+  )
   model = transformers.LlamaForCausalLM(cfg)
   model.save_pretrained(tmp_path / "hf")
   work = tmp_path / "run"
-  proc = subprocess.run(_cmd(work, f"--config.init_from=hf:{tmp_path / 'hf'}",
-                             "--config.num_train_steps=0",  # initialise, save step 0, stop
-                             "--config.model.intermediate_size=64"),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      _cmd(
+          work,
+          f"--config.init_from=hf:{tmp_path / 'hf'}",
+          "--config.num_train_steps=0",  # initialise, save step 0, stop
+          "--config.model.intermediate_size=64",
+      ),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "initialised from hf:" in proc.stdout
   from monoformer_jax.run.open import open_run
+
   params, ema = open_run(str(work), use_ema=False).params, open_run(str(work)).params
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), jax.device_get(params))
   emb = np.asarray(params["embed_tokens"]["embedding"])
@@ -87,15 +124,28 @@ def test_init_from_a_hugging_face_llama(tmp_path, env, seed):
   np.testing.assert_array_equal(emb[:500], ref)
   assert 0.005 < emb[500:].std() < 0.05
   # A mismatched architecture is refused, naming the fields.
-  proc = subprocess.run(_cmd(tmp_path / "bad", f"--config.init_from=hf:{tmp_path / 'hf'}",
-                             "--config.model.num_layers=3"),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      _cmd(tmp_path / "bad", f"--config.init_from=hf:{tmp_path / 'hf'}", "--config.model.num_layers=3"),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode != 0 and "num_layers: checkpoint 2 vs config 3" in proc.stderr
 
 
 def test_flop_count_matches_xla_cost_analysis(rng):
-  config = tiny_config(hidden_size=128, intermediate_size=512, num_heads=4, num_kv_heads=2,
-                       vocab_size=512, image_height=8, image_width=8, patch_size=2)
+  config = tiny_config(
+      hidden_size=128,
+      intermediate_size=512,
+      num_heads=4,
+      num_kv_heads=2,
+      vocab_size=512,
+      image_height=8,
+      image_width=8,
+      patch_size=2,
+  )
   params = random_params(config)
   batch = build(config, [[image_sample(config, rng, 40, tail_len=8)] for _ in range(2)], 64)
   model = MonoFormer(config)

@@ -1,5 +1,6 @@
 """Train steps: 1 device == data2 x fsdp4 == data2 x fsdp2 x tensor2 (params really sharded);
 gradient accumulation == the full batch; scan-over-layers and remat == the plain model."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ MESHES = [
 
 
 class _ListIt:
+
   def __init__(self, batches):
     self.batches, self.i = batches, 0
 
@@ -45,8 +47,9 @@ def _batches(config, seed):
     return [image_sample(config, rng, int(rng.integers(2, 6)))]
 
   images = [build(config, [image_row(j, r) for r in range(8)], 24) for j in range(5)]
-  texts = [build(config, [[text_sample(config, rng, int(rng.integers(4, 20)))] for _ in range(8)],
-                 24) for _ in range(4)]
+  texts = [
+      build(config, [[text_sample(config, rng, int(rng.integers(4, 20)))] for _ in range(8)], 24) for _ in range(4)
+  ]
   texts.append(texts[0])  # the last AR step sees the first one's batch again: has it learnt?
   mixed_it = MixedIterator(_ListIt(images), _ListIt(texts))
   mixed = [next(mixed_it) for _ in range(5)]
@@ -56,8 +59,7 @@ def _batches(config, seed):
 def _stack_layers(params, num_layers):
   """Unscanned -> scanned parameter layout, traceable (the converter's version is numpy)."""
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[params[f"layers_{i}"] for i in range(num_layers)])
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
   return out
 
 
@@ -67,24 +69,25 @@ def _train(config, kind, batches, mesh_spec, seed, accum=1, init_config=None):
   `init_config`: initialise with that (unscanned) model's params, converted to `config`'s layout,
   so a scanned / rematerialised model starts from the same weights as the plain one."""
   c = base_config()
-  c.optimizer.update(dict(learning_rate=3e-3, warmup_steps=2, grad_clip=1.0,
-                          grad_accum_steps=accum))
-  devices = jax.devices()[:int(np.prod(list(mesh_spec.values())))]
+  c.optimizer.update(dict(learning_rate=3e-3, warmup_steps=2, grad_clip=1.0, grad_accum_steps=accum))
+  devices = jax.devices()[: int(np.prod(list(mesh_spec.values())))]
   mesh = sharding_lib.make_mesh(mesh_spec, devices)
   rules = sharding_lib.DEFAULT_RULES
   opt = state_lib.make_optimizer(c.optimizer)
   init_fn = None
   if init_config is not None:
+
     def init_fn(rng):
       params = nn.unbox(init_params(init_config, rng))
       return _stack_layers(params, config.num_layers) if config.scan_layers else params
+
   init_key, step_key = jax.random.split(jax.random.key(seed))
-  state, _, shardings = state_lib.create_train_state(config, opt, init_key, mesh, rules,
-                                                     init_params_fn=init_fn)
+  state, _, shardings = state_lib.create_train_state(config, opt, init_key, mesh, rules, init_params_fn=init_fn)
   initial = jax.device_get(state.params)
   objective = make_objective("gaussian")
-  fn = steps_lib.make_train_step(kind, config, objective, opt, grad_accum_steps=accum,
-                                 lm_weight=0.5, ema_decay_value=0.99)
+  fn = steps_lib.make_train_step(
+      kind, config, objective, opt, grad_accum_steps=accum, lm_weight=0.5, ema_decay_value=0.99
+  )
   step = steps_lib.compile_step(fn, shardings, mesh, rules, batches[0])
   losses, metrics = [], []
   for b in batches:
@@ -96,8 +99,7 @@ def _train(config, kind, batches, mesh_spec, seed, accum=1, init_config=None):
 
 @pytest.fixture(scope="module")
 def setup(module_seed):
-  config = tiny_config(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64)
+  config = tiny_config(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
   return config, _batches(config, module_seed("batches")), module_seed("init and noise")
 
 
@@ -109,8 +111,7 @@ def single_device(setup):
 
   def get(kind, accum=1):
     if (kind, accum) not in memo:
-      losses, state, metrics, initial = _train(config, kind, batches[kind], MESHES[0], seed,
-                                               accum)
+      losses, state, metrics, initial = _train(config, kind, batches[kind], MESHES[0], seed, accum)
       memo[kind, accum] = losses, jax.device_get(state), metrics, initial
     return memo[kind, accum]
 
@@ -160,11 +161,9 @@ def test_gradient_accumulation_is_the_full_batch_step(setup, single_device, kind
   _, batches, _ = setup
   # The micro-batches (even rows / odd rows) differ in what the losses average over, so averaging
   # per-micro-batch means would not give the full batch's loss.
-  counts = {"ar": ["loss_mask"], "diffusion": ["image_mask"],
-            "mixed": ["loss_mask", "image_mask"]}[kind]
+  counts = {"ar": ["loss_mask"], "diffusion": ["image_mask"], "mixed": ["loss_mask", "image_mask"]}[kind]
   for key in counts:
-    per_micro = [steps_lib.split_micro_batches(b[key], 2).reshape(2, -1).sum(1)
-                 for b in batches[kind]]
+    per_micro = [steps_lib.split_micro_batches(b[key], 2).reshape(2, -1).sum(1) for b in batches[kind]]
     assert any(n[0] != n[1] for n in per_micro), (key, per_micro)
   full, full_state, full_metrics, _ = single_device(kind)
   accumulated, acc_state, acc_metrics, _ = single_device(kind, accum=2)
@@ -182,8 +181,7 @@ def test_scan_and_remat_train_like_the_plain_model(setup, single_device, variant
   config, batches, seed = setup
   ref, ref_state, _, _ = single_device("mixed")
   cfg = config.replace(**variant)
-  losses, state, _, _ = _train(cfg, "mixed", batches["mixed"], MESHES[0], seed,
-                               init_config=config)
+  losses, state, _, _ = _train(cfg, "mixed", batches["mixed"], MESHES[0], seed, init_config=config)
   np.testing.assert_allclose(losses, ref, rtol=1e-5)
   params, ema = jax.device_get((state.params, state.ema_params))
   if cfg.scan_layers:  # compare in the unscanned layout
@@ -193,8 +191,9 @@ def test_scan_and_remat_train_like_the_plain_model(setup, single_device, variant
 
 
 def test_learning_rate_schedule_and_ema():
-  c = ml_collections.ConfigDict(dict(learning_rate=1.0, schedule="cosine", warmup_steps=10,
-                                     decay_steps=110, final_lr_fraction=0.1))
+  c = ml_collections.ConfigDict(
+      dict(learning_rate=1.0, schedule="cosine", warmup_steps=10, decay_steps=110, final_lr_fraction=0.1)
+  )
   fn = state_lib.learning_rate_schedule(c)
   assert float(fn(0)) == 0.0 and abs(float(fn(5)) - 0.5) < 1e-6
   assert abs(float(fn(10)) - 1.0) < 1e-6 and abs(float(fn(110)) - 0.1) < 1e-6

@@ -5,6 +5,7 @@ The runs are subprocesses of `python -m monoformer_jax.main` on the `mnist_tiny.
 They share the session's XLA compilation cache (tests/conftest.py), so only the first run of a
 given program pays its compile; the runs compile the same programs, so this keeps the module cheap.
 """
+
 import json
 import os
 import re
@@ -32,8 +33,7 @@ TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device
 
 
 def _run(workdir, *overrides, env=None, check=True, module="monoformer_jax.main"):
-  cmd = [sys.executable, "-m", module, "--config=configs/mnist_tiny.py:test",
-         f"--workdir={workdir}", *overrides]
+  cmd = [sys.executable, "-m", module, "--config=configs/mnist_tiny.py:test", f"--workdir={workdir}", *overrides]
   full_env = subprocess_env()
   full_env.update(env or {})
   proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
@@ -61,6 +61,7 @@ def _tb_events(workdir):
   """Every Event of WORKDIR/tensorboard, per file (sorted by name), parsed from the TFRecord
   framing: u64 length, u32 masked CRC of it, the Event proto, u32 masked CRC of the data."""
   from tensorboardX.proto import event_pb2
+
   tb_dir = os.path.join(workdir, "tensorboard")
   files = {}
   for name in sorted(n for n in os.listdir(tb_dir) if n.startswith("events.")):
@@ -68,11 +69,11 @@ def _tb_events(workdir):
       data = f.read()
     events, pos = [], 0
     while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
       if pos + 12 + length + 4 > len(data):
         break  # a record cut short (the writer was killed)
       event = event_pb2.Event()
-      event.ParseFromString(data[pos + 12:pos + 12 + length])
+      event.ParseFromString(data[pos + 12 : pos + 12 + length])
       events.append(event)
       pos += 12 + length + 4
     files[name] = events
@@ -82,8 +83,12 @@ def _tb_events(workdir):
 # 12 steps of the test config (5 diffusion : 1 AR), checkpoints every 4 steps keeping the last 2,
 # metrics every 3: logging windows straddle the checkpoints, and the windows of steps 1-3 and 7-9
 # have no AR step (no loss_lm in their rows).
-STEPS = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4",
-         "--config.log_every_steps=3", "--config.keep_checkpoints=2"]
+STEPS = [
+    "--config.num_train_steps=12",
+    "--config.checkpoint_every_steps=4",
+    "--config.log_every_steps=3",
+    "--config.keep_checkpoints=2",
+]
 _SCHEDULE = StepScheduler({"diffusion": 5, "ar": 1})  # the test config's
 KINDS = [_SCHEDULE.next(i) for i in range(12)]
 
@@ -115,11 +120,11 @@ def test_sigkill_between_checkpoints_and_resume_is_exact(tmp_path, straight):
   assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6, 9, 12]
   for ra, rb in zip(a, b):
     assert set(ra) == set(rb), (ra, rb)
-    assert {k: v for k, v in ra.items() if k not in TIMING_KEYS} == \
-        {k: v for k, v in rb.items() if k not in TIMING_KEYS}
+    assert {k: v for k, v in ra.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in rb.items() if k not in TIMING_KEYS
+    }
   _assert_trees_equal(_final_params(straight_dir), _final_params(broken))
-  _assert_trees_equal(_final_params(straight_dir, use_ema=True),
-                      _final_params(broken, use_ema=True))
+  _assert_trees_equal(_final_params(straight_dir, use_ema=True), _final_params(broken, use_ema=True))
   # TensorBoard files cannot be rewritten: the resumed run's file starts with a SessionLog.START
   # at step 9, which makes TensorBoard hide the killed run's events from step 9 on.
   files = list(_tb_events(broken).values())
@@ -134,9 +139,16 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
   rows = _rows(work)
   assert [r["step"] for r in rows] == [3, 6, 9, 12]
   for row in rows:
-    window = KINDS[row["step"] - 3:row["step"]]
-    for key in ("learning_rate", "grad_norm", "loss", "tokens_per_s", "images_per_s",
-                "tflops_per_device", "step_time_s"):
+    window = KINDS[row["step"] - 3 : row["step"]]
+    for key in (
+        "learning_rate",
+        "grad_norm",
+        "loss",
+        "tokens_per_s",
+        "images_per_s",
+        "tflops_per_device",
+        "step_time_s",
+    ):
       assert np.isfinite(row[key]) and row[key] >= 0, (key, row)
     assert row["tokens_per_s"] > 0 and row["images_per_s"] > 0 and row["grad_norm"] > 0
     assert ("loss_diffusion" in row) == ("diffusion" in window), row
@@ -144,6 +156,7 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
   assert "loss_lm" not in rows[0] and "loss_lm" in rows[1]  # the schedule gives both cases
   # The learning rate averaged over the window's steps (step s trains at schedule(s - 1)).
   from monoformer_jax.run.state import learning_rate_schedule
+
   lr = learning_rate_schedule(mnist_tiny.get_config("test").optimizer)
   for row in rows:
     want = np.mean([float(lr(s - 1)) for s in range(row["step"] - 2, row["step"] + 1)])
@@ -159,8 +172,15 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
       elif v.WhichOneof("value") == "simple_value":
         scalars.setdefault(v.tag, {})[e.step] = v.simple_value
   for row in rows:
-    for key in ("loss_diffusion", "loss_lm", "learning_rate", "grad_norm", "tokens_per_s",
-                "images_per_s", "tflops_per_device"):
+    for key in (
+        "loss_diffusion",
+        "loss_lm",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "images_per_s",
+        "tflops_per_device",
+    ):
       if key in row:
         np.testing.assert_allclose(scalars[key][row["step"]], row[key], rtol=1e-6)
   image = images[("samples", 12)]
@@ -170,8 +190,11 @@ def test_a_run_records_metrics_tensorboard_progress_and_prunes_checkpoints(strai
 
   # The progress line with ETA, at every log step.
   for step in (3, 6, 9, 12):
-    assert re.search(rf"^step {step}/12 loss_diffusion=\d+\.\d{{4}}.* lr=\S+ \d+ tok/s "
-                     rf"elapsed \d+s eta \d+s$", proc.stdout, re.M), proc.stdout[-2000:]
+    assert re.search(
+        rf"^step {step}/12 loss_diffusion=\d+\.\d{{4}}.* lr=\S+ \d+ tok/s " rf"elapsed \d+s eta \d+s$",
+        proc.stdout,
+        re.M,
+    ), proc.stdout[-2000:]
   # keep_checkpoints=2 pruned steps 4 and the final save did not duplicate 12.
   assert sorted(os.listdir(work / "checkpoints"), key=int) == ["8", "12"]
 
@@ -182,6 +205,7 @@ def _save_tiny_official(out_dir, seed):
   from monoformer_jax.convert.checkpoints import save_official
   from monoformer_jax.model.config import ModelConfig
   from tests.helpers import random_params
+
   c = mnist_tiny.get_config("test")
   # The run's vocabulary (516 = the 512-token tokenizer + 4 special tokens) and model.
   model_config = ModelConfig.from_mapping(c.model)
@@ -218,8 +242,10 @@ def test_init_from_another_run(tmp_path, straight):
   assert "resumed" not in proc.stdout
   # The source run's latest raw (not EMA) weights start the new run, its EMA included.
   source_params = _final_params(source)
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(source_params), jax.tree.leaves(_final_params(source, use_ema=True))))
+  assert not all(
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(source_params), jax.tree.leaves(_final_params(source, use_ema=True)))
+  )
   _assert_run_starts_from(tmp_path / "run", source_params)
   # A second start of the same workdir resumes from its own checkpoint, not from the source.
   again = _run(tmp_path / "run", f"--config.init_from=run:{source}", *INIT)
@@ -296,6 +322,7 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, capsys, r
 
 def test_metric_writer_drops_rows_past_the_resume_step(tmp_path, rng):
   from monoformer_jax.train.metrics import Accumulator, MetricWriter
+
   w = MetricWriter(str(tmp_path))
   for step in (2, 4, 6):
     w.write_scalars(step, {"loss": 0.5 * step})
@@ -305,8 +332,7 @@ def test_metric_writer_drops_rows_past_the_resume_step(tmp_path, rng):
   w = MetricWriter(str(tmp_path), resume_step=4)
   w.write_scalars(6, {"loss": 7.0})
   w.close()
-  assert _rows(tmp_path) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0},
-                             {"step": 6, "loss": 7.0}]
+  assert _rows(tmp_path) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0}, {"step": 6, "loss": 7.0}]
   # The logging window survives a JSON round trip exactly (float32 totals).
   acc = Accumulator()
   for v in rng.standard_normal(3):
@@ -318,17 +344,27 @@ def test_metric_writer_drops_rows_past_the_resume_step(tmp_path, rng):
   assert acc.compute_and_reset() == acc2.compute_and_reset()
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.data.image_batch_size=7", "config.data.image_batch_size: 7 is not divisible by "
-                                         "the data-parallel size 2"),
-    ("--config.model.patch_size=5", "patch_size=5 does not divide image_height=28"),
-    ("--config.sampling.guidance_scale=0.5", "config.sampling.guidance_scale: must be >= 1"),
-    ("--config.model.hiden_size=3", "hiden_size"),
-    ("--config.optimizer.learning_rate=abc", "learning_rate"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--config.data.image_batch_size=7",
+            "config.data.image_batch_size: 7 is not divisible by the data-parallel size 2",
+        ),
+        ("--config.model.patch_size=5", "patch_size=5 does not divide image_height=28"),
+        ("--config.sampling.guidance_scale=0.5", "config.sampling.guidance_scale: must be >= 1"),
+        ("--config.model.hiden_size=3", "hiden_size"),
+        ("--config.optimizer.learning_rate=abc", "learning_rate"),
+    ],
+)
 def test_bad_configs_fail_naming_the_field(tmp_path, override, message):
-  proc = _run(tmp_path / "bad", override, "--config.mesh.data=2", env={
-      "XLA_FLAGS": subprocess_env(devices=2)["XLA_FLAGS"]}, check=False)
+  proc = _run(
+      tmp_path / "bad",
+      override,
+      "--config.mesh.data=2",
+      env={"XLA_FLAGS": subprocess_env(devices=2)["XLA_FLAGS"]},
+      check=False,
+  )
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "bad" / "checkpoints").exists()
@@ -362,7 +398,6 @@ def test_min_snr_gamma_is_checked_up_front(kind, gamma):
     check_config(config)
 
 
-
 @pytest.mark.parametrize("change", [dict(kind="flow"), dict(vae="runs/v/vae")])
 def test_clip_denoised_is_checked_up_front(change):
   """x0 clamping is for Gaussian sampling in pixel space; latents or the ODE samplers fail now."""
@@ -376,6 +411,7 @@ def test_clip_denoised_is_checked_up_front(change):
     config.vae.path = change["vae"]
   with pytest.raises(ConfigError, match="config.sampling.clip_denoised: clamps the predicted x0"):
     check_config(config)
+
 
 def test_scheduler_ratio_and_resume():
   s = StepScheduler({"diffusion": 9, "ar": 1, "mixed": 0})
@@ -405,7 +441,7 @@ def test_text_warmup_runs_ar_first_then_the_round_robin(rng):
   # Resumed inside the warm-up, the run continues it (the step decides, not the credits).
   again = StepScheduler({"diffusion": 9, "ar": 1}, text_warmup_steps=n)
   again.set_state(json.loads(json.dumps(StepScheduler({"diffusion": 9, "ar": 1}).get_state())))
-  assert [again.next(i) for i in range(n - 2, n + 50)] == kinds[n - 2:]
+  assert [again.next(i) for i in range(n - 2, n + 50)] == kinds[n - 2 :]
   with pytest.raises(ValueError, match="text_warmup_steps"):
     StepScheduler({"diffusion": 1}, text_warmup_steps=5)
   config = _mnist_tiny_test_config()

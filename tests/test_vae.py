@@ -1,4 +1,5 @@
 """Flax AutoencoderKL against diffusers.AutoencoderKL (PyTorch, CPU, fp32) on tiny random configs."""
+
 import json
 
 import diffusers
@@ -13,8 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from monoformer_jax import vae
 from monoformer_jax.vae import convert
 
-TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4,
-            norm_num_groups=4)
+TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4)
 
 
 def make_tiny_vae(folder, seed=0, safe_serialization=True, **overrides):
@@ -26,9 +26,13 @@ def make_tiny_vae(folder, seed=0, safe_serialization=True, **overrides):
   fields = {**TINY, **overrides}
   levels = len(fields["block_out_channels"])
   torch.manual_seed(seed)
-  model = diffusers.AutoencoderKL(in_channels=3, out_channels=3,
-                                  down_block_types=("DownEncoderBlock2D",) * levels,
-                                  up_block_types=("UpDecoderBlock2D",) * levels, **fields)
+  model = diffusers.AutoencoderKL(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * levels,
+      up_block_types=("UpDecoderBlock2D",) * levels,
+      **fields,
+  )
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.ndim == 1 and "norm" in name and name.endswith("weight"):
@@ -72,8 +76,9 @@ def tiny(tmp_path_factory, module_seed):
   model = make_tiny_vae(folder, seed=module_seed("vae weights"))
   images = random_images(module_seed("images"), (2, 16, 24, 3))  # non-square, so H/W mix-ups fail
   config, params = convert.load_diffusers_vae(str(folder))
-  return dict(folder=folder, model=model, images=images, config=config, params=params,
-              reference=torch_reference(model, images))
+  return dict(
+      folder=folder, model=model, images=images, config=config, params=params, reference=torch_reference(model, images)
+  )
 
 
 def test_moments_and_decoder_match_diffusers(tiny):
@@ -95,8 +100,7 @@ def test_scaled_latents_api(tiny, seed):
   assert_close(latents, mean * 0.18215)
   with torch.no_grad():
     want = tiny["model"].decode(torch.from_numpy(mean).permute(0, 3, 1, 2)).sample
-  assert_close(vae.decode_latents(params, latents, config=cfg),
-               want.permute(0, 2, 3, 1).numpy())
+  assert_close(vae.decode_latents(params, latents, config=cfg), want.permute(0, 2, 3, 1).numpy())
   rng = jax.random.key(seed)
   sampled = vae.encode_to_latents(params, images, rng, config=cfg)
   np.testing.assert_allclose(sampled, vae.sample_latents(mean, logvar, rng), rtol=1e-4, atol=1e-5)
@@ -163,9 +167,16 @@ def test_conversion_names_the_problem(tiny, tmp_path):
 
 
 def test_variant_without_mid_attention_or_quant_convs(tmp_path, seed):
-  model = make_tiny_vae(tmp_path, seed=seed, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=3, mid_block_add_attention=False, use_quant_conv=False,
-                        use_post_quant_conv=False)
+  model = make_tiny_vae(
+      tmp_path,
+      seed=seed,
+      block_out_channels=(8, 16),
+      layers_per_block=1,
+      latent_channels=3,
+      mid_block_add_attention=False,
+      use_quant_conv=False,
+      use_post_quant_conv=False,
+  )
   images = random_images(seed + 1, (1, 8, 8, 3))
   mean, logvar, decoded = torch_reference(model, images)
   config, params = convert.load_diffusers_vae(str(tmp_path))
@@ -181,10 +192,8 @@ def test_logical_axes_bf16_and_sharded_batch(tiny, seed):
   abstract = jax.eval_shape(lambda: vae.init_params(config, jax.random.PRNGKey(0)))
   specs = nn.get_partition_spec(abstract)
   assert abstract["encoder"]["conv_in"]["kernel"].value.shape == (3, 3, 3, 8)
-  assert specs["encoder"]["conv_in"]["kernel"] == PartitionSpec(
-      "conv_height", "conv_width", "conv_in", "conv_out")
-  assert specs["decoder"]["mid_block"]["attention"]["query"]["kernel"] == PartitionSpec(
-      "conv_in", "conv_out")
+  assert specs["encoder"]["conv_in"]["kernel"] == PartitionSpec("conv_height", "conv_width", "conv_in", "conv_out")
+  assert specs["decoder"]["mid_block"]["attention"]["query"]["kernel"] == PartitionSpec("conv_in", "conv_out")
   assert specs["encoder"]["conv_norm_out"]["scale"] == PartitionSpec("norm")
   mean, _, _ = tiny["reference"]
   bf16_mean, _ = vae.encode_moments(params, images, config=config, dtype=jnp.bfloat16)

@@ -19,14 +19,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from monoformer_jax.convert.monoformer_weights import (params_to_state_dict,
-                                                       state_dict_to_params, weight_table)
+from monoformer_jax.convert.monoformer_weights import (params_to_state_dict, state_dict_to_params, weight_table)
 from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.model.config import ModelConfig, from_official_config
 from monoformer_jax.model.monoformer import init_params
 
-_IMAGE_KEY_PREFIXES = ("x_embedder", "t_embedder", "adaLN_module", "t_projector", "final_layer",
-                       "y_embedder")
+_IMAGE_KEY_PREFIXES = ("x_embedder", "t_embedder", "adaLN_module", "t_projector", "final_layer", "y_embedder")
 
 
 def _read_config(path: str) -> dict:
@@ -60,10 +58,10 @@ def resize_vocab(params: dict, vocab_size: int, rng: jax.Array, stddev: float) -
   new_e = np.asarray(jax.random.normal(k1, (vocab_size - old, hidden))) * stddev
   new_h = np.asarray(jax.random.normal(k2, (hidden, vocab_size - old))) * stddev
   params = dict(params)
-  params["embed_tokens"] = {"embedding": np.concatenate(
-      [params["embed_tokens"]["embedding"], new_e.astype(np.float32)])}
-  params["lm_head"] = {"kernel": np.concatenate(
-      [params["lm_head"]["kernel"], new_h.astype(np.float32)], axis=1)}
+  params["embed_tokens"] = {
+      "embedding": np.concatenate([params["embed_tokens"]["embedding"], new_e.astype(np.float32)])
+  }
+  params["lm_head"] = {"kernel": np.concatenate([params["lm_head"]["kernel"], new_h.astype(np.float32)], axis=1)}
   return params
 
 
@@ -78,9 +76,9 @@ def _fill_missing(loaded: dict, fresh: dict) -> dict:
   return out
 
 
-def load_llama_checkpoint(path: str, *, vocab_size: Optional[int] = None,
-                          rng: Optional[jax.Array] = None, **config_overrides
-                          ) -> tuple[ModelConfig, dict]:
+def load_llama_checkpoint(
+    path: str, *, vocab_size: Optional[int] = None, rng: Optional[jax.Array] = None, **config_overrides
+) -> tuple[ModelConfig, dict]:
   """A Hugging Face LLaMA directory -> (config, params) of a full MonoFormer.
 
   The LLaMA weights are loaded; the image path (x_embedder, timestep embedder, conditioning,
@@ -143,13 +141,13 @@ def _hf_config(config: ModelConfig) -> dict:
 
 def _save(state: dict, cfg: dict, out_dir: str, overwrite: bool) -> None:
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
   os.makedirs(out_dir, exist_ok=True)
   target = os.path.join(out_dir, "model.safetensors")
   if os.path.exists(target) and not overwrite:
     raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
   tmp = target + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
-            metadata={"format": "pt"})
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata={"format": "pt"})
   os.replace(tmp, target)  # never leave a half-written checkpoint under the final name
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
@@ -164,23 +162,32 @@ def save_hf_llama(params: dict, config: ModelConfig, out_dir: str, *, overwrite:
 def save_official(params: dict, config: ModelConfig, out_dir: str, *, overwrite: bool = False):
   """Writes every parameter under the official key names, with an official-style config.json."""
   if config.image_height != config.image_width or config.num_classes:
-    raise ValueError("the official layout describes square SD-VAE latents (image_size = 8 x latent) "
-                     "and has no label embedding")
+    raise ValueError(
+        "the official layout describes square SD-VAE latents (image_size = 8 x latent) and has no label embedding"
+    )
   cfg = _hf_config(config)
-  cfg.update({
-      "architectures": ["MonoFormerForCausalLM"],
-      "image_size": config.image_height * 8,
-      "in_channels": config.image_channels,
-      "patch_size": config.patch_size,
-      "learn_sigma": config.learn_sigma,
-      "decoder_t_embed": config.t_embed,
-      "use_bi_attn_img_tokens": config.bidirectional_image,
-      "use_pos_embed": config.use_pos_embed,
-      "add_pos_embed_each_layer": False,
-      "use_adaln_final_layer": True,
-  })
+  cfg.update(
+      {
+          "architectures": ["MonoFormerForCausalLM"],
+          "image_size": config.image_height * 8,
+          "in_channels": config.image_channels,
+          "patch_size": config.patch_size,
+          "learn_sigma": config.learn_sigma,
+          "decoder_t_embed": config.t_embed,
+          "use_bi_attn_img_tokens": config.bidirectional_image,
+          "use_pos_embed": config.use_pos_embed,
+          "add_pos_embed_each_layer": False,
+          "use_adaln_final_layer": True,
+      }
+  )
   _save(params_to_state_dict(params, config), cfg, out_dir, overwrite)
 
 
-__all__ = ["load_llama_checkpoint", "load_official_checkpoint", "save_hf_llama", "save_official",
-           "resize_vocab", "weight_table"]
+__all__ = [
+    "load_llama_checkpoint",
+    "load_official_checkpoint",
+    "save_hf_llama",
+    "save_official",
+    "resize_vocab",
+    "weight_table",
+]

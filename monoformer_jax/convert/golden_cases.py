@@ -12,6 +12,7 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from monoformer_jax.convert.monoformer_weights import state_dict_to_params
 from monoformer_jax import batch as batch_lib
@@ -22,7 +23,6 @@ SPECIAL_ORDER = ("<s>", "</s>", "<PAD>", "<image>", "<|im_start|>", "<|im_end|>"
 
 def load_golden_dir(path: str) -> tuple[ModelConfig, dict, dict, dict]:
   """Returns (config, params, cases, special token ids) of a golden directory."""
-  from safetensors.numpy import load_file
   for name in ("config.json", "model.safetensors", "cases.npz"):
     if not os.path.exists(os.path.join(path, name)):
       raise FileNotFoundError(f"{path}: not a golden model directory (no {name})")
@@ -36,8 +36,9 @@ def load_golden_dir(path: str) -> tuple[ModelConfig, dict, dict, dict]:
     raise ValueError(f"{path}/cases.npz has no array 'special_token_ids'")
   ids = cases["special_token_ids"]
   if len(ids) != len(SPECIAL_ORDER):
-    raise ValueError(f"special_token_ids has {len(ids)} entries, expected {len(SPECIAL_ORDER)} "
-                     f"({', '.join(SPECIAL_ORDER)})")
+    raise ValueError(
+        f"special_token_ids has {len(ids)} entries, expected {len(SPECIAL_ORDER)} ({', '.join(SPECIAL_ORDER)})"
+    )
   special = dict(zip(SPECIAL_ORDER, (int(i) for i in ids)))
   return config, params, cases, special
 
@@ -54,9 +55,15 @@ def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def build_batch(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
-                merged_len: int, special: dict, latents_nchw: np.ndarray | None,
-                image_rows_train_lm: bool = False) -> dict:
+def build_batch(
+    config: ModelConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    merged_len: int,
+    special: dict,
+    latents_nchw: np.ndarray | None,
+    image_rows_train_lm: bool = False,
+) -> dict:
   """Official collated rows -> our batch (one sample per row, right-padded to merged_len).
 
   Pads are dropped (the official merge removes them), the `<image>` placeholder becomes the
@@ -73,25 +80,25 @@ def build_batch(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.n
     if image_id in kept:
       i = kept.index(image_id)
       image = nchw_to_nhwc(latents_nchw[r]).astype(np.float32)
-      pieces = [("text", kept[:i], image_rows_train_lm), ("image", image, 0),
-                ("text", kept[i + 1:], image_rows_train_lm)]
+      pieces = [
+          ("text", kept[:i], image_rows_train_lm),
+          ("image", image, 0),
+          ("text", kept[i + 1 :], image_rows_train_lm),
+      ]
       pieces = [p for p in pieces if p[0] == "image" or len(p[1])]
     else:
       pieces = [("text", kept, True)]
     builder.add(pieces)
   # The official code numbers every merged position 0..L-1, pads included.
-  batch["positions"] = np.broadcast_to(np.arange(merged_len, dtype=np.int32),
-                                       (b, merged_len)).copy()
+  batch["positions"] = np.broadcast_to(np.arange(merged_len, dtype=np.int32), (b, merged_len)).copy()
   return batch
 
 
-def merged_length(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
-                  special: dict) -> int:
+def merged_length(config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray, special: dict) -> int:
   """Length of the official merged sequence: kept ids, the `<image>` placeholder expanded."""
   image_id = special["<image>"]
   extra = config.num_patches + int(config.has_t_token) - 1
-  lengths = [int(m.sum()) + extra * int(image_id in ids[m.astype(bool)])
-             for ids, m in zip(input_ids, attention_mask)]
+  lengths = [int(m.sum()) + extra * int(image_id in ids[m.astype(bool)]) for ids, m in zip(input_ids, attention_mask)]
   return max(lengths)
 
 
@@ -100,13 +107,13 @@ def pad_rows(batch: dict, rows: int) -> dict:
   b, length = batch["tokens"].shape
   if rows == b:
     return batch
-  extra = batch_lib.empty_batch(rows - b, length, batch["images"].shape[1],
-                                 batch["images"].shape[2:])
+  extra = batch_lib.empty_batch(rows - b, length, batch["images"].shape[1], batch["images"].shape[2:])
   return {k: np.concatenate([v, extra[k]]) for k, v in batch.items()}
 
 
-def merged_labels(batch: dict, labels: np.ndarray, attention_mask: np.ndarray,
-                  input_ids: np.ndarray, special: dict) -> np.ndarray:
+def merged_labels(
+    batch: dict, labels: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray, special: dict
+) -> np.ndarray:
   """The official merged labels (B, L) from our batch layout: the collator label of every kept
   text token at the position our merge gave it, -100 on image tokens, the t-token and padding."""
   kinds, seg = batch["kinds"], batch["segment_ids"]
@@ -117,8 +124,7 @@ def merged_labels(batch: dict, labels: np.ndarray, attention_mask: np.ndarray,
     row_labels = labels[r][keep][text]
     where = np.nonzero((kinds[r] == batch_lib.KIND_TEXT) & (seg[r] > 0))[0]
     if len(where) != len(row_labels):
-      raise ValueError(f"row {r}: {len(row_labels)} kept text labels but {len(where)} text "
-                       "positions in the merged row")
+      raise ValueError(f"row {r}: {len(row_labels)} kept text labels but {len(where)} text positions in the merged row")
     out[r, where] = row_labels
   return out
 

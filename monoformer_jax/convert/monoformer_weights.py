@@ -23,21 +23,25 @@ def _linear(w: np.ndarray) -> np.ndarray:
 
 def _heads_in(heads: int, d: int):
   """(heads*d, hidden) -> (hidden, heads, d) and back."""
+
   def fwd(w):
     return np.ascontiguousarray(w.T.reshape(w.shape[1], heads, d))
 
   def inv(k):
     return np.ascontiguousarray(k.reshape(k.shape[0], heads * d).T)
+
   return fwd, inv
 
 
 def _heads_out(heads: int, d: int):
   """(hidden, heads*d) -> (heads, d, hidden) and back."""
+
   def fwd(w):
     return np.ascontiguousarray(w.T.reshape(heads, d, w.shape[0]))
 
   def inv(k):
     return np.ascontiguousarray(k.reshape(heads * d, k.shape[-1]).T)
+
   return fwd, inv
 
 
@@ -61,8 +65,7 @@ def weight_table(config: ModelConfig, *, include_image: bool = True) -> list[Rul
   rules.append((("embed_tokens", "embedding"), "model.embed_tokens.weight", _identity, _identity))
   for i in range(config.num_layers):
     pre, key = (f"layers_{i}",), f"model.layers.{i}"
-    for name, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads),
-                        ("v_proj", config.num_kv_heads)):
+    for name, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads), ("v_proj", config.num_kv_heads)):
       fwd, inv = _heads_in(heads, d)
       rules.append((pre + ("self_attn", name, "kernel"), f"{key}.self_attn.{name}.weight", fwd, inv))
     fwd, inv = _heads_out(config.num_heads, d)
@@ -86,8 +89,7 @@ def weight_table(config: ModelConfig, *, include_image: bool = True) -> list[Rul
     lin(("final_layer", "linear"), "final_layer.linear", bias=True)
     if config.num_classes:
       # Ours only (the official model has no label embedding); DiT's key name.
-      rules.append((("label_embedder", "embedding"), "y_embedder.embedding_table.weight",
-                    _identity, _identity))
+      rules.append((("label_embedder", "embedding"), "y_embedder.embedding_table.weight", _identity, _identity))
   return rules
 
 
@@ -103,8 +105,13 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def state_dict_to_params(state: Mapping[str, np.ndarray], config: ModelConfig, *,
-                         allow_missing: Iterable[str] = (), ignore: Iterable[str] = ()) -> dict:
+def state_dict_to_params(
+    state: Mapping[str, np.ndarray],
+    config: ModelConfig,
+    *,
+    allow_missing: Iterable[str] = (),
+    ignore: Iterable[str] = (),
+) -> dict:
   """Official / HF state dict -> our (unboxed, unscanned) params, float32.
 
   Every key must be used and every parameter found, except keys matching `ignore` prefixes and
@@ -124,24 +131,29 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], config: ModelConfig, *
       continue
     value = fwd(np.asarray(state[key], dtype=np.float32))
     if value.shape != want[path]:
-      problems.append(f"{key!r}: shape {tuple(np.shape(state[key]))} does not fit the config "
-                      f"(expected {want[path]} after conversion, got {value.shape})")
+      problems.append(
+          f"{key!r}: shape {tuple(np.shape(state[key]))} does not fit the config "
+          f"(expected {want[path]} after conversion, got {value.shape})"
+      )
       continue
     _set(params, path, value)
   # Non-persistent buffers that some exporters still include are not parameters.
   buffers = ("rotary_emb.inv_freq", "pos_embed")
-  unexpected = sorted(k for k in state if k not in known and not k.endswith(buffers)
-                      and not (ignore and k.startswith(ignore)))
+  unexpected = sorted(
+      k for k in state if k not in known and not k.endswith(buffers) and not (ignore and k.startswith(ignore))
+  )
   if unexpected:
-    problems.append("unexpected key(s): " + ", ".join(unexpected[:10])
-                    + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    problems.append(
+        "unexpected key(s): "
+        + ", ".join(unexpected[:10])
+        + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+    )
   if problems:
     raise ValueError("checkpoint does not match the model config: " + "; ".join(problems))
   return params
 
 
-def params_to_state_dict(params: Mapping, config: ModelConfig, *, include_image: bool = True
-                         ) -> dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping, config: ModelConfig, *, include_image: bool = True) -> dict[str, np.ndarray]:
   """Our (unboxed, unscanned) params -> state dict with the official key names, float32."""
   out = {}
   for path, key, _, inv in weight_table(config, include_image=include_image):
@@ -159,6 +171,7 @@ def _expected_shapes(config: ModelConfig) -> dict:
         walk(v, prefix + (k,))
       else:
         flat[prefix + (k,)] = tuple(v.shape)
+
   walk(shapes, ())
   return flat
 
@@ -166,8 +179,7 @@ def _expected_shapes(config: ModelConfig) -> dict:
 def stack_layers(params: Mapping, num_layers: int) -> dict:
   """Unscanned params (layers_0, layers_1, ...) -> scanned layout ('layers' with a leading axis)."""
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[f"layers_{i}"]
-                                                           for i in range(num_layers)])
+  out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
   return out
 
 
@@ -175,5 +187,5 @@ def unstack_layers(params: Mapping, num_layers: int) -> dict:
   """Scanned layout -> unscanned."""
   out = {k: v for k, v in params.items() if k != "layers"}
   for i in range(num_layers):
-    out[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x[i]), params["layers"])
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params["layers"])
   return out

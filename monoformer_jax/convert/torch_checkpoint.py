@@ -7,7 +7,8 @@
 
 `torch.save` (torch >= 1.6) writes a zip archive `<name>/data.pkl` + `<name>/data/<key>` (raw
 storage bytes) + `<name>/byteorder`; older torch wrote a stream of pickles followed by the raw
-storages (the "legacy" format, still used by e.g. pytorch-fid's Inception weights); both are read. A pickle can call any importable function, so `data.pkl` is
+storages (the "legacy" format, still used by e.g. pytorch-fid's Inception weights); both are
+read. A pickle can call any importable function, so `data.pkl` is
 read with an unpickler whose `find_class` answers only the handful of globals a tensor
 state dict needs (`_ALLOWED_GLOBALS`) and raises `UnsafeCheckpointError` naming anything else:
 nothing from the file is executed. Tensors come back as NumPy arrays, copied out of their storage
@@ -86,15 +87,14 @@ class _PendingTensor:
     raise UnsafeCheckpointError("refusing to set state on a tensor (tensor subclasses unsupported)")
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata  # irrelevant for inference-time weights
   if not isinstance(storage, _StorageRef):
     raise UnsafeCheckpointError(f"tensor storage is a {type(storage).__name__}, not a record")
   return _PendingTensor(storage, int(storage_offset), size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):  # pylint: disable=keyword-arg-before-vararg  # torch's signature
   del requires_grad, backward_hooks, unused
   if not isinstance(data, _PendingTensor):
     raise UnsafeCheckpointError("nn.Parameter wraps something that is not a tensor")
@@ -123,12 +123,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
     except KeyError:
       raise UnsafeCheckpointError(
           f"{self._source}: refusing to load global '{module}.{name}': only tensors, dicts and "
-          "plain Python values are allowed in a checkpoint read without torch") from None
+          "plain Python values are allowed in a checkpoint read without torch"
+      ) from None
 
   def persistent_load(self, pid):
     # Zip format: 5 fields. Legacy format: a sixth, (view_key, offset, view_numel) or None.
-    if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage"
-        or not isinstance(pid[1], _StorageType)):
+    if (
+        not isinstance(pid, tuple)
+        or len(pid) not in (5, 6)
+        or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)
+    ):
       raise UnsafeCheckpointError(f"{self._source}: unexpected persistent record {pid!r:.200}")
     _, storage_type, key, _location, numel = pid[:5]
     view = pid[5] if len(pid) == 6 else None
@@ -145,7 +150,7 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
     if any(n.endswith("constants.pkl") for n in archive.namelist()):
       raise ValueError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save file")
     raise ValueError(f"{path}: zip archive without data.pkl; not a torch.save checkpoint")
-  return pickles[0][:-len("data.pkl")]
+  return pickles[0][: -len("data.pkl")]
 
 
 def _zip_storage_bytes(archive: zipfile.ZipFile, prefix: str, path: str):
@@ -170,8 +175,7 @@ class _StorageReader:
   about the checkpoint's size plus its largest storage, not twice the checkpoint.
   """
 
-  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool,
-               uses: collections.Counter):
+  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool, uses: collections.Counter):
     self._read_bytes, self._path, self._big, self._uses = read_bytes, path, big_endian, uses
     self._cache: dict[str, np.ndarray] = {}
 
@@ -181,8 +185,9 @@ class _StorageReader:
       raw = self._read_bytes(ref.key)
       dtype = ref.dtype.newbyteorder(">") if self._big and ref.dtype.itemsize > 1 else ref.dtype
       if len(raw) != ref.numel * dtype.itemsize:
-        raise ValueError(f"{self._path}: {name} holds {len(raw)} bytes, the pickle "
-                         f"expects {ref.numel} x {dtype.itemsize}")
+        raise ValueError(
+            f"{self._path}: {name} holds {len(raw)} bytes, the pickle expects {ref.numel} x {dtype.itemsize}"
+        )
       self._cache[ref.key] = np.frombuffer(raw, dtype=dtype)
     return self._cache[ref.key]
 
@@ -196,11 +201,13 @@ class _StorageReader:
       # Bounds check before as_strided, which would otherwise read past the buffer.
       last = offset + sum((n - 1) * s for n, s in zip(size, stride))
       if last >= storage.size:
-        raise ValueError(f"{self._path}: tensor size={size} stride={stride} offset={offset} "
-                         f"overruns storage {pending.storage.key!r} of {storage.size} elements")
+        raise ValueError(
+            f"{self._path}: tensor size={size} stride={stride} offset={offset} "
+            f"overruns storage {pending.storage.key!r} of {storage.size} elements"
+        )
       view = np.lib.stride_tricks.as_strided(
-          storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
-          writeable=False)
+          storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
+      )
     else:
       view = np.zeros(size, storage.dtype)
     tensor = np.array(view, dtype=storage.dtype.newbyteorder("="), copy=True)
@@ -239,8 +246,7 @@ def _unpickle(f, path: str, what: str, unpickler: Optional[_RestrictedUnpickler]
     return (unpickler or _RestrictedUnpickler(f, path)).load()
   except UnsafeCheckpointError:
     raise
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-          IndexError) as e:
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
     raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
 
 
@@ -249,18 +255,18 @@ def _load_zip(path: str) -> Any:
     with zipfile.ZipFile(path) as archive:
       prefix = _archive_prefix(archive, path)
       names = set(archive.namelist())
-      big_endian = (f"{prefix}byteorder" in names
-                    and archive.read(f"{prefix}byteorder").strip() == b"big")
+      big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
       with archive.open(f"{prefix}data.pkl") as f:
         obj = _unpickle(f, path, "data.pkl")
-      reader = _StorageReader(_zip_storage_bytes(archive, prefix, path), path, big_endian,
-                              _count_storage_uses(obj, collections.Counter()))
+      reader = _StorageReader(
+          _zip_storage_bytes(archive, prefix, path), path, big_endian, _count_storage_uses(obj, collections.Counter())
+      )
       return _materialize(obj, reader)
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from e
 
 
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
@@ -317,8 +323,10 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
   if head[:1] == b"\x80":
     return _load_legacy(path)
   if head[257:262] == b"ustar":
-    raise ValueError(f"{path}: unsupported legacy tar-format PyTorch checkpoint (torch < 0.4); "
-                     "re-save it with torch.save(torch.load(path), new_path) under torch >= 1.6")
+    raise ValueError(
+        f"{path}: unsupported legacy tar-format PyTorch checkpoint (torch < 0.4); "
+        "re-save it with torch.save(torch.load(path), new_path) under torch >= 1.6"
+    )
   raise ValueError(f"{path}: not a PyTorch checkpoint (starts with {head[:4]!r})")
 
 
@@ -337,8 +345,7 @@ def flatten_state_dict(tree: Mapping, sep: str = ".") -> dict[str, np.ndarray]:
   return flat
 
 
-def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None
-                          ) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None) -> dict[str, np.ndarray]:
   """A flat {name: array} state dict from a torch.save file.
 
   `key` picks a sub-dict (dotted for nesting, e.g. "checkpoint.ema"). Without it, a top-level
@@ -351,7 +358,7 @@ def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None
       if not isinstance(obj, Mapping) or part not in obj:
         raise KeyError(f"{os.fspath(path)}: no {part!r} in the checkpoint (looking up {key!r})")
       obj = obj[part]
-  while (isinstance(obj, Mapping) and not any(isinstance(v, np.ndarray) for v in obj.values())):
+  while isinstance(obj, Mapping) and not any(isinstance(v, np.ndarray) for v in obj.values()):
     wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
     if wrapper is None:
       break
@@ -363,6 +370,7 @@ def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such checkpoint file: {path!r}")
   try:
@@ -390,8 +398,10 @@ def _load_index(index_path: str) -> dict[str, np.ndarray]:
       merged[name] = value
   missing = sorted(k for k in weight_map if k not in merged)
   if missing:
-    raise ValueError(f"{index_path}: tensors listed in the index but absent from their shards: "
-                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    raise ValueError(
+        f"{index_path}: tensors listed in the index but absent from their shards: "
+        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+    )
   return merged
 
 
@@ -402,17 +412,24 @@ def _load_single_file(path: str) -> dict[str, np.ndarray]:
     return _load_safetensors(path)
   if path.endswith((".bin", ".pth", ".pt", ".ckpt")):
     return load_torch_state_dict(path)
-  raise ValueError(f"{path}: unknown checkpoint extension (want .safetensors, .bin, .pth, .pt, "
-                   ".ckpt, *.index.json or a directory)")
+  raise ValueError(
+      f"{path}: unknown checkpoint extension (want .safetensors, .bin, .pth, .pt, "
+      ".ckpt, *.index.json or a directory)"
+  )
 
 
 # Well-known single-file names, best first; a directory is searched in this order.
-_KNOWN_FILES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
-                "model.safetensors", "diffusion_pytorch_model.safetensors",
-                "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json",
-                "pytorch_model.bin", "diffusion_pytorch_model.bin")
-_FALLBACK_PATTERNS = ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin",
-                      "*.pth", "*.pt")
+_KNOWN_FILES = (
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+)
+_FALLBACK_PATTERNS = ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pth", "*.pt")
 
 
 def _pick_in_directory(folder: str) -> str:
@@ -424,8 +441,10 @@ def _pick_in_directory(folder: str) -> str:
     if len(found) == 1:
       return found[0]
     if len(found) > 1:
-      raise ValueError(f"{folder}: several {pattern} files and no index to say which to load: "
-                       f"{[os.path.basename(p) for p in found]}; pass one file")
+      raise ValueError(
+          f"{folder}: several {pattern} files and no index to say which to load: "
+          f"{[os.path.basename(p) for p in found]}; pass one file"
+      )
   raise FileNotFoundError(f"{folder}: no checkpoint (.safetensors, .bin, .pth, .pt or index json)")
 
 

@@ -12,16 +12,15 @@ import json
 import os
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from monoformer_jax.data.sources import (BadRecordError, Source, _check_files, _LineIndex,
-                                         _read_json_line)
+from monoformer_jax.data.sources import (BadRecordError, Source, _check_files, _LineIndex, _read_json_line)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def center_crop_arr(image, image_size: int):
   """ADM's centre crop: a PIL image -> a PIL image of image_size x image_size."""
-  from PIL import Image
   while min(*image.size) >= 2 * image_size:
     image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
   scale = image_size / min(*image.size)
@@ -33,7 +32,6 @@ def center_crop_arr(image, image_size: int):
 
 def load_image(path: str, image_size: int | None, channels: int) -> np.ndarray:
   """Decodes one image file to uint8 (H, W, channels). Raises BadRecordError naming the file."""
-  from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
       im = im.convert("L" if channels == 1 else "RGB")
@@ -77,8 +75,14 @@ class ImageFolderSource(Source):
   `class_names` maps folders to the names used in prompts (see `_load_class_names`).
   """
 
-  def __init__(self, root: str, image_size: int | None = None, channels: int = 3,
-               class_names=None, skip_bad_records: bool = False):
+  def __init__(
+      self,
+      root: str,
+      image_size: int | None = None,
+      channels: int = 3,
+      class_names=None,
+      skip_bad_records: bool = False,
+  ):
     root = os.fspath(root)
     if not os.path.isdir(root):
       raise FileNotFoundError(f"{root}: image folder not found")
@@ -86,11 +90,12 @@ class ImageFolderSource(Source):
     loose = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
     folders = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if loose:
-      raise ValueError(f"{root}: unknown class folder layout: images directly in the root (e.g. "
-                       f"{loose[0]}); expected root/<class>/<image>")
+      raise ValueError(
+          f"{root}: unknown class folder layout: images directly in the root (e.g. "
+          f"{loose[0]}); expected root/<class>/<image>"
+      )
     if not folders:
-      raise ValueError(f"{root}: unknown class folder layout: no class sub-folders; expected "
-                       "root/<class>/<image>")
+      raise ValueError(f"{root}: unknown class folder layout: no class sub-folders; expected root/<class>/<image>")
     paths, labels = [], []
     for label, folder in enumerate(folders):
       d = os.path.join(root, folder)
@@ -122,8 +127,10 @@ class ImageFolderSource(Source):
     return {"image": image, "label": label, "class_name": self.class_names[label]}
 
   def __repr__(self) -> str:
-    return (f"ImageFolderSource(root={self.root!r}, image_size={self.image_size}, "
-            f"channels={self.channels}, n={len(self)}, classes={self.num_classes})")
+    return (
+        f"ImageFolderSource(root={self.root!r}, image_size={self.image_size}, "
+        f"channels={self.channels}, n={len(self)}, classes={self.num_classes})"
+    )
 
 
 class ImageTextJsonlSource(Source):
@@ -132,14 +139,21 @@ class ImageTextJsonlSource(Source):
   Relative image paths are resolved against `image_root` (default: the JSONL file's folder).
   """
 
-  def __init__(self, paths, image_root: str | None = None, image_size: int | None = None,
-               channels: int = 3, image_key: str = "image", prompt_key: str = "prompt",
-               skip_bad_records: bool = False):
+  def __init__(
+      self,
+      paths,
+      image_root: str | None = None,
+      image_size: int | None = None,
+      channels: int = 3,
+      image_key: str = "image",
+      prompt_key: str = "prompt",
+      skip_bad_records: bool = False,
+  ):
     self.paths = _check_files(paths)
     self.image_root, self.image_size, self.channels = image_root, image_size, channels
     self.image_key, self.prompt_key, self.skip_bad_records = image_key, prompt_key, skip_bad_records
     self.index = _LineIndex(self.paths, "line")
-    if not len(self.index):
+    if len(self.index) == 0:
       raise ValueError(f"ImageTextJsonlSource: no records in {self.paths}")
 
   def __len__(self) -> int:
@@ -163,5 +177,7 @@ class ImageTextJsonlSource(Source):
     return {"image": array, "prompt": prompt}
 
   def __repr__(self) -> str:
-    return (f"ImageTextJsonlSource(paths={self.paths!r}, image_root={self.image_root!r}, "
-            f"image_size={self.image_size}, channels={self.channels}, n={len(self)})")
+    return (
+        f"ImageTextJsonlSource(paths={self.paths!r}, image_root={self.image_root!r}, "
+        f"image_size={self.image_size}, channels={self.channels}, n={len(self)})"
+    )

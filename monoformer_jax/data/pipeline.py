@@ -23,6 +23,7 @@ import logging
 from typing import Callable
 
 import grain
+import jax
 import numpy as np
 
 from monoformer_jax.data import sequences as seq
@@ -36,7 +37,6 @@ _STATE_VERSION = 1
 def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   """Explicit shard, or this JAX process's (process_index, process_count)."""
   if shard_index is None and shard_count is None:
-    import jax
     return jax.process_index(), jax.process_count()
   if shard_index is None or shard_count is None:
     raise ValueError("give both shard_index and shard_count, or neither")
@@ -63,14 +63,29 @@ class _MarkBad:
     return repr(self.source)
 
 
-def sample_dataset(source, make_sample: Callable, *, seed: int, shuffle: bool = True,
-                   num_epochs: int | None = None, shard_index: int | None = None,
-                   shard_count: int | None = None, block: int = 1) -> grain.MapDataset:
+def sample_dataset(
+    source,
+    make_sample: Callable,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    block: int = 1,
+) -> grain.MapDataset:
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
   a source skipped (None) come through as {"bad": True} so the iterator can count them."""
   index, count = resolve_shard(shard_index, shard_count)
-  ds = shard_stream(_MarkBad(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                    shard_index=index, shard_count=count, block=block)
+  ds = shard_stream(
+      _MarkBad(source),
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_index=index,
+      shard_count=count,
+      block=block,
+  )
 
   def to_sample(item):
     position, record = item
@@ -86,8 +101,16 @@ def _global_position(j: int, shard_index: int, shard_count: int, block: int) -> 
   return (j // block) * shard_count * block + shard_index * block + j % block
 
 
-def shard_stream(source, *, seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                 shard_index: int = 0, shard_count: int = 1, block: int = 1) -> grain.MapDataset:
+def shard_stream(
+    source,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    block: int = 1,
+) -> grain.MapDataset:
   """This process's (global position, record) pairs, in stream order.
 
   The global stream (shuffled per epoch, repeated) is dealt out in blocks of `block` records
@@ -96,8 +119,7 @@ def shard_stream(source, *, seed: int, shuffle: bool = True, num_epochs: int | N
   exactly the single-process k-th batch (one sample per row).
   """
   if len(source) < shard_count:
-    raise ValueError(f"{source!r} has {len(source)} records, fewer than the {shard_count} "
-                     "processes reading it")
+    raise ValueError(f"{source!r} has {len(source)} records, fewer than the {shard_count} processes reading it")
   stream = grain.MapDataset.source(source)
   if shuffle:
     stream = stream.shuffle(seed=seed)
@@ -117,11 +139,19 @@ def shard_stream(source, *, seed: int, shuffle: bool = True, num_epochs: int | N
   return grain.MapDataset.range(length).map(fetch)
 
 
-def shard_indices(n: int, shard_index: int, shard_count: int, *, seed: int,
-                  shuffle: bool = True, block: int = 1) -> list[int]:
+def shard_indices(
+    n: int, shard_index: int, shard_count: int, *, seed: int, shuffle: bool = True, block: int = 1
+) -> list[int]:
   """The source indices a shard reads in the first epoch, in order."""
-  ds = shard_stream(grain.MapDataset.range(n), seed=seed, shuffle=shuffle, num_epochs=1,
-                    shard_index=shard_index, shard_count=shard_count, block=block)
+  ds = shard_stream(
+      grain.MapDataset.range(n),
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=1,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      block=block,
+  )
   return [int(ds[i][1]) for i in range(len(ds))]
 
 
@@ -132,9 +162,21 @@ class BatchIterator:
   packing=False puts one sample per row. The last batch of a finite run is padded with empty rows.
   """
 
-  def __init__(self, dataset: grain.MapDataset, *, batch_size: int, seq_len: int,
-               num_image_slots: int, image_shape, num_patches: int, t_token: bool,
-               packing: bool, num_threads: int = 2, prefetch: int = 16, skipped_at_index: int = 0):
+  def __init__(
+      self,
+      dataset: grain.MapDataset,
+      *,
+      batch_size: int,
+      seq_len: int,
+      num_image_slots: int,
+      image_shape,
+      num_patches: int,
+      t_token: bool,
+      packing: bool,
+      num_threads: int = 2,
+      prefetch: int = 16,
+      skipped_at_index: int = 0,
+  ):
     self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
     self.num_image_slots, self.image_shape = num_image_slots, tuple(image_shape)
     self.num_patches, self.t_token = num_patches, t_token
@@ -155,8 +197,7 @@ class BatchIterator:
     return next(self._it), state
 
   def __next__(self) -> dict:
-    batch = batch_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots,
-                                   self.image_shape)
+    batch = batch_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots, self.image_shape)
     row, placed = 0, 0
     builder = self._builder(batch, 0)
     while row < self.batch_size:
@@ -174,7 +215,8 @@ class BatchIterator:
         if builder.cursor == 0:
           raise ValueError(
               f"a sample of {builder.sample_length(pieces)} tokens / {num_images} images does not "
-              f"fit an empty row (seq_len {self.seq_len}, {self.num_image_slots} image slots)")
+              f"fit an empty row (seq_len {self.seq_len}, {self.num_image_slots} image slots)"
+          )
         row += 1
         if row == self.batch_size:
           self._pending = (sample, state)
@@ -201,8 +243,7 @@ class BatchIterator:
 
   def set_state(self, state: dict) -> None:
     if state.get("version") != _STATE_VERSION:
-      raise ValueError(f"data iterator state of version {state.get('version')}, expected "
-                       f"{_STATE_VERSION}")
+      raise ValueError(f"data iterator state of version {state.get('version')}, expected {_STATE_VERSION}")
     self._it.set_state(state["grain"])
     self._pending = None
     self.num_skipped = int(state.get("num_skipped", 0))
@@ -238,16 +279,32 @@ def _record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
   return image_to_float(record["image"])
 
 
-def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
-                        t_token: bool, seed: int = 0, image_shape=None,
-                        class_names=None, templates=seq.MAIN_TEMPLATES,
-                        prompt_prefix: str = seq.T2I_PREFIX, max_prompt_tokens: int | None = None,
-                        text_dropout: float = 0.1, train_text: bool = False,
-                        null_label: int | None = None, latent_scale: float = 1.0,
-                        seq_len: int | None = None, packing: bool = False,
-                        images_per_row: int = 1, shuffle: bool = True,
-                        num_epochs: int | None = None, shard_index: int | None = None,
-                        shard_count: int | None = None, num_threads: int = 2) -> BatchIterator:
+def make_image_iterator(
+    source,
+    tokenizer,
+    *,
+    batch_size: int,
+    patch_size: int,
+    t_token: bool,
+    seed: int = 0,
+    image_shape=None,
+    class_names=None,
+    templates=seq.MAIN_TEMPLATES,
+    prompt_prefix: str = seq.T2I_PREFIX,
+    max_prompt_tokens: int | None = None,
+    text_dropout: float = 0.1,
+    train_text: bool = False,
+    null_label: int | None = None,
+    latent_scale: float = 1.0,
+    seq_len: int | None = None,
+    packing: bool = False,
+    images_per_row: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 2,
+) -> BatchIterator:
   """Image-generation batches from an image source (MNIST, image folder, image-text, latents).
 
   The prompt is the record's "prompt" (prefixed by `prompt_prefix`, cut to `max_prompt_tokens`) or
@@ -261,12 +318,10 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   # Inspect a record of this process's own part (each process reads only its shard).
-  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle,
-                      block=batch_size)[:100]
+  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle, block=batch_size)[:100]
   first = next((r for r in (source[i] for i in own) if r is not None), None)
   if first is None:
-    raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; "
-                     "cannot infer the image shape")
+    raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; cannot infer the image shape")
   if image_shape is None:
     image_shape = _record_image(first, np.random.default_rng(0), latent_scale).shape
   h, w, _ = image_shape
@@ -290,8 +345,10 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
   def make_sample(record, rng):
     image = _record_image(record, rng, latent_scale)
     if image.shape != tuple(image_shape):
-      raise ValueError(f"{source!r}: an image of shape {image.shape}, expected "
-                       f"{tuple(image_shape)} (set image_size on the source)")
+      raise ValueError(
+          f"{source!r}: an image of shape {image.shape}, expected "
+          f"{tuple(image_shape)} (set image_size on the source)"
+      )
     label = int(record.get("label", null_label))
     if "prompt" in record:
       prompt = record["prompt"]
@@ -303,27 +360,52 @@ def make_image_iterator(source, tokenizer, *, batch_size: int, patch_size: int,
     ids = tok.encode(prompt)[:max_prompt_tokens]
     if rng.random() < text_dropout:
       ids, label = [], null_label
-    return {"pieces": seq.image_sample(tok, ids, image, label, train_text, tail=train_text),
-            "num_images": 1}
+    return {"pieces": seq.image_sample(tok, ids, image, label, train_text, tail=train_text), "num_images": 1}
 
-  ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count, block=batch_size)
-  return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len,
-                       num_image_slots=images_per_row if packing else 1, image_shape=image_shape,
-                       num_patches=num_patches, t_token=t_token, packing=packing,
-                       num_threads=num_threads,
-                       skipped_at_index=getattr(source, "num_skipped_at_index", 0))
+  ds = sample_dataset(
+      source,
+      make_sample,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      block=batch_size,
+  )
+  return BatchIterator(
+      ds,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      num_image_slots=images_per_row if packing else 1,
+      image_shape=image_shape,
+      num_patches=num_patches,
+      t_token=t_token,
+      packing=packing,
+      num_threads=num_threads,
+      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Text objective.
 
 
-def make_text_iterator(source, tokenizer, *, batch_size: int, seq_len: int, seed: int = 0,
-                       packing: bool = True, train_on_prompt: bool = True,
-                       image_shape=(1, 1, 1), shuffle: bool = True,
-                       num_epochs: int | None = None, shard_index: int | None = None,
-                       shard_count: int | None = None, num_threads: int = 2) -> BatchIterator:
+def make_text_iterator(
+    source,
+    tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    packing: bool = True,
+    train_on_prompt: bool = True,
+    image_shape=(1, 1, 1),
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 2,
+) -> BatchIterator:
   """Text batches `<s>...</s>` from {"text"} or chat {"turns"} records, cut to seq_len tokens.
 
   packing=True packs several samples per row (segment ids keep them apart); False pads each
@@ -340,9 +422,25 @@ def make_text_iterator(source, tokenizer, *, batch_size: int, seq_len: int, seed
       segments = [(tok.encode(record["text"]), True)]
     return {"pieces": seq.text_sample(tok, segments, seq_len), "num_images": 0}
 
-  ds = sample_dataset(source, make_sample, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count, block=batch_size)
-  return BatchIterator(ds, batch_size=batch_size, seq_len=seq_len, num_image_slots=1,
-                       image_shape=image_shape, num_patches=1, t_token=False, packing=packing,
-                       num_threads=num_threads,
-                       skipped_at_index=getattr(source, "num_skipped_at_index", 0))
+  ds = sample_dataset(
+      source,
+      make_sample,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      block=batch_size,
+  )
+  return BatchIterator(
+      ds,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      num_image_slots=1,
+      image_shape=image_shape,
+      num_patches=1,
+      t_token=False,
+      packing=packing,
+      num_threads=num_threads,
+      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+  )

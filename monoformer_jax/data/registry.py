@@ -43,8 +43,7 @@ def names_from_json(names, where: str) -> list[str]:
       raise DataConfigError(f"{where}: keys must be class ids (0, 1, ...)") from None
   if not isinstance(names, list) or not names:
     raise DataConfigError(f"{where}: expected a non-empty list of class names")
-  out = [n if isinstance(n, str) else (n[-1] if isinstance(n, list) and n else None)
-         for n in names]
+  out = [n if isinstance(n, str) else (n[-1] if isinstance(n, list) and n else None) for n in names]
   bad = [i for i, n in enumerate(out) if not isinstance(n, str) or not n.strip()]
   if bad:
     raise DataConfigError(f"{where}: class {bad[0]} has no name ({names[bad[0]]!r})")
@@ -54,28 +53,33 @@ def names_from_json(names, where: str) -> list[str]:
 def _need_path(data, source_field: str) -> str:
   field = "image_path" if source_field == "image_source" else "text_path"
   if not data[field]:
-    raise DataConfigError(f"config.data.{field}: required for "
-                          f"{source_field}={data[source_field]!r}")
+    raise DataConfigError(f"config.data.{field}: required for {source_field}={data[source_field]!r}")
   return data[field]
 
 
 def _latents(data, image_shape, split="train"):
-  return tfds_latents.latent_source(_need_path(data, "image_source"), split,
-                                    class_names=class_names(data))
+  del image_shape  # the latents carry their own
+  return tfds_latents.latent_source(_need_path(data, "image_source"), split, class_names=class_names(data))
 
 
 def _image_folder(data, image_shape, split="train"):
   del split
-  return image_sources.ImageFolderSource(_need_path(data, "image_source"),
-                                         image_size=image_shape[0], channels=image_shape[2],
-                                         skip_bad_records=data.skip_bad_records)
+  return image_sources.ImageFolderSource(
+      _need_path(data, "image_source"),
+      image_size=image_shape[0],
+      channels=image_shape[2],
+      skip_bad_records=data.skip_bad_records,
+  )
 
 
 def _image_text_jsonl(data, image_shape, split="train"):
   del split
-  return image_sources.ImageTextJsonlSource(_need_path(data, "image_source").split(","),
-                                            image_size=image_shape[0], channels=image_shape[2],
-                                            skip_bad_records=data.skip_bad_records)
+  return image_sources.ImageTextJsonlSource(
+      _need_path(data, "image_source").split(","),
+      image_size=image_shape[0],
+      channels=image_shape[2],
+      skip_bad_records=data.skip_bad_records,
+  )
 
 
 IMAGE_SOURCES = {
@@ -89,14 +93,12 @@ IMAGE_SOURCES = {
 
 def _text_files(data, split="train"):
   del split
-  return sources.TextFileSource(_need_path(data, "text_source").split(","),
-                                skip_bad_records=data.skip_bad_records)
+  return sources.TextFileSource(_need_path(data, "text_source").split(","), skip_bad_records=data.skip_bad_records)
 
 
 def _chat_jsonl(data, split="train"):
   del split
-  return sources.ChatJsonlSource(_need_path(data, "text_source").split(","),
-                                 skip_bad_records=data.skip_bad_records)
+  return sources.ChatJsonlSource(_need_path(data, "text_source").split(","), skip_bad_records=data.skip_bad_records)
 
 
 TEXT_SOURCES = {

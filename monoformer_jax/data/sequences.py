@@ -27,14 +27,19 @@ T2I_PREFIX = "Please generate an image of "
 SAMPLING_TEMPLATE = "Please generate an image of {}."
 
 
-def class_prompt(class_name: str, rng: np.random.Generator,
-                 templates: Sequence[str] = MAIN_TEMPLATES) -> str:
+def class_prompt(class_name: str, rng: np.random.Generator, templates: Sequence[str] = MAIN_TEMPLATES) -> str:
   """A class name put into a template chosen at random (as the official ImageNet loader does)."""
   return templates[int(rng.integers(len(templates)))].format(class_name)
 
 
-def image_sample(tok: Tokenizer, prompt_ids: Sequence[int], image: np.ndarray, label: int,
-                 train_text: bool = False, tail: bool = True) -> list:
+def image_sample(
+    tok: Tokenizer,
+    prompt_ids: Sequence[int],
+    image: np.ndarray,
+    label: int,
+    train_text: bool = False,
+    tail: bool = True,
+) -> list:
   """`<s>{prompt}<|im_start|>` [image] `<|im_end|>\\n</s>`; an empty prompt is the CFG-dropout form.
 
   tail=False leaves out `<|im_end|>\\n</s>`. With untrained text that changes no loss: the tail
@@ -53,8 +58,7 @@ def sampling_prefix(tok: Tokenizer, prompt: str | None) -> list[int]:
   return [tok.bos_id, *(tok.encode(prompt) if prompt else []), tok.im_start_id]
 
 
-def text_sample(tok: Tokenizer, segments: Sequence[tuple[Sequence[int], bool]],
-                max_len: int) -> list:
+def text_sample(tok: Tokenizer, segments: Sequence[tuple[Sequence[int], bool]], max_len: int) -> list:
   """`<s> seg1 seg2 ... </s>` cut to at most max_len tokens; each segment carries its train flag.
 
   bos is never a target; eos is trained with the last segment. Cutting drops the tail (and eos),
@@ -83,8 +87,9 @@ def _truncate_text(pieces: list, max_len: int) -> list:
   return out
 
 
-def chat_segments(tok: Tokenizer, turns: Sequence[tuple[str, str]],
-                  train_on_prompt: bool = True) -> list[tuple[list[int], bool]]:
+def chat_segments(
+    tok: Tokenizer, turns: Sequence[tuple[str, str]], train_on_prompt: bool = True
+) -> list[tuple[list[int], bool]]:
   """[(user, assistant), ...] -> token segments. Each message is encoded on its own (its leading
   SentencePiece space separates it from the previous one). train_on_prompt=True is the official
   `train_on_source` (loss on user turns too); False trains on the assistant turns only."""
@@ -99,14 +104,13 @@ def sample_length(pieces, num_patches: int, t_token: bool) -> int:
   return sum(len(v) if k == "text" else num_patches + int(t_token) for k, v, _ in pieces)
 
 
-def image_seq_len(max_prompt_tokens: int, num_patches: int, t_token: bool,
-                  tok: Tokenizer, tail: bool = True) -> int:
+def image_seq_len(max_prompt_tokens: int, num_patches: int, t_token: bool, tok: Tokenizer, tail: bool = True) -> int:
   """Smallest static row length holding one image sample with a prompt of max_prompt_tokens."""
-  return (1 + max_prompt_tokens + 1 + int(t_token) + num_patches
-          + ((1 + len(tok.newline_ids) + 1) if tail else 0))
+  return 1 + max_prompt_tokens + 1 + int(t_token) + num_patches + ((1 + len(tok.newline_ids) + 1) if tail else 0)
 
 
-def max_class_prompt_tokens(tok: Tokenizer, class_names: Sequence[str],
-                            templates: Sequence[str] = MAIN_TEMPLATES) -> int:
+def max_class_prompt_tokens(
+    tok: Tokenizer, class_names: Sequence[str], templates: Sequence[str] = MAIN_TEMPLATES
+) -> int:
   """Longest tokenized class prompt over every class and template (exact, so no truncation)."""
   return max(len(tok.encode(t.format(c))) for c in class_names for t in templates)

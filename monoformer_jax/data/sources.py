@@ -41,7 +41,6 @@ class Source:
     if not self.skip_bad_records:
       raise BadRecordError(message)
     log.warning("skipping bad record: %s", message)
-    return None
 
   def _bad_at_index(self, message: str) -> None:
     if not self.skip_bad_records:
@@ -80,8 +79,7 @@ class MnistSource(Source):
       raise ValueError(f"MnistSource: unknown split {split!r} (train, holdout, all)")
     self.images, self.labels = mnist.load_mnist5k(path)
     train, hold = mnist.split_indices(len(self.labels), holdout_fraction)
-    self.indices = {"train": train, "holdout": hold,
-                    "all": np.arange(len(self.labels))}[split]
+    self.indices = {"train": train, "holdout": hold, "all": np.arange(len(self.labels))}[split]
     self.split, self.holdout_fraction = split, holdout_fraction
     self.class_names = mnist.CLASS_NAMES
 
@@ -123,7 +121,8 @@ def pydoc_passages(max_chars: int = 200) -> list[str]:
   Paragraphs (blank-line separated) have their line breaks and indentation folded into single
   spaces, then consecutive paragraphs of a topic are merged while they fit.
   """
-  from pydoc_data.topics import topics
+  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel  # 700 kB, read on use
+
   passages = []
   for key in sorted(topics):
     paras = [" ".join(p.split()) for p in topics[key].split("\n\n")]
@@ -164,8 +163,7 @@ class PydocSource(Source):
     return {"text": self.passages[i]}
 
   def __repr__(self) -> str:
-    return (f"PydocSource(max_chars={self.max_chars}, split={self.split!r}, "
-            f"holdout_fraction={self.holdout_fraction})")
+    return f"PydocSource(max_chars={self.max_chars}, split={self.split!r}, holdout_fraction={self.holdout_fraction})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +176,13 @@ class _LineIndex:
 
   def __init__(self, paths: Sequence[str], unit: str):
     files, starts, ends, lines = [], [], [], []
+
+    def _add_record(file_index, start, end, line):
+      files.append(file_index)
+      starts.append(start)
+      ends.append(end)
+      lines.append(line)
+
     for fi, path in enumerate(paths):
       with open(path, "rb") as f:
         offset, line_no, rec_start, rec_line = 0, 0, None, 0
@@ -186,14 +191,13 @@ class _LineIndex:
           blank = not raw.strip()
           if unit == "line" or (unit == "paragraph" and blank):
             if rec_start is not None:  # close the open record before this line
-              files.append(fi), starts.append(rec_start), ends.append(offset)
-              lines.append(rec_line)
+              _add_record(fi, rec_start, offset, rec_line)
               rec_start = None
           if not blank and rec_start is None:
             rec_start, rec_line = offset, line_no
           offset += len(raw)
         if rec_start is not None:
-          files.append(fi), starts.append(rec_start), ends.append(offset), lines.append(rec_line)
+          _add_record(fi, rec_start, offset, rec_line)
     self.paths = list(paths)
     self.files = np.asarray(files, np.int32)
     self.starts = np.asarray(starts, np.int64)
@@ -220,7 +224,7 @@ class TextFileSource(Source):
       raise ValueError(f"TextFileSource: unknown unit {unit!r} (line, paragraph, file)")
     self.paths, self.unit, self.skip_bad_records = _check_files(paths), unit, skip_bad_records
     self.index = _LineIndex(self.paths, unit)
-    if not len(self.index):
+    if len(self.index) == 0:
       raise ValueError(f"TextFileSource: no text in {self.paths}")
 
   def __len__(self) -> int:
@@ -231,9 +235,8 @@ class TextFileSource(Source):
     try:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      line = int(self.index.lines[i]) + raw[:e.start].count(b"\n")
-      return self._bad(f"{self.index.paths[self.index.files[i]]}:{line}: not UTF-8 text ({e.reason} "
-                       f"at byte {e.start})")
+      line = int(self.index.lines[i]) + raw[: e.start].count(b"\n")
+      return self._bad(f"{self.index.paths[self.index.files[i]]}:{line}: not UTF-8 text ({e.reason} at byte {e.start})")
     return {"text": text.strip()}
 
   def __repr__(self) -> str:
@@ -270,8 +273,11 @@ def _parse_chat(obj, last_pair_only: bool):
     turns = [("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(obj["data"])]
   else:
     return 'no "messages", "conversations" or "data" field'
-  pairs = [(turns[j][1], turns[j + 1][1]) for j in range(len(turns) - 1)
-           if turns[j][0] == "user" and turns[j + 1][0] == "assistant"]
+  pairs = [
+      (turns[j][1], turns[j + 1][1])
+      for j in range(len(turns) - 1)
+      if turns[j][0] == "user" and turns[j + 1][0] == "assistant"
+  ]
   if not pairs:
     return "no user/assistant pair"
   return pairs[-1:] if last_pair_only else pairs
@@ -288,7 +294,7 @@ class ChatJsonlSource(Source):
     self.paths = _check_files(paths)
     self.last_pair_only, self.skip_bad_records = last_pair_only, skip_bad_records
     self.index = _LineIndex(self.paths, "line")
-    if not len(self.index):
+    if len(self.index) == 0:
       raise ValueError(f"ChatJsonlSource: no records in {self.paths}")
 
   def __len__(self) -> int:
@@ -304,8 +310,7 @@ class ChatJsonlSource(Source):
     return {"turns": turns}
 
   def __repr__(self) -> str:
-    return (f"ChatJsonlSource(paths={self.paths!r}, last_pair_only={self.last_pair_only}, "
-            f"n={len(self)})")
+    return f"ChatJsonlSource(paths={self.paths!r}, last_pair_only={self.last_pair_only}, n={len(self)})"
 
 
 def _read_json_line(index: _LineIndex, i: int):

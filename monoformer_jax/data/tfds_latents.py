@@ -45,8 +45,15 @@ class MonoformerLatents(tfds.core.GeneratorBasedBuilder):
   def code_path(cls):
     return None
 
-  def __init__(self, *, splits: dict | None = None, latent_shape=None, with_label: bool = True,
-               with_prompt: bool = False, **kwargs):
+  def __init__(
+      self,
+      *,
+      splits: dict | None = None,
+      latent_shape=None,
+      with_label: bool = True,
+      with_prompt: bool = False,
+      **kwargs,
+  ):
     # The arrays to write, and the feature layout; only needed when preparing.
     self._splits = splits
     self._latent_shape = tuple(latent_shape) if latent_shape is not None else None
@@ -90,8 +97,9 @@ def write_latents(data_dir: str, splits: dict[str, dict]) -> str:
   for name, arrays in splits.items():
     mean, logvar = np.asarray(arrays["mean"]), np.asarray(arrays["logvar"])
     if mean.ndim != 4 or mean.shape != logvar.shape:
-      raise ValueError(f"split {name!r}: mean {mean.shape} / logvar {logvar.shape}: expected the "
-                       "same (N, H, W, C) shape")
+      raise ValueError(
+          f"split {name!r}: mean {mean.shape} / logvar {logvar.shape}: expected the same (N, H, W, C) shape"
+      )
     for key in ("label", "prompt"):
       if key in arrays and len(arrays[key]) != len(mean):
         raise ValueError(f"split {name!r}: {len(arrays[key])} {key}s for {len(mean)} latents")
@@ -103,11 +111,15 @@ def write_latents(data_dir: str, splits: dict[str, dict]) -> str:
   target = os.path.join(data_dir, NAME, str(MonoformerLatents.VERSION))
   if os.path.exists(target):  # TFDS would silently keep the old data
     raise FileExistsError(f"{target}: a latents dataset is already there; use another data_dir")
-  builder = MonoformerLatents(splits=splits, latent_shape=shape, with_label=with_label,
-                              with_prompt=with_prompt, data_dir=data_dir,
-                              file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder = MonoformerLatents(
+      splits=splits,
+      latent_shape=shape,
+      with_label=with_label,
+      with_prompt=with_prompt,
+      data_dir=data_dir,
+      file_format="array_record",
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder.data_dir
 
 
@@ -120,8 +132,7 @@ class LatentSource:
       raise FileNotFoundError(f"{data_dir}: no {NAME} dataset (write it with write_latents)")
     self.data_dir, self.split = data_dir, split
     self.class_names = list(class_names) if class_names is not None else None
-    self._source = tfds.data_source(NAME, split=split, data_dir=data_dir,
-                                    download=False)
+    self._source = tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)
     self.num_skipped_at_index = 0
 
   def __len__(self) -> int:

@@ -39,8 +39,10 @@ class Tokenizer:
     self.vocab_size = n + len(SPECIAL_TOKENS)
     self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
     if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(f"{source}: the SentencePiece model has no <s>/</s> (bos {self.bos_id}, "
-                       f"eos {self.eos_id}); LLaMA-style models define them as 1 and 2")
+      raise ValueError(
+          f"{source}: the SentencePiece model has no <s>/</s> (bos {self.bos_id}, "
+          f"eos {self.eos_id}); LLaMA-style models define them as 1 and 2"
+      )
     self.special_ids = dict(zip(SPECIAL_TOKENS, range(n, n + len(SPECIAL_TOKENS))))
     # "\n" as LLaMA's tokenizer writes it after <|im_end|>: the byte piece alone (id 13), not the
     # "▁\n" a plain encode("\n") can give through the dummy-prefix space.
@@ -73,8 +75,7 @@ class Tokenizer:
           out.append(self.sp.decode(run))
           run = []
         if not skip_special:
-          out.append(SPECIAL_TOKENS[i - self.base_vocab_size] if i >= self.base_vocab_size
-                     else self.sp.id_to_piece(i))
+          out.append(SPECIAL_TOKENS[i - self.base_vocab_size] if i >= self.base_vocab_size else self.sp.id_to_piece(i))
       else:
         run.append(i)
     if run:
@@ -102,8 +103,9 @@ def _texts_digest(texts: Sequence[str]) -> str:
   return h.hexdigest()
 
 
-def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
-                        model_type: str = "bpe", name: str = "tokenizer") -> Tokenizer:
+def train_sentencepiece(
+    texts: Sequence[str], vocab_size: int, out_dir: str, model_type: str = "bpe", name: str = "tokenizer"
+) -> Tokenizer:
   """Trains a LLaMA-like SentencePiece model on `texts`, cached in `out_dir`.
 
   `vocab_size` is the base size (the four specials come on top). The model file is reused when a
@@ -111,9 +113,13 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
   LLaMA's conventions: BPE, byte fallback, no text normalisation, unk/bos/eos = 0/1/2.
   """
   texts = [t for t in texts if t]
-  settings = {"recipe": _TRAIN_RECIPE_VERSION, "vocab_size": int(vocab_size),
-              "model_type": model_type, "texts_sha256": _texts_digest(texts),
-              "num_texts": len(texts)}
+  settings = {
+      "recipe": _TRAIN_RECIPE_VERSION,
+      "vocab_size": int(vocab_size),
+      "model_type": model_type,
+      "texts_sha256": _texts_digest(texts),
+      "num_texts": len(texts),
+  }
   model_path = os.path.join(out_dir, name + ".model")
   meta_path = os.path.join(out_dir, name + ".json")
   if os.path.exists(model_path) and os.path.exists(meta_path):
@@ -133,8 +139,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
     raise ValueError(f"train_sentencepiece(vocab_size={vocab_size}) failed: {e}") from e
   os.makedirs(out_dir, exist_ok=True)
   # Write model, then metadata, each atomically: a crash in between leaves a mismatch -> retrain.
-  for path, data, mode in ((model_path, buf.getvalue(), "wb"),
-                           (meta_path, json.dumps(settings, indent=1), "w")):
+  for path, data, mode in ((model_path, buf.getvalue(), "wb"), (meta_path, json.dumps(settings, indent=1), "w")):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
       f.write(data)
@@ -144,10 +149,23 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, out_dir: str,
 
 def _train(texts, vocab_size: int, model_type: str, buf) -> None:
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size),
-      model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-      pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+      sentence_iterator=iter(texts),
+      model_writer=buf,
+      vocab_size=int(vocab_size),
+      model_type=model_type,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      max_sentence_length=1 << 16,
+      num_threads=2,
+      minloglevel=2,
       # Keep every character seen. hard_vocab_limit=False: a corpus too small for vocab_size
       # gives fewer pieces instead of failing (the specials then start at the smaller size).
-      character_coverage=1.0, hard_vocab_limit=False)
+      character_coverage=1.0,
+      hard_vocab_limit=False,
+  )

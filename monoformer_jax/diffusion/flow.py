@@ -47,8 +47,7 @@ def flow_loss(model_output, x0, x_t, noise, t):
   return {"loss": mse, "mse": mse}
 
 
-def flow_sample_loop(denoise_fn, x_T, num_steps: int, sampler: str = "euler",
-                     return_trajectory: bool = False):
+def flow_sample_loop(denoise_fn, x_T, num_steps: int, sampler: str = "euler", return_trajectory: bool = False):
   """Integrates dx/dt = v(x, t) from t = 1 (x_T) to t = 0 in num_steps uniform steps."""
   if sampler not in FLOW_SAMPLERS:
     raise ValueError(f"unknown flow sampler {sampler!r}; one of {FLOW_SAMPLERS}")
@@ -62,7 +61,7 @@ def flow_sample_loop(denoise_fn, x_T, num_steps: int, sampler: str = "euler",
 
   def body(x, k):
     t, t_next = times[k], times[k + 1]
-    dt = t_next - t   # negative: we integrate towards the data
+    dt = t_next - t  # negative: we integrate towards the data
     v = v_at(x, t)
     x_euler = x + dt * v
     if sampler == "euler":

@@ -24,6 +24,7 @@ from monoformer_jax.diffusion import schedules
 @flax.struct.dataclass
 class GaussianDiffusion:
   """Per-step tables (float32, from float64) of one (possibly respaced) Gaussian chain."""
+
   betas: jax.Array
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
@@ -36,10 +37,10 @@ class GaussianDiffusion:
   posterior_log_variance_clipped: jax.Array
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
-  log_betas: jax.Array              # upper end of the learned-range log variance
-  fixed_large_variance: jax.Array   # betas with beta_0 replaced by the posterior variance at 1
+  log_betas: jax.Array  # upper end of the learned-range log variance
+  fixed_large_variance: jax.Array  # betas with beta_0 replaced by the posterior variance at 1
   fixed_large_log_variance: jax.Array
-  timestep_map: jax.Array           # int32 (num_steps,): respaced index -> original timestep
+  timestep_map: jax.Array  # int32 (num_steps,): respaced index -> original timestep
   learn_sigma: bool = flax.struct.field(pytree_node=False, default=True)
   sigma_small: bool = flax.struct.field(pytree_node=False, default=False)
   predict_xstart: bool = flax.struct.field(pytree_node=False, default=False)
@@ -61,24 +62,30 @@ def float64_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
   ac_next = np.append(ac[1:], 0.0)
   posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
   # The posterior variance is 0 at t=0; its log is clipped by repeating the value at t=1.
-  clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 \
-      else posterior_variance
+  clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 else posterior_variance
   fixed_large = np.append(posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
   return dict(
-      betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, alphas_cumprod_next=ac_next,
-      sqrt_alphas_cumprod=np.sqrt(ac), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+      betas=betas,
+      alphas_cumprod=ac,
+      alphas_cumprod_prev=ac_prev,
+      alphas_cumprod_next=ac_next,
+      sqrt_alphas_cumprod=np.sqrt(ac),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
       sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
       sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
       posterior_variance=posterior_variance,
       posterior_log_variance_clipped=np.log(clipped),
       posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
       posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-      log_betas=np.log(betas), fixed_large_variance=fixed_large,
-      fixed_large_log_variance=np.log(fixed_large))
+      log_betas=np.log(betas),
+      fixed_large_variance=fixed_large,
+      fixed_large_log_variance=np.log(fixed_large),
+  )
 
 
-def respaced_float64(num_timesteps: int = 1000, schedule: str = "linear",
-                     respacing: str | int | None = "") -> tuple[np.ndarray, np.ndarray]:
+def respaced_float64(
+    num_timesteps: int = 1000, schedule: str = "linear", respacing: str | int | None = ""
+) -> tuple[np.ndarray, np.ndarray]:
   """(betas, timestep_map) in float64/int64 of the respaced chain."""
   base = schedules.named_betas(schedule, num_timesteps)
   kept = schedules.spaced_timesteps(num_timesteps, respacing)
@@ -88,16 +95,25 @@ def respaced_float64(num_timesteps: int = 1000, schedule: str = "linear",
   return schedules.respaced_betas(base_ac, kept), np.asarray(kept, dtype=np.int64)
 
 
-def create_gaussian_diffusion(num_timesteps: int = 1000, schedule: str = "linear",
-                              respacing: str | int | None = "", learn_sigma: bool = True,
-                              sigma_small: bool = False,
-                              predict_xstart: bool = False) -> GaussianDiffusion:
+def create_gaussian_diffusion(
+    num_timesteps: int = 1000,
+    schedule: str = "linear",
+    respacing: str | int | None = "",
+    learn_sigma: bool = True,
+    sigma_small: bool = False,
+    predict_xstart: bool = False,
+) -> GaussianDiffusion:
   """Mirrors the official `create_diffusion` defaults (eps prediction, learned-range sigma)."""
   betas, timestep_map = respaced_float64(num_timesteps, schedule, respacing)
   tables = {k: jnp.asarray(v.astype(np.float32)) for k, v in float64_tables(betas).items()}
-  return GaussianDiffusion(**tables, timestep_map=jnp.asarray(timestep_map.astype(np.int32)),
-                           learn_sigma=learn_sigma, sigma_small=sigma_small,
-                           predict_xstart=predict_xstart, num_original_timesteps=num_timesteps)
+  return GaussianDiffusion(
+      **tables,
+      timestep_map=jnp.asarray(timestep_map.astype(np.int32)),
+      learn_sigma=learn_sigma,
+      sigma_small=sigma_small,
+      predict_xstart=predict_xstart,
+      num_original_timesteps=num_timesteps,
+  )
 
 
 def expand_to(values: jax.Array, x: jax.Array) -> jax.Array:
@@ -117,8 +133,10 @@ def model_timesteps(diffusion: GaussianDiffusion, t: jax.Array) -> jax.Array:
 
 def q_sample(diffusion: GaussianDiffusion, x_start, t, noise):
   """Draw from q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) with the given noise."""
-  return (gather(diffusion.sqrt_alphas_cumprod, t, x_start) * x_start
-          + gather(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+  return (
+      gather(diffusion.sqrt_alphas_cumprod, t, x_start) * x_start
+      + gather(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+  )
 
 
 def q_mean_variance(diffusion: GaussianDiffusion, x_start, t):
@@ -133,26 +151,31 @@ def q_mean_variance(diffusion: GaussianDiffusion, x_start, t):
 class Posterior(NamedTuple):
   mean: jax.Array
   variance: jax.Array
-  log_variance: jax.Array   # clipped at t=0 (where the true variance is 0)
+  log_variance: jax.Array  # clipped at t=0 (where the true variance is 0)
 
 
 def q_posterior(diffusion: GaussianDiffusion, x_start, x_t, t) -> Posterior:
   """The true reverse step q(x_{t-1} | x_t, x_0)."""
-  mean = (gather(diffusion.posterior_mean_coef1, t, x_t) * x_start
-          + gather(diffusion.posterior_mean_coef2, t, x_t) * x_t)
+  mean = gather(diffusion.posterior_mean_coef1, t, x_t) * x_start + gather(diffusion.posterior_mean_coef2, t, x_t) * x_t
   one = jnp.ones_like(x_t)
-  return Posterior(mean, gather(diffusion.posterior_variance, t, x_t) * one,
-                   gather(diffusion.posterior_log_variance_clipped, t, x_t) * one)
+  return Posterior(
+      mean,
+      gather(diffusion.posterior_variance, t, x_t) * one,
+      gather(diffusion.posterior_log_variance_clipped, t, x_t) * one,
+  )
 
 
 def predict_xstart_from_eps(diffusion: GaussianDiffusion, x_t, t, eps):
-  return (gather(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-          - gather(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+  return (
+      gather(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+      - gather(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+  )
 
 
 def predict_eps_from_xstart(diffusion: GaussianDiffusion, x_t, t, pred_xstart):
-  return ((gather(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-          / gather(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t))
+  return (gather(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / gather(
+      diffusion.sqrt_recipm1_alphas_cumprod, t, x_t
+  )
 
 
 class ModelPrediction(NamedTuple):
@@ -160,23 +183,21 @@ class ModelPrediction(NamedTuple):
   variance: jax.Array
   log_variance: jax.Array
   pred_xstart: jax.Array
-  eps: jax.Array             # epsilon implied by the prediction (the model's, if it predicts eps)
+  eps: jax.Array  # epsilon implied by the prediction (the model's, if it predicts eps)
 
 
 def split_output(diffusion: GaussianDiffusion, model_output, channels: int):
   """(prediction channels, variance channels or None) of a (..., C or 2C) model output."""
   if diffusion.learn_sigma:
     if model_output.shape[-1] != 2 * channels:
-      raise ValueError(f"learn_sigma expects {2 * channels} output channels, got "
-                       f"{model_output.shape[-1]}")
+      raise ValueError(f"learn_sigma expects {2 * channels} output channels, got {model_output.shape[-1]}")
     return model_output[..., :channels], model_output[..., channels:]
   if model_output.shape[-1] != channels:
     raise ValueError(f"expected {channels} output channels, got {model_output.shape[-1]}")
   return model_output, None
 
 
-def p_mean_variance(diffusion: GaussianDiffusion, model_output, x_t, t,
-                    clip_denoised: bool = False) -> ModelPrediction:
+def p_mean_variance(diffusion: GaussianDiffusion, model_output, x_t, t, clip_denoised: bool = False) -> ModelPrediction:
   """p(x_{t-1} | x_t) from a model output taken at (x_t, timestep_map[t]).
 
   Learned range: v in [-1, 1] interpolates the log variance between the clipped posterior

@@ -18,12 +18,10 @@ import jax.numpy as jnp
 CFG_MODES = ("eps", "official_first3")
 
 
-def guided_channel_count(num_output_channels: int, mode: str = "eps",
-                         learn_sigma: bool = True) -> int:
+def guided_channel_count(num_output_channels: int, mode: str = "eps", learn_sigma: bool = True) -> int:
   if mode == "eps":
     if learn_sigma and num_output_channels % 2:
-      raise ValueError(f"learn_sigma output must have an even channel count, got "
-                       f"{num_output_channels}")
+      raise ValueError(f"learn_sigma output must have an even channel count, got {num_output_channels}")
     return num_output_channels // 2 if learn_sigma else num_output_channels
   if mode == "official_first3":
     return min(3, num_output_channels)
@@ -37,8 +35,7 @@ def guided_output(out_cond, out_uncond, scale, mode: str = "eps", learn_sigma: b
   return jnp.concatenate([guided, out_cond[..., n:]], axis=-1)
 
 
-def forward_with_cfg(model_fn: Callable, x_t, t, scale, mode: str = "official_first3",
-                     learn_sigma: bool = True):
+def forward_with_cfg(model_fn: Callable, x_t, t, scale, mode: str = "official_first3", learn_sigma: bool = True):
   """The official forward_with_cfg on a doubled batch (B = 2 * half), for parity.
 
   x_t's second half is IGNORED (replaced by its first half); one batched model call; the guided
@@ -50,8 +47,9 @@ def forward_with_cfg(model_fn: Callable, x_t, t, scale, mode: str = "official_fi
   cond, uncond = out[:half], out[half:]
   n = guided_channel_count(out.shape[-1], mode, learn_sigma)
   guided = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
-  return jnp.concatenate([jnp.concatenate([guided, cond[..., n:]], axis=-1),
-                          jnp.concatenate([guided, uncond[..., n:]], axis=-1)], axis=0)
+  return jnp.concatenate(
+      [jnp.concatenate([guided, cond[..., n:]], axis=-1), jnp.concatenate([guided, uncond[..., n:]], axis=-1)], axis=0
+  )
 
 
 def cfg_denoise_fn(model_fn: Callable, scale, mode: str = "eps", learn_sigma: bool = True):
@@ -61,18 +59,19 @@ def cfg_denoise_fn(model_fn: Callable, scale, mode: str = "eps", learn_sigma: bo
   rows [B, 2B) unconditional (the caller binds the two prompts). The sampler then only carries the
   B conditional samples, which is what the official loop effectively computes for them.
   """
+
   def denoise_fn(x_t, model_t):
     batch = x_t.shape[0]
-    out = model_fn(jnp.concatenate([x_t, x_t], axis=0),
-                   jnp.concatenate([model_t, model_t], axis=0))
+    out = model_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([model_t, model_t], axis=0))
     return guided_output(out[:batch], out[batch:], scale, mode, learn_sigma)
+
   return denoise_fn
 
 
-def guided_denoise_fn(cond_fn: Callable, uncond_fn: Callable, scale, mode: str = "eps",
-                      learn_sigma: bool = True):
+def guided_denoise_fn(cond_fn: Callable, uncond_fn: Callable, scale, mode: str = "eps", learn_sigma: bool = True):
   """Guidance from two separate calls (when the two branches cannot share a batch)."""
+
   def denoise_fn(x_t, model_t):
-    return guided_output(cond_fn(x_t, model_t), uncond_fn(x_t, model_t), scale, mode,
-                         learn_sigma)
+    return guided_output(cond_fn(x_t, model_t), uncond_fn(x_t, model_t), scale, mode, learn_sigma)
+
   return denoise_fn

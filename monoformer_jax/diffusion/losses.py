@@ -27,13 +27,14 @@ def mean_over_sample(x: jax.Array, batch_ndim: int = 1) -> jax.Array:
 
 def normal_kl(mean1, log_var1, mean2, log_var2):
   """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise, in nats."""
-  return 0.5 * (-1.0 + log_var2 - log_var1 + jnp.exp(log_var1 - log_var2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-log_var2))
+  return 0.5 * (
+      -1.0 + log_var2 - log_var1 + jnp.exp(log_var1 - log_var2) + jnp.square(mean1 - mean2) * jnp.exp(-log_var2)
+  )
 
 
 def approx_standard_normal_cdf(x):
   """The tanh approximation of Phi used by the official decoder likelihood (kept for parity)."""
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -48,8 +49,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
 def vb_terms_bpd(diffusion: GaussianDiffusion, model_output, x_start, x_t, t):
@@ -57,8 +57,9 @@ def vb_terms_bpd(diffusion: GaussianDiffusion, model_output, x_start, x_t, t):
   true = gaussian.q_posterior(diffusion, x_start, x_t, t)
   pred = gaussian.p_mean_variance(diffusion, model_output, x_t, t, clip_denoised=False)
   batch_ndim = t.ndim
-  kl = mean_over_sample(normal_kl(true.mean, true.log_variance, pred.mean, pred.log_variance),
-                        batch_ndim) / math.log(2.0)
+  kl = mean_over_sample(normal_kl(true.mean, true.log_variance, pred.mean, pred.log_variance), batch_ndim) / math.log(
+      2.0
+  )
   nll = -discretized_gaussian_log_likelihood(x_start, pred.mean, 0.5 * pred.log_variance)
   nll = mean_over_sample(nll, batch_ndim) / math.log(2.0)
   return jnp.where(t == 0, nll, kl)
@@ -80,8 +81,7 @@ def min_snr_weight(diffusion: GaussianDiffusion, t, gamma: float):
   return clipped if diffusion.predict_xstart else clipped / snr
 
 
-def training_losses(diffusion: GaussianDiffusion, model_output, x_start, x_t, noise, t,
-                    min_snr_gamma: float = 0.0):
+def training_losses(diffusion: GaussianDiffusion, model_output, x_start, x_t, noise, t, min_snr_gamma: float = 0.0):
   """Official per-sample losses of one model output taken at (x_t, timestep_map[t]).
 
   model_output: (B, ..., C or 2C); x_start, x_t, noise: (B, ..., C); t: (B,) table indices.

@@ -28,6 +28,7 @@ GAUSSIAN_SAMPLERS = ("ddpm", "ddim")
 @flax.struct.dataclass
 class GaussianObjective:
   """IDDPM Gaussian diffusion: integer t in [0, num_timesteps) indexes `diffusion`'s tables."""
+
   diffusion: GaussianDiffusion
   schedule: str = flax.struct.field(pytree_node=False, default="linear")
   # 0 = the official unweighted mse; > 0 weights it by Min-SNR-gamma (losses.min_snr_weight).
@@ -45,8 +46,7 @@ class GaussianObjective:
     return 2 * channels if self.diffusion.learn_sigma else channels
 
   def sample_timesteps(self, rng, batch_shape):
-    return jax.random.randint(rng, tuple(batch_shape), 0, self.diffusion.num_timesteps,
-                              dtype=jnp.int32)
+    return jax.random.randint(rng, tuple(batch_shape), 0, self.diffusion.num_timesteps, dtype=jnp.int32)
 
   def model_timesteps(self, t):
     """Original timesteps (0..999 for the official chain) as float32."""
@@ -56,25 +56,36 @@ class GaussianObjective:
     return gaussian.q_sample(self.diffusion, x0, t, noise_)
 
   def loss(self, model_output, x0, x_t, noise_, t):
-    return losses.training_losses(self.diffusion, model_output, x0, x_t, noise_, t,
-                                  min_snr_gamma=self.min_snr_gamma)
+    return losses.training_losses(self.diffusion, model_output, x0, x_t, noise_, t, min_snr_gamma=self.min_snr_gamma)
 
-  def sampling_diffusion(self, num_steps: int | None = None,
-                         respacing: str | None = None) -> GaussianDiffusion:
+  def sampling_diffusion(self, num_steps: int | None = None, respacing: str | None = None) -> GaussianDiffusion:
     """The chain respaced for sampling: `respacing` if given, else str(num_steps) (DiT's choice)."""
     base = self.diffusion
     if respacing is None:
       respacing = "" if num_steps in (None, base.num_timesteps) else str(num_steps)
     if base.num_timesteps != base.num_original_timesteps:
-      raise ValueError("sampling from an objective whose training chain is already respaced is "
-                       "not supported; build it with respacing=''")
+      raise ValueError(
+          "sampling from an objective whose training chain is already respaced is "
+          "not supported; build it with respacing=''"
+      )
     return gaussian.create_gaussian_diffusion(
-        base.num_original_timesteps, self.schedule, respacing, base.learn_sigma,
-        base.sigma_small, base.predict_xstart)
+        base.num_original_timesteps, self.schedule, respacing, base.learn_sigma, base.sigma_small, base.predict_xstart
+    )
 
-  def sample(self, denoise_fn, x_T, rng, *, sampler: str | None = "ddpm", num_steps: int = 250,
-             eta: float = 0.0, sample_ids=None, clip_denoised: bool = False,
-             respacing: str | None = None, return_trajectory: bool = False):
+  def sample(
+      self,
+      denoise_fn,
+      x_T,
+      rng,
+      *,
+      sampler: str | None = "ddpm",
+      num_steps: int = 250,
+      eta: float = 0.0,
+      sample_ids=None,
+      clip_denoised: bool = False,
+      respacing: str | None = None,
+      return_trajectory: bool = False,
+  ):
     """x_0 from x_T (B, ..., C) by DDPM ancestral or DDIM sampling on respaced steps.
 
     Per-step noise of sample n comes from fold_in(fold_in(rng, sample_ids[n]), step), so it does
@@ -84,18 +95,16 @@ class GaussianObjective:
     chain = self.sampling_diffusion(num_steps, respacing)
     noise_fn = noise.per_sample_noise_fn(rng, sample_ids, x_T.shape[0])
     if sampler == "ddpm":
-      return samplers.ddpm_sample_loop(chain, denoise_fn, x_T, noise_fn, clip_denoised,
-                                       return_trajectory)
+      return samplers.ddpm_sample_loop(chain, denoise_fn, x_T, noise_fn, clip_denoised, return_trajectory)
     if sampler == "ddim":
-      return samplers.ddim_sample_loop(chain, denoise_fn, x_T, noise_fn, eta, clip_denoised,
-                                       return_trajectory)
-    raise ValueError(f"unknown sampler {sampler!r} for the gaussian objective; one of "
-                     f"{GAUSSIAN_SAMPLERS}")
+      return samplers.ddim_sample_loop(chain, denoise_fn, x_T, noise_fn, eta, clip_denoised, return_trajectory)
+    raise ValueError(f"unknown sampler {sampler!r} for the gaussian objective; one of {GAUSSIAN_SAMPLERS}")
 
 
 @flax.struct.dataclass
 class FlowObjective:
   """Rectified flow: float t in [0, 1], the model sees 1000 t (see flow.py)."""
+
   learn_sigma: bool = flax.struct.field(pytree_node=False, default=False)
   time_sampling: str = flax.struct.field(pytree_node=False, default="uniform")
 
@@ -119,12 +128,20 @@ class FlowObjective:
   def loss(self, model_output, x0, x_t, noise_, t):
     return flow.flow_loss(model_output, x0, x_t, noise_, t)
 
-  def sample(self, denoise_fn, x_T, rng=None, *, sampler: str | None = "euler",
-             num_steps: int = 50, return_trajectory: bool = False, **unused_options):
+  def sample(
+      self,
+      denoise_fn,
+      x_T,
+      rng=None,
+      *,
+      sampler: str | None = "euler",
+      num_steps: int = 50,
+      return_trajectory: bool = False,
+      **unused_options,
+  ):
     """Deterministic ODE sampling (rng and Gaussian-only options such as eta are ignored)."""
     del rng, unused_options
-    return flow.flow_sample_loop(denoise_fn, x_T, num_steps, sampler or "euler",
-                                 return_trajectory)
+    return flow.flow_sample_loop(denoise_fn, x_T, num_steps, sampler or "euler", return_trajectory)
 
 
 def make_objective(kind: str = "gaussian", **options):

@@ -32,15 +32,14 @@ def ddpm_step(diffusion: GaussianDiffusion, model_output, x, t, noise, clip_deno
   return pred.mean + nonzero * jnp.exp(0.5 * pred.log_variance) * noise, pred
 
 
-def ddim_step(diffusion: GaussianDiffusion, model_output, x, t, noise, eta=0.0,
-              clip_denoised=False):
+def ddim_step(diffusion: GaussianDiffusion, model_output, x, t, noise, eta=0.0, clip_denoised=False):
   """DDIM step x_t -> x_{t-1}; eta=0 is deterministic, eta=1 has the DDPM posterior variance."""
   pred = gaussian.p_mean_variance(diffusion, model_output, x, t, clip_denoised)
   eps = gaussian.predict_eps_from_xstart(diffusion, x, t, pred.pred_xstart)
   ab = gather(diffusion.alphas_cumprod, t, x)
   ab_prev = gather(diffusion.alphas_cumprod_prev, t, x)
   sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * jnp.sqrt(1.0 - ab / ab_prev)
-  mean = pred.pred_xstart * jnp.sqrt(ab_prev) + jnp.sqrt(1.0 - ab_prev - sigma ** 2) * eps
+  mean = pred.pred_xstart * jnp.sqrt(ab_prev) + jnp.sqrt(1.0 - ab_prev - sigma**2) * eps
   nonzero = expand_to(t != 0, x)
   return mean + nonzero * sigma * noise, pred
 
@@ -83,31 +82,47 @@ def _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory):
   return x, {"sample": ys[0], "pred_xstart": ys[1], "model_output": ys[2]}
 
 
-def ddpm_sample_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_T, noise_fn,
-                     clip_denoised: bool = False, return_trajectory: bool = False):
+def ddpm_sample_loop(
+    diffusion: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T,
+    noise_fn,
+    clip_denoised: bool = False,
+    return_trajectory: bool = False,
+):
   """Ancestral sampling over all steps of `diffusion` (respace it to sample with fewer steps).
 
   Returns x_0, or (x_0, trajectory) with per-step 'sample', 'pred_xstart', 'model_output'
   stacked on a leading step axis.
   """
+
   def step_fn(k, out, x, t):
     return ddpm_step(diffusion, out, x, t, noise_fn(k, x), clip_denoised)
+
   return _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory)
 
 
-def ddim_sample_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_T, noise_fn,
-                     eta: float = 0.0, clip_denoised: bool = False,
-                     return_trajectory: bool = False):
+def ddim_sample_loop(
+    diffusion: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T,
+    noise_fn,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    return_trajectory: bool = False,
+):
   """DDIM sampling over all steps of `diffusion`; with eta == 0 noise_fn may be None."""
+
   def step_fn(k, out, x, t):
     noise = jnp.zeros_like(x) if noise_fn is None else noise_fn(k, x)
     return ddim_step(diffusion, out, x, t, noise, eta, clip_denoised)
+
   return _reverse_loop(diffusion, denoise_fn, x_T, step_fn, return_trajectory)
 
 
-def ddim_reverse_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_0,
-                      clip_denoised: bool = False):
+def ddim_reverse_loop(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_0, clip_denoised: bool = False):
   """Deterministic DDIM inversion x_0 -> x_T, the inverse of ddim_sample_loop with eta = 0."""
+
   def body(x, i):
     _, model_t = _step_t(diffusion, jnp.maximum(i - 1, 0), x)
     return ddim_reverse_step(diffusion, denoise_fn(x, model_t), x, i, clip_denoised), None

@@ -30,10 +30,14 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
   beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), capped at max_beta so the last step stays
   finite.
   """
+
   def alpha_bar(s):
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-  betas = [min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-           for i in range(num_timesteps)]
+
+  betas = [
+      min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+      for i in range(num_timesteps)
+  ]
   return np.asarray(betas, dtype=np.float64)
 
 
@@ -59,12 +63,11 @@ def spaced_timesteps(num_timesteps: int, respacing: str | int | None) -> list[in
     respacing = str(respacing)
   respacing = respacing.strip()
   if respacing.startswith("ddim"):
-    wanted = int(respacing[len("ddim"):])
+    wanted = int(respacing[len("ddim") :])
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == wanted:
         return list(range(0, num_timesteps, stride))
-    raise ValueError(f"cannot take exactly {wanted} steps with an integer stride from "
-                     f"{num_timesteps}")
+    raise ValueError(f"cannot take exactly {wanted} steps with an integer stride from {num_timesteps}")
   counts = [int(part) for part in respacing.split(",")]
   section, extra = divmod(num_timesteps, len(counts))
   kept, start = [], 0

@@ -72,11 +72,11 @@ class DigitClassifier:
     x = _as_input(images)
     logits, features = [], []
     for i in range(0, len(x), batch_size):
-      chunk = x[i:i + batch_size]
+      chunk = x[i : i + batch_size]
       pad = batch_size - len(chunk) if len(x) > batch_size else 0  # one shape for full batches
       out = _forward(self.params, np.concatenate([chunk, np.zeros((pad, 28, 28, 1), np.float32)]))
-      logits.append(np.asarray(out[0])[:len(chunk)])
-      features.append(np.asarray(out[1])[:len(chunk)])
+      logits.append(np.asarray(out[0])[: len(chunk)])
+      features.append(np.asarray(out[1])[: len(chunk)])
     if not logits:
       return np.zeros((0, 10), np.float32), np.zeros((0, FEATURE_DIM), np.float32)
     return np.concatenate(logits), np.concatenate(features)
@@ -93,8 +93,9 @@ class DigitClassifier:
     return self._run(images)[1]
 
   def save(self, path: str) -> None:
-    flat = {"/".join(k.key for k in keys): np.asarray(v)
-            for keys, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+    flat = {
+        "/".join(k.key for k in keys): np.asarray(v) for keys, v in jax.tree_util.tree_flatten_with_path(self.params)[0]
+    }
     tmp = path + ".tmp.npz"
     np.savez(tmp, __version__=RECIPE_VERSION, __heldout_accuracy__=self.heldout_accuracy, **flat)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
@@ -103,8 +104,7 @@ class DigitClassifier:
   def load(cls, path: str) -> "DigitClassifier":
     with np.load(path) as f:
       if int(f["__version__"]) != RECIPE_VERSION:
-        raise ValueError(f"{path}: classifier recipe v{int(f['__version__'])}, expected "
-                         f"v{RECIPE_VERSION}")
+        raise ValueError(f"{path}: classifier recipe v{int(f['__version__'])}, expected v{RECIPE_VERSION}")
       params: dict = {}
       for key in f.files:
         if key.startswith("__"):
@@ -123,12 +123,13 @@ def _shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> n
   out = np.empty_like(batch)
   dy, dx = rng.integers(0, 2 * max_shift + 1, (2, len(batch)))
   for i in range(len(batch)):
-    out[i] = padded[i, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28]
+    out[i] = padded[i, dy[i] : dy[i] + 28, dx[i] : dx[i] + 28]
   return out
 
 
-def train_digit_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64,
-                           learning_rate: float = 3e-3, verbose: bool = False):
+def train_digit_classifier(
+    seed: int = 0, epochs: int = 10, batch_size: int = 64, learning_rate: float = 3e-3, verbose: bool = False
+):
   """Trains on the MNIST-5k train split; returns (DigitClassifier, info dict)."""
   start = time.time()
   images, labels = mnist.load_mnist5k()
@@ -145,6 +146,7 @@ def train_digit_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64
     def loss_fn(p):
       logits, _ = DigitCNN().apply({"params": p}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -153,15 +155,19 @@ def train_digit_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64
   for epoch in range(epochs):
     order = rng.permutation(len(x_train))
     for s in range(steps_per_epoch):  # the ragged tail is dropped: one compiled shape
-      idx = order[s * batch_size:(s + 1) * batch_size]
+      idx = order[s * batch_size : (s + 1) * batch_size]
       params, opt_state, loss = step(params, opt_state, _shift(x_train[idx], rng), y_train[idx])
     if verbose:
       print(f"digit classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}", flush=True)
   classifier = DigitClassifier(jax.device_get(params))
   accuracy = float((classifier.classify(images[held_idx]) == labels[held_idx]).mean())
   classifier.heldout_accuracy = accuracy
-  return classifier, {"heldout_accuracy": accuracy, "train_seconds": time.time() - start,
-                      "num_train": len(train_idx), "num_heldout": len(held_idx)}
+  return classifier, {
+      "heldout_accuracy": accuracy,
+      "train_seconds": time.time() - start,
+      "num_train": len(train_idx),
+      "num_heldout": len(held_idx),
+  }
 
 
 def default_cache_dir() -> str:

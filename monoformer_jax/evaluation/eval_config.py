@@ -16,38 +16,40 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg  # no variants
   c = ml_collections.ConfigDict()
-  c.eval = ml_collections.ConfigDict(dict(
-      # Comma-separated suites: mc, perplexity, mnist, fid. Empty: every suite whose input is given
-      # (mc: tasks_dir; perplexity: text_file; fid: inception_weights; mnist: samples without
-      # inception_weights).
-      suite="",
-      # mc: a directory of <task>.jsonl files; tasks: comma-separated (empty: every task file).
-      tasks_dir="",
-      tasks="",
-      limit=0,                # at most this many examples per task (0: all)
-      add_bos=True,           # start every context with the BOS token
-      # perplexity: UTF-8 text, sliding windows of max_len advancing by stride (0: max_len).
-      text_file="",
-      stride=0,
-      max_chars=0,            # score only the text's first characters (0: all)
-      # Language suites: the run's EMA weights (or not), rows per batch, positions per request
-      # (0: the model's max_position_embeddings), row length that short requests are packed into.
-      use_ema=True,
-      batch_size=16,
-      max_len=0,
-      pack_len=256,
-      # mnist and fid: generated images, an .npz with `images` (or `arr_0`) uint8 (N, H, W, C) and
-      # optionally `labels`, or a directory written by `monoformer_jax.evaluation.fid_samples`.
-      samples="",
-      # mnist: real digits (.npz with `images`) for the digit FID (empty: the MNIST-5k digits), and
-      # where the digit classifier is cached (empty: ~/.cache/monoformer_jax).
-      digit_reference="",
-      classifier_cache="",
-      # fid: the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-*.pth) and the
-      # reference: an ADM-style .npz (`mu`/`sigma`, else uint8 images in `arr_0`) or an image folder.
-      inception_weights="",
-      reference="",
-      inception_batch_size=100,
-      is_splits=10,           # Inception Score: mean and std over this many splits of the samples
-  ))
+  c.eval = ml_collections.ConfigDict(
+      dict(
+          # Comma-separated suites: mc, perplexity, mnist, fid. Empty: every suite whose input is given
+          # (mc: tasks_dir; perplexity: text_file; fid: inception_weights; mnist: samples without
+          # inception_weights).
+          suite="",
+          # mc: a directory of <task>.jsonl files; tasks: comma-separated (empty: every task file).
+          tasks_dir="",
+          tasks="",
+          limit=0,  # at most this many examples per task (0: all)
+          add_bos=True,  # start every context with the BOS token
+          # perplexity: UTF-8 text, sliding windows of max_len advancing by stride (0: max_len).
+          text_file="",
+          stride=0,
+          max_chars=0,  # score only the text's first characters (0: all)
+          # Language suites: the run's EMA weights (or not), rows per batch, positions per request
+          # (0: the model's max_position_embeddings), row length that short requests are packed into.
+          use_ema=True,
+          batch_size=16,
+          max_len=0,
+          pack_len=256,
+          # mnist and fid: generated images, an .npz with `images` (or `arr_0`) uint8 (N, H, W, C) and
+          # optionally `labels`, or a directory written by `monoformer_jax.evaluation.fid_samples`.
+          samples="",
+          # mnist: real digits (.npz with `images`) for the digit FID (empty: the MNIST-5k digits), and
+          # where the digit classifier is cached (empty: ~/.cache/monoformer_jax).
+          digit_reference="",
+          classifier_cache="",
+          # fid: the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-*.pth) and the
+          # reference: an ADM-style .npz (`mu`/`sigma`, else uint8 images in `arr_0`) or an image folder.
+          inception_weights="",
+          reference="",
+          inception_batch_size=100,
+          is_splits=10,  # Inception Score: mean and std over this many splits of the samples
+      )
+  )
   return c

@@ -8,12 +8,14 @@ features computed elsewhere. Reference statistics come from
   * a folder of images (PNG/JPEG/..., read with PIL and converted to RGB);
   * any `.npz` written by `save_statistics` (same `mu`/`sigma` keys as ADM's).
 """
+
 import os
 from typing import Callable, Iterable
 
 import numpy as np
 import scipy.linalg
 import scipy.special
+from PIL import Image
 
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -70,7 +72,7 @@ def inception_score(logits=None, probs=None, splits: int = 10) -> tuple[float, f
   chunk = len(p) // splits
   scores = []
   for i in range(splits):
-    part = p[i * chunk:(i + 1) * chunk]
+    part = p[i * chunk : (i + 1) * chunk]
     marginal = part.mean(axis=0, keepdims=True)
     # xlogy: classes with p = 0 contribute 0 (not nan) when probabilities are given directly.
     kl = scipy.special.xlogy(part, part) - scipy.special.xlogy(part, marginal)
@@ -141,12 +143,10 @@ def statistics_from_batches(batches: Iterable[np.ndarray], features_fn: Features
 
 def statistics_from_images(images: np.ndarray, features_fn: FeaturesFn, batch_size: int = 500):
   images = np.asarray(images)
-  return statistics_from_batches(
-      (images[i:i + batch_size] for i in range(0, len(images), batch_size)), features_fn)
+  return statistics_from_batches((images[i : i + batch_size] for i in range(0, len(images), batch_size)), features_fn)
 
 
-def load_reference_statistics(path: str, features_fn: FeaturesFn | None = None,
-                              batch_size: int = 500):
+def load_reference_statistics(path: str, features_fn: FeaturesFn | None = None, batch_size: int = 500):
   """(mu, sigma) from an ADM reference batch or a saved-statistics `.npz`.
 
   Uses the stored `mu`/`sigma` when the file has them (beware: ADM's were computed with TensorFlow's
@@ -162,8 +162,7 @@ def load_reference_statistics(path: str, features_fn: FeaturesFn | None = None,
       raise ValueError(f"{path} holds images only ('arr_0'); pass features_fn to compute statistics")
     images = data["arr_0"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {images.dtype} "
-                     f"{images.shape}")
+    raise ValueError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
   return statistics_from_images(images, features_fn, batch_size)
 
 
@@ -181,7 +180,6 @@ def image_files(folder: str) -> list[str]:
 
 def _folder_batches(files: list[str], batch_size: int):
   """Yields uint8 batches of at most batch_size; a change of image size starts a new batch."""
-  from PIL import Image  # Only folder statistics need PIL.
   batch = []
   for name in files:
     with Image.open(name) as img:

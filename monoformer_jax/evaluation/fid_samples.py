@@ -50,8 +50,9 @@ def sample_labels(seed: int, indices: np.ndarray, num_classes: int) -> np.ndarra
   return np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(keys))
 
 
-def generate(workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chunk: int = 256,
-             devices=None, use_ema: bool = True) -> list[str]:
+def generate(
+    workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chunk: int = 256, devices=None, use_ema: bool = True
+) -> list[str]:
   """Writes the missing chunks of this process; returns the paths of all chunks of the run."""
   if num_samples < 1 or chunk < 1:
     raise ValueError(f"num_samples and chunk must be positive, got {num_samples} and {chunk}")
@@ -59,10 +60,18 @@ def generate(workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chu
   if not run.class_names:
     raise ValueError(f"{workdir}: not a class-conditional run (no class names)")
   os.makedirs(out_dir, exist_ok=True)
-  sample_dirs.check_and_write_manifest(out_dir, {
-      "scheme": sample_dirs.SCHEME, "num_samples": int(num_samples), "chunk": int(chunk),
-      "seed": int(seed), "use_ema": bool(use_ema), "step": run.step,
-      "workdir": os.path.abspath(workdir)})
+  sample_dirs.check_and_write_manifest(
+      out_dir,
+      {
+          "scheme": sample_dirs.SCHEME,
+          "num_samples": int(num_samples),
+          "chunk": int(chunk),
+          "seed": int(seed),
+          "use_ema": bool(use_ema),
+          "step": run.step,
+          "workdir": os.path.abspath(workdir),
+      },
+  )
   devices = list(devices or jax.local_devices())
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
   params = jax.device_put(run.params, NamedSharding(mesh, PartitionSpec()))
@@ -77,13 +86,24 @@ def generate(workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chu
     padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
     labels = sample_labels(seed, padded, len(run.class_names))
     images = classes_lib.sample_classes(
-        params, run.model_config, run.objective, run.tokenizer, run.class_names, labels,
-        seed=seed, sample_ids=padded, batch_size=len(padded), mesh=mesh,
-        rules=sharding_lib.DEFAULT_RULES, **options)
-    images = images_lib.to_uint8(images_lib.decode_images(
-        images, run.config.vae.path, run.config.vae.scale))[:len(idx)]
+        params,
+        run.model_config,
+        run.objective,
+        run.tokenizer,
+        run.class_names,
+        labels,
+        seed=seed,
+        sample_ids=padded,
+        batch_size=len(padded),
+        mesh=mesh,
+        rules=sharding_lib.DEFAULT_RULES,
+        **options,
+    )
+    images = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))[
+        : len(idx)
+    ]
     tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images, labels=labels[:len(idx)], indices=idx)
+    np.savez(tmp, images=images, labels=labels[: len(idx)], indices=idx)
     os.replace(tmp, path)  # a chunk is either complete on disk or absent
   return [sample_dirs.chunk_path(out_dir, s0) for s0 in starts]
 
@@ -95,16 +115,20 @@ def define_flags(fv, argv=()):
   flags.DEFINE_integer("num_samples", 10000, "Samples to draw.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("chunk", 256, "Samples per chunk file.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the labels and the noise.", flag_values=fv)
-  flags.DEFINE_bool("score_mnist", False, "Score with the project's digit classifier (the "
-                    "embedded default).", flag_values=fv)
-  flags.DEFINE_string("classifier_cache", "", "Where the digit classifier is cached (default: "
-                      "~/.cache/monoformer_jax).", flag_values=fv)
-  flags.DEFINE_string("inception_weights", None, "FID Inception .pth (pt_inception-2015-12-05).",
-                      flag_values=fv)
-  flags.DEFINE_string("reference", None, "Reference statistics: ADM .npz (mu/sigma or arr_0) or "
-                      "an image folder.", flag_values=fv)
-  flags.DEFINE_integer("inception_batch_size", 100, "Inception batch size.", lower_bound=1,
-                       flag_values=fv)
+  flags.DEFINE_bool(
+      "score_mnist", False, "Score with the project's digit classifier (the embedded default).", flag_values=fv
+  )
+  flags.DEFINE_string(
+      "classifier_cache",
+      "",
+      "Where the digit classifier is cached (default: ~/.cache/monoformer_jax).",
+      flag_values=fv,
+  )
+  flags.DEFINE_string("inception_weights", None, "FID Inception .pth (pt_inception-2015-12-05).", flag_values=fv)
+  flags.DEFINE_string(
+      "reference", None, "Reference statistics: ADM .npz (mu/sigma or arr_0) or an image folder.", flag_values=fv
+  )
+  flags.DEFINE_integer("inception_batch_size", 100, "Inception batch size.", lower_bound=1, flag_values=fv)
   flags.mark_flags_as_required(["workdir", "out_dir"], flag_values=fv)
 
 
@@ -126,8 +150,9 @@ def run(fv, args) -> int:
   images, labels = load_samples(fv.out_dir, fv.num_samples, fv.chunk)
   report = {}
   if fv.inception_weights:
-    report["fid"] = image_suites.fid_suite(images, fv.inception_weights, fv.reference,
-                                           batch_size=fv.inception_batch_size)
+    report["fid"] = image_suites.fid_suite(
+        images, fv.inception_weights, fv.reference, batch_size=fv.inception_batch_size
+    )
   if fv.score_mnist:
     report["mnist"] = image_suites.mnist_suite(images, labels, cache_dir=fv.classifier_cache)
   print(json.dumps(report, indent=2, sort_keys=True))

@@ -14,7 +14,8 @@ Parameter names follow the PyTorch module names (`Mixed_5b/branch1x1/conv/kernel
 `inception_convert` is a plain renaming plus transposes. Batch-norm statistics live in the
 `batch_stats` collection; the model always runs batch norm in inference mode.
 """
-from typing import Any, Sequence
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -75,6 +76,7 @@ def _pad(padding: int | tuple[int, int]) -> tuple[tuple[int, int], tuple[int, in
 
 class BasicConv(nn.Module):
   """Conv (no bias) -> batch norm (inference, eps 1e-3) -> ReLU."""
+
   features: int
   kernel: tuple[int, int] = (1, 1)
   stride: int = 1
@@ -83,9 +85,15 @@ class BasicConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, self.kernel, strides=(self.stride, self.stride),
-                padding=_pad(self.padding), use_bias=False, precision=self.precision,
-                name="conv")(x)
+    x = nn.Conv(
+        self.features,
+        self.kernel,
+        strides=(self.stride, self.stride),
+        padding=_pad(self.padding),
+        use_bias=False,
+        precision=self.precision,
+        name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
     return nn.relu(x)
 
@@ -118,6 +126,7 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """Grid reduction 35 -> 17 (Mixed_6a); identical in the FID and torchvision variants."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
@@ -153,6 +162,7 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """Grid reduction 17 -> 8 (Mixed_7a)."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
@@ -169,6 +179,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """Mixed_7b (average pool branch, pads excluded) and Mixed_7c (`max_pool=True`)."""
+
   max_pool: bool = False
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -177,12 +188,19 @@ class InceptionE(nn.Module):
     conv = lambda name, *a, **k: BasicConv(*a, precision=self.precision, name=name, **k)
     b1 = conv("branch1x1", 320)(x)
     b3 = conv("branch3x3_1", 384)(x)
-    b3 = jnp.concatenate([conv("branch3x3_2a", 384, (1, 3), padding=(0, 1))(b3),
-                          conv("branch3x3_2b", 384, (3, 1), padding=(1, 0))(b3)], axis=-1)
+    b3 = jnp.concatenate(
+        [conv("branch3x3_2a", 384, (1, 3), padding=(0, 1))(b3), conv("branch3x3_2b", 384, (3, 1), padding=(1, 0))(b3)],
+        axis=-1,
+    )
     bd = conv("branch3x3dbl_1", 448)(x)
     bd = conv("branch3x3dbl_2", 384, (3, 3), padding=1)(bd)
-    bd = jnp.concatenate([conv("branch3x3dbl_3a", 384, (1, 3), padding=(0, 1))(bd),
-                          conv("branch3x3dbl_3b", 384, (3, 1), padding=(1, 0))(bd)], axis=-1)
+    bd = jnp.concatenate(
+        [
+            conv("branch3x3dbl_3a", 384, (1, 3), padding=(0, 1))(bd),
+            conv("branch3x3dbl_3b", 384, (3, 1), padding=(1, 0))(bd),
+        ],
+        axis=-1,
+    )
     # The FID graph max-pools here in its last block (a quirk of that graph; kept for parity).
     pooled = _max_pool_3x3(x, 1, pad=1) if self.max_pool else _avg_pool_3x3_same(x)
     bp = conv("branch_pool", 192)(pooled)
@@ -195,6 +213,7 @@ class FIDInceptionV3(nn.Module):
   `images`: (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]. With `resize_input` (the default, as in
   the standard FID code) any H, W is resized to 299x299 first.
   """
+
   num_classes: int = NUM_CLASSES
   resize_input: bool = True
   precision: Any = jax.lax.Precision.HIGHEST
@@ -254,14 +273,13 @@ class InceptionFeatures:
     # A set smaller than one batch is not padded up to it (that would be wasted compute).
     batch_size = max(1, min(self.batch_size, len(images)))
     for start in range(0, len(images), batch_size):
-      batch = images[start:start + batch_size]
+      batch = images[start : start + batch_size]
       real = len(batch)
       if real < batch_size:
         pad = np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)
         batch = np.concatenate([batch, pad])
       result = self._apply(self.variables, batch)
-      for key in outputs:
-        outputs[key].append(np.asarray(result[key][:real], np.float32))
+      for key, parts in outputs.items():
+        parts.append(np.asarray(result[key][:real], np.float32))
     dims = {"pool": POOL_DIM, "logits": self.model.num_classes}
-    return {k: (np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32))
-            for k, v in outputs.items()}
+    return {k: (np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32)) for k, v in outputs.items()}

@@ -10,6 +10,7 @@ The source is the state dict of pytorch-fid's `fid_inception_v3()` (the file
 present with the expected shape, and nothing else may be: a partial or foreign checkpoint fails loudly
 instead of silently producing wrong FIDs.
 """
+
 from typing import Mapping
 
 import jax
@@ -18,8 +19,12 @@ import numpy as np
 from monoformer_jax.convert import torch_checkpoint
 from monoformer_jax.evaluation import inception
 
-_BN_NAMES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_NAMES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
@@ -32,8 +37,7 @@ def _torch_name(collection: str, path: tuple[str, ...]) -> tuple[str, str]:
   *modules, leaf = path
   prefix = ".".join(modules)
   if modules[-1] == "fc":
-    return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}", (
-        "dense" if leaf == "kernel" else "copy")
+    return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}", ("dense" if leaf == "kernel" else "copy")
   if modules[-1] == "conv" and leaf == "kernel":
     return f"{prefix}.weight", "conv"
   if modules[-1] == "bn":
@@ -60,8 +64,7 @@ def _expected_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray],
-                       model: inception.FIDInceptionV3 | None = None) -> dict:
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: inception.FIDInceptionV3 | None = None) -> dict:
   """Returns {'params': ..., 'batch_stats': ...} (float32 numpy leaves) for `model.apply`.
 
   Raises ConversionError listing every missing key, unexpected key and shape mismatch.
@@ -89,8 +92,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
         continue
       leaves.append(np.ascontiguousarray(_to_flax(array, kind), dtype=np.float32))
     converted[collection] = (jax.tree_util.tree_structure(tree), leaves)
-  unexpected = sorted(k for k in state_dict
-                      if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+  unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected or mismatched:
     problems = []
     if missing:
@@ -99,10 +101,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
       problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}")
     if mismatched:
       problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:20])}")
-    raise ConversionError("state dict is not a pytorch-fid FID Inception-v3 checkpoint: "
-                          + " | ".join(problems))
-  return {c: jax.tree_util.tree_unflatten(treedef, leaves)
-          for c, (treedef, leaves) in converted.items()}
+    raise ConversionError("state dict is not a pytorch-fid FID Inception-v3 checkpoint: " + " | ".join(problems))
+  return {c: jax.tree_util.tree_unflatten(treedef, leaves) for c, (treedef, leaves) in converted.items()}
 
 
 def load_fid_inception(path: str, model: inception.FIDInceptionV3 | None = None) -> dict:

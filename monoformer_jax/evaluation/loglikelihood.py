@@ -36,8 +36,7 @@ Request = tuple  # (ids: sequence of int, num_scored: int)
 def _score_rows(model: MonoFormer, params, tokens, segment_ids, positions, targets):
   """Per-position log p(target) and greedy flag, (B, L) each."""
   zeros = jnp.zeros_like(tokens)
-  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-           "kinds": zeros, "patch_index": zeros}
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "kinds": zeros, "patch_index": zeros}
   logits = model.apply({"params": params}, batch, return_image=False)["logits"]
   logprob = -token_cross_entropy(logits, targets)
   greedy = jnp.argmax(logits, axis=-1) == targets
@@ -83,9 +82,17 @@ class LoglikelihoodScorer:
     devices: the devices to shard over (default: all local devices).
   """
 
-  def __init__(self, model_config: ModelConfig, params, *, max_len: Optional[int] = None,
-               batch_size: int = 16, pack_len: int = 256, min_bucket: int = 16,
-               devices: Optional[Sequence[jax.Device]] = None):
+  def __init__(
+      self,
+      model_config: ModelConfig,
+      params,
+      *,
+      max_len: Optional[int] = None,
+      batch_size: int = 16,
+      pack_len: int = 256,
+      min_bucket: int = 16,
+      devices: Optional[Sequence[jax.Device]] = None,
+  ):
     self.max_len = int(max_len or model_config.max_position_embeddings)
     self.pack_len = min(int(pack_len), self.max_len)
     self.min_bucket = min(int(min_bucket), self.max_len)
@@ -96,8 +103,11 @@ class LoglikelihoodScorer:
     rows = NamedSharding(self.mesh, PartitionSpec("batch"))
     self.params = jax.device_put(params, replicated)
     model = MonoFormer(model_config)
-    self._fn = jax.jit(lambda p, *arrays: _score_rows(model, p, *arrays),
-                       in_shardings=(replicated, rows, rows, rows, rows), out_shardings=rows)
+    self._fn = jax.jit(
+        lambda p, *arrays: _score_rows(model, p, *arrays),
+        in_shardings=(replicated, rows, rows, rows, rows),
+        out_shardings=rows,
+    )
     self.num_batches = 0  # batches run so far (for reports and tests)
     self.num_rows = 0  # packed rows (of requests) scored so far, padding rows not counted
 
@@ -107,12 +117,13 @@ class LoglikelihoodScorer:
       ids = np.asarray(ids, np.int32).reshape(-1)
       num_scored = int(num_scored)
       if num_scored < 1 or num_scored >= len(ids):
-        raise ValueError(f"request {k}: scores {num_scored} of {len(ids)} tokens; it needs at "
-                         "least one token of context and one token to score")
+        raise ValueError(
+            f"request {k}: scores {num_scored} of {len(ids)} tokens; it needs at "
+            "least one token of context and one token to score"
+        )
       if num_scored > self.max_len:
-        raise ValueError(f"request {k}: {num_scored} scored tokens do not fit the model's "
-                         f"max_len={self.max_len}")
-      out.append((ids[-(self.max_len + 1):], num_scored))
+        raise ValueError(f"request {k}: {num_scored} scored tokens do not fit the model's max_len={self.max_len}")
+      out.append((ids[-(self.max_len + 1) :], num_scored))
     return out
 
   def score(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +142,7 @@ class LoglikelihoodScorer:
       rows = by_bucket[size]
       pending = []
       for start in range(0, len(rows), self.rows_per_batch):
-        chunk = rows[start:start + self.rows_per_batch]
+        chunk = rows[start : start + self.rows_per_batch]
         arrays, spans = self._build(chunk, prepared, size)
         pending.append((self._fn(self.params, *arrays), spans))  # dispatch before fetching
         self.num_batches += 1

@@ -46,6 +46,7 @@ class TextTokenizer(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One question: choice i is scored as contexts[i] + delimiter + choices[i]."""
+
   contexts: tuple[str, ...]
   choices: tuple[str, ...]
   gold: int
@@ -116,14 +117,12 @@ def _question_choices(record: dict, stem_field: str):
   if not isinstance(question, dict):  # neither layout
     raise RecordError(f"missing field {stem_field!r}")
   choices = _field(question, "choices")  # original ARC / OBQA release
-  return (_field(question, "stem"), [_field(c, "text") for c in choices],
-          [_field(c, "label") for c in choices])
+  return (_field(question, "stem"), [_field(c, "text") for c in choices], [_field(c, "label") for c in choices])
 
 
 def arc(record: dict) -> Example:
   question, texts, labels = _question_choices(record, "question")
-  return _same_context(f"Question: {question}\nAnswer:", texts,
-                       _gold_index(labels, _field(record, "answerKey")))
+  return _same_context(f"Question: {question}\nAnswer:", texts, _gold_index(labels, _field(record, "answerKey")))
 
 
 def openbookqa(record: dict) -> Example:
@@ -132,9 +131,11 @@ def openbookqa(record: dict) -> Example:
 
 
 def piqa(record: dict) -> Example:
-  return _same_context(f"Question: {_field(record, 'goal')}\nAnswer:",
-                       [_field(record, "sol1"), _field(record, "sol2")],
-                       _int_label(_field(record, "label"), 2))
+  return _same_context(
+      f"Question: {_field(record, 'goal')}\nAnswer:",
+      [_field(record, "sol1"), _field(record, "sol2")],
+      _int_label(_field(record, "label"), 2),
+  )
 
 
 def boolq(record: dict) -> Example:
@@ -157,7 +158,7 @@ def winogrande(record: dict) -> Example:
     raise RecordError(f"sentence has {sentence.count('_')} '_' blanks, expected exactly 1")
   blank = sentence.index("_")
   options = [_field(record, "option1"), _field(record, "option2")]
-  suffix = sentence[blank + 1:].strip()
+  suffix = sentence[blank + 1 :].strip()
   answer = str(_field(record, "answer")).strip()
   if answer not in ("1", "2"):
     raise RecordError(f"answer {answer!r} is not '1' or '2'")
@@ -171,15 +172,18 @@ class TaskFormat:
   headline: str  # "acc" or "acc_norm"
 
 
-TASKS = {t.name: t for t in (
-    TaskFormat("hellaswag", hellaswag, "acc_norm"),
-    TaskFormat("openbookqa", openbookqa, "acc_norm"),
-    TaskFormat("winogrande", winogrande, "acc"),
-    TaskFormat("arc_easy", arc, "acc_norm"),
-    TaskFormat("arc_challenge", arc, "acc_norm"),
-    TaskFormat("boolq", boolq, "acc"),
-    TaskFormat("piqa", piqa, "acc_norm"),
-)}
+TASKS = {
+    t.name: t
+    for t in (
+        TaskFormat("hellaswag", hellaswag, "acc_norm"),
+        TaskFormat("openbookqa", openbookqa, "acc_norm"),
+        TaskFormat("winogrande", winogrande, "acc"),
+        TaskFormat("arc_easy", arc, "acc_norm"),
+        TaskFormat("arc_challenge", arc, "acc_norm"),
+        TaskFormat("boolq", boolq, "acc"),
+        TaskFormat("piqa", piqa, "acc_norm"),
+    )
+}
 ALIASES = {"obqa": "openbookqa", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
 
@@ -217,14 +221,15 @@ def read_examples(task: str, path: str, limit: Optional[int] = None) -> list[Exa
   return examples
 
 
-def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str,
-                add_bos: bool = True) -> tuple[list[int], int]:
+def encode_pair(
+    tokenizer: TextTokenizer, context: str, continuation: str, add_bos: bool = True
+) -> tuple[list[int], int]:
   """(tokens, number of continuation tokens) of one choice, the harness's way."""
   stripped = context.rstrip()
-  continuation = context[len(stripped):] + continuation
+  continuation = context[len(stripped) :] + continuation
   context_ids = list(tokenizer.encode(stripped)) if stripped else []
   whole = list(tokenizer.encode(stripped + continuation))
-  continuation_ids = whole[len(context_ids):]
+  continuation_ids = whole[len(context_ids) :]
   if not continuation_ids:
     raise ValueError(f"continuation {continuation!r} encodes to no tokens after {stripped!r}")
   prefix = [tokenizer.bos_id] if add_bos or not context_ids else []
@@ -233,8 +238,11 @@ def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str,
 
 def requests_for(examples: Sequence[Example], tokenizer: TextTokenizer, add_bos: bool = True):
   """One scorer request per (example, choice), flattened in order."""
-  return [encode_pair(tokenizer, ex.contexts[i], ex.continuation(i), add_bos)
-          for ex in examples for i in range(len(ex.choices))]
+  return [
+      encode_pair(tokenizer, ex.contexts[i], ex.continuation(i), add_bos)
+      for ex in examples
+      for i in range(len(ex.choices))
+  ]
 
 
 def metrics(examples: Sequence[Example], loglikelihoods: Sequence[float]) -> dict:
@@ -244,7 +252,7 @@ def metrics(examples: Sequence[Example], loglikelihoods: Sequence[float]) -> dic
     raise ValueError(f"{len(loglikelihoods)} log-likelihoods for {total} choices")
   correct, correct_norm, offset = 0, 0, 0
   for ex in examples:
-    ll = np.asarray(loglikelihoods[offset:offset + len(ex.choices)], np.float64)
+    ll = np.asarray(loglikelihoods[offset : offset + len(ex.choices)], np.float64)
     offset += len(ex.choices)
     lengths = np.array([max(len(c), 1) for c in ex.choices], np.float64)
     correct += int(np.argmax(ll) == ex.gold)  # ties go to the first choice, as np.argmax does
@@ -253,9 +261,15 @@ def metrics(examples: Sequence[Example], loglikelihoods: Sequence[float]) -> dic
   return {"acc": correct / n, "acc_norm": correct_norm / n, "num_examples": n}
 
 
-def evaluate_tasks(scorer, tokenizer: TextTokenizer, tasks_dir: str,
-                   tasks: Optional[Sequence[str]] = None, limit: Optional[int] = None,
-                   add_bos: bool = True, details: bool = False) -> dict:
+def evaluate_tasks(
+    scorer,
+    tokenizer: TextTokenizer,
+    tasks_dir: str,
+    tasks: Optional[Sequence[str]] = None,
+    limit: Optional[int] = None,
+    add_bos: bool = True,
+    details: bool = False,
+) -> dict:
   """{task: {acc, acc_norm, headline, num_examples}, "average": mean headline} over TASKS_DIR.
 
   `tasks=None` takes every known task whose file exists in the directory. All tasks' requests go
@@ -276,12 +290,12 @@ def evaluate_tasks(scorer, tokenizer: TextTokenizer, tasks_dir: str,
   sums, _ = scorer.score(requests)
   report, offset = {}, 0
   for t in names:
-    result = metrics(loaded[t], sums[offset:offset + counts[t]])
+    result = metrics(loaded[t], sums[offset : offset + counts[t]])
     offset += counts[t]
     result["headline"] = TASKS[t].headline
     if details:
       bounds = np.cumsum([0] + [len(ex.choices) for ex in loaded[t]])
-      task_sums = sums[offset - counts[t]:offset]
+      task_sums = sums[offset - counts[t] : offset]
       result["loglikelihoods"] = [task_sums[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
       result["gold"] = [ex.gold for ex in loaded[t]]
     report[t] = result

@@ -37,8 +37,15 @@ def window_requests(ids, max_len: int, stride: int) -> list[tuple[list[int], int
   return requests
 
 
-def perplexity(text: str, tokenizer: TextTokenizer, scorer, *, stride: Optional[int] = None,
-               add_bos: bool = True, source: str = "<text>") -> dict:
+def perplexity(
+    text: str,
+    tokenizer: TextTokenizer,
+    scorer,
+    *,
+    stride: Optional[int] = None,
+    add_bos: bool = True,
+    source: str = "<text>",
+) -> dict:
   """Sliding-window perplexity of `text` under the scorer's model (see the module docstring)."""
   ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(text))
   if len(ids) < 2:
@@ -63,9 +70,15 @@ def perplexity(text: str, tokenizer: TextTokenizer, scorer, *, stride: Optional[
   }
 
 
-def perplexity_of_file(path: str, tokenizer: TextTokenizer, scorer, *,
-                       stride: Optional[int] = None, add_bos: bool = True,
-                       max_chars: Optional[int] = None) -> dict:
+def perplexity_of_file(
+    path: str,
+    tokenizer: TextTokenizer,
+    scorer,
+    *,
+    stride: Optional[int] = None,
+    add_bos: bool = True,
+    max_chars: Optional[int] = None,
+) -> dict:
   """`perplexity` of a UTF-8 text file (its first `max_chars` characters when given)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"perplexity: no such text file {path}")

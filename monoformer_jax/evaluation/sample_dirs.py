@@ -43,10 +43,11 @@ def check_and_write_manifest(out_dir: str, manifest: dict) -> None:
   if old is not None:
     changed = {k: (old.get(k), manifest[k]) for k in _MUST_MATCH if old.get(k) != manifest[k]}
     if changed:
-      raise ValueError(f"{out_dir} holds samples made with other settings ("
-                       + ", ".join(f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in
-                                   sorted(changed.items()))
-                       + "); use another --out_dir or the same settings")
+      raise ValueError(
+          f"{out_dir} holds samples made with other settings ("
+          + ", ".join(f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in sorted(changed.items()))
+          + "); use another --out_dir or the same settings"
+      )
   if jax.process_index() == 0:
     path = os.path.join(out_dir, MANIFEST)
     with open(path + ".tmp", "w") as f:
@@ -67,8 +68,9 @@ def _span(indices: np.ndarray) -> str:
   return f"{indices[0]}..{indices[-1]}" if len(indices) else "none"
 
 
-def load_samples(out_dir: str, num_samples: int | None = None,
-                 chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_samples(
+    out_dir: str, num_samples: int | None = None, chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """All samples 0..num_samples-1 of a sample directory, in index order: (images, labels).
 
   num_samples and chunk default to the directory's manifest. Every chunk of the run must be on
@@ -82,8 +84,10 @@ def load_samples(out_dir: str, num_samples: int | None = None,
   chunk = chunk or manifest.get("chunk")
   if not num_samples or not chunk:
     found = len(glob.glob(os.path.join(out_dir, "samples_*.npz")))
-    raise ValueError(f"{out_dir}: no {MANIFEST} (found {found} samples_*.npz); pass num_samples "
-                     "and chunk to check the chunks against")
+    raise ValueError(
+        f"{out_dir}: no {MANIFEST} (found {found} samples_*.npz); pass num_samples "
+        "and chunk to check the chunks against"
+    )
   missing, wrong, parts = [], [], []
   for start in range(0, num_samples, chunk):
     path = chunk_path(out_dir, start)
@@ -94,16 +98,20 @@ def load_samples(out_dir: str, num_samples: int | None = None,
     with np.load(path) as z:
       part = {k: z[k] for k in ("images", "labels", "indices")}
     if not np.array_equal(part["indices"], expected) or not (
-        len(part["images"]) == len(part["labels"]) == len(expected)):
-      wrong.append(f"{os.path.basename(path)} holds samples {_span(part['indices'])} "
-                   f"({len(part['images'])} images), expected {_span(expected)}")
+        len(part["images"]) == len(part["labels"]) == len(expected)
+    ):
+      wrong.append(
+          f"{os.path.basename(path)} holds samples {_span(part['indices'])} "
+          f"({len(part['images'])} images), expected {_span(expected)}"
+      )
     parts.append(part)
   if missing or wrong:
     problems = ([f"{len(missing)} missing chunk(s): " + ", ".join(missing)] if missing else []) + (
-        [f"{len(wrong)} wrong chunk(s): " + "; ".join(wrong)] if wrong else [])
-    raise ValueError(f"{out_dir}: incomplete samples for num_samples={num_samples}, "
-                     f"chunk={chunk}: " + ". ".join(problems))
+        [f"{len(wrong)} wrong chunk(s): " + "; ".join(wrong)] if wrong else []
+    )
+    raise ValueError(
+        f"{out_dir}: incomplete samples for num_samples={num_samples}, chunk={chunk}: " + ". ".join(problems)
+    )
   order = np.concatenate([p["indices"] for p in parts])
   assert np.array_equal(order, np.arange(num_samples))  # implied by the per-chunk check
-  return (np.concatenate([p["images"] for p in parts]),
-          np.concatenate([p["labels"] for p in parts]))
+  return (np.concatenate([p["images"] for p in parts]), np.concatenate([p["labels"] for p in parts]))

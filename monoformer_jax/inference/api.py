@@ -35,9 +35,19 @@ from monoformer_jax.sampling import interleaved as interleaved_lib
 from monoformer_jax.sampling import text as text_lib
 from monoformer_jax.sampling.tokens import TokenSampling
 
-OFFICIAL_SAMPLING = dict(sampler="ddpm", num_steps=50, guidance_scale=4.0, cfg_mode="eps",
-                         eta=0.0, clip_denoised=False, temperature=0.7, top_k=50, top_p=0.95,
-                         max_new_tokens=64, seed=0)
+OFFICIAL_SAMPLING = dict(
+    sampler="ddpm",
+    num_steps=50,
+    guidance_scale=4.0,
+    cfg_mode="eps",
+    eta=0.0,
+    clip_denoised=False,
+    temperature=0.7,
+    top_k=50,
+    top_p=0.95,
+    max_new_tokens=64,
+    seed=0,
+)
 
 
 class InferenceError(ValueError):
@@ -47,16 +57,17 @@ class InferenceError(ValueError):
 def check_params(params, config: ModelConfig, source: str = "checkpoint") -> None:
   """Raises InferenceError naming every parameter whose shape differs from `config`'s model."""
   want = nn.unbox(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
-  want_flat = {jax.tree_util.keystr(p): v.shape
-               for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-  got_flat = {jax.tree_util.keystr(p): np.shape(v)
-              for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  problems = [f"{k}: checkpoint {got_flat.get(k, 'missing')} vs model {s}"
-              for k, s in want_flat.items() if got_flat.get(k) != s]
+  want_flat = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  got_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  problems = [
+      f"{k}: checkpoint {got_flat.get(k, 'missing')} vs model {s}" for k, s in want_flat.items() if got_flat.get(k) != s
+  ]
   problems += [f"{k}: not in the model" for k in got_flat if k not in want_flat]
   if problems:
-    raise InferenceError(f"the {source} holds a model of another shape than the config "
-                         f"({len(problems)} parameters differ): " + "; ".join(problems[:6]))
+    raise InferenceError(
+        f"the {source} holds a model of another shape than the config "
+        f"({len(problems)} parameters differ): " + "; ".join(problems[:6])
+    )
 
 
 @dataclasses.dataclass
@@ -67,10 +78,10 @@ class InferenceModel:
   objective: Any
   defaults: dict
   class_names: Optional[Sequence[str]] = None
-  run_config: Any = None            # the training run's ConfigDict (VAE settings), if any
+  run_config: Any = None  # the training run's ConfigDict (VAE settings), if any
   mesh: Any = None
   rules: Any = None
-  step: Optional[int] = None        # the training step of the checkpoint, for a run
+  step: Optional[int] = None  # the training step of the checkpoint, for a run
 
   def __post_init__(self):
     check_params(self.params, self.config)
@@ -85,28 +96,44 @@ class InferenceModel:
     except FileNotFoundError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # orbax names shapes, not the cause
-      raise InferenceError(f"the checkpoint in {workdir} does not fit the model of its "
-                           f"config.json (a checkpoint of another model shape?): "
-                           f"{type(e).__name__}: {str(e)[:500]}") from e
-    return cls(run.params, run.model_config, run.tokenizer, run.objective,
-               dict(run.config.sampling), run.class_names, run_config=run.config, step=run.step)
+      raise InferenceError(
+          f"the checkpoint in {workdir} does not fit the model of its "
+          f"config.json (a checkpoint of another model shape?): "
+          f"{type(e).__name__}: {str(e)[:500]}"
+      ) from e
+    return cls(
+        run.params,
+        run.model_config,
+        run.tokenizer,
+        run.objective,
+        dict(run.config.sampling),
+        run.class_names,
+        run_config=run.config,
+        step=run.step,
+    )
 
   @classmethod
-  def from_official(cls, path: str, *, tokenizer: str, class_names=None, objective=None,
-                    **defaults) -> "InferenceModel":
+  def from_official(
+      cls, path: str, *, tokenizer: str, class_names=None, objective=None, **defaults
+  ) -> "InferenceModel":
     """An official MonoFormer checkpoint folder (config.json + weights or ema/)."""
     config, params = convert_checkpoints.load_official_checkpoint(path)
-    return cls(params, config, load_sentencepiece(tokenizer),
-               objective or diffusion.make_objective("gaussian", learn_sigma=config.learn_sigma),
-               defaults, class_names)
+    return cls(
+        params,
+        config,
+        load_sentencepiece(tokenizer),
+        objective or diffusion.make_objective("gaussian", learn_sigma=config.learn_sigma),
+        defaults,
+        class_names,
+    )
 
   @classmethod
-  def from_hf(cls, path: str, *, tokenizer: str, vocab_size: Optional[int] = None,
-              objective=None, **defaults) -> "InferenceModel":
+  def from_hf(
+      cls, path: str, *, tokenizer: str, vocab_size: Optional[int] = None, objective=None, **defaults
+  ) -> "InferenceModel":
     """A transformers LLaMA folder; the image path is freshly initialised (text only, really)."""
     tok = load_sentencepiece(tokenizer)
-    config, params = convert_checkpoints.load_llama_checkpoint(
-        path, vocab_size=vocab_size or tok.vocab_size)
+    config, params = convert_checkpoints.load_llama_checkpoint(path, vocab_size=vocab_size or tok.vocab_size)
     return cls(params, config, tok, objective or diffusion.make_objective("gaussian"), defaults)
 
   def _opt(self, name, value):
@@ -121,11 +148,18 @@ class InferenceModel:
       raise InferenceError(f"num_steps must be >= 1, got {steps}")
     clip = bool(self._opt("clip_denoised", clip_denoised))
     if clip and self.objective.kind != "gaussian":
-      raise InferenceError(f"clip_denoised clamps the Gaussian sampler's x0; the "
-                           f"{self.objective.kind!r} objective's samplers have no x0 to clamp")
-    return dict(guidance_scale=scale, cfg_mode=self._opt("cfg_mode", cfg_mode),
-                sampler=self._opt("sampler", sampler), num_steps=steps,
-                eta=float(self._opt("eta", eta)), clip_denoised=clip)
+      raise InferenceError(
+          f"clip_denoised clamps the Gaussian sampler's x0; the "
+          f"{self.objective.kind!r} objective's samplers have no x0 to clamp"
+      )
+    return dict(
+        guidance_scale=scale,
+        cfg_mode=self._opt("cfg_mode", cfg_mode),
+        sampler=self._opt("sampler", sampler),
+        num_steps=steps,
+        eta=float(self._opt("eta", eta)),
+        clip_denoised=clip,
+    )
 
   # -- prompts ---------------------------------------------------------------------------------
   def image_prompt(self, text: str) -> list[int]:
@@ -154,11 +188,22 @@ class InferenceModel:
     return out
 
   # -- images ----------------------------------------------------------------------------------
-  def sample_classes(self, classes, num_per_class: int = 1, *, template: str = None,
-                     use_label_embedding: Optional[bool] = None, seed: Optional[int] = None,
-                     batch_size: int = 64, guidance_scale=None, cfg_mode=None, sampler=None,
-                     num_steps=None, eta=None,
-                     clip_denoised=None) -> tuple[np.ndarray, np.ndarray]:
+  def sample_classes(
+      self,
+      classes,
+      num_per_class: int = 1,
+      *,
+      template: str = None,
+      use_label_embedding: Optional[bool] = None,
+      seed: Optional[int] = None,
+      batch_size: int = 64,
+      guidance_scale=None,
+      cfg_mode=None,
+      sampler=None,
+      num_steps=None,
+      eta=None,
+      clip_denoised=None,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, H, W, C), labels (N,)), `num_per_class` per class, in class order.
 
     Classes go in as text through `template` (official: "Please generate an image of {}."), and
@@ -171,41 +216,93 @@ class InferenceModel:
     if not ids:
       raise InferenceError("no classes given")
     labels = np.repeat(np.asarray(ids, np.int32), num_per_class)
-    images = self.sample_labels(labels, template=template, use_label_embedding=use_label_embedding,
-                                seed=seed, batch_size=batch_size, guidance_scale=guidance_scale,
-                                cfg_mode=cfg_mode, sampler=sampler, num_steps=num_steps, eta=eta,
-                                clip_denoised=clip_denoised)
+    images = self.sample_labels(
+        labels,
+        template=template,
+        use_label_embedding=use_label_embedding,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        cfg_mode=cfg_mode,
+        sampler=sampler,
+        num_steps=num_steps,
+        eta=eta,
+        clip_denoised=clip_denoised,
+    )
     return images, labels
 
-  def sample_labels(self, labels, sample_ids=None, *, template: str = None,
-                    use_label_embedding: Optional[bool] = None, seed: Optional[int] = None,
-                    batch_size: int = 64, guidance_scale=None, cfg_mode=None, sampler=None,
-                    num_steps=None, eta=None, clip_denoised=None) -> np.ndarray:
+  def sample_labels(
+      self,
+      labels,
+      sample_ids=None,
+      *,
+      template: str = None,
+      use_label_embedding: Optional[bool] = None,
+      seed: Optional[int] = None,
+      batch_size: int = 64,
+      guidance_scale=None,
+      cfg_mode=None,
+      sampler=None,
+      num_steps=None,
+      eta=None,
+      clip_denoised=None,
+  ) -> np.ndarray:
     """Images (N, H, W, C) of class ids `labels`, sample i drawn with id `sample_ids[i]`
     (default 0..N-1): the image an FID sample directory holds for that index and label."""
     self.class_ids(np.asarray(labels).reshape(-1).tolist())  # range-checked, named on error
     if use_label_embedding and not self.config.num_classes:
       raise InferenceError("use_label_embedding: this model has no label embedding")
     return classes_lib.sample_classes(
-        self.params, self.config, self.objective, self.tokenizer, self.class_names, labels,
-        seed=int(self._opt("seed", seed)), sample_ids=sample_ids,
+        self.params,
+        self.config,
+        self.objective,
+        self.tokenizer,
+        self.class_names,
+        labels,
+        seed=int(self._opt("seed", seed)),
+        sample_ids=sample_ids,
         template=template or classes_lib.DEFAULT_CLASS_TEMPLATE,
-        use_label_embedding=use_label_embedding, batch_size=batch_size, mesh=self.mesh,
-        rules=self.rules, **self._image_options(guidance_scale, cfg_mode, sampler, num_steps,
-                                                eta, clip_denoised))
+        use_label_embedding=use_label_embedding,
+        batch_size=batch_size,
+        mesh=self.mesh,
+        rules=self.rules,
+        **self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised),
+    )
 
-  def text_to_image(self, prompts: Sequence[str], *, seed: Optional[int] = None,
-                    batch_size: int = 64, guidance_scale=None, cfg_mode=None, sampler=None,
-                    num_steps=None, eta=None, clip_denoised=None) -> np.ndarray:
+  def text_to_image(
+      self,
+      prompts: Sequence[str],
+      *,
+      seed: Optional[int] = None,
+      batch_size: int = 64,
+      guidance_scale=None,
+      cfg_mode=None,
+      sampler=None,
+      num_steps=None,
+      eta=None,
+      clip_denoised=None,
+  ) -> np.ndarray:
     _check_prompts(prompts)
     opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised)
     ids = [self.image_prompt(p) for p in prompts]
     rng = jax.random.key(int(self._opt("seed", seed)))
-    return np.concatenate([image_lib.sample_images(
-        self.params, self.config, self.objective, ids[start:start + batch_size],
-        uncond_prompt=self.unconditional_prompt(), rng=rng,
-        sample_ids=np.arange(start, min(start + batch_size, len(ids))), mesh=self.mesh,
-        rules=self.rules, **opts) for start in range(0, len(ids), batch_size)])
+    return np.concatenate(
+        [
+            image_lib.sample_images(
+                self.params,
+                self.config,
+                self.objective,
+                ids[start : start + batch_size],
+                uncond_prompt=self.unconditional_prompt(),
+                rng=rng,
+                sample_ids=np.arange(start, min(start + batch_size, len(ids))),
+                mesh=self.mesh,
+                rules=self.rules,
+                **opts,
+            )
+            for start in range(0, len(ids), batch_size)
+        ]
+    )
 
   def decode(self, images: np.ndarray) -> np.ndarray:
     """Model-space images -> pixels in [-1, 1] through the run's VAE (identity in pixel space)."""
@@ -217,43 +314,81 @@ class InferenceModel:
   def _token_sampling(self, temperature, top_k, top_p, greedy):
     if greedy:
       return TokenSampling()
-    return TokenSampling(float(self._opt("temperature", temperature)),
-                         int(self._opt("top_k", top_k)), float(self._opt("top_p", top_p)))
+    return TokenSampling(
+        float(self._opt("temperature", temperature)), int(self._opt("top_k", top_k)), float(self._opt("top_p", top_p))
+    )
 
   def _continuation(self, prompt_ids, new_ids):
     return text_lib.continuation(self.tokenizer, prompt_ids, new_ids)
 
-  def generate_text(self, prompts: Sequence[str], *, max_new_tokens=None, temperature=None,
-                    top_k=None, top_p=None, greedy: bool = False, seed: Optional[int] = None,
-                    stop_tokens: Optional[Sequence[int]] = None) -> list[str]:
+  def generate_text(
+      self,
+      prompts: Sequence[str],
+      *,
+      max_new_tokens=None,
+      temperature=None,
+      top_k=None,
+      top_p=None,
+      greedy: bool = False,
+      seed: Optional[int] = None,
+      stop_tokens: Optional[Sequence[int]] = None,
+  ) -> list[str]:
     """Continuations of `<s>{prompt}` (cut before the stop token; default `</s>`)."""
     _check_prompts(prompts)
     return text_lib.generate_text(
-        self.params, self.config, self.tokenizer, prompts,
+        self.params,
+        self.config,
+        self.tokenizer,
+        prompts,
         max_new_tokens=int(self._opt("max_new_tokens", max_new_tokens)),
         sampling=self._token_sampling(temperature, top_k, top_p, greedy),
-        seed=int(self._opt("seed", seed)), stop_tokens=stop_tokens, mesh=self.mesh,
-        rules=self.rules)
+        seed=int(self._opt("seed", seed)),
+        stop_tokens=stop_tokens,
+        mesh=self.mesh,
+        rules=self.rules,
+    )
 
-  def generate(self, prompts: Sequence[str], *, max_new_tokens=None, max_images: int = 1,
-               temperature=None, top_k=None, top_p=None, greedy: bool = False,
-               seed: Optional[int] = None, guidance_scale=None, cfg_mode=None, sampler=None, num_steps=None,
-               eta=None, clip_denoised=None) -> list[list[tuple]]:
+  def generate(
+      self,
+      prompts: Sequence[str],
+      *,
+      max_new_tokens=None,
+      max_images: int = 1,
+      temperature=None,
+      top_k=None,
+      top_p=None,
+      greedy: bool = False,
+      seed: Optional[int] = None,
+      guidance_scale=None,
+      cfg_mode=None,
+      sampler=None,
+      num_steps=None,
+      eta=None,
+      clip_denoised=None,
+  ) -> list[list[tuple]]:
     """Text and images in one call. Per prompt, the new parts in order: ('text', str) and
     ('image', (H, W, C) array in model space). A prompt may end with `<|im_start|>`."""
     _check_prompts(prompts)
     tok = self.tokenizer
     ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta,
-                               clip_denoised)
+    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised)
     results = interleaved_lib.generate_interleaved(
-        self.params, self.config, self.objective, ids, image_token=tok.im_start_id,
-        end_token=tok.im_end_id, uncond_prompt=self.unconditional_prompt(),
+        self.params,
+        self.config,
+        self.objective,
+        ids,
+        image_token=tok.im_start_id,
+        end_token=tok.im_end_id,
+        uncond_prompt=self.unconditional_prompt(),
         max_new_tokens=int(self._opt("max_new_tokens", max_new_tokens)),
         sampling=self._token_sampling(temperature, top_k, top_p, greedy),
-        stop_tokens=(tok.eos_id,), max_images=max_images,
+        stop_tokens=(tok.eos_id,),
+        max_images=max_images,
         rng=jax.random.key(int(self._opt("seed", seed))),
-        mesh=self.mesh, rules=self.rules, **opts)
+        mesh=self.mesh,
+        rules=self.rules,
+        **opts,
+    )
     return [self._parts(p, r) for p, r in zip(ids, results)]
 
   def _parts(self, prompt_ids, result) -> list[tuple]:

@@ -18,6 +18,7 @@ class ModelConfig:
   Defaults are the released MonoFormer ImageNet-256 model (TinyLlama-1.1B backbone, 32,004-token
   vocabulary, SD-VAE latents 32x32x4, patch 2, `adaln_before_decoder`).
   """
+
   # LLaMA backbone.
   vocab_size: int = 32004
   hidden_size: int = 2048
@@ -106,8 +107,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"unknown model config field(s): {', '.join(unknown)}; "
-                       f"known fields: {', '.join(sorted(known))}")
+      raise ValueError(f"unknown model config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
     return cls(**values)
 
 
@@ -150,7 +150,8 @@ def from_official_config(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
   if "image_size" in cfg:
     latent = cfg["image_size"] // 8
     kw.update(
-        image_height=latent, image_width=latent,
+        image_height=latent,
+        image_width=latent,
         image_channels=cfg.get("in_channels", 4),
         patch_size=cfg.get("patch_size", 2),
         learn_sigma=cfg.get("learn_sigma", True),

@@ -68,18 +68,28 @@ def timestep_frequencies(t: Array, dim: int, max_period: float = 10000.0) -> Arr
 
 class TimestepEmbedder(nn.Module):
   """Sinusoid (256) -> Linear -> SiLU -> Linear(hidden). Init N(0, 0.02)."""
+
   config: ModelConfig
 
   @nn.compact
   def __call__(self, t: Array) -> Array:
     cfg = self.config
     x = timestep_frequencies(t, cfg.timestep_freq_dim)
-    x = nn.Dense(cfg.hidden_size, param_dtype=jnp.float32, name="fc1",
-                 kernel_init=normal_init(0.02, ("freq", "embed")), bias_init=zeros_init(("embed",)))(x)
+    x = nn.Dense(
+        cfg.hidden_size,
+        param_dtype=jnp.float32,
+        name="fc1",
+        kernel_init=normal_init(0.02, ("freq", "embed")),
+        bias_init=zeros_init(("embed",)),
+    )(x)
     x = nn.silu(x)
-    return nn.Dense(cfg.hidden_size, param_dtype=jnp.float32, name="fc2",
-                    kernel_init=normal_init(0.02, ("embed", "embed_out")),
-                    bias_init=zeros_init(("embed_out",)))(x)
+    return nn.Dense(
+        cfg.hidden_size,
+        param_dtype=jnp.float32,
+        name="fc2",
+        kernel_init=normal_init(0.02, ("embed", "embed_out")),
+        bias_init=zeros_init(("embed_out",)),
+    )(x)
 
 
 class FinalLayer(nn.Module):
@@ -88,6 +98,7 @@ class FinalLayer(nn.Module):
   MonoFormer initialises the output Linear N(0, 0.02) with zero bias (DiT zero-initialises it) and
   the adaLN Linear with zeros.
   """
+
   config: ModelConfig
 
   @nn.compact
@@ -95,14 +106,21 @@ class FinalLayer(nn.Module):
     """x: (..., N, hidden) image-token states; cond: (..., N or 1, hidden) conditioning vectors
     (one per image, broadcast over its N patches, is the cheap way)."""
     cfg = self.config
-    mod = nn.Dense(2 * cfg.hidden_size, param_dtype=jnp.float32, name="adaln_modulation",
-                   kernel_init=zeros_init(("embed", "cond")), bias_init=zeros_init(("cond",)))(
-                       nn.silu(cond.astype(jnp.float32)))
+    mod = nn.Dense(
+        2 * cfg.hidden_size,
+        param_dtype=jnp.float32,
+        name="adaln_modulation",
+        kernel_init=zeros_init(("embed", "cond")),
+        bias_init=zeros_init(("cond",)),
+    )(nn.silu(cond.astype(jnp.float32)))
     shift, scale = jnp.split(mod, 2, axis=-1)
-    x = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32)(
-        x.astype(jnp.float32))
+    x = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32)(x.astype(jnp.float32))
     x = x * (1 + scale) + shift
     out_features = cfg.patch_size * cfg.patch_size * cfg.output_channels
-    return nn.Dense(out_features, param_dtype=jnp.float32, name="linear",
-                    kernel_init=normal_init(0.02, ("embed", "patch_out")),
-                    bias_init=zeros_init(("patch_out",)))(x)
+    return nn.Dense(
+        out_features,
+        param_dtype=jnp.float32,
+        name="linear",
+        kernel_init=normal_init(0.02, ("embed", "patch_out")),
+        bias_init=zeros_init(("patch_out",)),
+    )(x)

@@ -39,6 +39,7 @@ class Linear(nn.Module):
   dot_generals that contract or batch several axes (the weight gradient of a (B, L, H) input
   contracts two), and the reshape is free on every backend.
   """
+
   features: tuple
   in_dims: int
   kernel_axes: tuple
@@ -47,26 +48,28 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[x.ndim - self.in_dims:]
-    lead = x.shape[:x.ndim - self.in_dims]
-    kernel = self.param("kernel", normal_init(self.stddev, self.kernel_axes),
-                        in_shape + tuple(self.features), jnp.float32)
+    in_shape = x.shape[x.ndim - self.in_dims :]
+    lead = x.shape[: x.ndim - self.in_dims]
+    kernel = self.param(
+        "kernel", normal_init(self.stddev, self.kernel_axes), in_shape + tuple(self.features), jnp.float32
+    )
     n_in = int(np.prod(in_shape))
     n_out = int(np.prod(self.features))
-    y = jnp.dot(x.reshape(-1, n_in).astype(self.dtype),
-                kernel.reshape(n_in, n_out).astype(self.dtype))
+    y = jnp.dot(x.reshape(-1, n_in).astype(self.dtype), kernel.reshape(n_in, n_out).astype(self.dtype))
     return y.reshape(lead + tuple(self.features))
 
 
 class RMSNorm(nn.Module):
   """LLaMA RMSNorm: normalise in float32, cast back, then scale (the HF order)."""
+
   eps: float
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), jnp.float32
+    )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(self.dtype)
@@ -110,11 +113,20 @@ class Attention(nn.Module):
   step transposes it. Slicing one layer out and stacking them back would copy the whole cache
   at every decode step (~3x the per-token time at 1,024 slots on a CPU).
   """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
-               kv_cache: Optional[dict] = None, cache_index=None, cache_layer=None):
+  def __call__(
+      self,
+      x: Array,
+      mask: Array,
+      cos: Array,
+      sin: Array,
+      kv_cache: Optional[dict] = None,
+      cache_index=None,
+      cache_layer=None,
+  ):
     cfg = self.config
     dtype = cfg.compute_dtype
     d, h, kvh = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
@@ -154,13 +166,13 @@ class Attention(nn.Module):
     out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kvh, groups, lq, d)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-    out = Linear((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, init,
-                 name="o_proj")(out)
+    out = Linear((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, init, name="o_proj")(out)
     return out, new_cache
 
 
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
+
   config: ModelConfig
 
   @nn.compact
@@ -181,11 +193,11 @@ class DecoderLayer(nn.Module):
   """Pre-norm LLaMA block: (x, cache) -> (x, cache), the cache every layer's, stacked, and
   `cache_layer` this layer's index in it (see Attention). Under nn.scan with a cache the carry is
   (x, stacked cache, layer index) and the block returns ((x, cache, index + 1), None)."""
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, kv_cache, mask: Array, cos: Array, sin: Array, cache_index,
-               cache_layer=None):
+  def __call__(self, x: Array, kv_cache, mask: Array, cos: Array, sin: Array, cache_index, cache_layer=None):
     if isinstance(x, tuple):  # scanned over layers with the stacked cache in the carry
       x, stacked, layer = x
       x, stacked = self.block(x, stacked, mask, cos, sin, cache_index, layer)
@@ -197,8 +209,7 @@ class DecoderLayer(nn.Module):
     dtype = cfg.compute_dtype
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-    attn, new_cache = Attention(cfg, name="self_attn")(h, mask, cos, sin, kv_cache, cache_index,
-                                                   cache_layer)
+    attn, new_cache = Attention(cfg, name="self_attn")(h, mask, cos, sin, kv_cache, cache_index, cache_layer)
     x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
     x = x + MLP(cfg, name="mlp")(h)

@@ -19,8 +19,7 @@ from monoformer_jax.batch import KIND_IMAGE
 Array = jax.Array
 
 
-def token_meta(segment_ids: Array, kinds: Array, patch_index: Array, num_patches: int,
-               order: Array) -> dict:
+def token_meta(segment_ids: Array, kinds: Array, patch_index: Array, num_patches: int, order: Array) -> dict:
   """Per-token attributes the mask needs. `image_id` is -1 for non-image tokens."""
   is_image = kinds == KIND_IMAGE
   image_id = jnp.where(is_image, patch_index // num_patches, -1)
@@ -34,7 +33,6 @@ def attention_mask(q: dict, k: dict, bidirectional: bool) -> Array:
   causal = k["order"][:, None, :] <= q["order"][:, :, None]
   allowed = causal
   if bidirectional:
-    same_image = ((q["image_id"][:, :, None] == k["image_id"][:, None, :])
-                  & (q["image_id"] >= 0)[:, :, None])
+    same_image = (q["image_id"][:, :, None] == k["image_id"][:, None, :]) & (q["image_id"] >= 0)[:, :, None]
     allowed = allowed | same_image
   return same_segment & valid_key & allowed

@@ -19,10 +19,8 @@ import numpy as np
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
-from monoformer_jax.model.image import (FinalLayer, TimestepEmbedder, patchify,
-                                        sincos_pos_embed_2d, unpatchify)
-from monoformer_jax.model.layers import (DecoderLayer, Linear, RMSNorm, constrain, normal_init, rope_tables,
-                                         zeros_init)
+from monoformer_jax.model.image import (FinalLayer, TimestepEmbedder, patchify, sincos_pos_embed_2d, unpatchify)
+from monoformer_jax.model.layers import (DecoderLayer, Linear, RMSNorm, constrain, normal_init, rope_tables, zeros_init)
 from monoformer_jax.model.mask import attention_mask, token_meta
 
 Array = jax.Array
@@ -63,19 +61,24 @@ class MonoFormer(nn.Module):
     cfg = self.config
     layer_cls = DecoderLayer
     if cfg.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers,
-                           policy=_REMAT_POLICIES[cfg.remat])
+      layer_cls = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers, policy=_REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 5,
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       if layer_caches is None:
         x, _ = stack(cfg, name="layers")(x, None, mask, cos, sin, cache_index)
         return x, None
       # The stacked cache and the layer index ride in the carry, so each layer writes its slice
       # in place (as scan inputs/outputs the cache would be sliced and restacked every step).
       (x, layer_caches, _), _ = stack(cfg, name="layers")(
-          (x, layer_caches, jnp.zeros((), jnp.int32)), None, mask, cos, sin, cache_index)
+          (x, layer_caches, jnp.zeros((), jnp.int32)), None, mask, cos, sin, cache_index
+      )
       return x, layer_caches
     # Unrolled layers pass the stacked cache along and each writes its own slice in place
     # (slicing layers out and stacking them back would copy the whole cache per decode step).
@@ -83,14 +86,23 @@ class MonoFormer(nn.Module):
       if i == 0:
         self.sow("intermediates", "layer0_input", x)
       x, layer_caches = layer_cls(cfg, name=f"layers_{i}")(
-          x, layer_caches, mask, cos, sin, cache_index, None if layer_caches is None else i)
+          x, layer_caches, mask, cos, sin, cache_index, None if layer_caches is None else i
+      )
       self.sow("intermediates", f"layer{i}_output", x)
     return x, layer_caches
 
   @nn.compact
-  def __call__(self, batch: dict, images: Optional[Array] = None,
-               timesteps: Optional[Array] = None, *, cache: Optional[dict] = None,
-               cache_index=0, return_logits: bool = True, return_image: bool = True) -> dict:
+  def __call__(
+      self,
+      batch: dict,
+      images: Optional[Array] = None,
+      timesteps: Optional[Array] = None,
+      *,
+      cache: Optional[dict] = None,
+      cache_index=0,
+      return_logits: bool = True,
+      return_image: bool = True,
+  ) -> dict:
     cfg = self.config
     dtype = cfg.compute_dtype
     hidden = cfg.hidden_size
@@ -99,9 +111,14 @@ class MonoFormer(nn.Module):
     patch_index = batch["patch_index"]
     b, l = tokens.shape
 
-    embed = nn.Embed(cfg.vocab_size, hidden, param_dtype=jnp.float32, dtype=dtype,
-                     embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")),
-                     name="embed_tokens")
+    embed = nn.Embed(
+        cfg.vocab_size,
+        hidden,
+        param_dtype=jnp.float32,
+        dtype=dtype,
+        embedding_init=normal_init(cfg.initializer_range, ("vocab", "embed")),
+        name="embed_tokens",
+    )
     x = embed(tokens)
 
     cond = None
@@ -110,28 +127,47 @@ class MonoFormer(nn.Module):
         raise ValueError("images were given without timesteps")
       m = images.shape[1]
       if images.shape[2:] != (cfg.image_height, cfg.image_width, cfg.image_channels):
-        raise ValueError(f"images have shape {images.shape[2:]} per slot, the model expects "
-                         f"{(cfg.image_height, cfg.image_width, cfg.image_channels)}")
+        raise ValueError(
+            f"images have shape {images.shape[2:]} per slot, the model expects "
+            f"{(cfg.image_height, cfg.image_width, cfg.image_channels)}"
+        )
       cond = TimestepEmbedder(cfg, name="t_embedder")(timesteps)  # (B, M, hidden), float32
       if cfg.num_classes:
-        cond = cond + nn.Embed(cfg.num_classes + 1, hidden, param_dtype=jnp.float32,
-                               embedding_init=normal_init(0.02, ("classes", "embed")),
-                               name="label_embedder")(batch["labels"])
+        cond = cond + nn.Embed(
+            cfg.num_classes + 1,
+            hidden,
+            param_dtype=jnp.float32,
+            embedding_init=normal_init(0.02, ("classes", "embed")),
+            name="label_embedder",
+        )(batch["labels"])
       self.sow("intermediates", "t_emb", cond)
       patches = patchify(images.astype(jnp.float32), cfg.patch_size).reshape(b, m * num_patches, -1)
-      patch_emb = nn.Dense(hidden, param_dtype=jnp.float32, dtype=dtype, name="x_embedder",
-                           kernel_init=zeros_init(("patch", "embed")),
-                           bias_init=zeros_init(("embed",)))(patches)
+      patch_emb = nn.Dense(
+          hidden,
+          param_dtype=jnp.float32,
+          dtype=dtype,
+          name="x_embedder",
+          kernel_init=zeros_init(("patch", "embed")),
+          bias_init=zeros_init(("embed",)),
+      )(patches)
       is_image = (kinds == batch_lib.KIND_IMAGE)[..., None]
       x = jnp.where(is_image, _gather_tokens(patch_emb, patch_index).astype(dtype), x)
       slot = patch_index // num_patches  # image slot of image tokens and t-tokens
       if cfg.has_t_token:
-        t_tok = nn.Dense(hidden, param_dtype=jnp.float32, name="t_projector_fc1",
-                         kernel_init=normal_init(0.02, ("embed", "embed_out")),
-                         bias_init=zeros_init(("embed_out",)))(cond)
-        t_tok = nn.Dense(hidden, param_dtype=jnp.float32, name="t_projector_fc2",
-                         kernel_init=zeros_init(("embed", "embed_out")),
-                         bias_init=zeros_init(("embed_out",)))(nn.gelu(t_tok, approximate=False))
+        t_tok = nn.Dense(
+            hidden,
+            param_dtype=jnp.float32,
+            name="t_projector_fc1",
+            kernel_init=normal_init(0.02, ("embed", "embed_out")),
+            bias_init=zeros_init(("embed_out",)),
+        )(cond)
+        t_tok = nn.Dense(
+            hidden,
+            param_dtype=jnp.float32,
+            name="t_projector_fc2",
+            kernel_init=zeros_init(("embed", "embed_out")),
+            bias_init=zeros_init(("embed_out",)),
+        )(nn.gelu(t_tok, approximate=False))
         self.sow("intermediates", "c_embeds", t_tok)
         is_t = (kinds == batch_lib.KIND_T_TOKEN)[..., None]
         x = jnp.where(is_t, _per_slot(t_tok, slot).astype(dtype), x)
@@ -141,9 +177,13 @@ class MonoFormer(nn.Module):
         pos = jnp.take(table, patch_index % num_patches, axis=0)
         x = x + jnp.where(is_image, pos, 0).astype(dtype)
       if cfg.t_embed == "adaln_before_decoder":
-        c = nn.Dense(2 * hidden, param_dtype=jnp.float32, name="adaln_module",
-                     kernel_init=zeros_init(("embed", "cond")), bias_init=zeros_init(("cond",)))(
-                         nn.silu(cond))
+        c = nn.Dense(
+            2 * hidden,
+            param_dtype=jnp.float32,
+            name="adaln_module",
+            kernel_init=zeros_init(("embed", "cond")),
+            bias_init=zeros_init(("cond",)),
+        )(nn.silu(cond))
         self.sow("intermediates", "c_embeds", c)
         c_tok = _per_slot(c, slot)
         # The official code names the first chunk "scale" but adds it: port by position.
@@ -162,7 +202,8 @@ class MonoFormer(nn.Module):
     else:
       k_meta = {
           key: jax.lax.dynamic_update_slice_in_dim(cache["meta"][key], q_meta[key], cache_index, 1)
-          for key in ("segment_ids", "image_id")}
+          for key in ("segment_ids", "image_id")
+      }
       size = cache["meta"]["segment_ids"].shape[1]
       k_meta["order"] = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size))
       layer_caches = cache["layers"]
@@ -170,8 +211,10 @@ class MonoFormer(nn.Module):
 
     x, new_layer_caches = self._decoder_stack(x, mask, cos, sin, layer_caches, cache_index)
     if cache is not None:
-      new_cache = {"layers": new_layer_caches,
-                   "meta": {"segment_ids": k_meta["segment_ids"], "image_id": k_meta["image_id"]}}
+      new_cache = {
+          "layers": new_layer_caches,
+          "meta": {"segment_ids": k_meta["segment_ids"], "image_id": k_meta["image_id"]},
+      }
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
     self.sow("intermediates", "final_hidden", x)
@@ -179,10 +222,10 @@ class MonoFormer(nn.Module):
     if cache is not None:
       out["cache"] = new_cache
     if return_logits:
-      logits = Linear((cfg.vocab_size,), 1, ("embed", "vocab"), dtype, cfg.initializer_range,
-                      name="lm_head")(x)
-      out["logits"] = constrain(logits.astype(jnp.float32),
-                                ("activation_batch", "activation_length", "activation_vocab"))
+      logits = Linear((cfg.vocab_size,), 1, ("embed", "vocab"), dtype, cfg.initializer_range, name="lm_head")(x)
+      out["logits"] = constrain(
+          logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+      )
     if images is not None and return_image:
       m = images.shape[1]
       where = _patch_positions(kinds, patch_index, m * num_patches)
@@ -194,8 +237,9 @@ class MonoFormer(nn.Module):
     return out
 
 
-def dummy_batch(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None,
-                num_image_slots: int = 1) -> tuple[dict, np.ndarray, np.ndarray]:
+def dummy_batch(
+    config: ModelConfig, batch_size: int = 1, seq_len: Optional[int] = None, num_image_slots: int = 1
+) -> tuple[dict, np.ndarray, np.ndarray]:
   """A minimal well-formed batch (one image sample per row), for init and shape inference."""
   n = config.num_patches + int(config.has_t_token)
   seq_len = seq_len or n + 4
@@ -203,8 +247,7 @@ def dummy_batch(config: ModelConfig, batch_size: int = 1, seq_len: Optional[int]
   batch = batch_lib.empty_batch(batch_size, seq_len, num_image_slots, shape)
   for r in range(batch_size):
     rb = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
-    rb.add([("text", [1, 2], True), ("image", np.zeros(shape, np.float32), 0),
-            ("text", [2], True)])
+    rb.add([("text", [1, 2], True), ("image", np.zeros(shape, np.float32), 0), ("text", [2], True)])
   timesteps = np.zeros((batch_size, num_image_slots), np.float32)
   return batch, batch["images"], timesteps
 

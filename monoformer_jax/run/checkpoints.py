@@ -62,8 +62,11 @@ def _flat_shapes(tree, prefix="") -> dict:
 def shape_mismatches(stored_params, wanted_params) -> list[str]:
   """What differs between a checkpoint's parameter shapes and the model's, one line each."""
   stored, wanted = _flat_shapes(stored_params), _flat_shapes(wanted_params)
-  problems = [f"{k}: checkpoint {stored.get(k, 'missing')} vs model {v}"
-              for k, v in sorted(wanted.items()) if stored.get(k) != v]
+  problems = [
+      f"{k}: checkpoint {stored.get(k, 'missing')} vs model {v}"
+      for k, v in sorted(wanted.items())
+      if stored.get(k) != v
+  ]
   problems += [f"{k}: not in the model" for k in sorted(set(stored) - set(wanted))]
   return problems
 
@@ -78,31 +81,33 @@ class Checkpointer:
   training job itself may: a reader (sampling from a running job's workdir) would delete the
   save in progress."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-               clean_unfinished: bool = False):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, clean_unfinished: bool = False):
     self.directory = checkpoint_dir(workdir)
     if clean_unfinished and jax.process_index() == 0 and self.directory.is_dir():
       for path in sorted(self.directory.iterdir()):
         if TMP_DIR_SUFFIX in path.name:
-          _warn(f"ignoring and deleting the unfinished save {path} (a job was stopped while "
-                "writing it)")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           enable_async_checkpointing=async_save,
-                                           create=True, cleanup_tmp_directories=clean_unfinished)
+          _warn(f"ignoring and deleting the unfinished save {path} (a job was stopped while writing it)")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=clean_unfinished,
+    )
     # Handlers named up front, so a step's metadata (its arrays' shapes) reads before a restore.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add("state", args_type, ocp.StandardCheckpointHandler())
     for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add("extra", args_type, ocp.JsonCheckpointHandler())
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         handler_registry=registry)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
     """Saves asynchronously (returns once the device arrays are copied)."""
     return self.manager.save(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           extra=ocp.args.JsonSave(extra)), force=force)
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        force=force,
+    )
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -118,19 +123,29 @@ class Checkpointer:
     """
     for step in reversed(self.steps()):
       if not (self.directory / str(step) / COMMIT_SUCCESS_FILE).exists():
-        _warn(f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "
-              "finished); falling back to the previous checkpoint")
+        _warn(
+            f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "
+            "finished); falling back to the previous checkpoint"
+        )
         continue
       self._check_shapes(step, abstract_state)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
+        )
         return step, restored["state"], dict(restored["extra"])
       except Exception as e:  # pylint: disable=broad-except  # any corruption: try the previous
-        logging.warning("checkpoint at step %d could not be restored (%s: %s); trying the "
-                        "previous one", step, type(e).__name__, str(e)[:300])
-        print(f"WARNING: checkpoint {self.directory}/{step} is unreadable "
-              f"({type(e).__name__}); falling back to the previous checkpoint", flush=True)
+        logging.warning(
+            "checkpoint at step %d could not be restored (%s: %s); trying the previous one",
+            step,
+            type(e).__name__,
+            str(e)[:300],
+        )
+        print(
+            f"WARNING: checkpoint {self.directory}/{step} is unreadable "
+            f"({type(e).__name__}); falling back to the previous checkpoint",
+            flush=True,
+        )
     return None
 
   def _check_shapes(self, step: int, abstract_state) -> None:
@@ -145,7 +160,8 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} holds a model of another shape than the config "
           f"({len(problems)} parameters differ: {'; '.join(problems[:6])}): a checkpoint of "
-          "another model, or the wrong config")
+          "another model, or the wrong config"
+      )
 
   def close(self):
     self.manager.wait_until_finished()
@@ -153,5 +169,4 @@ class Checkpointer:
 
 
 def abstract_with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

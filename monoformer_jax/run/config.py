@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -28,8 +27,16 @@ CONFIG_FILE = "config.json"
 # Fields a run cannot change once it has checkpoints (shapes, token ids, what the model learns).
 # A resumed run may change anything else (intervals, learning rate, steps, mesh, batch sizes); the
 # changes are listed in its log.
-FIXED_FIELDS = ("model", "objective", "data.tokenizer", "data.tokenizer_vocab_size",
-                "data.image_source", "data.text_source", "data.class_names_file", "vae")
+FIXED_FIELDS = (
+    "model",
+    "objective",
+    "data.tokenizer",
+    "data.tokenizer_vocab_size",
+    "data.image_source",
+    "data.text_source",
+    "data.class_names_file",
+    "vae",
+)
 
 
 class ConfigError(ValueError):
@@ -44,56 +51,81 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.sample_every_steps = 0          # 0: only at the end of training
-  c.init_from = ""                  # "hf:DIR" (LLaMA), "official:DIR" (MonoFormer), "run:WORKDIR"
+  c.sample_every_steps = 0  # 0: only at the end of training
+  c.init_from = ""  # "hf:DIR" (LLaMA), "official:DIR" (MonoFormer), "run:WORKDIR"
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
   # The official objective: IDDPM Gaussian diffusion, 1000 linear-beta steps, eps + learned sigma.
   # min_snr_gamma > 0 weights the Gaussian mse by Min-SNR-gamma (not official; diffusion/losses.py).
-  c.objective = ml_collections.ConfigDict(dict(
-      kind="gaussian", num_timesteps=1000, beta_schedule="linear", min_snr_gamma=0.0))
+  c.objective = ml_collections.ConfigDict(
+      dict(kind="gaussian", num_timesteps=1000, beta_schedule="linear", min_snr_gamma=0.0)
+  )
 
   # Defaults of `python -m monoformer_jax.sample` and of the periodic samples (drawn with `seed`,
   # like every sampler: the same seed gives the same images in training, FID and the API).
-  c.sampling = ml_collections.ConfigDict(dict(
-      sampler="ddpm", num_steps=250, guidance_scale=1.5, cfg_mode="eps", eta=0.0,
-      clip_denoised=False,           # clamp predicted x0 to [-1, 1] (pixels; official: off)
-      num_per_class=4, temperature=0.7, top_k=50, top_p=0.95, max_new_tokens=64, seed=0))
+  c.sampling = ml_collections.ConfigDict(
+      dict(
+          sampler="ddpm",
+          num_steps=250,
+          guidance_scale=1.5,
+          cfg_mode="eps",
+          eta=0.0,
+          clip_denoised=False,  # clamp predicted x0 to [-1, 1] (pixels; official: off)
+          num_per_class=4,
+          temperature=0.7,
+          top_k=50,
+          top_p=0.95,
+          max_new_tokens=64,
+          seed=0,
+      )
+  )
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, schedule="constant", warmup_steps=0, decay_steps=0,
-      final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=2.0,
-      grad_accum_steps=1))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          learning_rate=1e-4,
+          schedule="constant",
+          warmup_steps=0,
+          decay_steps=0,
+          final_lr_fraction=0.0,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=0.0,
+          grad_clip=2.0,
+          grad_accum_steps=1,
+      )
+  )
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
 
   # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM).
   c.loss = ml_collections.ConfigDict(dict(diffusion_weight=1.0, lm_weight=0.01))
   # Which step runs when: weights of 'diffusion', 'ar' and 'mixed' steps; text_warmup_steps AR
   # steps first (train/scheduler.py).
-  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0,
-                                              text_warmup_steps=0))
+  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0, text_warmup_steps=0))
 
-  c.data = ml_collections.ConfigDict(dict(
-      image_source="mnist",          # data/registry.py: mnist | mnist_latents | latents | ...
-      image_path="",
-      image_batch_size=64,           # global batch of diffusion rows
-      image_seq_len=0,               # 0: smallest length that fits prompt + image
-      text_source="pydoc",           # pydoc | text_file | chat_jsonl
-      text_path="",
-      text_batch_size=64,            # global batch of AR rows
-      text_seq_len=128,
-      packing=True,                  # pack several text samples per row
-      prompt_dropout=0.1,            # CFG text dropout (official --text_dropout_prob)
-      lm_loss_on_image_prompts=False,
-      latent_scale=1.0,
-      class_names_file="",           # JSON list (or {label: name}) of class names for prompts
-      max_prompt_tokens=64,          # free-text prompts (image-text JSONL) are cut to this
-      worker_count=0,
-      skip_bad_records=False,
-      tokenizer="train",             # "train" (SentencePiece on the corpus, cached) or a .model path
-      tokenizer_vocab_size=1024,
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          image_source="mnist",  # data/registry.py: mnist | mnist_latents | latents | ...
+          image_path="",
+          image_batch_size=64,  # global batch of diffusion rows
+          image_seq_len=0,  # 0: smallest length that fits prompt + image
+          text_source="pydoc",  # pydoc | text_file | chat_jsonl
+          text_path="",
+          text_batch_size=64,  # global batch of AR rows
+          text_seq_len=128,
+          packing=True,  # pack several text samples per row
+          prompt_dropout=0.1,  # CFG text dropout (official --text_dropout_prob)
+          lm_loss_on_image_prompts=False,
+          latent_scale=1.0,
+          class_names_file="",  # JSON list (or {label: name}) of class names for prompts
+          max_prompt_tokens=64,  # free-text prompts (image-text JSONL) are cut to this
+          worker_count=0,
+          skip_bad_records=False,
+          tokenizer="train",  # "train" (SentencePiece on the corpus, cached) or a .model path
+          tokenizer_vocab_size=1024,
+      )
+  )
   # The VAE that decodes latents to pixels (a diffusers folder) and its scaling_factor; path ""
   # means the model works in pixel space. The sampler and the periodic samples read these.
   c.vae = ml_collections.ConfigDict(dict(path="", scale=1.0))
@@ -113,8 +145,10 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model: {e}") from e
   if tokenizer is not None and model.vocab_size < tokenizer.vocab_size:
-    _fail("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's vocabulary "
-          f"({tokenizer.vocab_size})")
+    _fail(
+        "model.vocab_size",
+        f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})",
+    )
   return model
 
 
@@ -137,37 +171,40 @@ def validate_config(config, step_kinds) -> None:
   if images:
     _check_batch(config, "data.image_batch_size", data_ax * fsdp_ax, accum)
     if config.data.image_source not in registry.IMAGE_SOURCES:
-      _fail("data.image_source", f"{config.data.image_source!r} is not one of "
-            f"{tuple(registry.IMAGE_SOURCES)}")
+      _fail("data.image_source", f"{config.data.image_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}")
   if text:
     _check_batch(config, "data.text_batch_size", data_ax * fsdp_ax, accum)
     if config.data.text_source not in registry.TEXT_SOURCES:
-      _fail("data.text_source", f"{config.data.text_source!r} is not one of "
-            f"{tuple(registry.TEXT_SOURCES)}")
+      _fail("data.text_source", f"{config.data.text_source!r} is not one of {tuple(registry.TEXT_SOURCES)}")
   _check_objective_and_sampling(config)
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
   if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
     _fail("init_from", f"{config.init_from!r}: use hf:DIR, official:DIR or run:WORKDIR")
   if config.num_train_steps < 0:
-    _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got "
-          f"{config.num_train_steps}")
+    _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got {config.num_train_steps}")
   if config.log_every_steps < 1:
     _fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}")
   _check_vae(config)
   if config.data.tokenizer == "train":
     want = config.data.tokenizer_vocab_size + 4
     if config.model.vocab_size < want:
-      _fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
-            f"{want} (data.tokenizer_vocab_size + 4 special tokens)")
+      _fail(
+          "model.vocab_size",
+          f"{config.model.vocab_size} is smaller than the tokenizer's "
+          f"{want} (data.tokenizer_vocab_size + 4 special tokens)",
+      )
 
 
 def _check_batch(config, field, dp, accum):
   section, name = field.split(".")
   value = config[section][name]
   if value % (dp * accum):
-    _fail(field, f"{value} is not divisible by the data-parallel size {dp} (mesh data x fsdp)"
-          + (f" times optimizer.grad_accum_steps={accum}" if accum > 1 else ""))
+    _fail(
+        field,
+        f"{value} is not divisible by the data-parallel size {dp} (mesh data x fsdp)"
+        + (f" times optimizer.grad_accum_steps={accum}" if accum > 1 else ""),
+    )
   if value % jax.process_count():
     _fail(field, f"{value} is not divisible by the number of processes {jax.process_count()}")
 
@@ -178,23 +215,28 @@ def _check_objective_and_sampling(config):
     _fail("objective.kind", f"{kind!r} is not one of {OBJECTIVES}")
   gamma = config.objective.min_snr_gamma
   if gamma < 0 or (gamma and kind != "gaussian"):
-    _fail("objective.min_snr_gamma", f"must be >= 0 and only weights the gaussian objective's "
-          f"mse (got {gamma} with objective.kind={kind!r}; set "
-          f"--config.objective.min_snr_gamma=0 for the flow objective)")
+    _fail(
+        "objective.min_snr_gamma",
+        f"must be >= 0 and only weights the gaussian objective's "
+        f"mse (got {gamma} with objective.kind={kind!r}; set "
+        f"--config.objective.min_snr_gamma=0 for the flow objective)",
+    )
   # The sampler is only used after training: a mismatch must fail now, not after hours.
   s = config.sampling
   samplers = FLOW_SAMPLERS if kind == "flow" else GAUSSIAN_SAMPLERS
   if s.sampler not in samplers:
-    _fail("sampling.sampler", f"{s.sampler!r} does not sample a {kind!r} objective; use one of "
-          f"{samplers}")
+    _fail("sampling.sampler", f"{s.sampler!r} does not sample a {kind!r} objective; use one of {samplers}")
   if s.guidance_scale < 1:
     _fail("sampling.guidance_scale", f"must be >= 1 (1 = no guidance), got {s.guidance_scale}")
   if s.num_steps < 1:
     _fail("sampling.num_steps", "must be >= 1")
   # x0 clipping bounds pixels; latents are unbounded, and the ODE samplers have no x0 step.
   if s.clip_denoised and (kind != "gaussian" or config.vae.path):
-    _fail("sampling.clip_denoised", "clamps the predicted x0 to [-1, 1]: only for the gaussian "
-          f"objective in pixel space (objective.kind={kind!r}, vae.path={config.vae.path!r})")
+    _fail(
+        "sampling.clip_denoised",
+        "clamps the predicted x0 to [-1, 1]: only for the gaussian "
+        f"objective in pixel space (objective.kind={kind!r}, vae.path={config.vae.path!r})",
+    )
 
 
 def _check_vae(config):
@@ -205,8 +247,7 @@ def _check_vae(config):
     _fail("vae.path", f"no VAE config at {str(path)!r}")
   scaling = json.loads(path.read_text()).get("scaling_factor")
   if scaling is not None and abs(float(scaling) - float(config.vae.scale)) > 1e-6 * abs(scaling):
-    _fail("vae.scale", f"{config.vae.scale} differs from the VAE's scaling_factor {scaling} "
-          f"({path})")
+    _fail("vae.scale", f"{config.vae.scale} differs from the VAE's scaling_factor {scaling} ({path})")
 
 
 def read_run_config(workdir) -> ml_collections.ConfigDict:
@@ -230,8 +271,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
   """(field, old value, new value) of every field that differs between two config dicts."""
   a, b = _flatten(old), _flatten(new)
-  return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if a.get(k, "<absent>") != b.get(k, "<absent>")]
+  return [
+      (k, a.get(k, "<absent>"), b.get(k, "<absent>"))
+      for k in sorted(set(a) | set(b))
+      if a.get(k, "<absent>") != b.get(k, "<absent>")
+  ]
 
 
 def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: bool) -> list:
@@ -244,10 +288,12 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
     changes = config_changes(json.loads(path.read_text()), new)
     fixed = [c for c in changes if c[0].startswith(FIXED_FIELDS)]
     if fixed and has_checkpoints:
-      raise ConfigError(f"{workdir} holds checkpoints of a run whose config differs in fields "
-                        "that change the model or its data: " + "; ".join(
-                            f"config.{k}: {a!r} in {path}, {b!r} now" for k, a, b in fixed)
-                        + " (use a new --workdir, or the saved values)")
+      raise ConfigError(
+          f"{workdir} holds checkpoints of a run whose config differs in fields "
+          "that change the model or its data: "
+          + "; ".join(f"config.{k}: {a!r} in {path}, {b!r} now" for k, a, b in fixed)
+          + " (use a new --workdir, or the saved values)"
+      )
   if is_main:
     text = config.to_json(indent=2, sort_keys=True)
     tmp = path.parent / (path.name + ".tmp")

@@ -26,7 +26,7 @@ def grid(images_uint8: np.ndarray, rows: int) -> np.ndarray:
   out = np.zeros((rows * h, cols * w, c), np.uint8)
   for i in range(n):
     r, k = divmod(i, cols)
-    out[r * h:(r + 1) * h, k * w:(k + 1) * w] = images_uint8[i]
+    out[r * h : (r + 1) * h, k * w : (k + 1) * w] = images_uint8[i]
   return out
 
 
@@ -51,5 +51,4 @@ def decode_images(images, vae_path: str = "", vae_scale: float = 1.0) -> np.ndar
   if not vae_path:
     return np.asarray(images)
   vae_config, vae_params = _load_vae(str(vae_path))
-  return np.asarray(vae_lib.decode_latents(vae_params, jnp.asarray(images), scale=vae_scale,
-                                           config=vae_config))
+  return np.asarray(vae_lib.decode_latents(vae_params, jnp.asarray(images), scale=vae_scale, config=vae_config))

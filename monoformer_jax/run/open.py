@@ -24,12 +24,12 @@ class RunError(FileNotFoundError):
 @dataclasses.dataclass
 class Run:
   workdir: str
-  config: Any                       # the resolved ml_collections.ConfigDict of WORKDIR/config.json
+  config: Any  # the resolved ml_collections.ConfigDict of WORKDIR/config.json
   model_config: ModelConfig
   tokenizer: Any
   objective: Any
   class_names: Optional[Sequence[str]]
-  params: Any                       # host arrays (EMA weights unless use_ema=False)
+  params: Any  # host arrays (EMA weights unless use_ema=False)
   step: int
 
 
@@ -41,8 +41,7 @@ def open_run(workdir: str, *, use_ema: bool = True, devices=None) -> Run:
   """
   config = read_run_config(workdir)
   model_config = model_config_from(config)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
-                                (devices or jax.local_devices())[:1])
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, (devices or jax.local_devices())[:1])
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
@@ -53,12 +52,20 @@ def open_run(workdir: str, *, use_ema: bool = True, devices=None) -> Run:
     ckpt.close()
   if got is None:
     steps = step_dirs(workdir)
-    raise RunError(f"no loadable checkpoint in {workdir}/checkpoints"
-                   + (f" (steps {steps} could not be read: see the warnings above)" if steps
-                      else ""))
+    raise RunError(
+        f"no loadable checkpoint in {workdir}/checkpoints"
+        + (f" (steps {steps} could not be read: see the warnings above)" if steps else "")
+    )
   step, state, _ = got
   params = jax.device_get(state.ema_params if use_ema else state.params)
   tokenizer = build_tokenizer(config, workdir)
-  return Run(workdir=str(workdir), config=config, model_config=model_config_from(config, tokenizer),
-             tokenizer=tokenizer, objective=build_objective(config),
-             class_names=registry.class_names(config.data), params=params, step=int(step))
+  return Run(
+      workdir=str(workdir),
+      config=config,
+      model_config=model_config_from(config, tokenizer),
+      tokenizer=tokenizer,
+      objective=build_objective(config),
+      class_names=registry.class_names(config.data),
+      params=params,
+      step=int(step),
+  )

@@ -57,12 +57,12 @@ def mesh_shape(spec: dict, num_devices: int) -> tuple[int, int, int]:
     raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices cannot be split into "
-                       f"{dict(zip(MESH_AXES, sizes))}")
+      raise ValueError(f"mesh: {num_devices} devices cannot be split into {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{num_devices} are available")
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are available"
+    )
   return tuple(sizes)
 
 
@@ -71,6 +71,7 @@ def make_mesh(spec: dict, devices: Sequence[Any] | None = None) -> Mesh:
   shape = mesh_shape(spec, len(devices))
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+
     grid = mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except  # CPU / odd topologies: plain order
     grid = np.asarray(devices).reshape(shape)
@@ -113,8 +114,9 @@ def logical_shardings(boxed_abstract, mesh: Mesh, rules) -> Any:
   values = nn.unbox(boxed_abstract)
   paths = jax.tree_util.tree_flatten_with_path(values)[0]
   flat_specs = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  out = [NamedSharding(mesh, fit_spec(s, v.shape, mesh, jax.tree_util.keystr(p)))
-         for (p, v), s in zip(paths, flat_specs)]
+  out = [
+      NamedSharding(mesh, fit_spec(s, v.shape, mesh, jax.tree_util.keystr(p))) for (p, v), s in zip(paths, flat_specs)
+  ]
   return jax.tree.unflatten(jax.tree.structure(values), out)
 
 
@@ -129,5 +131,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch (this process's rows) -> global jax arrays sharded over the batch."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+      for k, v in local_batch.items()
+  }

@@ -29,22 +29,21 @@ def learning_rate_schedule(opt) -> optax.Schedule:
   if opt.schedule == "constant":
     after = optax.constant_schedule(opt.learning_rate)
   elif opt.schedule == "cosine":
-    after = optax.cosine_decay_schedule(opt.learning_rate, max(int(opt.decay_steps) - warmup, 1),
-                                        alpha=opt.final_lr_fraction)
+    after = optax.cosine_decay_schedule(
+        opt.learning_rate, max(int(opt.decay_steps) - warmup, 1), alpha=opt.final_lr_fraction
+    )
   else:
     raise ValueError(f"optimizer.schedule={opt.schedule!r}: use 'constant' or 'cosine'")
   if warmup <= 0:
     return after
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, opt.learning_rate, warmup), after], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, warmup), after], [warmup])
 
 
 def make_optimizer(opt) -> optax.GradientTransformation:
   """AdamW with global-norm clipping (official: lr 1e-4 constant, wd 0, clip 2.0)."""
   return optax.chain(
       optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                  weight_decay=opt.weight_decay),
+      optax.adamw(learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay),
   )
 
 
@@ -76,10 +75,15 @@ def state_shardings(model_config: ModelConfig, optimizer, mesh, rules):
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   # Optimizer moments mirror the params' shardings; scalars (counts) are replicated.
   opt_shardings = _mirror_shardings(abstract_opt, abstract_params, param_shardings, mesh)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt, ema_params=abstract_params)
-  shardings = TrainState(step=sharding_lib.replicated(mesh), params=param_shardings,
-                         opt_state=opt_shardings, ema_params=param_shardings)
+  abstract = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=abstract_params,
+      opt_state=abstract_opt,
+      ema_params=abstract_params,
+  )
+  shardings = TrainState(
+      step=sharding_lib.replicated(mesh), params=param_shardings, opt_state=opt_shardings, ema_params=param_shardings
+  )
   return abstract, shardings
 
 
@@ -111,8 +115,9 @@ def _mirror_shardings(abstract_opt, abstract_params, param_shardings, mesh):
   return walk(abstract_opt)
 
 
-def create_train_state(model_config: ModelConfig, optimizer, rng, mesh, rules,
-                       init_params_fn: Optional[Callable] = None):
+def create_train_state(
+    model_config: ModelConfig, optimizer, rng, mesh, rules, init_params_fn: Optional[Callable] = None
+):
   """Initialises params, optimizer state and EMA directly into their shardings.
 
   `init_params_fn(rng) -> params` overrides the fresh initialisation (e.g. a converted
@@ -121,10 +126,8 @@ def create_train_state(model_config: ModelConfig, optimizer, rng, mesh, rules,
   abstract, shardings = state_shardings(model_config, optimizer, mesh, rules)
 
   def init(rng):
-    params = (nn.unbox(init_params(model_config, rng)) if init_params_fn is None
-              else init_params_fn(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), ema_params=params)
+    params = nn.unbox(init_params(model_config, rng)) if init_params_fn is None else init_params_fn(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=params)
 
   with mesh, nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)(rng)
@@ -133,4 +136,4 @@ def create_train_state(model_config: ModelConfig, optimizer, rng, mesh, rules,
 
 def place_params(params_host, shardings):
   """Host params (e.g. converted from a checkpoint) -> device arrays in their shardings."""
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), params_host, shardings)
+  return jax.tree.map(jax.device_put, params_host, shardings)

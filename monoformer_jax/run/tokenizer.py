@@ -40,8 +40,10 @@ def build_tokenizer(config, workdir: str):
   and cached in WORKDIR/tokenizer; a run with checkpoints always loads its saved one."""
   spec = config.data.tokenizer
   if not spec:
-    raise ConfigError("config.data.tokenizer: give the path of a SentencePiece tokenizer.model "
-                      "(e.g. TinyLlama's), or 'train' to train one on the corpus")
+    raise ConfigError(
+        "config.data.tokenizer: give the path of a SentencePiece tokenizer.model "
+        "(e.g. TinyLlama's), or 'train' to train one on the corpus"
+    )
   if spec != "train":
     if not os.path.isfile(spec):
       raise ConfigError(f"config.data.tokenizer: no such file {spec!r}")
@@ -55,8 +57,6 @@ def build_tokenizer(config, workdir: str):
   if jax.process_count() > 1:
     # Process 0 trains (or finds) the cached model; the others load it after a barrier.
     if jax.process_index() == 0:
-      tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
-                                  out_dir)
+      tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size, out_dir)
     multihost_utils.sync_global_devices("monoformer_tokenizer")
-  return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size,
-                                     out_dir)
+  return tok_lib.train_sentencepiece(tokenizer_corpus(config), config.data.tokenizer_vocab_size, out_dir)

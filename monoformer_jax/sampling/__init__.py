@@ -11,18 +11,29 @@ same code as what the API returns.
                                     guidance_scale=4.0, sampler="ddpm", num_steps=50)
 """
 
-from monoformer_jax.sampling.cache import (cache_logical_axes, cache_shardings, constrain_cache,
-                                           init_cache)
+from monoformer_jax.sampling.cache import (cache_logical_axes, cache_shardings, constrain_cache, init_cache)
 from monoformer_jax.sampling.decode import decode_until, generate_tokens, pad_prompts, prefill
-from monoformer_jax.sampling.image import (cached_model_fn, sample_images,
-                                           sample_images_full_recompute, span_length)
-from monoformer_jax.sampling.interleaved import (draw_pending, generate_interleaved,
-                                                 run_interleaved)
+from monoformer_jax.sampling.image import (cached_model_fn, sample_images, sample_images_full_recompute, span_length)
+from monoformer_jax.sampling.interleaved import (draw_pending, generate_interleaved, run_interleaved)
 from monoformer_jax.sampling.tokens import TokenSampling, choose_tokens, filter_logits
 
 __all__ = [
-    "TokenSampling", "cache_logical_axes", "cache_shardings", "cached_model_fn", "choose_tokens",
-    "constrain_cache", "decode_until", "draw_pending", "filter_logits", "generate_interleaved",
-    "generate_tokens", "init_cache", "pad_prompts", "prefill", "run_interleaved",
-    "sample_images", "sample_images_full_recompute", "span_length",
+    "TokenSampling",
+    "cache_logical_axes",
+    "cache_shardings",
+    "cached_model_fn",
+    "choose_tokens",
+    "constrain_cache",
+    "decode_until",
+    "draw_pending",
+    "filter_logits",
+    "generate_interleaved",
+    "generate_tokens",
+    "init_cache",
+    "pad_prompts",
+    "prefill",
+    "run_interleaved",
+    "sample_images",
+    "sample_images_full_recompute",
+    "span_length",
 ]

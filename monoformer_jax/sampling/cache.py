@@ -28,8 +28,7 @@ META_AXES = ("activation_batch", "activation_length")
 
 
 def cache_logical_axes() -> dict:
-  return {"layers": {"k": KV_AXES, "v": KV_AXES},
-          "meta": {"segment_ids": META_AXES, "image_id": META_AXES}}
+  return {"layers": {"k": KV_AXES, "v": KV_AXES}, "meta": {"segment_ids": META_AXES, "image_id": META_AXES}}
 
 
 def cache_shardings(config: ModelConfig, batch: int, size: int, mesh: Mesh, rules) -> dict:
@@ -37,25 +36,27 @@ def cache_shardings(config: ModelConfig, batch: int, size: int, mesh: Mesh, rule
   shapes = jax.eval_shape(lambda: init_cache(config, batch, size))
   axes = cache_logical_axes()
   return jax.tree.map(
-      lambda s, a: NamedSharding(mesh, fit_spec(nn.logical_to_mesh_axes(a, rules), s.shape, mesh,
-                                                "kv cache")),
-      shapes, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
-          isinstance(e, (str, type(None))) for e in x))
+      lambda s, a: NamedSharding(mesh, fit_spec(nn.logical_to_mesh_axes(a, rules), s.shape, mesh, "kv cache")),
+      shapes,
+      axes,
+      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x),
+  )
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype: Optional[str] = None) -> dict:
   """An empty cache: every slot invisible (segment 0), image_id -1."""
   dtype = jnp.dtype(dtype or config.dtype)
   kv_shape = (config.num_layers, batch, config.num_kv_heads, size, config.dim_per_head)
-  return {"layers": {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype)},
-          "meta": {"segment_ids": jnp.zeros((batch, size), jnp.int32),
-                   "image_id": jnp.full((batch, size), -1, jnp.int32)}}
+  return {
+      "layers": {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype)},
+      "meta": {"segment_ids": jnp.zeros((batch, size), jnp.int32), "image_id": jnp.full((batch, size), -1, jnp.int32)},
+  }
 
 
 def constrain_cache(cache: dict) -> dict:
   """Pins the cache to its logical sharding inside jit (a no-op without axis rules)."""
   axes = cache_logical_axes()
-  return {"layers": {k: nn.with_logical_constraint(cache["layers"][k], axes["layers"][k])
-                     for k in ("k", "v")},
-          "meta": {k: nn.with_logical_constraint(cache["meta"][k], axes["meta"][k])
-                   for k in ("segment_ids", "image_id")}}
+  return {
+      "layers": {k: nn.with_logical_constraint(cache["layers"][k], axes["layers"][k]) for k in ("k", "v")},
+      "meta": {k: nn.with_logical_constraint(cache["meta"][k], axes["meta"][k]) for k in ("segment_ids", "image_id")},
+  }

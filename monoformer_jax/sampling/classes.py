@@ -36,11 +36,23 @@ def unconditional_prompt(tokenizer) -> list[int]:
   return [tokenizer.bos_id, tokenizer.im_start_id]
 
 
-def sample_classes(params, model_config, objective, tokenizer, class_names: Sequence[str],
-                   labels, *, seed: int, sample_ids=None,
-                   template: str = DEFAULT_CLASS_TEMPLATE,
-                   use_label_embedding: Optional[bool] = None, batch_size: int = 64,
-                   mesh=None, rules=None, **options) -> np.ndarray:
+def sample_classes(
+    params,
+    model_config,
+    objective,
+    tokenizer,
+    class_names: Sequence[str],
+    labels,
+    *,
+    seed: int,
+    sample_ids=None,
+    template: str = DEFAULT_CLASS_TEMPLATE,
+    use_label_embedding: Optional[bool] = None,
+    batch_size: int = 64,
+    mesh=None,
+    rules=None,
+    **options,
+) -> np.ndarray:
   """Images (N, H, W, C) in model space for class ids `labels` (N,); `options` are the
   image-sampler options (see IMAGE_OPTIONS). `sample_ids` default to 0..N-1."""
   labels = np.asarray(labels, np.int32).reshape(-1)
@@ -55,9 +67,20 @@ def sample_classes(params, model_config, objective, tokenizer, class_names: Sequ
   chunks = []
   for start in range(0, len(labels), batch_size):
     stop = min(start + batch_size, len(labels))
-    chunks.append(sample_images(
-        params, model_config, objective, prompts[start:stop],
-        uncond_prompt=unconditional_prompt(tokenizer),
-        labels=labels[start:stop] if use_label_embedding else None, rng=rng,
-        sample_ids=sample_ids[start:stop], pad_to=pad_to, mesh=mesh, rules=rules, **options))
+    chunks.append(
+        sample_images(
+            params,
+            model_config,
+            objective,
+            prompts[start:stop],
+            uncond_prompt=unconditional_prompt(tokenizer),
+            labels=labels[start:stop] if use_label_embedding else None,
+            rng=rng,
+            sample_ids=sample_ids[start:stop],
+            pad_to=pad_to,
+            mesh=mesh,
+            rules=rules,
+            **options,
+        )
+    )
   return np.concatenate(chunks)

@@ -46,21 +46,21 @@ def cache_size_for(needed: int, total: int) -> int:
 
 def text_batch(tokens, segment_ids, positions) -> dict:
   zeros = jnp.zeros_like(tokens)
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "kinds": zeros,
-          "patch_index": zeros}
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "kinds": zeros, "patch_index": zeros}
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded (B, P) int32 ids (pad 0) and the lengths (B,). Every prompt needs >= 1 token."""
-  if not len(prompts):
+  if len(prompts) == 0:  # a list or an array
     raise ValueError("no prompts given")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if (lengths < 1).any():
-    raise ValueError(f"empty prompt at row(s) {np.nonzero(lengths < 1)[0].tolist()} (a prompt "
-                     "needs at least one token, e.g. <s>)")
+    raise ValueError(
+        f"empty prompt at row(s) {np.nonzero(lengths < 1)[0].tolist()} (a prompt needs at least one token, e.g. <s>)"
+    )
   ids = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for r, p in enumerate(prompts):
-    ids[r, :len(p)] = np.asarray(p, np.int32)
+    ids[r, : len(p)] = np.asarray(p, np.int32)
   return ids, lengths
 
 
@@ -75,8 +75,7 @@ def mesh_context(mesh, rules):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "max_new_tokens"))
-def prefill(params, ids, lengths, sample_ids, *, config: ModelConfig, cache_size: int,
-            max_new_tokens: int) -> dict:
+def prefill(params, ids, lengths, sample_ids, *, config: ModelConfig, cache_size: int, max_new_tokens: int) -> dict:
   """Writes every prompt token but the last into a fresh cache; returns the decode state."""
   b, p = ids.shape
   cache = cache_lib.constrain_cache(cache_lib.init_cache(config, b, cache_size))
@@ -84,16 +83,21 @@ def prefill(params, ids, lengths, sample_ids, *, config: ModelConfig, cache_size
     slots = jnp.arange(p - 1, dtype=jnp.int32)[None, :]
     seg = (slots < (lengths - 1)[:, None]).astype(jnp.int32)
     pos = jnp.broadcast_to(slots, (b, p - 1))
-    out = MonoFormer(config).apply({"params": params}, text_batch(ids[:, :-1], seg, pos),
-                                   cache=cache, cache_index=0, return_logits=False,
-                                   return_image=False)
+    out = MonoFormer(config).apply(
+        {"params": params},
+        text_batch(ids[:, :-1], seg, pos),
+        cache=cache,
+        cache_index=0,
+        return_logits=False,
+        return_image=False,
+    )
     cache = cache_lib.constrain_cache(out["cache"])
   rows = jnp.arange(b)
   return {
       "cache": cache,
-      "index": jnp.asarray(p - 1, jnp.int32),           # next slot to write, shared by the rows
-      "next_token": ids[rows, lengths - 1],              # chosen, not yet in the cache
-      "position": (lengths - 1).astype(jnp.int32),       # RoPE position of next_token
+      "index": jnp.asarray(p - 1, jnp.int32),  # next slot to write, shared by the rows
+      "next_token": ids[rows, lengths - 1],  # chosen, not yet in the cache
+      "position": (lengths - 1).astype(jnp.int32),  # RoPE position of next_token
       "generated": jnp.zeros((b, max_new_tokens), jnp.int32),
       "num_generated": jnp.zeros((b,), jnp.int32),
       "done": jnp.zeros((b,), bool),
@@ -114,10 +118,13 @@ def grow_cache(state: dict, *, size: int) -> dict:
   if extra < 0:
     raise ValueError(f"cannot shrink a cache of {size + (-extra)} slots to {size}")
   pad_kv = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
-  grown = {"layers": {k: pad_kv(v) for k, v in cache["layers"].items()},
-           "meta": {"segment_ids": jnp.pad(cache["meta"]["segment_ids"], ((0, 0), (0, extra))),
-                    "image_id": jnp.pad(cache["meta"]["image_id"], ((0, 0), (0, extra)),
-                                        constant_values=-1)}}
+  grown = {
+      "layers": {k: pad_kv(v) for k, v in cache["layers"].items()},
+      "meta": {
+          "segment_ids": jnp.pad(cache["meta"]["segment_ids"], ((0, 0), (0, extra))),
+          "image_id": jnp.pad(cache["meta"]["image_id"], ((0, 0), (0, extra)), constant_values=-1),
+      },
+  }
   return dict(state, cache=cache_lib.constrain_cache(grown))
 
 
@@ -127,8 +134,7 @@ def ensure_room(state: dict, needed: int, total: int) -> dict:
   if index + needed <= cache_slots(state):
     return state
   if index + needed > total:
-    raise RuntimeError(f"the cache would need {index + needed} slots, more than the {total} this "
-                       "call sized it for")
+    raise RuntimeError(f"the cache would need {index + needed} slots, more than the {total} this call sized it for")
   return grow_cache(state, size=cache_size_for(index + needed, total))
 
 
@@ -136,10 +142,22 @@ def _pending_image(state, image_token: int):
   return (~state["done"]) & (state["next_token"] == image_token)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_tokens", "image_token",
-                                             "max_images"), donate_argnames=("state",))
-def decode_until(params, state: dict, rng, *, config: ModelConfig, sampling: TokenSampling,
-                 stop_tokens: tuple = (), image_token: int = -1, max_images: int = 0) -> dict:
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "sampling", "stop_tokens", "image_token", "max_images"),
+    donate_argnames=("state",),
+)
+def decode_until(
+    params,
+    state: dict,
+    rng,
+    *,
+    config: ModelConfig,
+    sampling: TokenSampling,
+    stop_tokens: tuple = (),
+    image_token: int = -1,
+    max_images: int = 0,
+) -> dict:
   """Decodes until every row is done, the cache is full, or (image_token >= 0) a live row is
   about to feed it. `state` is donated (its buffers are reused for the result).
 
@@ -160,36 +178,52 @@ def decode_until(params, state: dict, rng, *, config: ModelConfig, sampling: Tok
 
   def body(s):
     live = ~s["done"]
-    batch = text_batch(s["next_token"][:, None], live.astype(jnp.int32)[:, None],
-                       s["position"][:, None])
-    out = model.apply({"params": params}, batch, cache=s["cache"], cache_index=s["index"],
-                      return_image=False)
+    batch = text_batch(s["next_token"][:, None], live.astype(jnp.int32)[:, None], s["position"][:, None])
+    out = model.apply({"params": params}, batch, cache=s["cache"], cache_index=s["index"], return_image=False)
     logits = out["logits"][:, 0]
     if image_token >= 0:
       logits = logits.at[:, image_token].set(
-          jnp.where(s["images_drawn"] >= max_images, -jnp.inf, logits[:, image_token]))
-    keys = jax.vmap(lambda i, k: jax.random.fold_in(jax.random.fold_in(rng, i), k))(
-        s["sample_ids"], s["num_generated"])
+          jnp.where(s["images_drawn"] >= max_images, -jnp.inf, logits[:, image_token])
+      )
+    keys = jax.vmap(lambda i, k: jax.random.fold_in(jax.random.fold_in(rng, i), k))(s["sample_ids"], s["num_generated"])
     chosen = choose_tokens(logits, keys, sampling)
     n = s["num_generated"]
-    generated = s["generated"].at[rows, jnp.minimum(n, max_new - 1)].set(
-        jnp.where(live, chosen, s["generated"][rows, jnp.minimum(n, max_new - 1)]))
+    generated = (
+        s["generated"]
+        .at[rows, jnp.minimum(n, max_new - 1)]
+        .set(jnp.where(live, chosen, s["generated"][rows, jnp.minimum(n, max_new - 1)]))
+    )
     n = n + live.astype(jnp.int32)
     stop = jnp.zeros((b,), bool)
     for t in stop_tokens:
       stop = stop | (chosen == t)
-    return dict(s, cache=cache_lib.constrain_cache(out["cache"]), index=s["index"] + 1,
-                next_token=jnp.where(live, chosen, s["next_token"]),
-                position=s["position"] + live.astype(jnp.int32), generated=generated,
-                num_generated=n, done=s["done"] | (live & (stop | (n >= max_new))))
+    return dict(
+        s,
+        cache=cache_lib.constrain_cache(out["cache"]),
+        index=s["index"] + 1,
+        next_token=jnp.where(live, chosen, s["next_token"]),
+        position=s["position"] + live.astype(jnp.int32),
+        generated=generated,
+        num_generated=n,
+        done=s["done"] | (live & (stop | (n >= max_new))),
+    )
 
   return jax.lax.while_loop(cond, body, state)
 
 
-def generate_tokens(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, sampling: TokenSampling = TokenSampling(),
-                    rng: Optional[jax.Array] = None, stop_tokens: Sequence[int] = (),
-                    sample_ids=None, mesh=None, rules=None) -> list[list[int]]:
+def generate_tokens(
+    params,
+    config: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: TokenSampling = TokenSampling(),
+    rng: Optional[jax.Array] = None,
+    stop_tokens: Sequence[int] = (),
+    sample_ids=None,
+    mesh=None,
+    rules=None,
+) -> list[list[int]]:
   """Continuations of token-id prompts (each starts with <s> for LLaMA-style models).
 
   Returns one list of new ids per prompt, the stop token included when one was produced. With
@@ -201,19 +235,28 @@ def generate_tokens(params, config: ModelConfig, prompts: Sequence[Sequence[int]
   ids, lengths = pad_prompts(prompts)
   total = ids.shape[1] - 1 + max_new_tokens
   if int(lengths.max()) + max_new_tokens > config.max_position_embeddings:
-    raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) "
-                     f"exceed the model's max_position_embeddings={config.max_position_embeddings}")
+    raise ValueError(
+        f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) "
+        f"exceed the model's max_position_embeddings={config.max_position_embeddings}"
+    )
   rng = jax.random.key(0) if rng is None else rng
   sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
   with mesh_context(mesh, rules):
-    state = prefill(params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(sample_ids),
-                    config=config, cache_size=cache_size_for(ids.shape[1], total),
-                    max_new_tokens=max_new_tokens)
+    state = prefill(
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(lengths),
+        jnp.asarray(sample_ids),
+        config=config,
+        cache_size=cache_size_for(ids.shape[1], total),
+        max_new_tokens=max_new_tokens,
+    )
     while True:
-      state = decode_until(params, state, rng, config=config, sampling=sampling,
-                           stop_tokens=tuple(int(t) for t in stop_tokens))
+      state = decode_until(
+          params, state, rng, config=config, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens)
+      )
       if jax.device_get(state["done"]).all():
         break
       state = ensure_room(state, 1, total)  # the loop stopped on a full cache
   generated, counts = jax.device_get((state["generated"], state["num_generated"]))
-  return [[int(t) for t in generated[r, :counts[r]]] for r in range(len(prompts))]
+  return [[int(t) for t in generated[r, : counts[r]]] for r in range(len(prompts))]

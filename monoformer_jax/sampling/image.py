@@ -30,6 +30,7 @@ from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
 
+
 def span_length(config: ModelConfig) -> int:
   """Tokens of one generated image in the sequence: [t-token] + patches."""
   return config.num_patches + int(config.has_t_token)
@@ -54,9 +55,11 @@ def span_batch(config: ModelConfig, start_positions, slots, live, labels=None) -
   if config.has_t_token:
     kinds = kinds.at[:, 0].set(batch_lib.KIND_T_TOKEN)
     index = jnp.concatenate([slots[:, None] * p, index[:, :-1]], axis=1)
-  batch = text_batch(jnp.zeros((b, n), jnp.int32),
-                     jnp.broadcast_to(live.astype(jnp.int32)[:, None], (b, n)),
-                     start_positions[:, None] + offsets)
+  batch = text_batch(
+      jnp.zeros((b, n), jnp.int32),
+      jnp.broadcast_to(live.astype(jnp.int32)[:, None], (b, n)),
+      start_positions[:, None] + offsets,
+  )
   batch["kinds"] = jnp.broadcast_to(kinds, (b, n))
   batch["patch_index"] = index
   if labels is not None:
@@ -72,8 +75,9 @@ def place_in_slots(x, slots, num_slots: int):
   return onehot[:, :, None, None, None] * x[:, None]
 
 
-def cached_model_fn(params, config: ModelConfig, cache: dict, index, start_positions, slots,
-                    live, num_slots: int = 1, labels=None):
+def cached_model_fn(
+    params, config: ModelConfig, cache: dict, index, start_positions, slots, live, num_slots: int = 1, labels=None
+):
   """model_fn(x_t (B,H,W,C), model_t (B,)) -> model output for the span, over a cached prefix."""
   model = MonoFormer(config)
   batch = span_batch(config, start_positions, slots, live, labels)
@@ -82,20 +86,38 @@ def cached_model_fn(params, config: ModelConfig, cache: dict, index, start_posit
   def model_fn(x, t):
     images = place_in_slots(x, slots, num_slots)
     times = jnp.broadcast_to(t[:, None], (t.shape[0], num_slots))
-    out = model.apply({"params": params}, batch, images, times, cache=cache, cache_index=index,
-                      return_logits=False)
+    out = model.apply({"params": params}, batch, images, times, cache=cache, cache_index=index, return_logits=False)
     return out["image"][rows, slots]
+
   return model_fn
 
 
-def write_clean_image(params, config: ModelConfig, cache: dict, index, start_positions, slots,
-                      live, x0, clean_model_t, num_slots: int = 1, labels=None) -> dict:
+def write_clean_image(
+    params,
+    config: ModelConfig,
+    cache: dict,
+    index,
+    start_positions,
+    slots,
+    live,
+    x0,
+    clean_model_t,
+    num_slots: int = 1,
+    labels=None,
+) -> dict:
   """The finished image into the cache as clean tokens (image input path at t = clean)."""
   batch = span_batch(config, start_positions, slots, live, labels)
   t = jnp.full((x0.shape[0], num_slots), clean_model_t, jnp.float32)
-  out = MonoFormer(config).apply({"params": params}, batch, place_in_slots(x0, slots, num_slots),
-                                 t, cache=cache, cache_index=index, return_logits=False,
-                                 return_image=False)
+  out = MonoFormer(config).apply(
+      {"params": params},
+      batch,
+      place_in_slots(x0, slots, num_slots),
+      t,
+      cache=cache,
+      cache_index=index,
+      return_logits=False,
+      return_image=False,
+  )
   return out["cache"]
 
 
@@ -105,10 +127,14 @@ def prompt_cache(params, config: ModelConfig, ids, lengths, cache_size: int) -> 
   cache = cache_lib.constrain_cache(cache_lib.init_cache(config, b, cache_size))
   slots = jnp.arange(p, dtype=jnp.int32)[None, :]
   seg = (slots < lengths[:, None]).astype(jnp.int32)
-  out = MonoFormer(config).apply({"params": params},
-                                 text_batch(ids, seg, jnp.broadcast_to(slots, (b, p))),
-                                 cache=cache, cache_index=0, return_logits=False,
-                                 return_image=False)
+  out = MonoFormer(config).apply(
+      {"params": params},
+      text_batch(ids, seg, jnp.broadcast_to(slots, (b, p))),
+      cache=cache,
+      cache_index=0,
+      return_logits=False,
+      return_image=False,
+  )
   return cache_lib.constrain_cache(out["cache"])
 
 
@@ -119,8 +145,7 @@ def denoiser(model_fn, guided: bool, scale: float, cfg_mode: str, learn_sigma: b
   return diffusion.cfg_denoise_fn(model_fn, scale, cfg_mode, learn_sigma)
 
 
-def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_steps, eta,
-                clip_denoised=False):
+def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_steps, eta, clip_denoised=False):
   """x_T from fold_in(rng, sample id), then the objective's compiled loop."""
   x_t = diffusion.sample_noise(rng, sample_ids, shape)
   kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=sample_ids)
@@ -129,18 +154,44 @@ def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_s
   return objective.sample(denoise_fn, x_t, rng, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler",
-                                             "num_steps", "eta", "clip_denoised"))
-def _sample_cached(params, ids, lengths, labels, rng, sample_ids, objective, *,
-                   config: ModelConfig, guided: bool, scale: float, cfg_mode: str, sampler: str,
-                   num_steps: int, eta: float, clip_denoised: bool):
+@functools.partial(
+    jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler", "num_steps", "eta", "clip_denoised")
+)
+def _sample_cached(
+    params,
+    ids,
+    lengths,
+    labels,
+    rng,
+    sample_ids,
+    objective,
+    *,
+    config: ModelConfig,
+    guided: bool,
+    scale: float,
+    cfg_mode: str,
+    sampler: str,
+    num_steps: int,
+    eta: float,
+    clip_denoised: bool,
+):
   rows, p = ids.shape
   cache = prompt_cache(params, config, ids, lengths, p + span_length(config))
-  model_fn = cached_model_fn(params, config, cache, p, lengths, jnp.zeros((rows,), jnp.int32),
-                             jnp.ones((rows,), bool), labels=labels[:, None])
+  model_fn = cached_model_fn(
+      params, config, cache, p, lengths, jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), bool), labels=labels[:, None]
+  )
   denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
-  return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), sampler=sampler,
-                     num_steps=num_steps, eta=eta, clip_denoised=clip_denoised)
+  return run_sampler(
+      objective,
+      denoise,
+      rng,
+      sample_ids,
+      image_shape(config),
+      sampler=sampler,
+      num_steps=num_steps,
+      eta=eta,
+      clip_denoised=clip_denoised,
+  )
 
 
 def _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode):
@@ -153,47 +204,75 @@ def _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode):
   labels = np.full((n,), config.num_classes) if labels is None else np.asarray(labels)
   if guided:
     if uncond_prompt is None:
-      raise ValueError("guidance_scale > 1 needs the unconditional prompt (e.g. [<s>, "
-                       "<|im_start|>], see unconditional_prompt)")
+      raise ValueError(
+          "guidance_scale > 1 needs the unconditional prompt (e.g. [<s>, <|im_start|>], see unconditional_prompt)"
+      )
     # Unconditional rows get the null class of the optional label embedding, as in training.
-    return (list(prompts) + [uncond_prompt] * n,
-            np.concatenate([labels, np.full((n,), config.num_classes)]), guided)
+    return (list(prompts) + [uncond_prompt] * n, np.concatenate([labels, np.full((n,), config.num_classes)]), guided)
   return list(prompts), labels, guided
 
 
-def sample_images(params, config: ModelConfig, objective, prompts: Sequence[Sequence[int]], *,
-                  uncond_prompt: Optional[Sequence[int]] = None, labels=None,
-                  guidance_scale: float = 1.0, cfg_mode: str = "eps", sampler: str = "ddpm",
-                  num_steps: int = 50, eta: float = 0.0, clip_denoised: bool = False, rng=None,
-                  sample_ids=None, pad_to: int = 0, mesh=None, rules=None) -> np.ndarray:
+def sample_images(
+    params,
+    config: ModelConfig,
+    objective,
+    prompts: Sequence[Sequence[int]],
+    *,
+    uncond_prompt: Optional[Sequence[int]] = None,
+    labels=None,
+    guidance_scale: float = 1.0,
+    cfg_mode: str = "eps",
+    sampler: str = "ddpm",
+    num_steps: int = 50,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    rng=None,
+    sample_ids=None,
+    pad_to: int = 0,
+    mesh=None,
+    rules=None,
+) -> np.ndarray:
   """Images (B, H, W, C) for token-id prompts that end with `<|im_start|>`, prefix cached.
 
   Sample n's noise comes from fold_in(rng, sample_ids[n]) (default 0..B-1): a sample does not
   depend on the batch it is drawn in (bit for bit when `pad_to` fixes the padded prompt length,
   e.g. to the longest prompt of a class list). `labels` feed the optional label embedding.
   """
-  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale,
-                                       cfg_mode)
+  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode)
   ids, lengths = pad_prompts(rows)
   if pad_to > ids.shape[1]:
     ids = np.pad(ids, ((0, 0), (0, pad_to - ids.shape[1])))
   if int(lengths.max()) + span_length(config) > config.max_position_embeddings:
-    raise ValueError(f"prompt of {int(lengths.max())} tokens + {span_length(config)} image tokens "
-                     f"exceed max_position_embeddings={config.max_position_embeddings}")
+    raise ValueError(
+        f"prompt of {int(lengths.max())} tokens + {span_length(config)} image tokens "
+        f"exceed max_position_embeddings={config.max_position_embeddings}"
+    )
   rng = jax.random.key(0) if rng is None else rng
   sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
   with mesh_context(mesh, rules):
-    out = _sample_cached(params, jnp.asarray(ids), jnp.asarray(lengths),
-                         jnp.asarray(row_labels, jnp.int32), rng,
-                         jnp.asarray(sample_ids, jnp.int32), objective, config=config,
-                         guided=guided, scale=float(guidance_scale), cfg_mode=cfg_mode,
-                         sampler=sampler, num_steps=int(num_steps), eta=float(eta),
-                         clip_denoised=bool(clip_denoised))
+    out = _sample_cached(
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(lengths),
+        jnp.asarray(row_labels, jnp.int32),
+        rng,
+        jnp.asarray(sample_ids, jnp.int32),
+        objective,
+        config=config,
+        guided=guided,
+        scale=float(guidance_scale),
+        cfg_mode=cfg_mode,
+        sampler=sampler,
+        num_steps=int(num_steps),
+        eta=float(eta),
+        clip_denoised=bool(clip_denoised),
+    )
   return np.asarray(out)
 
 
 # ----------------------------------------------------------------------------------------------
 # The official way (for tests and benchmarks): the whole sequence at every step.
+
 
 def full_sequence_batch(config: ModelConfig, prompts, labels, seq_len: Optional[int] = None):
   shape = image_shape(config)
@@ -201,44 +280,103 @@ def full_sequence_batch(config: ModelConfig, prompts, labels, seq_len: Optional[
   batch = batch_lib.empty_batch(len(prompts), seq_len, 1, shape)
   for r, ids in enumerate(prompts):
     batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token).add(
-        [("text", list(ids), False), ("image", np.zeros(shape, np.float32), int(labels[r]))])
-  return {k: v for k, v in batch.items() if k not in ("images", "image_mask", "targets",
-                                                      "loss_mask")}
+        [("text", list(ids), False), ("image", np.zeros(shape, np.float32), int(labels[r]))]
+    )
+  return {k: v for k, v in batch.items() if k not in ("images", "image_mask", "targets", "loss_mask")}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler",
-                                             "num_steps", "eta", "clip_denoised",
-                                             "with_lm_head"))
-def _sample_full(params, batch, rng, sample_ids, objective, *, config, guided, scale, cfg_mode,
-                 sampler, num_steps, eta, clip_denoised, with_lm_head):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "config",
+        "guided",
+        "scale",
+        "cfg_mode",
+        "sampler",
+        "num_steps",
+        "eta",
+        "clip_denoised",
+        "with_lm_head",
+    ),
+)
+def _sample_full(
+    params,
+    batch,
+    rng,
+    sample_ids,
+    objective,
+    *,
+    config,
+    guided,
+    scale,
+    cfg_mode,
+    sampler,
+    num_steps,
+    eta,
+    clip_denoised,
+    with_lm_head,
+):
   model = MonoFormer(config)
 
   def model_fn(x, t):
-    out = model.apply({"params": params}, batch, x[:, None], t[:, None],
-                      return_logits=with_lm_head)
+    out = model.apply({"params": params}, batch, x[:, None], t[:, None], return_logits=with_lm_head)
     image = out["image"][:, 0]
     if with_lm_head:  # the official forward also projects every token onto the vocabulary
       image = image + 0.0 * jnp.sum(out["logits"][:, :1, :1])
     return image
 
   denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
-  return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), sampler=sampler,
-                     num_steps=num_steps, eta=eta, clip_denoised=clip_denoised)
+  return run_sampler(
+      objective,
+      denoise,
+      rng,
+      sample_ids,
+      image_shape(config),
+      sampler=sampler,
+      num_steps=num_steps,
+      eta=eta,
+      clip_denoised=clip_denoised,
+  )
 
 
-def sample_images_full_recompute(params, config: ModelConfig, objective, prompts, *,
-                                 uncond_prompt=None, labels=None, guidance_scale=1.0,
-                                 cfg_mode="eps", sampler="ddpm", num_steps=50, eta=0.0,
-                                 clip_denoised=False, rng=None, sample_ids=None,
-                                 with_lm_head=False) -> np.ndarray:
+def sample_images_full_recompute(
+    params,
+    config: ModelConfig,
+    objective,
+    prompts,
+    *,
+    uncond_prompt=None,
+    labels=None,
+    guidance_scale=1.0,
+    cfg_mode="eps",
+    sampler="ddpm",
+    num_steps=50,
+    eta=0.0,
+    clip_denoised=False,
+    rng=None,
+    sample_ids=None,
+    with_lm_head=False,
+) -> np.ndarray:
   """The same samples as `sample_images`, recomputing prompt + image every step (official)."""
-  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale,
-                                       cfg_mode)
+  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode)
   batch = jax.tree.map(jnp.asarray, full_sequence_batch(config, rows, row_labels))
   rng = jax.random.key(0) if rng is None else rng
   sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
-  return np.asarray(_sample_full(params, batch, rng, jnp.asarray(sample_ids, jnp.int32),
-                                 objective, config=config, guided=guided,
-                                 scale=float(guidance_scale), cfg_mode=cfg_mode, sampler=sampler,
-                                 num_steps=int(num_steps), eta=float(eta),
-                                 clip_denoised=bool(clip_denoised), with_lm_head=with_lm_head))
+  return np.asarray(
+      _sample_full(
+          params,
+          batch,
+          rng,
+          jnp.asarray(sample_ids, jnp.int32),
+          objective,
+          config=config,
+          guided=guided,
+          scale=float(guidance_scale),
+          cfg_mode=cfg_mode,
+          sampler=sampler,
+          num_steps=int(num_steps),
+          eta=float(eta),
+          clip_denoised=bool(clip_denoised),
+          with_lm_head=with_lm_head,
+      )
+  )

@@ -16,17 +16,34 @@ def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -
   space of a piece decoded alone ("The" + "▁class" would lose the space between them)."""
   head = tokenizer.decode(list(prompt_ids))
   full = tokenizer.decode(list(prompt_ids) + list(new_ids))
-  return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids))
+  return full[len(head) :] if full.startswith(head) else tokenizer.decode(list(new_ids))
 
 
-def generate_text(params, model_config, tokenizer, prompts: Sequence[str], *,
-                  max_new_tokens: int, sampling: TokenSampling = TokenSampling(), seed: int = 0,
-                  stop_tokens: Optional[Sequence[int]] = None, mesh=None, rules=None) -> list[str]:
+def generate_text(
+    params,
+    model_config,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    sampling: TokenSampling = TokenSampling(),
+    seed: int = 0,
+    stop_tokens: Optional[Sequence[int]] = None,
+    mesh=None,
+    rules=None,
+) -> list[str]:
   """Continuations of `<s>{prompt}`, cut before the stop token (default `</s>`)."""
   ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
   stops = (tokenizer.eos_id,) if stop_tokens is None else tuple(stop_tokens)
-  out = generate_tokens(params, model_config, ids, max_new_tokens=int(max_new_tokens),
-                        sampling=sampling, rng=jax.random.key(seed), stop_tokens=stops,
-                        mesh=mesh, rules=rules)
-  return [continuation(tokenizer, p[1:], [t for t in new if t not in stops])
-          for p, new in zip(ids, out)]
+  out = generate_tokens(
+      params,
+      model_config,
+      ids,
+      max_new_tokens=int(max_new_tokens),
+      sampling=sampling,
+      rng=jax.random.key(seed),
+      stop_tokens=stops,
+      mesh=mesh,
+      rules=rules,
+  )
+  return [continuation(tokenizer, p[1:], [t for t in new if t not in stops]) for p, new in zip(ids, out)]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 class TokenSampling:
   """How the next token is chosen. temperature 0 means greedy (argmax); top_k 0 and top_p 1
   switch those filters off. Hashable, so it is a static argument of the compiled loops."""
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0

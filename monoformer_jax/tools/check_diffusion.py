@@ -24,8 +24,15 @@ from monoformer_jax import cli
 from monoformer_jax import diffusion as dif
 
 TOLERANCE = 1e-4
-TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
-          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+TABLES = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 PMV_OUTPUTS = ("mean", "variance", "log_variance", "pred_xstart", "clip_mean", "clip_pred_xstart")
 
 
@@ -89,11 +96,11 @@ def _q_sample(cases, out, full):
 def _loss(cases, out, full):
   if "loss_model_output" not in cases:
     return
-  x0, noise, x_t, model_output = (to_nhwc(_need(cases, f"loss_{k}"))
-                                  for k in ("x0", "noise", "x_t", "model_output"))
+  x0, noise, x_t, model_output = (to_nhwc(_need(cases, f"loss_{k}")) for k in ("x0", "noise", "x_t", "model_output"))
   t = jnp.asarray(_need(cases, "loss_t"), jnp.int32)
-  terms = jax.jit(dif.training_losses)(full, jnp.asarray(model_output), jnp.asarray(x0),
-                                       jnp.asarray(x_t), jnp.asarray(noise), t)
+  terms = jax.jit(dif.training_losses)(
+      full, jnp.asarray(model_output), jnp.asarray(x0), jnp.asarray(x_t), jnp.asarray(noise), t
+  )
   for name in ("loss", "mse", "vb"):
     out[f"loss_{name}"] = np.asarray(terms[name])
 
@@ -101,14 +108,18 @@ def _loss(cases, out, full):
 def _p_mean_variance(cases, out, prefix, chain):
   if f"{prefix}_model_output" not in cases:
     return
-  x, model_output = (jnp.asarray(to_nhwc(_need(cases, f"{prefix}_{k}")))
-                     for k in ("x", "model_output"))
+  x, model_output = (jnp.asarray(to_nhwc(_need(cases, f"{prefix}_{k}"))) for k in ("x", "model_output"))
   t = jnp.asarray(_need(cases, f"{prefix}_t"), jnp.int32)
   plain = dif.p_mean_variance(chain, model_output, x, t, clip_denoised=False)
   clipped = dif.p_mean_variance(chain, model_output, x, t, clip_denoised=True)
-  values = dict(mean=plain.mean, variance=plain.variance, log_variance=plain.log_variance,
-                pred_xstart=plain.pred_xstart, clip_mean=clipped.mean,
-                clip_pred_xstart=clipped.pred_xstart)
+  values = dict(
+      mean=plain.mean,
+      variance=plain.variance,
+      log_variance=plain.log_variance,
+      pred_xstart=plain.pred_xstart,
+      clip_mean=clipped.mean,
+      clip_pred_xstart=clipped.pred_xstart,
+  )
   for name in PMV_OUTPUTS:
     out[f"{prefix}_{name}"] = to_nchw(values[name])
   out[f"{prefix}_t_model"] = np.asarray(dif.model_timesteps(chain, t)).astype(np.int64)
@@ -123,8 +134,10 @@ def _loop(cases, out, chain):
     raise GoldenError(f"loop_noise has {recorded.shape[0]} steps, the chain {chain.num_timesteps}")
 
   def run(z, recorded):
-    return dif.ddpm_sample_loop(chain, toy_model, z, lambda k, x: recorded[k],
-                                clip_denoised=False, return_trajectory=True)
+    return dif.ddpm_sample_loop(
+        chain, toy_model, z, lambda k, x: recorded[k], clip_denoised=False, return_trajectory=True
+    )
+
   final, traj = jax.jit(run)(z, recorded)
   out["loop_final"] = to_nchw(final)
   out["loop_sample"] = to_nchw(traj["sample"])
@@ -192,8 +205,10 @@ def define_flags(fv, argv=()):
 
 def run(fv, args) -> int:
   if len(args) != 1:
-    raise cli.UsageError("give one golden directory (holding cases.npz): "
-                         "python -m monoformer_jax.tools.check_diffusion DIR [--dump FILE.npz]")
+    raise cli.UsageError(
+        "give one golden directory (holding cases.npz): "
+        "python -m monoformer_jax.tools.check_diffusion DIR [--dump FILE.npz]"
+    )
   cases = load_cases(args[0])
   ours = compute_all(cases)
   if fv.dump:

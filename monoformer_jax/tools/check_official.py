@@ -72,9 +72,13 @@ def check_inputs(cases: dict) -> None:
       if name not in cases:
         missing.setdefault(name, []).append(prefix)
   if missing:
-    raise ValueError("cases.npz lacks input array(s): " + "; ".join(
-        f"{name!r} (needed by the {' and '.join(p)} case{'s' if len(p) > 1 else ''})"
-        for name, p in sorted(missing.items())))
+    raise ValueError(
+        "cases.npz lacks input array(s): "
+        + "; ".join(
+            f"{name!r} (needed by the {' and '.join(p)} case{'s' if len(p) > 1 else ''})"
+            for name, p in sorted(missing.items())
+        )
+    )
 
 
 def _need(cases: dict, name: str, case: str) -> np.ndarray:
@@ -90,14 +94,17 @@ def _apply_fn(config: ModelConfig, with_images: bool):
   model = MonoFormer(config)
 
   def run(params, batch, images, timesteps):
-    out, state = model.apply({"params": params}, batch, images, timesteps,
-                             mutable=["intermediates"])
+    out, state = model.apply({"params": params}, batch, images, timesteps, mutable=["intermediates"])
     inter = {k: v[0] for k, v in state["intermediates"].items()}
     inter["attn_allowed"] = _attn_allowed(config, batch)
     if images is not None:
       inter["final_layer_out_everywhere"] = final_layer_everywhere(
-          config, params["final_layer"], inter["final_hidden"], inter["t_emb"][:, 0],
-          batch["kinds"] == batch_lib.KIND_IMAGE)
+          config,
+          params["final_layer"],
+          inter["final_hidden"],
+          inter["t_emb"][:, 0],
+          batch["kinds"] == batch_lib.KIND_IMAGE,
+      )
     return out, inter
 
   if with_images:
@@ -105,8 +112,9 @@ def _apply_fn(config: ModelConfig, with_images: bool):
   return jax.jit(lambda params, batch: run(params, batch, None, None))
 
 
-def final_layer_everywhere(config: ModelConfig, final_layer_params: dict, hidden: jax.Array,
-                           cond: jax.Array, gen_mask: jax.Array) -> jax.Array:
+def final_layer_everywhere(
+    config: ModelConfig, final_layer_params: dict, hidden: jax.Array, cond: jax.Array, gen_mask: jax.Array
+) -> jax.Array:
   """The official diffusion head at EVERY position: (B, L, p*p*C_out).
 
   The official code runs its final layer on all merged tokens and modulates only the generated
@@ -117,8 +125,7 @@ def final_layer_everywhere(config: ModelConfig, final_layer_params: dict, hidden
   layer = FinalLayer(config)
   modulated = layer.apply({"params": final_layer_params}, hidden, cond[:, None, :])
   plain_params = dict(final_layer_params)
-  plain_params["adaln_modulation"] = jax.tree.map(jnp.zeros_like,
-                                                  final_layer_params["adaln_modulation"])
+  plain_params["adaln_modulation"] = jax.tree.map(jnp.zeros_like, final_layer_params["adaln_modulation"])
   plain = layer.apply({"params": plain_params}, hidden, cond[:, None, :])
   return jnp.where(gen_mask[..., None], modulated, plain)
 
@@ -127,8 +134,7 @@ def _attn_allowed(config: ModelConfig, batch: dict) -> jax.Array:
   """The (B, L, L) mask every layer uses, [b, query, key] (the official merged positions)."""
   b, length = batch["tokens"].shape
   order = jnp.broadcast_to(jnp.arange(length), (b, length))
-  meta = token_meta(batch["segment_ids"], batch["kinds"], batch["patch_index"],
-                    config.num_patches, order)
+  meta = token_meta(batch["segment_ids"], batch["kinds"], batch["patch_index"], config.num_patches, order)
   return attention_mask(meta, meta, config.bidirectional_image)
 
 
@@ -145,8 +151,11 @@ def _case_batch(config, cases, special, prefix, shape):
       half = len(x_t) // 2
       x_t = np.concatenate([x_t[:half], x_t[:half]])
   else:  # text rows: the images are never looked at (no image tokens)
-    x_t = np.random.default_rng(0).normal(size=(b, config.image_channels, config.image_height,
-                                                config.image_width)).astype(np.float32)
+    x_t = (
+        np.random.default_rng(0)
+        .normal(size=(b, config.image_channels, config.image_height, config.image_width))
+        .astype(np.float32)
+    )
   batch = gc.build_batch(config, ids, mask, shape[1], special, x_t)
   return gc.pad_rows(batch, shape[0]), x_t, length
 
@@ -162,8 +171,7 @@ def _model_case(config, params, cases, special, prefix, shape, with_images=True)
   timesteps[:b, 0] = t
   jbatch = jax.tree.map(jnp.asarray, batch)
   if with_images:
-    out, inter = _apply_fn(config, True)(params, jbatch, jnp.asarray(images),
-                                         jnp.asarray(timesteps))
+    out, inter = _apply_fn(config, True)(params, jbatch, jnp.asarray(images), jnp.asarray(timesteps))
   else:
     out, inter = _apply_fn(config, False)(params, jbatch)
 
@@ -188,11 +196,10 @@ def _model_case(config, params, cases, special, prefix, shape, with_images=True)
   res["attn_allowed"] = np.asarray(inter["attn_allowed"])[:b, :length, :length]
   masks["attn_allowed"] = valid[:, :, None]  # pad query rows are meaningless
   if f"{prefix}_labels" in cases:
-    res["merged_labels"] = gc.merged_labels(batch, cases[f"{prefix}_labels"],
-                                            cases[f"{prefix}_attention_mask"],
-                                            cases[f"{prefix}_input_ids"], special)
-  loss, _ = lm_loss(out["logits"][:b, :length], jnp.asarray(batch["targets"]),
-                    jnp.asarray(batch["loss_mask"]))
+    res["merged_labels"] = gc.merged_labels(
+        batch, cases[f"{prefix}_labels"], cases[f"{prefix}_attention_mask"], cases[f"{prefix}_input_ids"], special
+    )
+  loss, _ = lm_loss(out["logits"][:b, :length], jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]))
   res["lm_loss"] = np.asarray(loss)[None]
   if with_images:
     res["t_emb"] = np.asarray(inter["t_emb"])[:b, 0]
@@ -222,8 +229,11 @@ def _q_sample(cases, prefix) -> np.ndarray:
   x0 = _need(cases, f"{prefix}_x0", prefix)
   noise = _need(cases, f"{prefix}_noise", prefix)
   x = _q_sample_jit(
-      diffusion.create_gaussian_diffusion(), jnp.asarray(gc.nchw_to_nhwc(x0)),
-      jnp.asarray(cases[f"{prefix}_t"]), jnp.asarray(gc.nchw_to_nhwc(noise)))
+      diffusion.create_gaussian_diffusion(),
+      jnp.asarray(gc.nchw_to_nhwc(x0)),
+      jnp.asarray(cases[f"{prefix}_t"]),
+      jnp.asarray(gc.nchw_to_nhwc(noise)),
+  )
   return gc.nhwc_to_nchw(np.asarray(x))
 
 
@@ -235,11 +245,18 @@ def _loss_terms(cases, prefix, res):
     return jnp.asarray(gc.nchw_to_nhwc(a[rows]))
 
   terms = _training_losses_jit(
-      diffusion.create_gaussian_diffusion(), jnp.asarray(gc.nchw_to_nhwc(res["x_out"])),
-      image_rows(cases[f"{prefix}_x0"]), image_rows(cases[f"{prefix}_x_t"]),
-      image_rows(cases[f"{prefix}_noise"]), jnp.asarray(cases[f"{prefix}_t"][rows]))
-  out = {"loss_mse": np.asarray(terms["mse"]), "loss_vb": np.asarray(terms["vb"]),
-         "loss_terms": np.asarray(terms["loss"])}
+      diffusion.create_gaussian_diffusion(),
+      jnp.asarray(gc.nchw_to_nhwc(res["x_out"])),
+      image_rows(cases[f"{prefix}_x0"]),
+      image_rows(cases[f"{prefix}_x_t"]),
+      image_rows(cases[f"{prefix}_noise"]),
+      jnp.asarray(cases[f"{prefix}_t"][rows]),
+  )
+  out = {
+      "loss_mse": np.asarray(terms["mse"]),
+      "loss_vb": np.asarray(terms["vb"]),
+      "loss_terms": np.asarray(terms["loss"]),
+  }
   out["total_loss"] = np.asarray(np.mean(out["loss_terms"]) + 0.01 * float(res["lm_loss"][0]))[None]
   return out
 
@@ -255,7 +272,9 @@ def _guided_fn(config: ModelConfig):
     def model_fn(x, t):
       out = model.apply({"params": params}, batch, x[:, None], t[:, None], return_logits=False)
       return out["image"][:, 0]
+
     return diffusion.forward_with_cfg(model_fn, x_nhwc, t_model, scale), t_model
+
   return jax.jit(guided)
 
 
@@ -291,13 +310,16 @@ def _sample_case(config, params, cases, special) -> dict:
     t_models.append(np.asarray(t_model))
     if traj_ref is not None:
       prev = z if k == 0 else traj_ref[k - 1]
-      forced.append(gc.nhwc_to_nchw(np.asarray(guided(jnp.asarray(gc.nchw_to_nhwc(prev)), i,
-                                                      scale)[0])))
-  res = {"sample_traj": np.stack(traj), "sample_model_out": np.stack(outs),
-         "sample_pred_xstart": np.stack(preds), "sample_final": traj[-1],
-         "sample_t_model": np.stack(t_models).astype(np.int64),
-         "sample_t_index": np.arange(steps - 1, -1, -1, dtype=np.int64),
-         "sample_timestep_map": np.asarray(chain.timestep_map).astype(np.int64)}
+      forced.append(gc.nhwc_to_nchw(np.asarray(guided(jnp.asarray(gc.nchw_to_nhwc(prev)), i, scale)[0])))
+  res = {
+      "sample_traj": np.stack(traj),
+      "sample_model_out": np.stack(outs),
+      "sample_pred_xstart": np.stack(preds),
+      "sample_final": traj[-1],
+      "sample_t_model": np.stack(t_models).astype(np.int64),
+      "sample_t_index": np.arange(steps - 1, -1, -1, dtype=np.int64),
+      "sample_timestep_map": np.asarray(chain.timestep_map).astype(np.int64),
+  }
   if forced:
     res["sample_model_out_teacher_forced"] = np.stack(forced)
   return res
@@ -310,10 +332,16 @@ def compute_all(path: str) -> tuple[dict, dict, dict]:
   ours, masks = {}, {}
   prefixes = [p for p in gc.case_names(cases) if p != "sample"]
   # One padded shape for every case: the forward compiles once.
-  shape = (max([len(cases[f"{p}_input_ids"]) for p in prefixes] or [1]),
-           max([gc.merged_length(config, cases[f"{p}_input_ids"],
-                                 _need(cases, f"{p}_attention_mask", p), special)
-                for p in prefixes] or [1]))
+  shape = (
+      max([len(cases[f"{p}_input_ids"]) for p in prefixes] or [1]),
+      max(
+          [
+              gc.merged_length(config, cases[f"{p}_input_ids"], _need(cases, f"{p}_attention_mask", p), special)
+              for p in prefixes
+          ]
+          or [1]
+      ),
+  )
 
   def add(prefix, res, valid):
     for k, v in res.items():
@@ -331,8 +359,11 @@ def compute_all(path: str) -> tuple[dict, dict, dict]:
   if "text" in prefixes:
     # The official forward_wo_image: the text-only path (no image arguments at all).
     res, valid = _model_case(config, params, cases, special, "text", shape, with_images=False)
-    add("text", {"logits_wo_image": res["logits"], "lm_loss_wo_image": res["lm_loss"]},
-        {"logits_wo_image": valid["logits"]})
+    add(
+        "text",
+        {"logits_wo_image": res["logits"], "lm_loss_wo_image": res["lm_loss"]},
+        {"logits_wo_image": valid["logits"]},
+    )
   if "sample" in gc.case_names(cases):
     ours.update(_sample_case(config, params, cases, special))
   if config.use_pos_embed:
@@ -379,8 +410,9 @@ def write_dump(path: str, ours: dict) -> None:
   np.savez(path, **ours)
 
 
-def run(path: str, dump: str | None = None, tolerance: float = TOLERANCE,
-        out=None) -> tuple[int, dict, dict, dict, list]:
+def run(
+    path: str, dump: str | None = None, tolerance: float = TOLERANCE, out=None
+) -> tuple[int, dict, dict, dict, list]:
   """The command: (exit status, ours, masks, refs, rows); prints one line per array to `out`
   (default: stdout)."""
   out = sys.stdout if out is None else out
@@ -389,8 +421,7 @@ def run(path: str, dump: str | None = None, tolerance: float = TOLERANCE,
   width = max(len(r[0]) for r in rows)
   for name, err, allowed, ok in rows:
     note = "" if np.isfinite(err) else "  (not computed or wrong shape/dtype)"
-    print(f"{name:<{width}}  max|err|={err:.3e}  allowed={allowed:.3e}  "
-          f"{'ok' if ok else 'FAIL'}{note}", file=out)
+    print(f"{name:<{width}}  max|err|={err:.3e}  allowed={allowed:.3e}  {'ok' if ok else 'FAIL'}{note}", file=out)
   failed = [r[0] for r in rows if not r[3]]
   print(f"{len(rows) - len(failed)}/{len(rows)} arrays within tolerance", file=out)
   if dump:
@@ -400,10 +431,8 @@ def run(path: str, dump: str | None = None, tolerance: float = TOLERANCE,
 
 def define_flags(fv, argv=()):
   del argv  # no config file: the flags alone
-  flags.DEFINE_string("dump", None, "Write every array we computed to this .npz.",
-                      flag_values=fv)
-  flags.DEFINE_float("tolerance", TOLERANCE, "|ours - ref| <= tolerance * max(1, max|ref|).",
-                     flag_values=fv)
+  flags.DEFINE_string("dump", None, "Write every array we computed to this .npz.", flag_values=fv)
+  flags.DEFINE_float("tolerance", TOLERANCE, "|ours - ref| <= tolerance * max(1, max|ref|).", flag_values=fv)
 
 
 def _run_command(fv, args) -> int:

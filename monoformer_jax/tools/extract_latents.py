@@ -62,38 +62,76 @@ def define_flags(fv, argv=()):
   del argv  # no config file: the flags alone
   flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder.", flag_values=fv)
   flags.DEFINE_enum("source", None, list(SOURCES), "What to encode.", flag_values=fv)
-  flags.DEFINE_string("input", "", "Image folder root, JSONL file(s) (comma-separated), or for "
-                      "mnist an optional mnist_5k.csv.gz.", flag_values=fv)
+  flags.DEFINE_string(
+      "input",
+      "",
+      "Image folder root, JSONL file(s) (comma-separated), or for mnist an optional mnist_5k.csv.gz.",
+      flag_values=fv,
+  )
   flags.DEFINE_string("out", None, "Output data_dir.", flag_values=fv)
-  flags.DEFINE_string("split", "train", "Split name written (mnist: train, holdout or all, which "
-                      "also selects the digits).", flag_values=fv)
-  flags.DEFINE_integer("image_size", 0, "Centre-crop to this size (0: keep; all images must then "
-                       "agree).", lower_bound=0, flag_values=fv)
-  flags.DEFINE_string("image_root", None, "image_text_jsonl: resolve relative image paths here.",
-                      flag_values=fv)
-  flags.DEFINE_integer("batch_size", 64, "Images per encoder batch.", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_integer("chunk_size", 4096, "Records per resumable chunk.", lower_bound=1,
-                       flag_values=fv)
+  flags.DEFINE_string(
+      "split",
+      "train",
+      "Split name written (mnist: train, holdout or all, which also selects the digits).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "image_size",
+      0,
+      "Centre-crop to this size (0: keep; all images must then agree).",
+      lower_bound=0,
+      flag_values=fv,
+  )
+  flags.DEFINE_string("image_root", None, "image_text_jsonl: resolve relative image paths here.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Images per encoder batch.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("chunk_size", 4096, "Records per resumable chunk.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("workers", 8, "Image decoding threads.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) unreadable records.",
-                    flag_values=fv)
-  flags.DEFINE_bool("keep_partial", False, "Keep DATA_DIR/_partial after assembling.",
-                    flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype (the stored "
-                    "moments are float32).", flag_values=fv)
+  flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) unreadable records.", flag_values=fv)
+  flags.DEFINE_bool("keep_partial", False, "Keep DATA_DIR/_partial after assembling.", flag_values=fv)
+  flags.DEFINE_enum(
+      "dtype",
+      "float32",
+      ["float32", "bfloat16"],
+      "VAE compute dtype (the stored moments are float32).",
+      flag_values=fv,
+  )
   flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=fv)
-  for name in ("image_size", "image_root", "batch_size", "chunk_size", "skip_bad_records",
-               "keep_partial", "no_progress"):
+  for name in (
+      "image_size",
+      "image_root",
+      "batch_size",
+      "chunk_size",
+      "skip_bad_records",
+      "keep_partial",
+      "no_progress",
+  ):
     flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
   flags.mark_flags_as_required(["vae", "source", "out"], flag_values=fv)
 
 
 def _options(fv) -> types.SimpleNamespace:
   """The parsed flags as a plain namespace, checked against each other and the file system."""
-  args = types.SimpleNamespace(**{name: fv[name].value for name in (
-      "vae", "source", "input", "out", "split", "image_size", "image_root", "batch_size",
-      "chunk_size", "workers", "skip_bad_records", "keep_partial", "dtype", "no_progress")})
+  args = types.SimpleNamespace(
+      **{
+          name: fv[name].value
+          for name in (
+              "vae",
+              "source",
+              "input",
+              "out",
+              "split",
+              "image_size",
+              "image_root",
+              "batch_size",
+              "chunk_size",
+              "workers",
+              "skip_bad_records",
+              "keep_partial",
+              "dtype",
+              "no_progress",
+          )
+      }
+  )
   if not os.path.isdir(args.vae):
     raise cli.UsageError(f"--vae: no such directory: {args.vae}")
   if args.source != "mnist" and not args.input:
@@ -113,11 +151,16 @@ def open_source(args, channels: int):
   if args.source == "mnist":
     return sources.MnistSource(split=args.split, path=args.input or None)
   if args.source == "image_folder":
-    return image_sources.ImageFolderSource(args.input, image_size=size, channels=channels,
-                                           skip_bad_records=args.skip_bad_records)
-  return image_sources.ImageTextJsonlSource(args.input.split(","), image_root=args.image_root,
-                                            image_size=size, channels=channels,
-                                            skip_bad_records=args.skip_bad_records)
+    return image_sources.ImageFolderSource(
+        args.input, image_size=size, channels=channels, skip_bad_records=args.skip_bad_records
+    )
+  return image_sources.ImageTextJsonlSource(
+      args.input.split(","),
+      image_root=args.image_root,
+      image_size=size,
+      channels=channels,
+      skip_bad_records=args.skip_bad_records,
+  )
 
 
 def to_model_input(image: np.ndarray, image_size: int | None, channels: int) -> np.ndarray:
@@ -147,13 +190,12 @@ class Encoder:
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     means, logvars = [], []
     for start in range(0, len(images), self.batch_size):
-      batch = images[start:start + self.batch_size]
+      batch = images[start : start + self.batch_size]
       real = len(batch)
       if real < self.batch_size:  # pad by repetition: one compiled shape for every batch
         batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - real, axis=0)])
       batch = jax.device_put(batch, self.data_sharding)
-      mean, logvar = latents.encode_moments(self.params, batch, config=self.config,
-                                            dtype=self.dtype)
+      mean, logvar = latents.encode_moments(self.params, batch, config=self.config, dtype=self.dtype)
       means.append(np.asarray(mean, np.float32)[:real])
       logvars.append(np.asarray(logvar, np.float32)[:real])
     return np.concatenate(means), np.concatenate(logvars)
@@ -164,9 +206,15 @@ def _fingerprint(args, num_records: int) -> dict:
   with open(os.path.join(args.vae, "config.json"), "rb") as f:
     vae_hash = hashlib.sha256(f.read()).hexdigest()[:16]
   inputs = [os.path.abspath(p) for p in args.input.split(",")] if args.input else []
-  return {"source": args.source, "input": inputs, "split": args.split,
-          "image_size": args.image_size, "chunk_size": args.chunk_size,
-          "num_records": num_records, "vae_config_sha256": vae_hash}
+  return {
+      "source": args.source,
+      "input": inputs,
+      "split": args.split,
+      "image_size": args.image_size,
+      "chunk_size": args.chunk_size,
+      "num_records": num_records,
+      "vae_config_sha256": vae_hash,
+  }
 
 
 def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
@@ -176,8 +224,10 @@ def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
       old = json.load(f)
     if old != fingerprint:
       diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-      raise ValueError(f"{partial} holds chunks of a different extraction ({diff}, as "
-                       "(before, now)); rerun with the same arguments or delete it")
+      raise ValueError(
+          f"{partial} holds chunks of a different extraction ({diff}, as "
+          "(before, now)); rerun with the same arguments or delete it"
+      )
   elif is_main:
     os.makedirs(partial, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -197,15 +247,18 @@ def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -
   images = [to_model_input(r["image"], args.image_size or None, channels) for _, r in kept]
   shapes = sorted({im.shape for im in images})
   if len(shapes) > 1:
-    raise ValueError(f"images of several sizes {shapes[:4]} in records {start}..{stop}: pass "
-                     "--image_size to centre-crop them to one size")
+    raise ValueError(
+        f"images of several sizes {shapes[:4]} in records {start}..{stop}: pass "
+        "--image_size to centre-crop them to one size"
+    )
   factor = encoder.config.downsample_factor
   if shapes[0][0] % factor or shapes[0][1] % factor:
-    raise ValueError(f"{shapes[0][:2]} images do not divide by the VAE's downsampling factor "
-                     f"{factor}: pass --image_size (a multiple of {factor})")
+    raise ValueError(
+        f"{shapes[0][:2]} images do not divide by the VAE's downsampling factor "
+        f"{factor}: pass --image_size (a multiple of {factor})"
+    )
   mean, logvar = encoder(np.stack(images))
-  out = {"mean": mean, "logvar": logvar,
-         "source_index": np.asarray([i for i, _ in kept], np.int64)}
+  out = {"mean": mean, "logvar": logvar, "source_index": np.asarray([i for i, _ in kept], np.int64)}
   first = kept[0][1]
   if "label" in first:
     out["label"] = np.asarray([r["label"] for _, r in kept], np.int64)
@@ -215,7 +268,7 @@ def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -
 
 
 def save_chunk(path: str, arrays: dict) -> None:
-  tmp = path[:-len(".npz")] + ".tmp.npz"  # np.savez keeps a name that ends in .npz
+  tmp = path[: -len(".npz")] + ".tmp.npz"  # np.savez keeps a name that ends in .npz
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # atomic: a killed run never leaves a half-written chunk
 
@@ -224,8 +277,9 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
   """Concatenates the chunks in order and writes the TFDS dataset and its side files."""
   missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(partial, c))]
   if missing:
-    raise ValueError(f"chunks {missing[:5]} are missing from {partial} (with several hosts "
-                     "DATA_DIR must be a shared filesystem)")
+    raise ValueError(
+        f"chunks {missing[:5]} are missing from {partial} (with several hosts DATA_DIR must be a shared filesystem)"
+    )
   parts = []
   for c in range(num_chunks):
     with np.load(chunk_path(partial, c)) as data:
@@ -242,10 +296,17 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
   if class_names is not None:
     with open(os.path.join(args.out, "class_names.json"), "w") as f:
       json.dump(list(class_names), f)
-  info = {"vae": os.path.abspath(args.vae), "scaling_factor": vae_config.scaling_factor,
-          "shift_factor": vae_config.shift_factor, "split": args.split,
-          "num_records": int(len(source_index)), "latent_shape": list(arrays["mean"].shape[1:]),
-          "source": args.source, "input": args.input, "image_size": args.image_size}
+  info = {
+      "vae": os.path.abspath(args.vae),
+      "scaling_factor": vae_config.scaling_factor,
+      "shift_factor": vae_config.shift_factor,
+      "split": args.split,
+      "num_records": int(len(source_index)),
+      "latent_shape": list(arrays["mean"].shape[1:]),
+      "source": args.source,
+      "input": args.input,
+      "image_size": args.image_size,
+  }
   with open(os.path.join(args.out, "extraction.json"), "w") as f:
     json.dump(info, f, indent=2)
   if not args.keep_partial:
@@ -259,16 +320,17 @@ def run(fv, positional) -> int:
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   args = _options(fv)
   if os.path.exists(os.path.join(args.out, NAME)):
-    raise cli.UsageError(f"--out: {args.out} already holds a {NAME} dataset; use another "
-                         "directory")
+    raise cli.UsageError(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
   maybe_initialize_distributed()  # MONOFORMER_DISTRIBUTED=1: the same environment as training
   try:
     vae_config, params = load_diffusers_vae(args.vae)
   except (FileNotFoundError, ValueError) as err:
     raise cli.UsageError(f"--vae {args.vae}: {err}") from None
   if args.image_size and args.image_size % vae_config.downsample_factor:
-    raise cli.UsageError(f"--image_size {args.image_size} is not a multiple of the VAE's "
-                         f"downsampling factor {vae_config.downsample_factor}")
+    raise cli.UsageError(
+        f"--image_size {args.image_size} is not a multiple of the VAE's "
+        f"downsampling factor {vae_config.downsample_factor}"
+    )
   channels = vae_config.in_channels
   try:
     source = open_source(args, channels)
@@ -286,13 +348,18 @@ def run(fv, positional) -> int:
   size = lambda c: min(args.chunk_size, num_records - c * args.chunk_size)
   done = sum(size(c) for c in mine if c not in todo)
   if done:
-    print(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already in {partial}",
-          file=sys.stderr)
-  encoder = Encoder(vae_config, params, args.batch_size,
-                    jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-  with tqdm(total=sum(size(c) for c in mine), initial=done, unit="img",
-            disable=args.no_progress or proc != 0, desc="encoding") as bar, \
-       concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+    print(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already in {partial}", file=sys.stderr)
+  encoder = Encoder(vae_config, params, args.batch_size, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+  with (
+      tqdm(
+          total=sum(size(c) for c in mine),
+          initial=done,
+          unit="img",
+          disable=args.no_progress or proc != 0,
+          desc="encoding",
+      ) as bar,
+      concurrent.futures.ThreadPoolExecutor(args.workers) as pool,
+  ):
     for c in todo:
       start = c * args.chunk_size
       chunk = encode_chunk(source, start, start + size(c), encoder, args, channels, pool)
@@ -303,8 +370,7 @@ def run(fv, positional) -> int:
   if proc == 0:
     class_names = getattr(source, "class_names", None)
     target = assemble(args, partial, num_chunks, class_names, vae_config)
-    print(f"wrote {target}: {args.split} split, scaling_factor {vae_config.scaling_factor}",
-          file=sys.stderr)
+    print(f"wrote {target}: {args.split} split, scaling_factor {vae_config.scaling_factor}", file=sys.stderr)
   return 0
 
 

@@ -7,6 +7,7 @@ IN.npz holds uint8 images (N, H, W, 3) under `arr_0` (the ADM sample/reference-b
 under the only key, or under --key. OUT.npz gets `pool` (N, 2048) and `logits` (N, 1008), float32.
 Running pytorch-fid on the same images and comparing checks the weight conversion.
 """
+
 import os
 import sys
 
@@ -41,14 +42,13 @@ def _select_images(path: str, key: str | None) -> np.ndarray:
 
 def define_flags(fv, argv=()):
   del argv  # no config file: the flags alone
-  flags.DEFINE_string("weights", None, "pytorch-fid FID Inception weights "
-                      "(pt_inception-2015-12-05-*.pth).", flag_values=fv)
+  flags.DEFINE_string(
+      "weights", None, "pytorch-fid FID Inception weights (pt_inception-2015-12-05-*.pth).", flag_values=fv
+  )
   flags.DEFINE_string("images", None, ".npz with uint8 images (N, H, W, 3).", flag_values=fv)
   flags.DEFINE_string("out", None, "Output .npz (pool, logits).", flag_values=fv)
-  flags.DEFINE_string("key", None, "Array name in --images (default: arr_0 or the only array).",
-                      flag_values=fv)
-  flags.DEFINE_integer("batch-size", 50, "Images per Inception batch.", lower_bound=1,
-                       flag_values=fv)
+  flags.DEFINE_string("key", None, "Array name in --images (default: arr_0 or the only array).", flag_values=fv)
+  flags.DEFINE_integer("batch-size", 50, "Images per Inception batch.", lower_bound=1, flag_values=fv)
   flags.mark_flags_as_required(["weights", "images", "out"], flag_values=fv)
 
 
@@ -56,8 +56,10 @@ def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
   if not os.path.isfile(fv.weights):
-    raise cli.UsageError(f"--weights: no such file: {fv.weights} (the FID Inception .pth must be "
-                         "supplied locally; nothing is downloaded)")
+    raise cli.UsageError(
+        f"--weights: no such file: {fv.weights} (the FID Inception .pth must be "
+        "supplied locally; nothing is downloaded)"
+    )
   if not os.path.isfile(fv.images):
     raise cli.UsageError(f"--images: no such file: {fv.images}")
   images = _select_images(fv.images, fv.key)
@@ -67,8 +69,7 @@ def run(fv, args) -> int:
     raise cli.UsageError(f"--weights {fv.weights}: {err}") from None
   features = inception.InceptionFeatures(variables, batch_size=fv["batch-size"].value)(images)
   np.savez(fv.out, pool=features["pool"], logits=features["logits"])
-  print(f"wrote {fv.out}: pool {features['pool'].shape}, logits {features['logits'].shape}",
-        file=sys.stderr)
+  print(f"wrote {fv.out}: pool {features['pool'].shape}, logits {features['logits'].shape}", file=sys.stderr)
   return 0
 
 

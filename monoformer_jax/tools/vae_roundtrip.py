@@ -9,6 +9,7 @@ decoder applied to `mean` (unscaled; no 0.18215 round trip). Running diffusers' 
 the same images and comparing (`latent_dist.mean`, `.logvar`, `decode(mean).sample`, moved to
 NHWC) checks a conversion. The weights must be local; nothing is downloaded.
 """
+
 import os
 import sys
 
@@ -32,8 +33,10 @@ def _select_images(path: str, key: str | None) -> np.ndarray:
     images = data[key]
   where = f"{path}[{key!r}]"
   if not np.issubdtype(images.dtype, np.floating):
-    raise ValueError(f"{where} must be floating-point images in [-1, 1], got dtype "
-                     f"{images.dtype} (for uint8 use images / 127.5 - 1)")
+    raise ValueError(
+        f"{where} must be floating-point images in [-1, 1], got dtype "
+        f"{images.dtype} (for uint8 use images / 127.5 - 1)"
+    )
   if images.ndim != 4:
     raise ValueError(f"{where} must have shape (N, H, W, C), got {images.shape}")
   if len(images) == 0:
@@ -48,17 +51,23 @@ def _select_images(path: str, key: str | None) -> np.ndarray:
 
 def define_flags(fv, argv=()):
   del argv  # no config file: the flags alone
-  flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (config.json + "
-                      "diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with "
-                      "vae/.", flag_values=fv)
-  flags.DEFINE_string("images", None, ".npz with float32 images (N, H, W, 3) in [-1, 1] under "
-                      "'images'.", flag_values=fv)
+  flags.DEFINE_string(
+      "vae",
+      None,
+      "diffusers AutoencoderKL folder (config.json + "
+      "diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with "
+      "vae/.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "images", None, ".npz with float32 images (N, H, W, 3) in [-1, 1] under 'images'.", flag_values=fv
+  )
   flags.DEFINE_string("out", None, "Output .npz (mean, logvar, decoded).", flag_values=fv)
-  flags.DEFINE_string("key", None, "Array name in --images (default: images, or the only "
-                      "array).", flag_values=fv)
+  flags.DEFINE_string("key", None, "Array name in --images (default: images, or the only array).", flag_values=fv)
   flags.DEFINE_integer("batch-size", 8, "Images per batch.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay "
-                    "float32).", flag_values=fv)
+  flags.DEFINE_enum(
+      "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).", flag_values=fv
+  )
   flags.mark_flags_as_required(["vae", "images", "out"], flag_values=fv)
 
 
@@ -66,9 +75,9 @@ def _batched(fn, array: np.ndarray, batch_size: int):
   """fn over fixed-size batches (the last one padded by repetition) so one compilation serves."""
   outputs = []
   for start in range(0, len(array), batch_size):
-    batch = array[start:start + batch_size]
+    batch = array[start : start + batch_size]
     real = len(batch)
-    if real < batch_size and len(array) > batch_size:
+    if real < batch_size < len(array):
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     outputs.append([np.asarray(o)[:real] for o in fn(batch)])
   return [np.concatenate(parts) for parts in zip(*outputs)]
@@ -78,8 +87,10 @@ def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
   if not os.path.isdir(fv.vae):
-    raise cli.UsageError(f"--vae: no such directory: {fv.vae} (a local diffusers AutoencoderKL "
-                         "folder, e.g. a snapshot of stabilityai/sd-vae-ft-mse)")
+    raise cli.UsageError(
+        f"--vae: no such directory: {fv.vae} (a local diffusers AutoencoderKL "
+        "folder, e.g. a snapshot of stabilityai/sd-vae-ft-mse)"
+    )
   if not os.path.isfile(fv.images):
     raise cli.UsageError(f"--images: no such file: {fv.images}")
   try:
@@ -92,8 +103,10 @@ def run(fv, args) -> int:
     raise cli.UsageError(f"--vae {fv.vae}: {err}") from None
   factor = config.downsample_factor
   if images.shape[-1] != config.in_channels or images.shape[1] % factor or images.shape[2] % factor:
-    raise cli.UsageError(f"--images: shape {images.shape} does not fit this VAE: want (N, H, W, "
-                         f"{config.in_channels}) with H and W multiples of {factor}")
+    raise cli.UsageError(
+        f"--images: shape {images.shape} does not fit this VAE: want (N, H, W, "
+        f"{config.in_channels}) with H and W multiples of {factor}"
+    )
   dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else jnp.float32
 
   def roundtrip(batch):
@@ -102,8 +115,7 @@ def run(fv, args) -> int:
     return mean, logvar, decoded
 
   mean, logvar, decoded = _batched(roundtrip, images, fv["batch-size"].value)
-  np.savez(fv.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32),
-           decoded=decoded.astype(np.float32))
+  np.savez(fv.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32), decoded=decoded.astype(np.float32))
   print(f"wrote {fv.out}: mean/logvar {mean.shape}, decoded {decoded.shape}", file=sys.stderr)
   return 0
 

@@ -59,7 +59,7 @@ class DataStream:
   def flops_per_step(self, model_config, kind: str) -> float:
     (b, l), m = self._shapes_cached()
     image_tokens = model_config.num_patches * m if self.has_images else 0
-    return train_flops_per_step(model_config, b, l, image_tokens, lm_head=(kind != "diffusion"))
+    return train_flops_per_step(model_config, b, l, image_tokens, lm_head=kind != "diffusion")
 
   def get_state(self) -> dict:
     return self.iterator.get_state()
@@ -103,7 +103,7 @@ class MixedIterator:
     slots = img["image_mask"].shape[1]
     shape = img["images"].shape[2:]
     img, txt = _pad_batch(img, seq_len, slots, shape), _pad_batch(txt, seq_len, slots, shape)
-    return {k: np.concatenate([img[k], txt[k]]) for k in img}
+    return {k: np.concatenate([v, txt[k]]) for k, v in img.items()}
 
   def get_state(self) -> dict:
     return {"image": self.image_it.get_state(), "text": self.text_it.get_state()}
@@ -126,21 +126,34 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
 
   def image_it(batch):
     return pipeline.make_image_iterator(
-        registry.image_source(d, image_shape), tokenizer, batch_size=batch // procs,
-        patch_size=model_config.patch_size, t_token=model_config.has_t_token, seed=config.seed,
-        image_shape=image_shape, text_dropout=d.prompt_dropout,
-        train_text=d.lm_loss_on_image_prompts, latent_scale=d.latent_scale,
-        seq_len=d.image_seq_len or None, class_names=names,
-        max_prompt_tokens=(None if d.image_source != "image_text_jsonl"
-                           else d.max_prompt_tokens),
+        registry.image_source(d, image_shape),
+        tokenizer,
+        batch_size=batch // procs,
+        patch_size=model_config.patch_size,
+        t_token=model_config.has_t_token,
+        seed=config.seed,
+        image_shape=image_shape,
+        text_dropout=d.prompt_dropout,
+        train_text=d.lm_loss_on_image_prompts,
+        latent_scale=d.latent_scale,
+        seq_len=d.image_seq_len or None,
+        class_names=names,
+        max_prompt_tokens=(None if d.image_source != "image_text_jsonl" else d.max_prompt_tokens),
         null_label=model_config.num_classes if model_config.num_classes else None,
-        num_threads=max(d.worker_count, 1))
+        num_threads=max(d.worker_count, 1),
+    )
 
   def text_it(batch):
     return pipeline.make_text_iterator(
-        registry.text_source(d), tokenizer, batch_size=batch // procs, seq_len=d.text_seq_len,
-        seed=config.seed + 1, packing=d.packing, image_shape=image_shape,
-        num_threads=max(d.worker_count, 1))
+        registry.text_source(d),
+        tokenizer,
+        batch_size=batch // procs,
+        seq_len=d.text_seq_len,
+        seed=config.seed + 1,
+        packing=d.packing,
+        image_shape=image_shape,
+        num_threads=max(d.worker_count, 1),
+    )
 
   streams = {}
   if "diffusion" in step_kinds:
@@ -149,6 +162,5 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
     streams["ar"] = DataStream(text_it(d.text_batch_size), d.text_batch_size, False)
   if "mixed" in step_kinds:
     total = d.image_batch_size + d.text_batch_size
-    streams["mixed"] = DataStream(MixedIterator(image_it(d.image_batch_size),
-                                                text_it(d.text_batch_size)), total, True)
+    streams["mixed"] = DataStream(MixedIterator(image_it(d.image_batch_size), text_it(d.text_batch_size)), total, True)
   return streams

@@ -12,8 +12,16 @@ from monoformer_jax.run.open import open_run
 from monoformer_jax.run.state import place_params
 
 # Fields the loaded weights must share with the config (the image path is created when missing).
-_SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                 "vocab_size", "image_channels", "patch_size")
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "vocab_size",
+    "image_channels",
+    "patch_size",
+)
 
 
 def load_init_params(config, model_config, rng):
@@ -21,10 +29,16 @@ def load_init_params(config, model_config, rng):
   kind, path = config.init_from.split(":", 1)
   if kind == "hf":
     return convert_checkpoints.load_llama_checkpoint(
-        path, vocab_size=model_config.vocab_size, rng=rng,
-        image_height=model_config.image_height, image_width=model_config.image_width,
-        image_channels=model_config.image_channels, patch_size=model_config.patch_size,
-        t_embed=model_config.t_embed, learn_sigma=model_config.learn_sigma)
+        path,
+        vocab_size=model_config.vocab_size,
+        rng=rng,
+        image_height=model_config.image_height,
+        image_width=model_config.image_width,
+        image_channels=model_config.image_channels,
+        patch_size=model_config.patch_size,
+        t_embed=model_config.t_embed,
+        learn_sigma=model_config.learn_sigma,
+    )
   if kind == "official":
     return convert_checkpoints.load_official_checkpoint(path)
   run = open_run(path, use_ema=False)
@@ -34,12 +48,16 @@ def load_init_params(config, model_config, rng):
 def initialise_from(config, state, shardings, model_config, optimizer, rng):
   """Replaces fresh params (and EMA) by converted ones; the optimizer state restarts."""
   loaded_cfg, params = load_init_params(config, model_config, rng)
-  mismatch = {f: (getattr(loaded_cfg, f), getattr(model_config, f)) for f in _SHAPE_FIELDS
-              if getattr(loaded_cfg, f) != getattr(model_config, f)}
+  mismatch = {
+      f: (getattr(loaded_cfg, f), getattr(model_config, f))
+      for f in _SHAPE_FIELDS
+      if getattr(loaded_cfg, f) != getattr(model_config, f)
+  }
   if mismatch:
-    raise ConfigError(f"config.init_from={config.init_from!r} holds a different model: "
-                      + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in
-                                  mismatch.items()))
+    raise ConfigError(
+        f"config.init_from={config.init_from!r} holds a different model: "
+        + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in mismatch.items())
+    )
   if model_config.scan_layers and "layers" not in params:
     params = stack_layers(params, model_config.num_layers)
   params = place_params(params, shardings.params)

@@ -38,8 +38,7 @@ def peak_flops(device_kind: str) -> Optional[float]:
   return None
 
 
-def forward_flops_per_sequence(config: ModelConfig, seq_len: int, image_tokens: int,
-                               lm_head: bool) -> float:
+def forward_flops_per_sequence(config: ModelConfig, seq_len: int, image_tokens: int, lm_head: bool) -> float:
   """Matmul FLOPs of one forward pass over one row (embedding gathers not counted).
 
   Causal text attention is counted at half cost; a row holding generated-image tokens is counted
@@ -54,13 +53,11 @@ def forward_flops_per_sequence(config: ModelConfig, seq_len: int, image_tokens: 
   head = 2 * seq_len * h * config.vocab_size if lm_head else 0
   image = 0
   if image_tokens:
-    image = 2 * image_tokens * (config.patch_dim * h + h * 2 * h
-                                + h * config.patch_size ** 2 * config.output_channels)
+    image = 2 * image_tokens * (config.patch_dim * h + h * 2 * h + h * config.patch_size**2 * config.output_channels)
   return float(dense + attention + head + image)
 
 
-def train_flops_per_step(config: ModelConfig, batch_size: int, seq_len: int, image_tokens: int,
-                         lm_head: bool) -> float:
+def train_flops_per_step(config: ModelConfig, batch_size: int, seq_len: int, image_tokens: int, lm_head: bool) -> float:
   """Forward + backward = 3 x forward."""
   return 3.0 * batch_size * forward_flops_per_sequence(config, seq_len, image_tokens, lm_head)
 
@@ -82,6 +79,7 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       tb_dir = os.path.join(workdir, "tensorboard")
       purge = None
       if resume_step is not None:
@@ -114,15 +112,20 @@ class MetricWriter:
       with open(tmp, "w") as f:
         f.writelines(kept)
       os.replace(tmp, self.path)
-      print(f"dropped {dropped} metrics.jsonl rows past step {step} (logged by an earlier run "
-            "after its last checkpoint)", flush=True)
+      print(
+          f"dropped {dropped} metrics.jsonl rows past step {step} (logged by an earlier run "
+          "after its last checkpoint)",
+          flush=True,
+      )
     return dropped
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0
-                 else v) for k, v in scalars.items()}
+    clean = {
+        k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0 else v)
+        for k, v in scalars.items()
+    }
     for k, v in clean.items():
       if isinstance(v, float) and not math.isfinite(v):
         clean[k] = None if math.isnan(v) else v
@@ -171,12 +174,12 @@ class Accumulator:
 
   def get_state(self) -> dict:
     """JSON-able; float32 totals round-trip exactly through Python floats."""
-    return {k: [float(np.asarray(m.total)), int(np.asarray(m.count))]
-            for k, m in self.values.items()}
+    return {k: [float(np.asarray(m.total)), int(np.asarray(m.count))] for k, m in self.values.items()}
 
   def set_state(self, state: dict) -> None:
-    self.values = {k: clu_metrics.Average(total=np.float32(total), count=np.int32(count))
-                   for k, (total, count) in state.items()}
+    self.values = {
+        k: clu_metrics.Average(total=np.float32(total), count=np.int32(count)) for k, (total, count) in state.items()
+    }
 
 
 class Throughput:
@@ -202,8 +205,12 @@ class Throughput:
   def report(self) -> dict:
     dt = max(time.perf_counter() - self.start, 1e-9)
     n = jax.device_count()
-    out = {"step_time_s": dt / max(self.steps, 1), "tokens_per_s": self.tokens / dt,
-           "images_per_s": self.images / dt, "tflops_per_device": self.flops / dt / n / 1e12}
+    out = {
+        "step_time_s": dt / max(self.steps, 1),
+        "tokens_per_s": self.tokens / dt,
+        "images_per_s": self.images / dt,
+        "tflops_per_device": self.flops / dt / n / 1e12,
+    }
     if self.peak:
       out["mfu"] = self.flops / dt / n / self.peak
     return out

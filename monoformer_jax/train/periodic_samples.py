@@ -25,8 +25,7 @@ MAX_CLASSES = 16  # rows of a periodic grid: enough to see a run's progress, che
 class PeriodicSampler:
   """Writes `samples/step_<N>.png` (a row per class) and `samples/step_<N>.txt`."""
 
-  def __init__(self, config, model_config, objective, tokenizer, workdir, writer, is_main,
-               draws_text: bool):
+  def __init__(self, config, model_config, objective, tokenizer, workdir, writer, is_main, draws_text: bool):
     self.config, self.model_config, self.objective = config, model_config, objective
     self.tokenizer, self.writer, self.is_main = tokenizer, writer, is_main
     self.draws_text = draws_text
@@ -40,8 +39,7 @@ class PeriodicSampler:
       return
     for path in self.dir.iterdir():
       stem, ext = path.stem, path.suffix
-      if ext in (".png", ".txt") and stem.startswith("step_") and stem[5:].isdigit() \
-          and int(stem[5:]) > step:
+      if ext in (".png", ".txt") and stem.startswith("step_") and stem[5:].isdigit() and int(stem[5:]) > step:
         path.unlink()
 
   def images(self, params) -> np.ndarray:
@@ -50,10 +48,16 @@ class PeriodicSampler:
     names = self.class_names[:MAX_CLASSES]
     labels = np.repeat(np.arange(len(names)), s.num_per_class)
     images = classes_lib.sample_classes(
-        params, self.model_config, self.objective, self.tokenizer, self.class_names, labels,
-        seed=s.seed, **classes_lib.image_options(s))
-    return images_lib.to_uint8(images_lib.decode_images(images, self.config.vae.path,
-                                                        self.config.vae.scale))
+        params,
+        self.model_config,
+        self.objective,
+        self.tokenizer,
+        self.class_names,
+        labels,
+        seed=s.seed,
+        **classes_lib.image_options(s),
+    )
+    return images_lib.to_uint8(images_lib.decode_images(images, self.config.vae.path, self.config.vae.scale))
 
   def __call__(self, step: int, params) -> None:
     s = self.config.sampling
@@ -62,13 +66,17 @@ class PeriodicSampler:
       picture = images_lib.grid(self.images(params), rows=min(len(self.class_names), MAX_CLASSES))
       if self.is_main:
         images_lib.save_png(self.dir / f"step_{step}.png", picture)
-        self.writer.write_image(step, "samples", picture if picture.shape[-1] == 3 else
-                                np.repeat(picture, 3, axis=-1))
+        self.writer.write_image(step, "samples", picture if picture.shape[-1] == 3 else np.repeat(picture, 3, axis=-1))
     if self.draws_text:
       texts = text_lib.generate_text(
-          params, self.model_config, self.tokenizer, list(TEXT_OPENINGS),
-          max_new_tokens=s.max_new_tokens, seed=s.seed,
-          sampling=TokenSampling(s.temperature, s.top_k, s.top_p))
+          params,
+          self.model_config,
+          self.tokenizer,
+          list(TEXT_OPENINGS),
+          max_new_tokens=s.max_new_tokens,
+          seed=s.seed,
+          sampling=TokenSampling(s.temperature, s.top_k, s.top_p),
+      )
       body = "\n\n".join(f"[{p}] {p}{t}" for p, t in zip(TEXT_OPENINGS, texts))
       if self.is_main:
         self.dir.mkdir(parents=True, exist_ok=True)

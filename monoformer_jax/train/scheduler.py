@@ -20,12 +20,13 @@ class StepScheduler:
   def __init__(self, weights: Mapping[str, float], text_warmup_steps: int = 0):
     self.weights = {k: float(v) for k, v in weights.items() if float(v) > 0}
     if not self.weights:
-      raise ValueError(f"schedule.weights must give some step kind a positive weight, got "
-                       f"{dict(weights)}")
+      raise ValueError(f"schedule.weights must give some step kind a positive weight, got {dict(weights)}")
     self.text_warmup_steps = int(text_warmup_steps)
     if self.text_warmup_steps < 0 or (self.text_warmup_steps and "ar" not in self.weights):
-      raise ValueError(f"schedule.text_warmup_steps={text_warmup_steps} needs to be >= 0, and "
-                       f"a positive 'ar' weight (it runs AR steps)")
+      raise ValueError(
+          f"schedule.text_warmup_steps={text_warmup_steps} needs to be >= 0, and "
+          f"a positive 'ar' weight (it runs AR steps)"
+      )
     self.total = sum(self.weights.values())
     self.credits = {k: 0.0 for k in self.weights}
 
@@ -43,8 +44,7 @@ class StepScheduler:
     return {"credits": dict(self.credits)}
 
   def set_state(self, state: Mapping) -> None:
-    credits = dict(state["credits"])
-    if set(credits) != set(self.weights):
-      raise ValueError(f"scheduler state has kinds {sorted(credits)}, config has "
-                       f"{sorted(self.weights)}")
-    self.credits = {k: float(v) for k, v in credits.items()}
+    saved = dict(state["credits"])
+    if set(saved) != set(self.weights):
+      raise ValueError(f"scheduler state has kinds {sorted(saved)}, config has {sorted(self.weights)}")
+    self.credits = {k: float(v) for k, v in saved.items()}

@@ -42,8 +42,7 @@ def _noisy_images(objective, images, rng, row_ids):
 
   def draw(row_id):
     t_rng, n_rng = jax.random.split(jax.random.fold_in(rng, row_id))
-    return (objective.sample_timesteps(t_rng, (m,)),
-            jax.random.normal(n_rng, (m,) + images.shape[2:], jnp.float32))
+    return (objective.sample_timesteps(t_rng, (m,)), jax.random.normal(n_rng, (m,) + images.shape[2:], jnp.float32))
 
   t, noise = jax.vmap(draw)(row_ids)
   flat = images.reshape((b * m,) + images.shape[2:]).astype(jnp.float32)
@@ -66,12 +65,15 @@ def diffusion_loss_sums(objective, model_out, x0, x_t, noise, t, image_mask):
 
 def batch_normalisers(batch: dict) -> dict:
   """The whole batch's counts the losses are means over (at least 1, so empty batches give 0)."""
-  return {"lm_tokens": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0),
-          "images": jnp.maximum(jnp.sum(batch["image_mask"].astype(jnp.float32)), 1.0)}
+  return {
+      "lm_tokens": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0),
+      "images": jnp.maximum(jnp.sum(batch["image_mask"].astype(jnp.float32)), 1.0),
+  }
 
 
-def make_loss_fn(kind: str, model_config: ModelConfig, objective, diffusion_weight: float,
-                 lm_weight: float) -> Callable:
+def make_loss_fn(
+    kind: str, model_config: ModelConfig, objective, diffusion_weight: float, lm_weight: float
+) -> Callable:
   """loss_fn(params, batch, rng, norms, row_ids) -> (loss, aux metrics).
 
   `norms` are `batch_normalisers` of the whole (global) batch, `row_ids` the rows' indices in it.
@@ -94,11 +96,17 @@ def make_loss_fn(kind: str, model_config: ModelConfig, objective, diffusion_weig
       return lm_weight * l_lm, {"loss_lm": l_lm, "lm_tokens": count}
     x0, x_t, t, model_t, noise = _noisy_images(objective, batch["images"], rng, row_ids)
     b, m = batch["image_mask"].shape
-    out = model.apply({"params": params}, batch, x_t.reshape(batch["images"].shape),
-                      model_t.reshape(b, m), return_logits=(kind == "mixed"))
+    out = model.apply(
+        {"params": params},
+        batch,
+        x_t.reshape(batch["images"].shape),
+        model_t.reshape(b, m),
+        return_logits=(kind == "mixed"),
+    )
     sums = diffusion_loss_sums(objective, out["image"], x0, x_t, noise, t, batch["image_mask"])
-    metrics = {(f"loss_diffusion_{k}" if k != "loss" else "loss_diffusion"): v / norms["images"]
-               for k, v in sums.items()}
+    metrics = {
+        (f"loss_diffusion_{k}" if k != "loss" else "loss_diffusion"): v / norms["images"] for k, v in sums.items()
+    }
     loss = diffusion_weight * metrics["loss_diffusion"]
     if kind == "mixed":
       l_lm, count = lm_terms(out["logits"], batch, norms)
@@ -117,14 +125,22 @@ def split_micro_batches(tree, n: int):
   B / (data x fsdp) rows (a multiple of n, as validate_config checks), every micro-batch keeps
   an equal share of rows on every device, so splitting moves no data between them.
   """
-  return jax.tree.map(lambda x: jnp.swapaxes(
-      x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
 
 
-def make_train_step(kind: str, model_config: ModelConfig, objective, optimizer, *,
-                    grad_accum_steps: int = 1, diffusion_weight: float = 1.0,
-                    lm_weight: float = 0.01, ema_decay_value: float = 0.9999,
-                    ema_warmup: bool = True, learning_rate_fn=None) -> Callable:
+def make_train_step(
+    kind: str,
+    model_config: ModelConfig,
+    objective,
+    optimizer,
+    *,
+    grad_accum_steps: int = 1,
+    diffusion_weight: float = 1.0,
+    lm_weight: float = 0.01,
+    ema_decay_value: float = 0.9999,
+    ema_warmup: bool = True,
+    learning_rate_fn=None,
+) -> Callable:
   if kind not in STEP_KINDS:
     raise ValueError(f"unknown step kind {kind!r}; one of {STEP_KINDS}")
   loss_fn = make_loss_fn(kind, model_config, objective, diffusion_weight, lm_weight)
@@ -146,15 +162,16 @@ def make_train_step(kind: str, model_config: ModelConfig, objective, optimizer, 
 
       first = jax.tree.map(lambda x: x[0], micro)
       (loss_shape, aux_shape), grads_shape = jax.eval_shape(
-          lambda: grad_fn(state.params, first[0], rng, norms, first[1]))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           (grads_shape, loss_shape, aux_shape))
+          lambda: grad_fn(state.params, first[0], rng, norms, first[1])
+      )
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, loss_shape, aux_shape))
       (grads, loss, aux), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema_decay_value, ema_warmup)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=update_ema(state.ema_params, params, decay))
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=update_ema(state.ema_params, params, decay)
+    )
     metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
@@ -166,10 +183,12 @@ def make_train_step(kind: str, model_config: ModelConfig, objective, optimizer, 
 def compile_step(step_fn, state_shardings, mesh, rules, example_batch: dict):
   """jit with explicit shardings and donation; AOT-compiles for the example batch's shapes."""
   batch_shardings = {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in example_batch.items()}
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings,
-                                          sharding_lib.replicated(mesh)),
-                   out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                   donate_argnums=(0,))
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, sharding_lib.replicated(mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,),
+  )
 
   @functools.wraps(step_fn)
   def run(state, batch, rng):

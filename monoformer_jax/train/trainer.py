@@ -44,6 +44,7 @@ from monoformer_jax.train.scheduler import StepScheduler
 @dataclasses.dataclass
 class StepContext:
   """What a hook sees after a step."""
+
   step: int
   saved: bool
   checkpointer: Any
@@ -76,20 +77,19 @@ class _Preemption:
 def _check_finite(step: int, values: dict):
   bad = [k for k, v in values.items() if isinstance(v, float) and not np.isfinite(v)]
   if bad:
-    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: stopping (lower the "
-                             "learning rate or check the data)")
+    raise FloatingPointError(
+        f"non-finite {', '.join(bad)} at step {step}: stopping (lower the learning rate or check the data)"
+    )
 
 
 def make_scheduler(config) -> StepScheduler:
   """The schedule of `config.schedule`, its errors named by field."""
   weights = {k: config.schedule[k] for k in steps_lib.STEP_KINDS}
   if any(v < 0 for v in weights.values()) or not any(v > 0 for v in weights.values()):
-    raise config_lib.ConfigError(f"config.schedule: weights must be >= 0 with at least one > 0, "
-                                 f"got {weights}")
+    raise config_lib.ConfigError(f"config.schedule: weights must be >= 0 with at least one > 0, got {weights}")
   warmup = config.schedule.text_warmup_steps
   if not isinstance(warmup, int):
-    raise config_lib.ConfigError(f"config.schedule.text_warmup_steps: must be an integer, got "
-                                 f"{warmup!r}")
+    raise config_lib.ConfigError(f"config.schedule.text_warmup_steps: must be an integer, got {warmup!r}")
   try:
     return StepScheduler(weights, warmup)
   except ValueError as e:
@@ -109,13 +109,13 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   scheduler = check_config(config)
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  changes = config_lib.save_resolved_config(config, workdir, is_main,
-                                            has_checkpoints=bool(checkpoints.step_dirs(workdir)))
+  changes = config_lib.save_resolved_config(
+      config, workdir, is_main, has_checkpoints=bool(checkpoints.step_dirs(workdir))
+  )
   if is_main:
     print("resolved config:\n" + config.to_json(indent=2, sort_keys=True), flush=True)
     for field, old, new in changes:
-      print(f"config.{field} changed since this workdir's config.json: {old!r} -> {new!r}",
-            flush=True)
+      print(f"config.{field} changed since this workdir's config.json: {old!r} -> {new!r}", flush=True)
 
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
@@ -129,10 +129,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state, abstract, shardings = state_lib.create_train_state(model_config, optimizer, init_rng,
-                                                            mesh, rules)
-  ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                  clean_unfinished=True)
+  state, abstract, shardings = state_lib.create_train_state(model_config, optimizer, init_rng, mesh, rules)
+  ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints, clean_unfinished=True)
   restored = ckpt.restore_latest(checkpoints.abstract_with_shardings(abstract, shardings))
   accum = metrics_lib.Accumulator()
   if restored is not None:
@@ -152,17 +150,32 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   compiled = {}
   for kind in scheduler.weights:
     step_fn = steps_lib.make_train_step(
-        kind, model_config, objective, optimizer,
+        kind,
+        model_config,
+        objective,
+        optimizer,
         grad_accum_steps=config.optimizer.grad_accum_steps,
-        diffusion_weight=config.loss.diffusion_weight, lm_weight=config.loss.lm_weight,
-        ema_decay_value=config.ema.decay, ema_warmup=config.ema.warmup, learning_rate_fn=lr_fn)
+        diffusion_weight=config.loss.diffusion_weight,
+        lm_weight=config.loss.lm_weight,
+        ema_decay_value=config.ema.decay,
+        ema_warmup=config.ema.warmup,
+        learning_rate_fn=lr_fn,
+    )
     compiled[kind] = steps_lib.compile_step(step_fn, shardings, mesh, rules, data[kind].spec())
   compile_note = {}
   flops_per_step = {kind: data[kind].flops_per_step(model_config, kind) for kind in compiled}
 
   throughput = metrics_lib.Throughput()
-  sampler = PeriodicSampler(config, model_config, objective, tokenizer, workdir, writer, is_main,
-                            draws_text=config.schedule.ar > 0 or config.schedule.mixed > 0)
+  sampler = PeriodicSampler(
+      config,
+      model_config,
+      objective,
+      tokenizer,
+      workdir,
+      writer,
+      is_main,
+      draws_text=config.schedule.ar > 0 or config.schedule.mixed > 0,
+  )
   sampler.discard_after(step)
   pending = None  # (step, kind, metrics on device)
   last = {}
@@ -182,10 +195,16 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
     if pending is not None:  # its metrics belong to the window the checkpoint carries
       drain(pending)
       pending = None
-    ckpt.save(step_now, state, {
-        "scheduler": scheduler.get_state(),
-        "data": {k: it.get_state() for k, it in data.items()},
-        "metrics_window": accum.get_state()}, force=True)
+    ckpt.save(
+        step_now,
+        state,
+        {
+            "scheduler": scheduler.get_state(),
+            "data": {k: it.get_state() for k, it in data.items()},
+            "metrics_window": accum.get_state(),
+        },
+        force=True,
+    )
 
   with _Preemption() as preempt:
     while step < config.num_train_steps:
@@ -215,11 +234,13 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
         eta = (config.num_train_steps - step) / max(rate, 1e-9)
         writer.write_scalars(step, last)
         if is_main:
-          losses = " ".join(f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm")
-                            if k in last)
-          print(f"step {step}/{config.num_train_steps} {losses} "
-                f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "
-                f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+          losses = " ".join(f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm") if k in last)
+          print(
+              f"step {step}/{config.num_train_steps} {losses} "
+              f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "
+              f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
+              flush=True,
+          )
       saved = bool(config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if saved:
         save(step)
@@ -244,7 +265,15 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   for it in data.values():
     it.close()
   if is_main:
-    (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(
-        {"final_step": step, "wall_clock_s": time.perf_counter() - t_start,
-         "compile_s": compile_note, "last_metrics": last}, indent=2))
+    (epath.Path(workdir) / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "final_step": step,
+                "wall_clock_s": time.perf_counter() - t_start,
+                "compile_s": compile_note,
+                "last_metrics": last,
+            },
+            indent=2,
+        )
+    )
   return last

@@ -32,6 +32,7 @@ _CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """The diffusers AutoencoderKL config fields this port uses (see convert.config_from_diffusers)."""
+
   in_channels: int = 3
   out_channels: int = 3
   block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
@@ -48,8 +49,10 @@ class VAEConfig:
   def __post_init__(self):
     for channels in self.block_out_channels:
       if channels % self.norm_num_groups:
-        raise ValueError(f"norm_num_groups={self.norm_num_groups} does not divide block channels "
-                         f"{channels} (block_out_channels={self.block_out_channels})")
+        raise ValueError(
+            f"norm_num_groups={self.norm_num_groups} does not divide block channels "
+            f"{channels} (block_out_channels={self.block_out_channels})"
+        )
 
   @property
   def downsample_factor(self) -> int:
@@ -63,20 +66,28 @@ SD_VAE_FT_MSE = VAEConfig()
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding="SAME"):
   if padding == "SAME":  # explicit, symmetric, as PyTorch's padding=k//2
     padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=jnp.float32, name=name,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          _CONV_AXES),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                        ("conv_out",)))
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=padding,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), _CONV_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+  )
 
 
 def _dense(features: int, dtype, name: str):
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                           ("conv_in", "conv_out")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                         ("conv_out",)))
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+  )
 
 
 class GroupNorm(nn.Module):
@@ -85,6 +96,7 @@ class GroupNorm(nn.Module):
   Written out rather than nn.GroupNorm so that the parameters sit directly under the norm's name
   ('norm1/scale'), one level like every other layer, which keeps the diffusers key mapping flat.
   """
+
   groups: int
   eps: float
   dtype: jnp.dtype = jnp.float32
@@ -92,10 +104,12 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             ("norm",)), (channels,), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           ("norm",)), (channels,), jnp.float32)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (channels,), jnp.float32
+    )
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (channels,), jnp.float32
+    )
     grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, channels // self.groups)
     reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all but batch and group
     mean = grouped.mean(axis=reduce_axes, keepdims=True)
@@ -107,6 +121,7 @@ class GroupNorm(nn.Module):
 
 class ResnetBlock(nn.Module):
   """norm-SiLU-conv twice, plus a 1x1 shortcut when the channel count changes (no time input)."""
+
   out_channels: int
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
@@ -125,19 +140,21 @@ class ResnetBlock(nn.Module):
 
 class SpatialSelfAttention(nn.Module):
   """Single-head self-attention over all H*W positions (head dim = channels), residual."""
+
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     batch, height, width, channels = x.shape
-    h = GroupNorm(self.config.norm_num_groups, self.config.norm_eps, self.dtype,
-                  name="group_norm")(x).reshape(batch, height * width, channels)
+    h = GroupNorm(self.config.norm_num_groups, self.config.norm_eps, self.dtype, name="group_norm")(x).reshape(
+        batch, height * width, channels
+    )
     q = _dense(channels, self.dtype, "query")(h)
     k = _dense(channels, self.dtype, "key")(h)
     v = _dense(channels, self.dtype, "value")(h)
     logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * channels ** -0.5, axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(logits * channels**-0.5, axis=-1).astype(self.dtype)
     out = jnp.einsum("bqk,bkc->bqc", weights, v)
     out = _dense(channels, self.dtype, "out")(out)
     return x + out.reshape(batch, height, width, channels)
@@ -145,6 +162,7 @@ class SpatialSelfAttention(nn.Module):
 
 class MidBlock(nn.Module):
   """resnet, attention (optional), resnet, at the lowest resolution."""
+
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
 
@@ -165,6 +183,7 @@ def _output_head(x, config: VAEConfig, features: int, dtype):
 
 class Encoder(nn.Module):
   """Image -> 2 * latent_channels moments (before quant_conv)."""
+
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
 
@@ -178,14 +197,14 @@ class Encoder(nn.Module):
         x = ResnetBlock(channels, cfg, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(x)
       if i != last:
         # diffusers pads right/bottom by one, then a VALID stride-2 conv (not symmetric SAME).
-        x = _conv(channels, 3, self.dtype, f"down_blocks_{i}_downsample", stride=2,
-                  padding=((0, 1), (0, 1)))(x)
+        x = _conv(channels, 3, self.dtype, f"down_blocks_{i}_downsample", stride=2, padding=((0, 1), (0, 1)))(x)
     x = MidBlock(cfg, self.dtype, name="mid_block")(x)
     return _output_head(x, cfg, 2 * cfg.latent_channels, self.dtype)
 
 
 class Decoder(nn.Module):
   """Unscaled latent (after post_quant_conv) -> image."""
+
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
 
@@ -211,6 +230,7 @@ def _batch_constraint(x):
 
 class AutoencoderKL(nn.Module):
   """encode(images) -> (mean, logvar); decode(unscaled latents) -> images. See module docstring."""
+
   config: VAEConfig = SD_VAE_FT_MSE
   dtype: jnp.dtype = jnp.float32
 

@@ -37,11 +37,12 @@ def config_from_diffusers(fields: Mapping) -> VAEConfig:
   down = tuple(fields.get("down_block_types", ("DownEncoderBlock2D",) * len(blocks)))
   up = tuple(fields.get("up_block_types", ("UpDecoderBlock2D",) * len(blocks)))
   if set(down) != {"DownEncoderBlock2D"} or set(up) != {"UpDecoderBlock2D"}:
-    raise ValueError(f"unsupported block types {down} / {up}: only DownEncoderBlock2D and "
-                     "UpDecoderBlock2D (the SD VAE's) are implemented")
+    raise ValueError(
+        f"unsupported block types {down} / {up}: only DownEncoderBlock2D and "
+        "UpDecoderBlock2D (the SD VAE's) are implemented"
+    )
   if not len(down) == len(up) == len(blocks):
-    raise ValueError(f"{len(down)} down blocks, {len(up)} up blocks and {len(blocks)} "
-                     "block_out_channels must agree")
+    raise ValueError(f"{len(down)} down blocks, {len(up)} up blocks and {len(blocks)} block_out_channels must agree")
   if fields.get("act_fn", "silu") != "silu":
     raise ValueError(f"act_fn={fields['act_fn']!r} unsupported (only 'silu')")
   for unsupported in ("latents_mean", "latents_std"):
@@ -58,7 +59,8 @@ def config_from_diffusers(fields: Mapping) -> VAEConfig:
       shift_factor=float(fields.get("shift_factor") or 0.0),
       use_quant_conv=bool(fields.get("use_quant_conv", True)),
       use_post_quant_conv=bool(fields.get("use_post_quant_conv", True)),
-      mid_block_add_attention=bool(fields.get("mid_block_add_attention", True)))
+      mid_block_add_attention=bool(fields.get("mid_block_add_attention", True)),
+  )
 
 
 # Flax module name -> diffusers name; order matters (the block patterns before bare resnets_N).
@@ -70,8 +72,12 @@ _MODULE_PATTERNS = (
     (r"^attention$", "attentions.0"),
 )
 # Flax attention projection -> (current diffusers name, pre-0.15 name).
-_ATTENTION_NAMES = {"query": ("to_q", "query"), "key": ("to_k", "key"),
-                    "value": ("to_v", "value"), "out": ("to_out.0", "proj_attn")}
+_ATTENTION_NAMES = {
+    "query": ("to_q", "query"),
+    "key": ("to_k", "key"),
+    "value": ("to_v", "value"),
+    "out": ("to_out.0", "proj_attn"),
+}
 
 
 def _torch_names(path: tuple[str, ...]) -> tuple[str, ...]:
@@ -105,10 +111,13 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: VAEConfig) -> di
   Raises ConversionError naming every missing key, unexpected key and shape mismatch at once.
   """
   abstract = jax.eval_shape(
-      lambda: nn.unbox(AutoencoderKL(config).init(
-          jax.random.PRNGKey(0),
-          np.zeros((1, 2 * config.downsample_factor, 2 * config.downsample_factor,
-                    config.in_channels), np.float32))["params"]))
+      lambda: nn.unbox(
+          AutoencoderKL(config).init(
+              jax.random.PRNGKey(0),
+              np.zeros((1, 2 * config.downsample_factor, 2 * config.downsample_factor, config.in_channels), np.float32),
+          )["params"]
+      )
+  )
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   converted, used, problems = [], set(), []
   for key_path, spec in leaves:
@@ -122,8 +131,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: VAEConfig) -> di
     used.add(name)
     value = _to_flax(np.asarray(state[name]), spec.shape)
     if value.shape != spec.shape:
-      problems.append(f"shape mismatch for {name}: file has {tuple(state[name].shape)}, "
-                      f"the config needs {spec.shape} in Flax layout (got {value.shape})")
+      problems.append(
+          f"shape mismatch for {name}: file has {tuple(state[name].shape)}, "
+          f"the config needs {spec.shape} in Flax layout (got {value.shape})"
+      )
     converted.append(value.astype(np.float32))
   unexpected = sorted(set(state) - used)
   problems += [f"unexpected key {name}" for name in unexpected]
@@ -150,8 +161,7 @@ def params_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
 def _vae_folder(path: str) -> str:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no such VAE directory: {path!r}")
-  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
-      os.path.join(path, "vae", "config.json")):
+  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
     return os.path.join(path, "vae")  # a whole Stable-Diffusion pipeline folder
   return path
 
@@ -160,8 +170,9 @@ def load_diffusers_config(path: str) -> VAEConfig:
   folder = _vae_folder(os.fspath(path))
   config_path = os.path.join(folder, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no config.json in {folder!r} (expected a diffusers AutoencoderKL "
-                            "folder, as written by save_pretrained)")
+    raise FileNotFoundError(
+        f"no config.json in {folder!r} (expected a diffusers AutoencoderKL folder, as written by save_pretrained)"
+    )
   with open(config_path) as f:
     try:
       fields = json.load(f)

@@ -55,6 +55,7 @@ def save_diffusers_vae(path: str, config: VAEConfig, params, sample_size: int) -
   Files are written to temporary names and renamed, so an interrupted save leaves no half file.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
   os.makedirs(path, exist_ok=True)
   state = params_to_state_dict(jax.device_get(nn.unbox(params)))
   state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}

@@ -41,17 +41,23 @@ def sample_latents(mean, logvar, rng: jax.Array, scale: float = 0.18215, shift: 
 
 def _check_images(images, config: VAEConfig):
   if images.ndim != 4 or images.shape[-1] != config.in_channels:
-    raise ValueError(f"images must be N x H x W x {config.in_channels} (NHWC), got "
-                     f"{images.shape}")
+    raise ValueError(f"images must be N x H x W x {config.in_channels} (NHWC), got {images.shape}")
   factor = config.downsample_factor
   if images.shape[1] % factor or images.shape[2] % factor:
-    raise ValueError(f"image height and width must be multiples of {factor}, got "
-                     f"{images.shape[1:3]}")
+    raise ValueError(f"image height and width must be multiples of {factor}, got {images.shape[1:3]}")
 
 
-def encode_to_latents(params, images, rng: Optional[jax.Array] = None, sample: bool = True,
-                      scale: float = 0.18215, *, shift: float = 0.0,
-                      config: VAEConfig = SD_VAE_FT_MSE, dtype=jnp.float32):
+def encode_to_latents(
+    params,
+    images,
+    rng: Optional[jax.Array] = None,
+    sample: bool = True,
+    scale: float = 0.18215,
+    *,
+    shift: float = 0.0,
+    config: VAEConfig = SD_VAE_FT_MSE,
+    dtype=jnp.float32,
+):
   """Images in [-1, 1] -> scaled latents: a sample (needs `rng`) or, with sample=False, the mean."""
   _check_images(images, config)
   mean, logvar = encode_moments(params, images, config=config, dtype=dtype)
@@ -62,8 +68,9 @@ def encode_to_latents(params, images, rng: Optional[jax.Array] = None, sample: b
   return sample_latents(mean, logvar, rng, scale, shift)
 
 
-def decode_latents(params, latents, scale: float = 0.18215, *, shift: float = 0.0,
-                   config: VAEConfig = SD_VAE_FT_MSE, dtype=jnp.float32):
+def decode_latents(
+    params, latents, scale: float = 0.18215, *, shift: float = 0.0, config: VAEConfig = SD_VAE_FT_MSE, dtype=jnp.float32
+):
   """Scaled latents N x h x w x latent_channels -> float32 images (about [-1, 1]; not clipped)."""
   if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
     raise ValueError(f"latents must be N x h x w x {config.latent_channels}, got {latents.shape}")

@@ -35,10 +35,16 @@ IMAGE_SIZE = 28
 
 def vae_config_from(config, scaling_factor: float = 1.0) -> VAEConfig:
   v = config.vae
-  return VAEConfig(in_channels=1, out_channels=1, block_out_channels=tuple(v.block_out_channels),
-                   layers_per_block=v.layers_per_block, latent_channels=v.latent_channels,
-                   norm_num_groups=v.norm_num_groups, scaling_factor=scaling_factor,
-                   mid_block_add_attention=v.mid_block_add_attention)
+  return VAEConfig(
+      in_channels=1,
+      out_channels=1,
+      block_out_channels=tuple(v.block_out_channels),
+      layers_per_block=v.layers_per_block,
+      latent_channels=v.latent_channels,
+      norm_num_groups=v.norm_num_groups,
+      scaling_factor=scaling_factor,
+      mid_block_add_attention=v.mid_block_add_attention,
+  )
 
 
 def mnist_splits(config) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +52,7 @@ def mnist_splits(config) -> tuple[np.ndarray, np.ndarray]:
   images, labels = mnist.load_mnist5k()
   train, hold = mnist.split_indices(len(labels), config.holdout_fraction)
   if config.max_train_images:  # a random subset: the file is sorted by digit
-    subset = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_images]
+    subset = np.random.default_rng(config.seed).permutation(len(train))[: config.max_train_images]
     train = train[np.sort(subset)]
   to_float = lambda x: x.astype(np.float32) / 127.5 - 1.0
   return to_float(images[train]), to_float(images[hold])
@@ -62,14 +68,19 @@ def make_loss(model: AutoencoderKL, l1_weight: float, kl_weight: float):
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     loss = l2 + l1_weight * l1 + kl_weight * kl
     return loss, {"loss": loss, "l2": l2, "l1": l1, "kl": kl, "logvar": jnp.mean(logvar)}
+
   return loss_fn
 
 
 def make_optimizer(config):
   o = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.learning_rate, max(o.warmup_steps, 1), max(config.num_train_steps, 2),
-      end_value=o.learning_rate * o.final_lr_fraction)
+      0.0,
+      o.learning_rate,
+      max(o.warmup_steps, 1),
+      max(config.num_train_steps, 2),
+      end_value=o.learning_rate * o.final_lr_fraction,
+  )
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adam(schedule))
 
 
@@ -77,7 +88,7 @@ def reconstruct(params, vae_config: VAEConfig, images: np.ndarray, batch_size: i
   """Decodes the posterior mean of each image (the deterministic reconstruction), float32."""
   out = []
   for start in range(0, len(images), batch_size):
-    mean, _ = latents.encode_moments(params, images[start:start + batch_size], config=vae_config)
+    mean, _ = latents.encode_moments(params, images[start : start + batch_size], config=vae_config)
     out.append(np.asarray(latents.decode_latents(params, mean, 1.0, config=vae_config)))
   return np.concatenate(out)
 
@@ -99,6 +110,7 @@ def latent_scaling_factor(params, vae_config: VAEConfig, images: np.ndarray, see
 
 def _save_grid(path: str, top: np.ndarray, bottom: np.ndarray) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   rows = [np.concatenate(list(row[..., 0]), axis=1) for row in (top, np.clip(bottom, -1, 1))]
   grid = np.concatenate(rows, axis=0)
   Image.fromarray(np.round((grid + 1) * 127.5).astype(np.uint8)).save(path)
@@ -132,54 +144,58 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(1, config.num_train_steps + 1):
     if pos + config.batch_size > len(order):  # a fresh permutation per epoch
       order, pos = order_rng.permutation(len(train_images)), 0
-    batch = train_images[order[pos:pos + config.batch_size]]
+    batch = train_images[order[pos : pos + config.batch_size]]
     pos += config.batch_size
     params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(rng, step))
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(m["loss"]):
         raise FloatingPointError(f"step {step}: non-finite VAE loss {m}")
-      print(f"step {step}/{config.num_train_steps}: " + ", ".join(f"{k}={v:.4g}" for k, v in
-            m.items()) + f" ({time.time() - start:.1f}s)", flush=True)
+      print(
+          f"step {step}/{config.num_train_steps}: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in m.items())
+          + f" ({time.time() - start:.1f}s)",
+          flush=True,
+      )
   jax.block_until_ready(params)
   train_time = time.time() - start
 
   recon = reconstruct(params, vae_config, hold_images)
-  scale = latent_scaling_factor(params, vae_config, train_images[:config.num_scale_images],
-                                config.seed + 1)
+  scale = latent_scaling_factor(params, vae_config, train_images[: config.num_scale_images], config.seed + 1)
   baseline = np.broadcast_to(train_images.mean(axis=0, keepdims=True), hold_images.shape)
   result = {
       "heldout": reconstruction_metrics(hold_images, recon),
       "heldout_mean_image_baseline": reconstruction_metrics(hold_images, baseline),
       "num_heldout": int(len(hold_images)),
       "scaling_factor": scale,
-      "latent_shape": [IMAGE_SIZE // vae_config.downsample_factor] * 2
-                      + [vae_config.latent_channels],
+      "latent_shape": [IMAGE_SIZE // vae_config.downsample_factor] * 2 + [vae_config.latent_channels],
       "train_time_s": train_time,
       "num_train_steps": int(config.num_train_steps),
       "batch_size": int(config.batch_size),
       "final_train_metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},
       "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
   }
-  vae_dir = export.save_diffusers_vae(os.path.join(workdir, "vae"),
-                                      vae_config_from(config, scale), params, IMAGE_SIZE)
+  vae_dir = export.save_diffusers_vae(os.path.join(workdir, "vae"), vae_config_from(config, scale), params, IMAGE_SIZE)
   with open(os.path.join(workdir, "vae_metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   shown = np.linspace(0, len(hold_images) - 1, 16).astype(int)  # every digit (sorted by class)
   _save_grid(os.path.join(workdir, "reconstructions.png"), hold_images[shown], recon[shown])
-  print(f"held-out reconstruction: MSE {result['heldout']['mse']:.5f}, PSNR "
-        f"{result['heldout']['psnr_db']:.2f} dB (mean-image baseline MSE "
-        f"{result['heldout_mean_image_baseline']['mse']:.4f}); scaling_factor {scale:.4f}; "
-        f"trained in {train_time:.1f}s; wrote {vae_dir}", flush=True)
+  print(
+      f"held-out reconstruction: MSE {result['heldout']['mse']:.5f}, PSNR "
+      f"{result['heldout']['psnr_db']:.2f} dB (mean-image baseline MSE "
+      f"{result['heldout_mean_image_baseline']['mse']:.4f}); scaling_factor {scale:.4f}; "
+      f"trained in {train_time:.1f}s; wrote {vae_dir}",
+      flush=True,
+  )
   return result
 
 
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
-  config_flags.DEFINE_config_file("config", None, "VAE training config file.", flag_values=fv,
-                                  lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string("workdir", None, "Output directory (WORKDIR/vae, vae_metrics.json).",
-                      flag_values=fv)
+  config_flags.DEFINE_config_file(
+      "config", None, "VAE training config file.", flag_values=fv, lock_config=True, sys_argv=list(argv)
+  )
+  flags.DEFINE_string("workdir", None, "Output directory (WORKDIR/vae, vae_metrics.json).", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
