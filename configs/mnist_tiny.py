@@ -15,6 +15,11 @@ Variants (`--config=configs/mnist_tiny.py:VARIANT`):
   latent_test  the `test` shrink of `latent`.
 """
 
+import json
+import os
+
+import ml_collections
+
 from monoformer_jax.run.config import base_config
 
 
@@ -65,17 +70,11 @@ def get_config(arg: str = ""):
       )
   )
   c.ema.update(dict(decay=0.999, warmup=True))
-  # Alternating steps, 9 diffusion : 1 text, the LM loss weighted 0.02 in its own steps. The text
-  # gradients on the shared layers are much larger than the diffusion ones; at 5:1 and weight 0.1
-  # they dominated Adam's statistics and the digits stalled at 61-63% recognisable (2,200 steps),
-  # while 9:1 / 0.02 reaches 86-93% and still beats a bigram on held-out text (benchmarks/RESULTS.md).
+  # 9 diffusion : 1 text steps, the LM loss weighted 0.02: the text gradients on the shared layers
+  # are much larger than the diffusion ones and would otherwise dominate Adam's statistics.
   c.loss.update(dict(diffusion_weight=1.0, lm_weight=0.02))
   # Min-SNR-5 weighting of the diffusion mse (not official): the many easy low-noise steps stop
-  # dominating the gradient, the high-noise steps that decide which digit is drawn keep weight 1.
-  # The same 2,000 steps went from 83.5% to 97.5% recognisable digits (sevens 35% -> 100%), and
-  # the text improved too (ppl 32.7 -> 28.5). That margin buys time: 1,800 steps, image batch 32
-  # (a step costs in proportion to its tokens; the number of updates matters more than the batch)
-  # and text batch 16 still reach 94% and ppl 43 (unigram 363) in 530 s (seeds 1, 2: 89.5, 90%).
+  # dominating the gradient. The measurements behind these choices: benchmarks/RESULTS.md.
   c.objective.min_snr_gamma = 5.0
   c.schedule.update(dict(diffusion=9.0, ar=1.0, mixed=0.0))
   c.data.update(
@@ -123,10 +122,6 @@ def get_config(arg: str = ""):
     # --config.vae.scale=S (V/vae/config.json's scaling_factor) if V/vae is not the default:
     # the scale is read from the default VAE folder when this file is loaded, before overrides.
     # vae.scale and data.latent_scale are one FieldReference: setting either sets both.
-    import json  # pylint: disable=import-outside-toplevel
-    import os  # pylint: disable=import-outside-toplevel
-    import ml_collections  # pylint: disable=import-outside-toplevel
-
     vae_path = "runs/mnist_vae/vae"
     scale = 1.2469  # what configs/mnist_vae.py's default run measured (used if it is not there)
     if os.path.isfile(os.path.join(vae_path, "config.json")):

@@ -1,37 +1,34 @@
-"""notebooks/sampling_demo.ipynb runs end to end (nbclient) on a tiny checkpoint the test trains,
-and its Colab install cell installs the package from the repository the notebook sits in."""
+"""notebooks/sampling_demo.ipynb: its install cell in every situation, and the whole notebook run the
+way a fresh Colab runtime runs it (package not installed, another working directory, the
+repository cloned from a URL, here the local clone; no checkpoint, so it trains a tiny one)."""
 
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import nbclient
 import nbformat
 import pytest
 
-from tests.helpers import ROOT, shared_tiny_run
+from tests.helpers import ROOT
 from tests.helpers_env import subprocess_env
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sampling_demo.ipynb")
 
 # Runs the install cell with `python -S` (no site-packages: this checkout is not importable, nor
-# is anything but the standard library, which is all the cell may need), pip replaced by a
-# recorder so that no environment is touched. Prints what the cell did.
+# is anything but the standard library, which is all the cell may need), git and pip replaced by
+# a recorder so that nothing is cloned or installed. Prints what the cell did.
 _RUN_CELL = """
 import importlib.util, json, subprocess, sys
 calls = []
 subprocess.check_call = lambda cmd, **kw: calls.append(list(cmd)) or 0
 before = importlib.util.find_spec("monoformer_jax")
-try:
-  exec(compile(sys.argv[1], "install_cell", "exec"), {})
-  error = None
-except RuntimeError as e:
-  error = str(e)
+scope = {}
+exec(compile(sys.argv[1], "install_cell", "exec"), scope)
 after = importlib.util.find_spec("monoformer_jax")
-if after is not None:
-  import monoformer_jax
-print(json.dumps({"importable_before": before is not None, "pip": calls, "error": error,
+print(json.dumps({"importable_before": before is not None, "calls": calls, "repo": scope["REPO"],
                   "origin": after.origin if after else None}))
 """
 
@@ -41,8 +38,8 @@ def _install_cell() -> str:
   return next(c.source for c in nb.cells if c.cell_type == "code")
 
 
-def _run_install_cell(cwd, isolated=True):
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+def _run_install_cell(cwd, isolated=True, **env):
+  env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env}
   flags = ["-S"] if isolated else []
   proc = subprocess.run(
       [sys.executable, *flags, "-c", _RUN_CELL, _install_cell()],
@@ -56,45 +53,98 @@ def _run_install_cell(cwd, isolated=True):
   return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_install_cell_installs_from_the_repository_it_sits_in(tmp_path):
-  pip = [sys.executable, "-m", "pip", "install", "-q", "-e", ROOT]
-  got = _run_install_cell(os.path.join(ROOT, "notebooks"))  # where Jupyter / Colab run it
-  assert not got["importable_before"]
-  assert got["pip"] == [pip] and got["error"] is None
+def test_install_cell_in_a_checkout_on_a_fresh_runtime_and_installed(tmp_path):
+  pip = [sys.executable, "-m", "pip", "install", "-q", "-e"]
+  # Opened from a checkout's notebooks/ folder: installs that checkout.
+  got = _run_install_cell(os.path.join(ROOT, "notebooks"))
+  assert not got["importable_before"] and got["repo"] == ROOT
+  assert got["calls"] == [pip + [ROOT]]
   assert got["origin"] == os.path.join(ROOT, "monoformer_jax", "__init__.py")
-  # Outside a checkout: one clear error, nothing installed.
-  got = _run_install_cell(str(tmp_path))
-  assert got["pip"] == [] and "is not its repository" in got["error"]
-  # Already importable (an installed environment): the cell does nothing.
+  # A fresh runtime (no checkout around): clones REPO_URL, installs the clone.
+  url, clone = "file:///somewhere/monoformer_jax.git", str(tmp_path / "clone")
+  got = _run_install_cell(str(tmp_path), MONOFORMER_REPO_URL=url, MONOFORMER_REPO_DIR=clone)
+  assert got["calls"] == [["git", "clone", "--quiet", "--depth=1", url, clone], pip + [clone]]
+  assert got["repo"] == clone
+  # Already importable (an installed environment): nothing is cloned or installed.
   got = _run_install_cell(os.path.join(ROOT, "notebooks"), isolated=False)
-  assert got["importable_before"] and got["pip"] == [] and got["error"] is None
+  assert got["importable_before"] and got["calls"] == [] and got["repo"] == ROOT
+
+
+def _fresh_runtime(path):
+  """A Python environment where the libraries are importable but monoformer_jax is not (what a
+  Colab runtime is to this repository): a venv whose only site entry is this environment's
+  site-packages as a plain path, so its editable-install hook is not run. A Jupyter kernel spec
+  `fresh` starts kernels in it."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path / "venv")], check=True, timeout=120)
+  python = path / "venv" / "bin" / "python"
+  site = subprocess.run(
+      [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=60,
+  ).stdout.strip()
+  with open(os.path.join(site, "libraries.pth"), "w") as f:
+    f.write(sysconfig.get_paths()["purelib"] + "\n")
+  kernel = path / "jupyter" / "kernels" / "fresh"
+  kernel.mkdir(parents=True)
+  spec = {
+      "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "fresh",
+      "language": "python",
+  }
+  (kernel / "kernel.json").write_text(json.dumps(spec))
+  return python
 
 
 @pytest.mark.slow
-def test_sampling_demo_notebook_runs(tmp_path_factory):
-  run = shared_tiny_run(tmp_path_factory)
-  env = {
-      "MONOFORMER_WORKDIR": str(run),
-      "MONOFORMER_NUM_STEPS": "2",
-      "MONOFORMER_NUM_PER_CLASS": "1",
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": subprocess_env()["XLA_FLAGS"],
-      "PYTHONPATH": ROOT,
-  }  # this checkout, whatever the environment has installed
-  old = {k: os.environ.get(k) for k in env}
+def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
+  python = _fresh_runtime(tmp_path)
+  found = subprocess.run(
+      [str(python), "-c", "import importlib.util as u; print(u.find_spec('monoformer_jax'))"],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=60,
+      cwd=tmp_path,
+  )
+  assert found.stdout.strip() == "None"
+  work = tmp_path / "content"  # Colab's working directory, away from any checkout
+  work.mkdir()
+  env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+  env.update(
+      {
+          "JUPYTER_PATH": str(tmp_path / "jupyter"),
+          "MONOFORMER_REPO_URL": f"file://{ROOT}",  # this clone's committed HEAD
+          "MONOFORMER_WORKDIR": str(work / "run"),  # empty: the notebook trains there
+          "MONOFORMER_TRAIN_CONFIG": "configs/mnist_tiny.py:test",
+          "MONOFORMER_TRAIN_STEPS": "6",
+          "MONOFORMER_NUM_STEPS": "2",
+          "MONOFORMER_NUM_PER_CLASS": "1",
+      }
+  )
+  old = dict(os.environ)
+  os.environ.clear()
   os.environ.update(env)  # the kernel inherits the environment
   try:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}
-    ).execute()
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="fresh", resources={"metadata": {"path": str(work)}}).execute()
   finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    os.environ.clear()
+    os.environ.update(old)
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) >= 3  # class grid, text-to-image, the interleaved image
+  # What ran is the clone the notebook made, installed into the fresh environment.
+  assert (work / "monoformer_jax_repo" / "configs" / "mnist_tiny.py").is_file()
+  origin = subprocess.run(
+      [str(python), "-c", "import monoformer_jax; print(monoformer_jax.__file__)"],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=60,
+      cwd=tmp_path,
+  ).stdout.strip()
+  assert origin == str(work / "monoformer_jax_repo" / "monoformer_jax" / "__init__.py")
+  assert sorted(os.listdir(work / "run" / "checkpoints")) == ["3", "6"]
