@@ -7,6 +7,7 @@ loss, and the end-of-training class grid is drawn by the configured ODE sampler.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -38,6 +39,7 @@ def flow_run(tmp_path_factory, module_seed):
     calls.append((num_steps, sampler, x_T.shape))  # at trace time, under jit
     return real_loop(denoise_fn, x_T, num_steps, sampler, *args, **kw)
 
+  jax.clear_caches()  # the sampler is traced (and recorded) again under --seed-sweep
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(flow, "flow_sample_loop", recording_loop)
     last = trainer.train_and_evaluate(config, str(workdir))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +38,7 @@ def eval_fields(**fields):
 
 
 def test_all_suites_report_and_tensorboard(run_dir, tmp_path, tmp_path_factory, rng):
+  shutil.rmtree(os.path.join(run_dir, "eval"), ignore_errors=True)  # one report's scalars (--seed-sweep)
   tasks = tmp_path / "tasks"
   tasks.mkdir()
   piqa = [
@@ -134,16 +136,10 @@ def test_errors_name_the_input(run_dir, tmp_path):
         ("--config.eval.limit=many", "--config.eval.limit=many: invalid literal for int()"),
     ],
 )
-def test_command_line_refuses_unknown_fields_and_bad_values(tmp_path, override, message):
-  """Flag parsing fails before anything is loaded (no run directory needed)."""
-  proc = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.evaluate", f"--workdir={tmp_path}", override],
-      cwd=ROOT,
-      env=ENV,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_command_line_refuses_unknown_fields_and_bad_values(tmp_path, override, message, capsys):
+  """Flag parsing fails before anything is loaded (no run directory needed). In-process: the
+  command's main, its exit status and stderr (test_errors_name_the_input runs the command)."""
+  assert evaluate.main([f"--workdir={tmp_path}", override]) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err, err
   assert not (tmp_path / "eval").exists()

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from monoformer_jax import sample
 from monoformer_jax.inference import InferenceModel
 from monoformer_jax.run import images as ps
 from tests.helpers import shared_tiny_run
@@ -40,7 +41,7 @@ def _sample(*args):
 
 
 @pytest.mark.slow
-def test_t2i_interleaved_and_text(run_dir, tmp_path):
+def test_t2i_interleaved_and_text(run_dir, tmp_path, capsys):
   (tmp_path / "t2i.txt").write_text("a one\n\n")
   proc = _sample(
       f"--workdir={run_dir}",
@@ -66,32 +67,37 @@ def test_t2i_interleaved_and_text(run_dir, tmp_path):
   assert np.abs(clamped).max() <= 1.0 + 1e-6
   unclamped = ps.to_uint8(model.decode(model.text_to_image(["a seven", "a one"], **options)))
   assert np.abs(unclamped.astype(int) - z["images"]).max() > 1
-  proc = _sample(
-      f"--workdir={run_dir}",
-      "--interleaved",
-      f"--out={tmp_path}/il",
-      "--prompt=Please generate an image of seven.<|im_start|>",
-      "--prompt=The",
-      "--max_new_tokens=4",
-      "--num_steps=2",
-      "--greedy",
+  # The command's main in-process from here on (the first call above ran it as a command).
+  capsys.readouterr()
+  code = sample.main(
+      [
+          f"--workdir={run_dir}",
+          "--interleaved",
+          f"--out={tmp_path}/il",
+          "--prompt=Please generate an image of seven.<|im_start|>",
+          "--prompt=The",
+          "--max_new_tokens=4",
+          "--num_steps=2",
+          "--greedy",
+      ]
   )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  out = capsys.readouterr()
+  assert code == 0, out.err[-2000:]
+  rows = [json.loads(line) for line in out.out.splitlines()]
   assert rows[0]["parts"][0] == {"image": f"{tmp_path}/il_p0_0.png"}
   assert os.path.exists(f"{tmp_path}/il_p0_0.png")
   # Greedy text from a flag and from a prompt file, with different seeds: the same line.
   (tmp_path / "prompts.txt").write_text("The class\n")
-  greedy = [
-      _sample(f"--workdir={run_dir}", prompt, "--greedy", "--max_new_tokens=5", f"--seed={seed}").stdout
-      for seed, prompt in enumerate(["--prompt=The class", f"--prompt_file={tmp_path}/prompts.txt"])
-  ]
+  greedy = []
+  for seed, prompt in enumerate(["--prompt=The class", f"--prompt_file={tmp_path}/prompts.txt"]):
+    assert sample.main([f"--workdir={run_dir}", prompt, "--greedy", "--max_new_tokens=5", f"--seed={seed}"]) == 0
+    greedy.append(capsys.readouterr().out)
   assert greedy[0] == greedy[1] and '"completion"' in greedy[0]
   assert json.loads(greedy[0])["completion"] == model.generate_text(["The class"], greedy=True, max_new_tokens=5)[0]
 
 
 @pytest.mark.slow
-def test_errors(run_dir, tmp_path):
+def test_errors(run_dir, tmp_path, capsys):
   other = tmp_path / "other"
   shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("eval"))  # eval writes there
   with open(other / "config.json") as f:
@@ -107,5 +113,6 @@ def test_errors(run_dir, tmp_path):
       ([f"--workdir={run_dir}", "--classes=3", f"--out={tmp_path}/x.jpg"], ".npz or .png"),
       ([f"--workdir={run_dir}", f"--official_checkpoint={tmp_path}", "--prompt=x"], "exactly one of"),
   ):
-    proc = _sample(*args)
-    assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1500:])
+    assert sample.main(args) == 2, args  # in-process: exit status and stderr as the shell sees them
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, (args, err[-1500:])

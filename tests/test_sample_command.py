@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from monoformer_jax import sample
 from tests.helpers import shared_tiny_run
 from tests.helpers_env import subprocess_env
 
@@ -59,7 +60,7 @@ def test_images_npz_png_and_batch_independence(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_text_and_errors(run_dir, tmp_path):
+def test_text_and_errors(run_dir, tmp_path, capsys):
   proc = _sample(f"--workdir={run_dir}", "--prompt=The class", "--max_new_tokens=5")
   assert proc.returncode == 0 and '"completion"' in proc.stdout, proc.stderr[-2000:]
   for args, message in (
@@ -68,7 +69,8 @@ def test_text_and_errors(run_dir, tmp_path):
       (["--classes=zebra", f"--out={tmp_path}/x.npz"], "unknown class 'zebra'"),
       (["--classes=1", "--guidance_scale=0.5", f"--out={tmp_path}/x.npz"], "must be >= 1"),
   ):
-    proc = _sample(f"--workdir={run_dir}", *args)
-    assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1000:])
-  proc = _sample(f"--workdir={tmp_path}/missing", "--prompt=x")
-  assert proc.returncode == 2 and "no such run directory" in proc.stderr
+    # In-process: the command's main, exit status and stderr as the shell sees them.
+    assert sample.main([f"--workdir={run_dir}", *args]) == 2, args
+    assert message in capsys.readouterr().err, args
+  assert sample.main([f"--workdir={tmp_path}/missing", "--prompt=x"]) == 2
+  assert "no such run directory" in capsys.readouterr().err

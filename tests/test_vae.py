@@ -60,7 +60,7 @@ def random_images(seed, shape):
 
 
 FP32_ATOL = 1e-4  # the bar: absolute, on outputs of magnitude O(1) (see the tests)
-BF16_ATOL = 5e-2  # bf16 compute (8-bit mantissa) on the same O(1) outputs
+BF16_ATOL = 1e-1  # bf16 compute (8-bit mantissa) on the same O(1) outputs: 2x the worst of 30 seeds (0.0496)
 
 
 def assert_close(got, want, atol=FP32_ATOL):
