@@ -25,6 +25,7 @@ from monoformer_jax.run.config import ConfigError, build_objective
 from monoformer_jax.run.open import open_run
 from monoformer_jax.train.trainer import check_config
 from monoformer_jax.train.scheduler import StepScheduler
+from tests.helpers import shared_tiny_run
 from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,9 +255,10 @@ def test_init_from_another_run(tmp_path, straight):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
   work = tmp_path / "run"
-  _run(work, "--config.num_train_steps=6", "--config.checkpoint_every_steps=3")
+  # The shared tiny run is this config's 6 steps, checkpoints 3 and 6: corrupt a copy of it.
+  shutil.copytree(shared_tiny_run(tmp_path_factory), work, ignore=shutil.ignore_patterns("eval"))
   ckpts = work / "checkpoints"
   assert sorted(os.listdir(ckpts)) == ["3", "6"]
   # A save of step 9 interrupted half-way: orbax's temporary folder, without its commit marker.
