@@ -17,6 +17,7 @@ slow multi-threaded input pipelines, so `auto` leaves them alone.
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import os
 import sys
@@ -26,20 +27,29 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-_ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "libtpu", "jax-rocm", "jax_rocm", "jax-tpu", "jax_tpu")
+# Accelerator plugins by the device files their hardware shows under /dev: an installed plugin
+# without its hardware (libtpu on a CPU host, to compile for TPUs ahead of time) runs on the CPU.
+_ACCELERATORS = (
+    (("libtpu", "jax-tpu", "jax_tpu"), ("accel[0-9]*", "vfio/[0-9]*")),
+    (("jax-cuda", "jax_cuda", "nvidia-"), ("nvidia[0-9]*",)),
+    (("jax-rocm", "jax_rocm"), ("kfd",)),
+)
+_DEV = "/dev"
 
 _applied = False
 
 
 def _cpu_only() -> bool:
-  """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin exists."""
+  """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no installed accelerator plugin
+  has its hardware here. Decided without starting JAX (its threads must not exist yet)."""
   platforms = os.environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return all(p.strip() == "cpu" for p in platforms.split(",") if p.strip())
-  for dist in importlib.metadata.distributions():
-    name = (dist.metadata["Name"] or "").lower()
-    if name.startswith(_ACCELERATOR_DISTRIBUTIONS):
-      return False
+  names = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
+  for prefixes, device_files in _ACCELERATORS:
+    if any(name.startswith(prefixes) for name in names):
+      if any(glob.glob(os.path.join(_DEV, pattern)) for pattern in device_files):
+        return False
   return True
 
 

@@ -63,3 +63,31 @@ def test_modes(monkeypatch):
   assert not host_memory._cpu_only()  # pylint: disable=protected-access
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert host_memory._cpu_only()  # pylint: disable=protected-access
+
+
+class _Dist:
+
+  def __init__(self, name):
+    self.metadata = {"Name": name}
+
+
+@pytest.mark.parametrize(
+    "installed, device_files, cpu_only",
+    [
+        (["numpy"], [], True),
+        (["libtpu"], [], True),  # libtpu on a CPU host (AOT compiles for TPU slices): still a CPU run
+        (["libtpu"], ["accel0"], False),  # a TPU VM (v4, v5e)
+        (["libtpu"], ["vfio/0"], False),  # a TPU VM (v5p, v6e)
+        (["jax-cuda12-plugin"], [], True),
+        (["jax-cuda12-plugin"], ["nvidia0"], False),
+        (["numpy"], ["nvidia0"], True),  # a GPU without JAX's CUDA plugin: JAX runs on the CPU
+    ],
+)
+def test_cpu_only_is_decided_by_the_devices_present(tmp_path, monkeypatch, installed, device_files, cpu_only):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(host_memory.importlib.metadata, "distributions", lambda: [_Dist(n) for n in installed])
+  monkeypatch.setattr(host_memory, "_DEV", str(tmp_path))
+  for name in device_files:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("")
+  assert host_memory._cpu_only() is cpu_only  # pylint: disable=protected-access

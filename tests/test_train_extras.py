@@ -162,4 +162,6 @@ def test_flop_count_matches_xla_cost_analysis(rng):
   text_only = metrics_lib.forward_flops_per_sequence(config, 64, 0, lm_head=True)
   full = metrics_lib.forward_flops_per_sequence(config, 64, 16, lm_head=True)
   assert text_only < full  # causal text attention counted at half cost
-  assert metrics_lib.peak_flops("TPU v5p") == 459e12 and metrics_lib.peak_flops("cpu") is None
+  # jax's device kinds: v5p is "TPU v5", v5e "TPU v5 lite" (as libtpu's topologies name them).
+  assert metrics_lib.peak_flops("TPU v5") == 459e12 and metrics_lib.peak_flops("TPU v5 lite") == 197e12
+  assert metrics_lib.peak_flops("TPU v6 lite") == 918e12 and metrics_lib.peak_flops("cpu") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Optional
 
 import jax
 import ml_collections
@@ -152,14 +153,16 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
   return model
 
 
-def validate_config(config, step_kinds) -> None:
+def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> None:
   """Cheap consistency checks, before any compile. Raises ConfigError naming the field.
 
-  `step_kinds`: the step kinds the schedule runs ('diffusion', 'ar', 'mixed').
+  `step_kinds`: the step kinds the schedule runs ('diffusion', 'ar', 'mixed'); `num_devices`:
+  the devices the run will have (default: this process's jax.device_count()).
   """
   model = model_config_from(config)
   try:
-    data_ax, fsdp_ax, _ = sharding_lib.mesh_shape(config.mesh.to_dict(), jax.device_count())
+    devices = jax.device_count() if num_devices is None else num_devices
+    data_ax, fsdp_ax, _ = sharding_lib.mesh_shape(config.mesh.to_dict(), devices)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from e
   if config.mesh.tensor > 0 and model.num_heads % config.mesh.tensor:

@@ -16,14 +16,10 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.run import chips as chips_lib
 
-# Dense bf16 peak FLOP/s per device, keyed by a substring of `device.device_kind`.
+# Dense bf16 peak FLOP/s of GPUs, keyed by a substring of `device.device_kind` (TPUs: run/chips.py).
 PEAK_FLOPS = (
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
     ("H200", 989e12),
     ("H100", 989e12),
     ("A100", 312e12),
@@ -32,6 +28,9 @@ PEAK_FLOPS = (
 
 
 def peak_flops(device_kind: str) -> Optional[float]:
+  chip = chips_lib.chip_for_device_kind(device_kind)
+  if chip is not None:
+    return chip.peak_flops
   for key, value in PEAK_FLOPS:
     if key.lower() in device_kind.lower():
       return value

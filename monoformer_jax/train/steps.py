@@ -27,6 +27,7 @@ from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.model.losses import lm_loss_sum
+from monoformer_jax.run import state as state_lib
 from monoformer_jax.run.state import TrainState, ema_decay, update_ema
 
 STEP_KINDS = ("ar", "diffusion", "mixed")
@@ -178,6 +179,23 @@ def make_train_step(
     return new_state, metrics
 
   return step
+
+
+def train_step_from_config(kind: str, config, model_config: ModelConfig, objective, optimizer) -> Callable:
+  """The step of `kind` with the loss weights, EMA and schedule of a run's config (what the
+  trainer runs and tools.compile_for compiles)."""
+  return make_train_step(
+      kind,
+      model_config,
+      objective,
+      optimizer,
+      grad_accum_steps=config.optimizer.grad_accum_steps,
+      diffusion_weight=config.loss.diffusion_weight,
+      lm_weight=config.loss.lm_weight,
+      ema_decay_value=config.ema.decay,
+      ema_warmup=config.ema.warmup,
+      learning_rate_fn=state_lib.learning_rate_schedule(config.optimizer),
+  )
 
 
 def compile_step(step_fn, state_shardings, mesh, rules, example_batch: dict):

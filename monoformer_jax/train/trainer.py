@@ -124,7 +124,6 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   needs_images = config.schedule.diffusion > 0 or config.schedule.mixed > 0
   objective = config_lib.build_objective(config) if needs_images else None
   optimizer = state_lib.make_optimizer(config.optimizer)
-  lr_fn = state_lib.learning_rate_schedule(config.optimizer)
   data = build_data(config, model_config, tokenizer, scheduler.weights)
 
   rng = jax.random.key(config.seed)
@@ -149,18 +148,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
   compiled = {}
   for kind in scheduler.weights:
-    step_fn = steps_lib.make_train_step(
-        kind,
-        model_config,
-        objective,
-        optimizer,
-        grad_accum_steps=config.optimizer.grad_accum_steps,
-        diffusion_weight=config.loss.diffusion_weight,
-        lm_weight=config.loss.lm_weight,
-        ema_decay_value=config.ema.decay,
-        ema_warmup=config.ema.warmup,
-        learning_rate_fn=lr_fn,
-    )
+    step_fn = steps_lib.train_step_from_config(kind, config, model_config, objective, optimizer)
     compiled[kind] = steps_lib.compile_step(step_fn, shardings, mesh, rules, data[kind].spec())
   compile_note = {}
   flops_per_step = {kind: data[kind].flops_per_step(model_config, kind) for kind in compiled}
