@@ -19,16 +19,16 @@ import sys  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+
+from monoformer_jax import batch as batch_lib  # noqa: E402
+from monoformer_jax.model.config import ModelConfig  # noqa: E402
+from monoformer_jax.run import sharding, state as state_lib  # noqa: E402
+from monoformer_jax.train import steps  # noqa: E402
 
 
 def build_ours(args, tokens):
-  import ml_collections
-  from monoformer_jax.model.config import ModelConfig
-  from monoformer_jax import batch as batch_lib
-  from monoformer_jax.run import sharding, state as state_lib
-  from monoformer_jax.train import steps
-
   cfg = ModelConfig(
       vocab_size=args.vocab,
       hidden_size=args.width,

@@ -4,9 +4,11 @@ import os
 import random
 import string
 
+import ml_collections
 import pytest
 
 from monoformer_jax.data import tokenizer as tok_lib
+from monoformer_jax.run import tokenizer as setup
 
 
 def _random_corpus(seed: int, n: int = 300) -> list[str]:
@@ -88,9 +90,6 @@ def test_load_sentencepiece_file(trained):
 
 def test_a_run_with_checkpoints_keeps_its_tokenizer(tmp_path, monkeypatch, seed):
   """Resuming or sampling a run never retrains its tokenizer, even if the corpus changed since."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from monoformer_jax.run import tokenizer as setup  # pylint: disable=import-outside-toplevel
-
   config = ml_collections.ConfigDict({"data": {"tokenizer": "train", "tokenizer_vocab_size": 300}})
   first = _random_corpus(seed)
   monkeypatch.setattr(setup, "tokenizer_corpus", lambda c: first)

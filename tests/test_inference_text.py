@@ -11,6 +11,9 @@ import transformers
 from monoformer_jax.sampling import TokenSampling, decode, filter_logits, generate_tokens
 from monoformer_jax.sampling.decode import text_batch
 from monoformer_jax.model.monoformer import MonoFormer
+from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.run.state import abstract_boxed_params
+from monoformer_jax.sampling import cache_shardings
 from tests.helpers import random_params, tiny_config
 
 MAX_NEW = 12
@@ -150,10 +153,6 @@ def test_filter_logits_keeps_top_k_and_the_nucleus():
 
 
 def test_sharded_cache_on_a_mesh_gives_the_same_tokens(tiny, rng):
-  from monoformer_jax.sampling import cache_shardings
-  from monoformer_jax.run import sharding as sharding_lib
-  from monoformer_jax.run.state import abstract_boxed_params
-
   config, params = tiny
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding_lib.DEFAULT_RULES

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax.model.monoformer import MonoFormer
+from monoformer_jax.run.open import open_run
 from monoformer_jax.train import metrics as metrics_lib
 from tests.helpers import build, image_sample, random_params, tiny_config
 from tests.helpers_env import subprocess_env
@@ -114,8 +115,6 @@ def test_init_from_a_hugging_face_llama(tmp_path, env, seed):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "initialised from hf:" in proc.stdout
-  from monoformer_jax.run.open import open_run
-
   params, ema = open_run(str(work), use_ema=False).params, open_run(str(work)).params
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), jax.device_get(params))
   emb = np.asarray(params["embed_tokens"]["embedding"])
