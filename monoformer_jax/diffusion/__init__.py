@@ -41,6 +41,7 @@ from monoformer_jax.diffusion.samplers import (
     ddim_step,
     ddpm_sample_loop,
     ddpm_step,
+    dpm_solver_pp_2m_loop,
 )
 from monoformer_jax.diffusion.schedules import (
     BETA_SCHEDULES,
@@ -69,6 +70,7 @@ __all__ = [
     "ddpm_sample_loop",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_pp_2m_loop",
     "float64_tables",
     "flow_add_noise",
     "flow_loss",

@@ -22,7 +22,7 @@ from monoformer_jax.diffusion import flow, gaussian, losses, noise, samplers
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 
 OBJECTIVE_KINDS = ("gaussian", "flow")
-GAUSSIAN_SAMPLERS = ("ddpm", "ddim")
+GAUSSIAN_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 @flax.struct.dataclass
@@ -86,7 +86,8 @@ class GaussianObjective:
       respacing: str | None = None,
       return_trajectory: bool = False,
   ):
-    """x_0 from x_T (B, ..., C) by DDPM ancestral or DDIM sampling on respaced steps.
+    """x_0 from x_T (B, ..., C) by DDPM ancestral, DDIM or DPM-Solver++(2M) sampling on
+    respaced steps.
 
     Per-step noise of sample n comes from fold_in(fold_in(rng, sample_ids[n]), step), so it does
     not depend on the batch composition; sample_ids default to 0..B-1.
@@ -98,6 +99,8 @@ class GaussianObjective:
       return samplers.ddpm_sample_loop(chain, denoise_fn, x_T, noise_fn, clip_denoised, return_trajectory)
     if sampler == "ddim":
       return samplers.ddim_sample_loop(chain, denoise_fn, x_T, noise_fn, eta, clip_denoised, return_trajectory)
+    if sampler == "dpmpp_2m":
+      return samplers.dpm_solver_pp_2m_loop(chain, denoise_fn, x_T, clip_denoised, return_trajectory)
     raise ValueError(f"unknown sampler {sampler!r} for the gaussian objective; one of {GAUSSIAN_SAMPLERS}")
 
 
