@@ -2,7 +2,12 @@
 
 Set MONOFORMER_DISTRIBUTED=1 (the launch scripts do) to call `jax.distributed.initialize()`;
 with several processes on one machine also MONOFORMER_COORDINATOR=host:port,
-MONOFORMER_NUM_PROCESSES and MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh).
+MONOFORMER_NUM_PROCESSES and MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh). Without
+MONOFORMER_COORDINATOR, JAX finds the processes itself: TPU pods, and SLURM from the SLURM_*
+variables srun sets (launch/gpu_slurm.sbatch; tests/test_slurm_launch.py simulates it).
+
+`initialize` also installs JAX's SIGTERM notifier and preemption sync service, on which the
+trainer's preemption handling relies under jax.distributed (train/trainer.py, `_Preemption`).
 """
 
 import os

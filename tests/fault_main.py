@@ -5,11 +5,19 @@ tests): `python -m tests.fault_main --kill_after_step=N [monoformer_jax.main fla
                        (saves already under way are finished first, so the test knows which
                        checkpoint survives).
   --kill_at_step=N     SIGKILL once checkpoint step N is saved (and written to disk).
+  --sigterm_after_step=N[:P]  SIGTERM to itself right after step N, on process P only (default 0):
+                       a preemption notice reaching one process of a multi-process run. Every
+                       process then waits 1.5 s, and 0.2 s after each later step: JAX's SIGTERM
+                       notifier looks for the signal once a second, and the tiny test run must
+                       not end before the notice has reached every process.
 """
 
 import os
 import signal
 import sys
+import time
+
+import jax
 
 from monoformer_jax import main as entry
 
@@ -27,12 +35,28 @@ class KillAfterStep:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SigtermAfterStep:
+
+  def __init__(self, step: int, process: int):
+    self.step, self.process = step, process
+
+  def after_step(self, context):
+    if context.step == self.step and jax.process_index() == self.process:
+      print(f"test: SIGTERM to process {self.process} after step {self.step}", flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    if context.step >= self.step:
+      time.sleep(1.5 if context.step == self.step else 0.2)
+
+
 def main(argv):
   hooks, rest = [], []
   for arg in argv:
     name, _, value = arg.partition("=")
     if name in ("--kill_after_step", "--kill_at_step"):
       hooks.append(KillAfterStep(int(value), after_save=name == "--kill_at_step"))
+    elif name == "--sigterm_after_step":
+      step, _, process = value.partition(":")
+      hooks.append(SigtermAfterStep(int(step), int(process or 0)))
     else:
       rest.append(arg)
   return entry.main(rest, hooks=hooks)

@@ -15,6 +15,14 @@ Everything before the `BatchIterator` is random access, so a position in the str
 The iterator's state is the grain state of the first sample not yet placed in a returned batch
 (a sample read but not fitting the last row is handed back), so `set_state(get_state())` resumes at
 exactly the batches a run without the interruption would have seen. The state is a small JSON dict.
+
+That state is one process's. A checkpoint holds `combine_states` of every process's: their
+positions in the dealt-out global stream, which any number of processes can resume from
+(`BatchIterator.set_state`): the same number takes its own positions back (exact, packing
+included); another number starts at the first global position not yet read by every process,
+rounded down to a whole global batch, each process at its own block of it. With one sample per
+row the processes read in lockstep, so that is exactly where the saved run stood and the resumed
+run sees the batches the saved one would have seen.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from monoformer_jax import batch as batch_lib
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 1  # one process's position (what get_state returns)
+_COMBINED_STATE_VERSION = 2  # every process's (combine_states): resumable on any process count
 
 
 def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -176,8 +185,13 @@ class BatchIterator:
       num_threads: int = 2,
       prefetch: int = 16,
       skipped_at_index: int = 0,
+      shard_index: int = 0,
+      shard_count: int = 1,
   ):
+    """`shard_index` / `shard_count`: the shard `dataset` reads (sample_dataset's, in blocks of
+    `batch_size`): what a combined state's positions are translated with."""
     self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
+    self.shard_index, self.shard_count = shard_index, shard_count
     self.num_image_slots, self.image_shape = num_image_slots, tuple(image_shape)
     self.num_patches, self.t_token = num_patches, t_token
     self.skipped_at_index = skipped_at_index
@@ -238,20 +252,78 @@ class BatchIterator:
     return {"skipped_records": self.num_skipped + self.skipped_at_index}
 
   def get_state(self) -> dict:
+    """This process's position (JSON); `combine_states` of every process's is what resumes on
+    another number of processes."""
     grain_state = self._pending[1] if self._pending is not None else self._it.get_state()
-    return {"version": _STATE_VERSION, "grain": grain_state, "num_skipped": self.num_skipped}
+    return {
+        "version": _STATE_VERSION,
+        "grain": grain_state,
+        "num_skipped": self.num_skipped,
+        "shard": [self.shard_index, self.shard_count],
+        "block": self.batch_size,
+    }
 
   def set_state(self, state: dict) -> None:
-    if state.get("version") != _STATE_VERSION:
-      raise ValueError(f"data iterator state of version {state.get('version')}, expected {_STATE_VERSION}")
-    self._it.set_state(state["grain"])
+    """Resumes from `get_state()` (this process's own) or from `combine_states(...)` (saved on
+    any number of processes)."""
+    version = state.get("version")
+    if version == _STATE_VERSION:
+      self._it.set_state(state["grain"])
+      self.num_skipped = int(state.get("num_skipped", 0))
+    elif version == _COMBINED_STATE_VERSION:
+      index, self.num_skipped = self._resume_position(state)
+      self._it.set_state({"next_index": index})
+    else:
+      raise ValueError(
+          f"data iterator state of version {version}, expected {_STATE_VERSION} or {_COMBINED_STATE_VERSION}"
+      )
     self._pending = None
-    self.num_skipped = int(state.get("num_skipped", 0))
+
+  def _resume_position(self, state: dict) -> tuple[int, int]:
+    """(this process's next local index, its skipped count) in a combined state."""
+    count, block, positions = state["shard_count"], state["block"], state["next_index"]
+    skipped = state["num_skipped"]
+    if count == self.shard_count and block == self.batch_size:
+      return int(positions[self.shard_index]), int(skipped[self.shard_index])
+    # Every global position before the first one some process had not read yet was read.
+    first = min(_global_position(int(j), p, count, block) for p, j in enumerate(positions))
+    group = self.batch_size * self.shard_count  # one global batch of the new layout
+    start = first // group * group
+    read = sum(int(j) for j in positions)
+    if read > start:
+      log.warning(
+          "data saved by %d processes resumes on %d at global sample %d: %d samples read before "
+          "the interruption are read again (the processes had not read the same amounts)",
+          count,
+          self.shard_count,
+          start,
+          read - start,
+      )
+    # The skipped count is the run's total: kept once, by the first process.
+    return start // self.shard_count, sum(skipped) if self.shard_index == 0 else 0
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+
+
+def combine_states(states: list[dict]) -> dict:
+  """One state for every process's `get_state()` (in process order): what a checkpoint holds.
+  `BatchIterator.set_state` resumes from it on any number of processes."""
+  count, block = states[0]["shard"][1], states[0]["block"]
+  for p, state in enumerate(states):
+    if state.get("version") != _STATE_VERSION or state["shard"] != [p, count] or state["block"] != block:
+      raise ValueError(f"state {p} of {len(states)} is not process {p} of {count} with block {block}: {state}")
+  if len(states) != count:
+    raise ValueError(f"{len(states)} states for {count} processes")
+  return {
+      "version": _COMBINED_STATE_VERSION,
+      "shard_count": count,
+      "block": block,
+      "next_index": [int(s["grain"]["next_index"]) for s in states],
+      "num_skipped": [int(s["num_skipped"]) for s in states],
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +455,8 @@ def make_image_iterator(
       packing=packing,
       num_threads=num_threads,
       skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+      shard_index=shard_index,
+      shard_count=shard_count,
   )
 
 
@@ -413,6 +487,7 @@ def make_text_iterator(
   both objectives share the batch keys.
   """
   tok = tokenizer
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
 
   def make_sample(record, rng):
     del rng
@@ -443,4 +518,6 @@ def make_text_iterator(
       packing=packing,
       num_threads=num_threads,
       skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+      shard_index=shard_index,
+      shard_count=shard_count,
   )

@@ -2,12 +2,17 @@
 
 Each process builds its own iterators over its part of the data (grain, per-process shards) with
 the local batch size; `next_global` assembles the global array from the process-local rows.
+`get_state` gathers every process's position into one state (what the checkpoint stores: orbax
+writes it from the first process alone), which resumes on any number of processes.
 """
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import pipeline, registry
@@ -62,7 +67,8 @@ class DataStream:
     return train_flops_per_step(model_config, b, l, image_tokens, lm_head=kind != "diffusion")
 
   def get_state(self) -> dict:
-    return self.iterator.get_state()
+    """Every process's position (a collective: all processes call it at the same step)."""
+    return _combined(_gather_json(self.iterator.get_state()))
 
   def set_state(self, state: dict) -> None:
     self.iterator.set_state(state)
@@ -70,6 +76,24 @@ class DataStream:
 
   def close(self) -> None:
     self.iterator.close()
+
+
+def _gather_json(obj) -> list:
+  """`obj` (JSON) of every process, in process order; a collective."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  longest = int(np.max(multihost_utils.process_allgather(np.int32(data.size))))
+  size = -(-longest // 256) * 256  # few distinct sizes: each new one compiles the gather again
+  rows = np.asarray(multihost_utils.process_allgather(np.pad(data, (0, size - data.size))))
+  return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
+
+
+def _combined(states: list) -> dict:
+  """`pipeline.combine_states` at each iterator's place in the states (a MixedIterator's nest)."""
+  if "version" in states[0]:
+    return pipeline.combine_states(states)
+  return {key: _combined([s[key] for s in states]) for key in states[0]}
 
 
 def _pad_batch(batch: dict, seq_len: int, slots: int, image_shape) -> dict:

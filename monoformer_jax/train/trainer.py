@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from monoformer_jax.run import checkpoints
 from monoformer_jax.run import config as config_lib
@@ -36,7 +37,7 @@ from monoformer_jax.run.tokenizer import build_tokenizer
 from monoformer_jax.train import metrics as metrics_lib
 from monoformer_jax.train import steps as steps_lib
 from monoformer_jax.train.data_streams import build_data
-from monoformer_jax.train.init_from import initialise_from
+from monoformer_jax.train.init_from import check_init_from, initialise_from
 from monoformer_jax.train.periodic_samples import PeriodicSampler
 from monoformer_jax.train.scheduler import StepScheduler
 
@@ -52,13 +53,35 @@ class StepContext:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """SIGTERM (preemption) -> every process saves the same step and stops.
 
-  def __init__(self):
+  One process without jax.distributed: our SIGTERM handler sets a flag the loop checks between
+  steps. Under jax.distributed, `jax.distributed.initialize` has installed JAX's own SIGTERM
+  notifier: a SIGTERM to any one process reaches all of them through the coordination service,
+  and `reached_preemption_sync_point(step)` turns True on every process at the same step (one
+  past the largest step any of them had reached), so they all take part in one collective save.
+  A Python handler installed after `initialize` would take the signal from JAX's notifier (no
+  process would ever reach the sync point), so under jax.distributed we install none.
+
+  JAX's protocol takes each process's last reported step (0 before the first report), so the
+  step the loop starts from is reported on entry: a notice arriving while the first step
+  compiles then stops the run after that step, where unreported it would set the sync point to
+  step 1, long past in a resumed run, and no process would ever save. (A notice arriving before
+  that, while the checkpoint is restored, is lost that way; the scheduler's kill at the end of
+  its grace period then restarts the job from the same checkpoint.)
+  """
+
+  def __init__(self, step: int):
     self.requested = False
     self._previous = None
+    self._synced = False
+    self._step = step
 
   def __enter__(self):
+    self._synced = jax.distributed.is_initialized()
+    if self._synced:
+      self.reached(self._step)
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread (e.g. notebooks): no handler
@@ -68,6 +91,13 @@ class _Preemption:
   def _handler(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` and stop. Called after every step on every process: JAX's sync
+    protocol counts on every process reporting each step."""
+    if self._synced and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -125,6 +155,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   objective = config_lib.build_objective(config) if needs_images else None
   optimizer = state_lib.make_optimizer(config.optimizer)
   data = build_data(config, model_config, tokenizer, scheduler.weights)
+  if config.init_from and not checkpoints.step_dirs(workdir):
+    check_init_from(config, model_config)
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -163,6 +195,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
       writer,
       is_main,
       draws_text=config.schedule.ar > 0 or config.schedule.mixed > 0,
+      mesh=mesh,
+      rules=rules,
   )
   sampler.discard_after(step)
   pending = None  # (step, kind, metrics on device)
@@ -194,7 +228,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
         force=True,
     )
 
-  with _Preemption() as preempt:
+  with _Preemption(step) as preempt:
     while step < config.num_train_steps:
       kind = scheduler.next(step)
       batch = data[kind].next_global(mesh)
@@ -236,9 +270,10 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
         hook.after_step(StepContext(step=step, saved=saved, checkpointer=ckpt, writer=writer))
       if config.sample_every_steps and step % config.sample_every_steps == 0:
         sampler(step, state.ema_params)
-      if preempt.requested:
+      if preempt.reached(step):
         print(f"SIGTERM: saving step {step} before exit", flush=True)
-        save(step)
+        if not saved:  # the interval save of this step is the preemption save
+          save(step)
         break
   if pending is not None:
     drain(pending)
