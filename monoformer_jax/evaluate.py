@@ -32,11 +32,13 @@ import time
 
 import jax
 from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.evaluation import image_suites, loglikelihood, multiple_choice, perplexity
 from monoformer_jax.host_memory import tune_for_xla_cpu
+from monoformer_jax.run import tensorboard
 from monoformer_jax.run.checkpoints import step_dirs
 from monoformer_jax.run.open import open_run
 
@@ -61,18 +63,14 @@ def _scalars(prefix: str, value, out: dict) -> None:
 
 def write_report(workdir: str, report: dict, step: int) -> str:
   eval_dir = os.path.join(workdir, "eval")
-  os.makedirs(eval_dir, exist_ok=True)
+  epath.Path(eval_dir).mkdir(parents=True, exist_ok=True)
   path = os.path.join(eval_dir, "report.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(path, json.dumps(report, indent=2, sort_keys=True))
   scalars: dict = {}
   for suite in SUITES:
     if suite in report:
       _scalars(f"eval/{suite}", report[suite], scalars)
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # imports torch where installed
-
-  writer = SummaryWriter(os.path.join(eval_dir, "tensorboard"))
+  writer = tensorboard.summary_writer(os.path.join(eval_dir, "tensorboard"))
   for tag, value in sorted(scalars.items()):
     writer.add_scalar(tag, value, step)
   writer.close()
@@ -131,7 +129,7 @@ def run_evaluation(workdir: str, config) -> dict:
   e = config.eval
   suites = choose_suites(e)
   start = time.time()
-  report = {"workdir": os.path.abspath(workdir), "step": latest_step(workdir), "config": e.to_dict()}
+  report = {"workdir": paths.absolute(workdir), "step": latest_step(workdir), "config": e.to_dict()}
   if "mc" in suites or "perplexity" in suites:
     opened = open_run(workdir, use_ema=e.use_ema)
     tokenizer = opened.tokenizer

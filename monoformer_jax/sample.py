@@ -25,8 +25,9 @@ import sys
 
 import numpy as np
 from absl import flags, logging
+from etils import epath
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.data.registry import DataConfigError, names_from_json
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.inference import InferenceError, InferenceModel
@@ -74,7 +75,7 @@ def define_flags(fv, argv=()):
       flag_values=fv,
   )
   flags.DEFINE_integer("max_images", 1, "Images per prompt with --interleaved.", flag_values=fv)
-  flags.DEFINE_string("sampler", None, "ddpm | ddim (gaussian), euler | heun (flow).", flag_values=fv)
+  flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m (gaussian), euler | heun | ab2 (flow).", flag_values=fv)
   flags.DEFINE_integer("num_steps", None, "Sampling steps.", flag_values=fv)
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 1).", flag_values=fv)
   flags.DEFINE_enum("cfg_mode", None, ["eps", "official_first3"], "Guided channels.", flag_values=fv)
@@ -99,10 +100,9 @@ UsageError = cli.UsageError
 
 
 def _read_lines(path, flag):
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise UsageError(f"--{flag}: no such file {path!r}")
-  with open(path) as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  return [line for line in epath.Path(path).read_text().split("\n") if line.strip()]
 
 
 def load_model(workdir=None, official=None, hf=None, tokenizer=None, class_names_file=None, use_ema=True):
@@ -110,26 +110,25 @@ def load_model(workdir=None, official=None, hf=None, tokenizer=None, class_names
   if len(sources) != 1:
     raise UsageError("give exactly one of --workdir, --official_checkpoint, --hf_checkpoint")
   if workdir:
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
       raise UsageError(f"--workdir: no such run directory {workdir!r}")
     return InferenceModel.from_workdir(workdir, use_ema=use_ema)
   path = official or hf
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise UsageError(f"no such checkpoint folder {path!r}")
   tokenizer = tokenizer or os.path.join(path, "tokenizer.model")
-  if not os.path.isfile(tokenizer):
+  if not epath.Path(tokenizer).is_file():
     raise UsageError(f"--tokenizer: no SentencePiece model at {tokenizer!r}")
   if hf:
     return InferenceModel.from_hf(hf, tokenizer=tokenizer)
   names = None
   if class_names_file:
-    if not os.path.isfile(class_names_file):
+    if not epath.Path(class_names_file).is_file():
       raise UsageError(f"--class_names_file: no such file {class_names_file!r}")
-    with open(class_names_file) as f:
-      try:
-        names = names_from_json(json.load(f), class_names_file)
-      except (ValueError, DataConfigError) as e:
-        raise UsageError(f"--class_names_file: {e}") from None
+    try:
+      names = names_from_json(json.loads(epath.Path(class_names_file).read_text()), class_names_file)
+    except (ValueError, DataConfigError) as e:
+      raise UsageError(f"--class_names_file: {e}") from None
   return InferenceModel.from_official(official, tokenizer=tokenizer, class_names=names)
 
 
@@ -151,13 +150,13 @@ def sample_images(model, classes, num_per_class, **kw):
 
 
 def _write_images(out, images, rows, **arrays):
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   stem, ext = os.path.splitext(out)
   if ext not in (".npz", ".png"):
     raise UsageError(f"--out: give a .npz or .png file, got {out!r}")
+  epath.Path(paths.absolute(out)).parent.mkdir(parents=True, exist_ok=True)
   if ext == ".npz":
-    np.savez(out, images=images, **arrays)
-  images_lib.save_png(os.path.abspath(stem + ".png"), images_lib.grid(images, rows=rows))
+    paths.save_npz(out, images=images, **arrays)
+  images_lib.save_png(paths.absolute(stem + ".png"), images_lib.grid(images, rows=rows))
   print(f"wrote {len(images)} images to {out}", file=sys.stderr)
 
 
@@ -213,7 +212,7 @@ def run(fv, args) -> int:
             shown.append({"text": value})
             continue
           path = f"{stem}_p{i}_{sum('image' in s for s in shown)}.png"
-          images_lib.save_png(os.path.abspath(path), images_lib.to_uint8(model.decode(value[None]))[0])
+          images_lib.save_png(paths.absolute(path), images_lib.to_uint8(model.decode(value[None]))[0])
           shown.append({"image": path})
         print(json.dumps({"prompt": p, "parts": shown}, ensure_ascii=False))
     elif prompts:

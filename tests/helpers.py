@@ -204,3 +204,26 @@ def tensorboard_scalars(directory) -> dict:
       for v in event.summary.value:
         out[v.tag] = (event.step, v.simple_value)
   return out
+
+
+def write_tiny_diffusers_vae(path, seed: int, size: int = 16):
+  """A random 2-level diffusers AutoencoderKL (size x size x 3 -> size/2 x size/2 x 4, scaling
+  factor 0.37) saved by diffusers itself into `path` as safetensors; returns the torch model."""
+  import diffusers  # pylint: disable=import-outside-toplevel  # torch: only the tests that need it
+  import torch  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  model = diffusers.AutoencoderKL(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2,
+      block_out_channels=(8, 16),
+      layers_per_block=1,
+      latent_channels=4,
+      norm_num_groups=4,
+      sample_size=size,
+      scaling_factor=0.37,
+  )
+  model.save_pretrained(path, safe_serialization=True)
+  return model

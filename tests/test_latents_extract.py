@@ -3,7 +3,6 @@
 import json
 import os
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 from monoformer_jax.data import image_sources, pipeline, tfds_latents
 from monoformer_jax.tools import extract_latents
 from monoformer_jax.vae import convert, latents
+from tests.helpers import write_tiny_diffusers_vae
 from tests.helpers_env import subprocess_env
 
 SIZE = 16  # the crop; files are larger and not square, so the centre crop really runs
@@ -19,22 +19,8 @@ SIZE = 16  # the crop; files are larger and not square, so the centre crop reall
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory, module_seed):
   """A random 2-level diffusers AutoencoderKL written by diffusers itself (16x16 -> 8x8x4)."""
-  torch.manual_seed(module_seed("vae weights"))
-  model = diffusers.AutoencoderKL(
-      in_channels=3,
-      out_channels=3,
-      down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2,
-      block_out_channels=(8, 16),
-      layers_per_block=1,
-      latent_channels=4,
-      norm_num_groups=4,
-      sample_size=SIZE,
-      scaling_factor=0.37,
-  )
   path = tmp_path_factory.mktemp("vae")
-  model.save_pretrained(path, safe_serialization=True)
-  return str(path), model
+  return str(path), write_tiny_diffusers_vae(path, module_seed("vae weights"), SIZE)
 
 
 def _image_folder(root, rng, classes=3, per_class=5):
@@ -99,7 +85,8 @@ def test_image_folder_round_trip(tmp_path, tiny_vae, rng):
   assert not os.path.exists(out / extract_latents.PARTIAL)
   info = json.loads((out / "extraction.json").read_text())
   assert info["latent_shape"] == [8, 8, 4] and info["scaling_factor"] == pytest.approx(0.37)
-  assert json.loads((out / "class_names.json").read_text()) == ["class_0", "class_1", "class_2"]
+  # {id: [folder, name]}: no synset mapping given, so the name is the folder's
+  assert json.loads((out / "class_names.json").read_text()) == {str(c): [f"class_{c}"] * 2 for c in range(3)}
 
   images = np.stack([folder[int(j)]["image"] for j in order]).astype(np.float32) / 127.5 - 1
   assert [r["label"] for r in recs] == [folder[int(j)]["label"] for j in order]

@@ -163,7 +163,9 @@ def test_image_folder_extraction_reconstructs_real_digits(trained_vae, tmp_path,
   recs = sorted((src[i] for i in range(len(src))), key=lambda r: int(r["index"]))
   assert sorted(order) == list(range(40))
   assert [r["label"] for r in recs] == [int(j) // 4 for j in order]  # 4 digits per class folder
-  assert json.loads((out / "class_names.json").read_text()) == [f"digit_{c}" for c in classes]
+  assert json.loads((out / "class_names.json").read_text()) == {
+      str(i): [f"digit_{c}"] * 2 for i, c in enumerate(classes)
+  }
   originals = digits[order]
 
   config, params = convert.load_diffusers_vae(str(workdir / "vae"))

@@ -18,7 +18,9 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
+from monoformer_jax import paths
 from monoformer_jax.convert.monoformer_weights import (params_to_state_dict, state_dict_to_params, weight_table)
 from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.model.config import ModelConfig, from_official_config
@@ -27,15 +29,14 @@ from monoformer_jax.model.monoformer import init_params
 _IMAGE_KEY_PREFIXES = ("x_embedder", "t_embedder", "adaLN_module", "t_projector", "final_layer", "y_embedder")
 
 
-def _read_config(path: str) -> dict:
+def read_checkpoint_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
+  if not epath.Path(cfg_path).is_file():
     raise FileNotFoundError(f"no config.json in {path!r}")
-  with open(cfg_path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+  try:
+    return json.loads(epath.Path(cfg_path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -85,7 +86,7 @@ def load_llama_checkpoint(
   diffusion head) gets its fresh official initialisation from `rng`. `vocab_size` grows the
   vocabulary (new rows ~ N(0, initializer_range)).
   """
-  hf = _read_config(path)
+  hf = read_checkpoint_config(path)
   rng = jax.random.key(0) if rng is None else rng
   base = from_official_config(hf, **config_overrides)
   state = read_state_dict(path)
@@ -105,10 +106,10 @@ def load_official_checkpoint(path: str, *, ema: bool = True) -> tuple[ModelConfi
   (the EMA weights of the released checkpoint, preferred when `ema` is True) as safetensors or a
   torch `.bin`.
   """
-  config = from_official_config(_read_config(path))
+  config = from_official_config(read_checkpoint_config(path))
   weights = path
   ema_dir = os.path.join(path, "ema")
-  if ema and os.path.isdir(ema_dir):
+  if ema and epath.Path(ema_dir).is_dir():
     weights = ema_dir
   state = read_state_dict(weights)
   return config, state_dict_to_params(state, config)
@@ -140,17 +141,21 @@ def _hf_config(config: ModelConfig) -> dict:
 
 
 def _save(state: dict, cfg: dict, out_dir: str, overwrite: bool) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(out_dir, exist_ok=True)
-  target = os.path.join(out_dir, "model.safetensors")
-  if os.path.exists(target) and not overwrite:
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  target = epath.Path(out_dir) / "model.safetensors"
+  if target.exists() and not overwrite:
     raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-  tmp = target + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata={"format": "pt"})
-  os.replace(tmp, target)  # never leave a half-written checkpoint under the final name
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+  # Never leave a half-written checkpoint under the final name.
+  if paths.is_local(target):  # streamed to disk: no second copy of the weights in memory
+    tmp = f"{target}.tmp"
+    safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})
+    os.replace(tmp, target)
+  else:
+    paths.write_bytes_atomic(target, safetensors.numpy.save(arrays, metadata={"format": "pt"}))
+  (epath.Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def save_hf_llama(params: dict, config: ModelConfig, out_dir: str, *, overwrite: bool = False):

@@ -21,7 +21,6 @@ dtypes: float64/32/16, bfloat16 (as `ml_dtypes.bfloat16`, the dtype JAX uses; ca
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import os
 import pickle
@@ -30,6 +29,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from monoformer_jax import paths
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -252,7 +254,7 @@ def _unpickle(f, path: str, what: str, unpickler: Optional[_RestrictedUnpickler]
 
 def _load_zip(path: str) -> Any:
   try:
-    with zipfile.ZipFile(path) as archive:
+    with epath.Path(path).open("rb") as raw, zipfile.ZipFile(raw) as archive:
       prefix = _archive_prefix(archive, path)
       names = set(archive.namelist())
       big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
@@ -273,7 +275,9 @@ _LEGACY_PROTOCOL = 1001
 def _load_legacy(path: str) -> Any:
   """The pre-1.6 format: five pickles (magic, protocol, sys_info, object, storage keys), then
   each storage as an 8-byte element count followed by its raw bytes, in key order."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
     if _unpickle(f, path, "header") != _LEGACY_MAGIC:
       raise ValueError(f"{path}: a pickle without torch's magic number; not a torch.save file")
     protocol = _unpickle(f, path, "header")
@@ -286,7 +290,7 @@ def _load_legacy(path: str) -> Any:
     keys = _unpickle(f, path, "storage key list")
     if not isinstance(keys, list):
       raise ValueError(f"{path}: corrupt storage key list")
-    remaining = os.path.getsize(path) - f.tell()
+    remaining = size - f.tell()
     raw = {}
     for key in map(str, keys):
       if key not in unpickler.storages:
@@ -312,11 +316,13 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
   `_use_new_zipfile_serialization=False`); the pre-0.4 tar format is refused.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"no such checkpoint file: {path!r}")
-  if zipfile.is_zipfile(path):
+  with epath.Path(path).open("rb") as f:
+    is_zip = zipfile.is_zipfile(f)
+  if is_zip:
     return _load_zip(path)
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     head = f.read(512)
   if head.startswith(b"PK"):
     raise ValueError(f"{path}: truncated or corrupt zip archive (no central directory)")
@@ -371,10 +377,12 @@ def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None) ->
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
 
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"no such checkpoint file: {path!r}")
   try:
-    return dict(safetensors.numpy.load_file(path))
+    if paths.is_local(path):
+      return dict(safetensors.numpy.load_file(path))
+    return dict(safetensors.numpy.load(epath.Path(path).read_bytes()))  # safetensors reads local files only
   except Exception as e:  # safetensors raises its own SafetensorError for bad headers/sizes
     raise ValueError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
 
@@ -382,15 +390,14 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 def _load_index(index_path: str) -> dict[str, np.ndarray]:
   """Merges the shards named by a `*.index.json` weight_map, checking every key is found."""
   try:
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = json.loads(epath.Path(index_path).read_text())["weight_map"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise ValueError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from e
   folder = os.path.dirname(index_path)
   merged: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
     shard_path = os.path.join(folder, shard)
-    if not os.path.isfile(shard_path):
+    if not epath.Path(shard_path).is_file():
       raise FileNotFoundError(f"{index_path}: shard {shard!r} not found in {folder!r}")
     for name, value in _load_single_file(shard_path).items():
       if name in merged:
@@ -434,10 +441,10 @@ _FALLBACK_PATTERNS = ("*.safetensors.index.json", "*.safetensors", "*.bin.index.
 
 def _pick_in_directory(folder: str) -> str:
   for name in _KNOWN_FILES:
-    if os.path.isfile(os.path.join(folder, name)):
+    if epath.Path(folder, name).is_file():
       return os.path.join(folder, name)
   for pattern in _FALLBACK_PATTERNS:
-    found = sorted(glob.glob(os.path.join(folder, pattern)))
+    found = sorted(os.path.join(folder, p.name) for p in epath.Path(folder).glob(pattern))
     if len(found) == 1:
       return found[0]
     if len(found) > 1:
@@ -451,8 +458,8 @@ def _pick_in_directory(folder: str) -> str:
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A flat {name: array} dict from a file (.safetensors/.bin/.pth/.pt/index json) or directory."""
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     path = _pick_in_directory(path)
-  elif not os.path.exists(path):
+  elif not epath.Path(path).exists():
     raise FileNotFoundError(f"no such checkpoint file or directory: {path!r}")
   return _load_single_file(path)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from monoformer_jax import paths as paths_lib
 from monoformer_jax.data.sources import (BadRecordError, Source, _check_files, _LineIndex, _read_json_line)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -33,7 +36,7 @@ def center_crop_arr(image, image_size: int):
 def load_image(path: str, image_size: int | None, channels: int) -> np.ndarray:
   """Decodes one image file to uint8 (H, W, channels). Raises BadRecordError naming the file."""
   try:
-    with Image.open(path) as im:
+    with epath.Path(path).open("rb") as f, Image.open(f) as im:
       im = im.convert("L" if channels == 1 else "RGB")
       if image_size is not None:
         im = center_crop_arr(im, image_size)
@@ -49,14 +52,48 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+WNID = re.compile(r"^n\d{8}$")  # a WordNet synset id, ImageNet's class folder names
+
+
+def read_synset_names(path) -> dict[str, str]:
+  """{wnid: human name} from ImageNet's standard synset mapping: `LOC_synset_mapping.txt`
+  (lines "n01440764 tench, Tinca tinca": the first synonym is the name) or a JSON file
+  ({wnid: name}, {wnid: [names]} or Keras' imagenet_class_index.json {"0": [wnid, name]})."""
+  path = epath.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such synset mapping file")
+  text = path.read_text()
+  try:
+    data = json.loads(text)
+  except ValueError:
+    data = None
+  names = {}
+  if isinstance(data, dict):
+    for key, value in data.items():
+      if isinstance(value, list) and len(value) == 2 and WNID.match(str(value[0])):
+        names[str(value[0])] = str(value[1])  # {"0": [wnid, name]}
+      elif WNID.match(str(key)):
+        names[str(key)] = str(value[0] if isinstance(value, list) else value).split(",", 1)[0].strip()
+  elif data is None:
+    for line in text.splitlines():
+      wnid, _, rest = line.strip().partition(" ")
+      if WNID.match(wnid) and rest.strip():
+        names[wnid] = rest.split(",", 1)[0].strip()
+  if not names:
+    raise ValueError(
+        f"{path}: no synset names found (expected lines 'n01440764 tench, Tinca tinca' or JSON "
+        "{wnid: name} / {id: [wnid, name]})"
+    )
+  return names
+
+
 def _load_class_names(class_names, folders: list[str]) -> list[str]:
   """Display names per folder: a dict folder->name, a list aligned with sorted folders, a JSON file
   holding either, or None (the folder names themselves)."""
   if class_names is None:
     return list(folders)
   if isinstance(class_names, (str, os.PathLike)):
-    with open(class_names) as f:
-      class_names = json.load(f)
+    class_names = json.loads(epath.Path(class_names).read_text())
   if isinstance(class_names, dict):
     missing = [c for c in folders if c not in class_names]
     if missing:
@@ -84,11 +121,10 @@ class ImageFolderSource(Source):
       skip_bad_records: bool = False,
   ):
     root = os.fspath(root)
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
       raise FileNotFoundError(f"{root}: image folder not found")
-    entries = sorted(os.listdir(root))
-    loose = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
-    folders = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    folders, root_files = paths_lib.list_dir(root)
+    loose = [e for e in root_files if _is_image(e)]
     if loose:
       raise ValueError(
           f"{root}: unknown class folder layout: images directly in the root (e.g. "
@@ -99,9 +135,9 @@ class ImageFolderSource(Source):
     paths, labels = [], []
     for label, folder in enumerate(folders):
       d = os.path.join(root, folder)
-      files = sorted(f for f in os.listdir(d) if _is_image(f) and os.path.isfile(os.path.join(d, f)))
+      nested, files = paths_lib.list_dir(d)
+      files = [f for f in files if _is_image(f)]
       if not files:
-        nested = [f for f in os.listdir(d) if os.path.isdir(os.path.join(d, f))]
         extra = f" (it holds sub-folders {sorted(nested)[:3]}: one level too deep?)" if nested else ""
         raise ValueError(f"{d}: unknown class folder layout: class folder has no images{extra}")
       paths.extend(os.path.join(folder, f) for f in files)

@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import numpy as np
+from etils import epath
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -29,7 +30,7 @@ def mnist5k_path() -> str:
 def load_mnist5k(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images uint8 (5000, 28, 28, 1), labels int32 (5000,)), in the file's order."""
   path = path or mnist5k_path()
-  with gzip.open(path, "rt") as f:
+  with epath.Path(path).open("rb") as raw, gzip.open(raw, "rt") as f:
     rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
   if rows.ndim != 2 or rows.shape[1] != 785:
     raise ValueError(f"{path}: expected rows of 784 pixels + 1 label, got shape {rows.shape}")

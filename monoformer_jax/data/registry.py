@@ -19,7 +19,8 @@ class DataConfigError(ValueError):
 
 def class_names(data) -> list[str] | None:
   """Class names for label -> prompt: `data.class_names_file` (a JSON list, `{id: name}` or
-  ImageNet-style `{id: [wnid, name]}`), MNIST's for the MNIST sources, else None."""
+  ImageNet-style `{id: [wnid, name]}`), MNIST's for the MNIST sources, the `class_names.json`
+  extract_latents wrote beside `latents`, else None."""
   if data.class_names_file:
     path = epath.Path(data.class_names_file)
     if not path.is_file():
@@ -31,6 +32,11 @@ def class_names(data) -> list[str] | None:
     return names_from_json(names, str(path))
   if data.image_source in ("mnist", "mnist_latents"):
     return list(mnist.CLASS_NAMES)
+  if data.image_source == "latents" and data.image_path:
+    # The map extract_latents writes beside the dataset: a run needs no separate flag for it.
+    beside = epath.Path(data.image_path) / "class_names.json"
+    if beside.is_file():
+      return names_from_json(json.loads(beside.read_text()), str(beside))
   return None
 
 

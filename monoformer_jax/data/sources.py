@@ -20,6 +20,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from monoformer_jax.data import mnist
 
@@ -56,9 +57,9 @@ def _check_files(paths) -> list[str]:
   out = []
   for p in paths:
     p = os.fspath(p)
-    if not os.path.exists(p):
+    if not epath.Path(p).exists():
       raise FileNotFoundError(f"{p}: file not found")
-    if os.path.isdir(p):
+    if epath.Path(p).is_dir():
       raise IsADirectoryError(f"{p}: is a directory, expected a file")
     out.append(p)
   return out
@@ -184,7 +185,7 @@ class _LineIndex:
       lines.append(line)
 
     for fi, path in enumerate(paths):
-      with open(path, "rb") as f:
+      with epath.Path(path).open("rb") as f:
         offset, line_no, rec_start, rec_line = 0, 0, None, 0
         for raw in f:
           line_no += 1
@@ -211,7 +212,7 @@ class _LineIndex:
     return f"{self.paths[self.files[i]]}:{self.lines[i]}"
 
   def read(self, i: int) -> bytes:
-    with open(self.paths[self.files[i]], "rb") as f:
+    with epath.Path(self.paths[self.files[i]]).open("rb") as f:
       f.seek(int(self.starts[i]))
       return f.read(int(self.ends[i] - self.starts[i]))
 

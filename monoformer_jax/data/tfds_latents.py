@@ -15,10 +15,13 @@ shuffles examples by key when it writes.
 
 from __future__ import annotations
 
-import os
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+
+from monoformer_jax import paths
 
 NAME = "monoformer_latents"
 
@@ -108,9 +111,15 @@ def write_latents(data_dir: str, splits: dict[str, dict]) -> str:
       shape, (with_label, with_prompt) = mean.shape[1:], keys
     elif mean.shape[1:] != shape or keys != (with_label, with_prompt):
       raise ValueError(f"split {name!r}: latent shape or fields differ from the other splits")
-  target = os.path.join(data_dir, NAME, str(MonoformerLatents.VERSION))
-  if os.path.exists(target):  # TFDS would silently keep the old data
+  target = epath.Path(data_dir) / NAME / str(MonoformerLatents.VERSION)
+  if target.exists():  # TFDS would silently keep the old data
     raise FileExistsError(f"{target}: a latents dataset is already there; use another data_dir")
+  if not paths.is_local(data_dir):
+    # ArrayRecord writes local files only (it reads gs:// itself): the dataset is built in a
+    # temporary folder, copied up whole, and the temporary folder removed.
+    with tempfile.TemporaryDirectory(prefix="monoformer_latents_") as tmp:
+      paths.copy_tree(write_latents(tmp, splits), target)
+    return str(target)
   builder = MonoformerLatents(
       splits=splits,
       latent_shape=shape,
@@ -128,7 +137,7 @@ class LatentSource:
   ["prompt"] (str)}, in stored order; `class_names` for label-conditioned prompts."""
 
   def __init__(self, data_dir: str, split: str = "train", class_names=None):
-    if not os.path.isdir(os.path.join(data_dir, NAME)):
+    if not (epath.Path(data_dir) / NAME).is_dir():
       raise FileNotFoundError(f"{data_dir}: no {NAME} dataset (write it with write_latents)")
     self.data_dir, self.split = data_dir, split
     self.class_names = list(class_names) if class_names is not None else None

@@ -19,6 +19,9 @@ import re
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
+
+from monoformer_jax import paths
 
 SPECIAL_TOKENS = ("<PAD>", "<image>", "<|im_start|>", "<|im_end|>")
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
@@ -85,12 +88,11 @@ class Tokenizer:
 
 def load_sentencepiece(path: str) -> Tokenizer:
   """Loads a SentencePiece `tokenizer.model` (e.g. TinyLlama's) and appends the special tokens."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"SentencePiece model not found: {path}")
-  with open(path, "rb") as f:
-    proto = f.read()
+  proto = epath.Path(path).read_bytes()
   try:
-    return Tokenizer(proto, source=path)
+    return Tokenizer(proto, source=os.fspath(path))
   except RuntimeError as e:  # sentencepiece raises RuntimeError on a bad proto
     raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
 
@@ -120,14 +122,13 @@ def train_sentencepiece(
       "texts_sha256": _texts_digest(texts),
       "num_texts": len(texts),
   }
-  model_path = os.path.join(out_dir, name + ".model")
-  meta_path = os.path.join(out_dir, name + ".json")
-  if os.path.exists(model_path) and os.path.exists(meta_path):
-    with open(meta_path) as f:
-      try:
-        cached = json.load(f)
-      except json.JSONDecodeError:
-        cached = None
+  model_path = epath.Path(out_dir) / (name + ".model")
+  meta_path = epath.Path(out_dir) / (name + ".json")
+  if model_path.exists() and meta_path.exists():
+    try:
+      cached = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+      cached = None
     if cached == settings:
       return load_sentencepiece(model_path)
   if not texts:
@@ -137,13 +138,10 @@ def train_sentencepiece(
     _train(texts, vocab_size, model_type, buf)
   except RuntimeError as e:  # e.g. a vocab_size below 256 byte pieces + the corpus characters
     raise ValueError(f"train_sentencepiece(vocab_size={vocab_size}) failed: {e}") from e
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   # Write model, then metadata, each atomically: a crash in between leaves a mismatch -> retrain.
-  for path, data, mode in ((model_path, buf.getvalue(), "wb"), (meta_path, json.dumps(settings, indent=1), "w")):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-      f.write(data)
-    os.replace(tmp, path)
+  paths.write_bytes_atomic(model_path, buf.getvalue())
+  paths.write_text_atomic(meta_path, json.dumps(settings, indent=1))
   return load_sentencepiece(model_path)
 
 

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.linalg
+from etils import epath
 
+from monoformer_jax import paths
 from monoformer_jax.data import mnist
 from monoformer_jax.evaluation.fid import frechet_distance
 
@@ -96,13 +98,12 @@ class DigitClassifier:
     flat = {
         "/".join(k.key for k in keys): np.asarray(v) for keys, v in jax.tree_util.tree_flatten_with_path(self.params)[0]
     }
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __version__=RECIPE_VERSION, __heldout_accuracy__=self.heldout_accuracy, **flat)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    # Atomic: a concurrent reader sees the old file or the whole new one.
+    paths.save_npz(path, __version__=RECIPE_VERSION, __heldout_accuracy__=self.heldout_accuracy, **flat)
 
   @classmethod
   def load(cls, path: str) -> "DigitClassifier":
-    with np.load(path) as f:
+    with paths.load_npz(path) as f:
       if int(f["__version__"]) != RECIPE_VERSION:
         raise ValueError(f"{path}: classifier recipe v{int(f['__version__'])}, expected v{RECIPE_VERSION}")
       params: dict = {}
@@ -179,13 +180,13 @@ def load_or_train(cache_dir: Optional[str] = None, seed: int = 0) -> DigitClassi
   """The cached classifier for (recipe, seed), trained and saved on first use."""
   cache_dir = cache_dir or default_cache_dir()
   path = os.path.join(cache_dir, f"digit_classifier_v{RECIPE_VERSION}_seed{seed}.npz")
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     try:
       return DigitClassifier.load(path)
     except (OSError, ValueError, KeyError) as e:  # a truncated or stale file: retrain over it
       print(f"retraining the digit classifier: cannot use {path} ({e})", flush=True)
   classifier, _ = train_digit_classifier(seed)
-  os.makedirs(cache_dir, exist_ok=True)
+  epath.Path(cache_dir).mkdir(parents=True, exist_ok=True)
   classifier.save(path)
   return classifier
 

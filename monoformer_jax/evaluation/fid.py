@@ -15,7 +15,10 @@ from typing import Callable, Iterable
 import numpy as np
 import scipy.linalg
 import scipy.special
+from etils import epath
 from PIL import Image
+
+from monoformer_jax import paths
 
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -153,7 +156,7 @@ def load_reference_statistics(path: str, features_fn: FeaturesFn | None = None, 
   Inception graph, which pytorch-fid's port approximates closely but not bit for bit). Otherwise
   computes them from the uint8 images in `arr_0`, which needs `features_fn`.
   """
-  with np.load(path) as data:
+  with paths.load_npz(path) as data:
     if "mu" in data and "sigma" in data:
       return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     if "arr_0" not in data:
@@ -168,11 +171,11 @@ def load_reference_statistics(path: str, features_fn: FeaturesFn | None = None, 
 
 def save_statistics(path: str, mu, sigma) -> None:
   """Writes `mu`/`sigma` under ADM's key names, so `load_reference_statistics` reads them back."""
-  np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  paths.save_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def image_files(folder: str) -> list[str]:
-  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+  names = sorted(p.name for p in epath.Path(folder).iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
   if not names:
     raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
   return [os.path.join(folder, n) for n in names]
@@ -182,7 +185,7 @@ def _folder_batches(files: list[str], batch_size: int):
   """Yields uint8 batches of at most batch_size; a change of image size starts a new batch."""
   batch = []
   for name in files:
-    with Image.open(name) as img:
+    with epath.Path(name).open("rb") as f, Image.open(f) as img:
       array = np.asarray(img.convert("RGB"), np.uint8)
     if batch and (len(batch) == batch_size or array.shape != batch[0].shape):
       yield np.stack(batch)

@@ -18,16 +18,16 @@ scored.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.distributed import maybe_initialize_distributed
 from monoformer_jax.evaluation import image_suites
 from monoformer_jax.evaluation import sample_dirs
@@ -59,7 +59,7 @@ def generate(
   run = open_run(workdir, use_ema=use_ema)
   if not run.class_names:
     raise ValueError(f"{workdir}: not a class-conditional run (no class names)")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   sample_dirs.check_and_write_manifest(
       out_dir,
       {
@@ -69,7 +69,7 @@ def generate(
           "seed": int(seed),
           "use_ema": bool(use_ema),
           "step": run.step,
-          "workdir": os.path.abspath(workdir),
+          "workdir": paths.absolute(workdir),
       },
   )
   devices = list(devices or jax.local_devices())
@@ -102,9 +102,8 @@ def generate(
     images = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))[
         : len(idx)
     ]
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images, labels=labels[: len(idx)], indices=idx)
-    os.replace(tmp, path)  # a chunk is either complete on disk or absent
+    # A chunk is either complete on disk or absent.
+    paths.save_npz(path, images=images, labels=labels[: len(idx)], indices=idx)
   return [sample_dirs.chunk_path(out_dir, s0) for s0 in starts]
 
 

@@ -9,10 +9,10 @@ fid    FID and Inception Score with the FID Inception-v3 (weights from a user's 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+from etils import epath
 
+from monoformer_jax import paths
 from monoformer_jax.data import mnist
 from monoformer_jax.evaluation import digit_classifier as dc
 from monoformer_jax.evaluation import fid, inception, inception_convert, sample_dirs
@@ -21,13 +21,13 @@ from monoformer_jax.evaluation import fid, inception, inception_convert, sample_
 def load_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """(images uint8 (N, H, W, C), labels int32 (N,) or None) from a samples .npz (`images` or
   `arr_0`, optional `labels`) or a `fid_samples` directory; errors name the file."""
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     images, labels = sample_dirs.load_samples(path)
     return images, labels.astype(np.int32)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"no such samples file {path}")
   try:
-    with np.load(path) as f:
+    with paths.load_npz(path) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:  # pylint: disable=broad-except  # zip / pickle errors of all kinds
     raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
@@ -93,9 +93,9 @@ def reference_statistics(reference: str, features_fn, batch_size: int = 100):
     seen[0] += len(images)
     return features_fn(images)
 
-  if os.path.isdir(reference):
+  if epath.Path(reference).is_dir():
     mu, sigma = fid.statistics_from_folder(reference, counting_features, batch_size)
-  elif not os.path.isfile(reference):
+  elif not epath.Path(reference).is_file():
     raise FileNotFoundError(f"no such reference file or folder {reference}")
   else:
     try:
@@ -143,7 +143,7 @@ def inception_metrics(
 
 def fid_suite(images: np.ndarray, weights: str, reference: str, *, batch_size: int = 100, splits: int = 10) -> dict:
   """`inception_metrics` with the FID Inception read from a pytorch-fid .pth file."""
-  if not os.path.isfile(weights):
+  if not epath.Path(weights).is_file():
     raise FileNotFoundError(f"no such Inception weights file {weights}")
   features = inception.InceptionFeatures(inception_convert.load_fid_inception(weights), batch_size=batch_size)
   return inception_metrics(images, features, reference, batch_size=batch_size, splits=splits)

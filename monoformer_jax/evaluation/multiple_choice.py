@@ -28,12 +28,14 @@ A task's file is TASKS_DIR/<name>.jsonl (the names above).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
+from etils import epath
 
 
 class TextTokenizer(Protocol):
@@ -197,10 +199,10 @@ def task_format(name: str) -> TaskFormat:
 def read_examples(task: str, path: str, limit: Optional[int] = None) -> list[Example]:
   """The examples of a task's JSONL file (blank lines skipped); errors name file:line."""
   fmt = task_format(task)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"{fmt.name}: no such file {path}")
   examples = []
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
     for number, line in enumerate(f, start=1):
       if limit is not None and len(examples) >= limit:
         break
@@ -277,7 +279,7 @@ def evaluate_tasks(
   per-example choice log-likelihoods ("loglikelihoods") and gold indices ("gold").
   """
   if tasks is None:
-    tasks = [t for t in TASKS if os.path.isfile(os.path.join(tasks_dir, f"{t}.jsonl"))]
+    tasks = [t for t in TASKS if epath.Path(tasks_dir, f"{t}.jsonl").is_file()]
     if not tasks:
       raise FileNotFoundError(f"{tasks_dir}: none of {[t + '.jsonl' for t in TASKS]} exists")
   names = [task_format(t).name for t in tasks]

@@ -14,9 +14,11 @@ perplexity exp(total NLL / whitespace-separated words).
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Optional
+
+from etils import epath
 
 from monoformer_jax.evaluation.multiple_choice import TextTokenizer
 
@@ -80,10 +82,10 @@ def perplexity_of_file(
     max_chars: Optional[int] = None,
 ) -> dict:
   """`perplexity` of a UTF-8 text file (its first `max_chars` characters when given)."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"perplexity: no such text file {path}")
   try:
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
       text = f.read(max_chars) if max_chars else f.read()
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text ({e})") from None

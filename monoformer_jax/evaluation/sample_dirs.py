@@ -4,12 +4,14 @@ checked (a missing or wrong chunk is named, never silently scored)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 import jax
 import numpy as np
+from etils import epath
+
+from monoformer_jax import paths
 
 MANIFEST = "manifest.json"
 # The sampling scheme of the chunks: 2 = labels from their own key stream, noise and prompts
@@ -26,11 +28,10 @@ def chunk_indices(start: int, chunk: int, num_samples: int) -> np.ndarray:
 
 
 def read_manifest(out_dir: str) -> dict | None:
-  path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = epath.Path(out_dir) / MANIFEST
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 # What makes two runs' samples different; num_samples may grow on resume, workdir may move.
@@ -49,18 +50,15 @@ def check_and_write_manifest(out_dir: str, manifest: dict) -> None:
           + "); use another --out_dir or the same settings"
       )
   if jax.process_index() == 0:
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-      json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    paths.write_text_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def chunk_is_complete(path: str, expected: np.ndarray) -> bool:
   """Whether a chunk on disk holds exactly the expected indices (a run with a smaller
   num_samples leaves a short last chunk, which a larger one must redo)."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return False
-  with np.load(path) as z:
+  with paths.load_npz(path) as z:
     return np.array_equal(z["indices"], expected)
 
 
@@ -77,13 +75,13 @@ def load_samples(
   disk and hold exactly its indices, so each index appears once; otherwise a ValueError names
   the missing chunks or the wrong ones (scoring an incomplete set would bias the FID silently).
   """
-  if not os.path.isdir(out_dir):
+  if not epath.Path(out_dir).is_dir():
     raise FileNotFoundError(f"no such sample directory {out_dir}")
   manifest = read_manifest(out_dir) or {}
   num_samples = num_samples or manifest.get("num_samples")
   chunk = chunk or manifest.get("chunk")
   if not num_samples or not chunk:
-    found = len(glob.glob(os.path.join(out_dir, "samples_*.npz")))
+    found = len(list(epath.Path(out_dir).glob("samples_*.npz")))
     raise ValueError(
         f"{out_dir}: no {MANIFEST} (found {found} samples_*.npz); pass num_samples "
         "and chunk to check the chunks against"
@@ -92,10 +90,10 @@ def load_samples(
   for start in range(0, num_samples, chunk):
     path = chunk_path(out_dir, start)
     expected = chunk_indices(start, chunk, num_samples)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       missing.append(f"{os.path.basename(path)} (samples {_span(expected)})")
       continue
-    with np.load(path) as z:
+    with paths.load_npz(path) as z:
       part = {k: z[k] for k in ("images", "labels", "indices")}
     if not np.array_equal(part["indices"], expected) or not (
         len(part["images"]) == len(part["labels"]) == len(expected)

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from monoformer_jax import diffusion
+from monoformer_jax import diffusion, paths
 from monoformer_jax.data import registry
 from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
 from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
           eta=0.0,
           clip_denoised=False,  # clamp predicted x0 to [-1, 1] (pixels; official: off)
           num_per_class=4,
+          grid_classes=16,  # rows of the periodic grid (its first classes): bounded at any scale
           temperature=0.7,
           top_k=50,
           top_p=0.95,
@@ -298,10 +299,7 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
           + " (use a new --workdir, or the saved values)"
       )
   if is_main:
-    text = config.to_json(indent=2, sort_keys=True)
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    paths.write_text_atomic(path, config.to_json(indent=2, sort_keys=True))
   return changes
 
 

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from monoformer_jax.sampling import cache as cache_lib
 from monoformer_jax.sampling.tokens import TokenSampling, choose_tokens
@@ -62,6 +63,18 @@ def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
   for r, p in enumerate(prompts):
     ids[r, : len(p)] = np.asarray(p, np.int32)
   return ids, lengths
+
+
+def to_host(tree):
+  """Device values as numpy, on every process: an array sharded over several hosts (a multi-host
+  mesh) is all-gathered first, which every process must call alike (sampling is collective)."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
 
 
 def mesh_context(mesh, rules):
@@ -130,7 +143,7 @@ def grow_cache(state: dict, *, size: int) -> dict:
 
 def ensure_room(state: dict, needed: int, total: int) -> dict:
   """Grows the cache (to its bucket) when fewer than `needed` slots follow state['index']."""
-  index = int(jax.device_get(state["index"]))
+  index = int(to_host(state["index"]))
   if index + needed <= cache_slots(state):
     return state
   if index + needed > total:
@@ -255,8 +268,8 @@ def generate_tokens(
       state = decode_until(
           params, state, rng, config=config, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens)
       )
-      if jax.device_get(state["done"]).all():
+      if to_host(state["done"]).all():
         break
       state = ensure_room(state, 1, total)  # the loop stopped on a full cache
-  generated, counts = jax.device_get((state["generated"], state["num_generated"]))
+  generated, counts = to_host((state["generated"], state["num_generated"]))
   return [[int(t) for t in generated[r, : counts[r]]] for r in range(len(prompts))]

@@ -25,7 +25,7 @@ import numpy as np
 
 from monoformer_jax import diffusion
 from monoformer_jax.sampling import cache as cache_lib
-from monoformer_jax.sampling.decode import mesh_context, pad_prompts, text_batch
+from monoformer_jax.sampling.decode import mesh_context, pad_prompts, text_batch, to_host
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import MonoFormer
@@ -267,7 +267,7 @@ def sample_images(
         eta=float(eta),
         clip_denoised=bool(clip_denoised),
     )
-  return np.asarray(out)
+  return to_host(out)
 
 
 # ----------------------------------------------------------------------------------------------

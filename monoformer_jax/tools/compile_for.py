@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import batch as batch_lib
@@ -45,7 +46,6 @@ from monoformer_jax.sampling import image as image_lib
 from monoformer_jax.sampling.decode import mesh_context
 from monoformer_jax.train import metrics as metrics_lib
 from monoformer_jax.train import steps as steps_lib
-from monoformer_jax.train.periodic_samples import MAX_CLASSES
 from monoformer_jax.train.trainer import make_scheduler
 
 _COLLECTIVE = re.compile(
@@ -170,7 +170,7 @@ def _lower_train_step(config, model_config, kind, objective, mesh, rules, shape)
 
 def sample_rows(config) -> tuple[int, int]:
   """(rows, prompt length) of the periodic grid's sampling call (guided: [cond; uncond])."""
-  n = MAX_CLASSES * config.sampling.num_per_class
+  n = config.sampling.grid_classes * config.sampling.num_per_class  # an upper bound: the classes are data
   return (2 * n if config.sampling.guidance_scale > 1 else n), config.data.max_prompt_tokens + 2
 
 
@@ -423,8 +423,7 @@ def run(fv, args) -> int:
   report = compile_report(fv.config, fv.topology, log=lambda m: print(m, file=sys.stderr, flush=True))
   print(format_table(report))
   if fv.out:
-    with open(fv.out, "w") as f:
-      json.dump(report, f, indent=2)
+    epath.Path(fv.out).write_text(json.dumps(report, indent=2))
   check_fits(report)
   return 0
 

@@ -15,7 +15,9 @@ Output: DATA_DIR/monoformer_latents/1.0.0 (TFDS ArrayRecord via `write_latents`;
 mnist_latents and data.image_path=DATA_DIR), float32 NHWC mean and logvar (unscaled: the
 pipeline draws (mean + exp(logvar / 2) N(0, 1)) * data.latent_scale each time), plus `label`
 or `prompt`. Beside it: extraction.json (the VAE, its scaling_factor, counts), class_names.json
-(labelled sources; for data.class_names_file) and source_index.npy (record -> source position).
+(labelled sources: {id: [folder, name]}; a run on these latents reads it unless
+data.class_names_file says otherwise; --class_names LOC_synset_mapping.txt turns ImageNet's
+WordNet-id folders into human names) and source_index.npy (record -> source position).
 
 Scale: each batch is sharded over a 1-D mesh of the local devices (padded to a multiple of their
 number). With several processes (MONOFORMER_DISTRIBUTED=1 and the other variables the trainer
@@ -32,7 +34,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import sys
 import types
 
@@ -40,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.data import image_sources, sources
 from monoformer_jax.data.image_sources import center_crop_arr
 from monoformer_jax.data.tfds_latents import NAME, write_latents
@@ -80,6 +82,13 @@ def define_flags(fv, argv=()):
       0,
       "Centre-crop to this size (0: keep; all images must then agree).",
       lower_bound=0,
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "class_names",
+      None,
+      "image_folder: ImageNet's synset mapping (LOC_synset_mapping.txt, or JSON {wnid: name} / "
+      "{id: [wnid, name]}), so that class_names.json and the prompts hold human names, not WordNet ids.",
       flag_values=fv,
   )
   flags.DEFINE_string("image_root", None, "image_text_jsonl: resolve relative image paths here.", flag_values=fv)
@@ -122,6 +131,7 @@ def _options(fv) -> types.SimpleNamespace:
               "split",
               "image_size",
               "image_root",
+              "class_names",
               "batch_size",
               "chunk_size",
               "workers",
@@ -132,13 +142,13 @@ def _options(fv) -> types.SimpleNamespace:
           )
       }
   )
-  if not os.path.isdir(args.vae):
+  if not epath.Path(args.vae).is_dir():
     raise cli.UsageError(f"--vae: no such directory: {args.vae}")
   if args.source != "mnist" and not args.input:
     raise cli.UsageError(f"--input is required for --source {args.source}")
   for path in (args.input.split(",") if args.input else []):
     want_dir = args.source == "image_folder"
-    if not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+    if not (epath.Path(path).is_dir() if want_dir else epath.Path(path).is_file()):
       raise cli.UsageError(f"--input: no such {'directory' if want_dir else 'file'}: {path}")
   if args.source == "mnist" and args.split not in ("train", "holdout", "all"):
     raise cli.UsageError(f"--split {args.split!r}: mnist splits are train, holdout and all")
@@ -151,8 +161,12 @@ def open_source(args, channels: int):
   if args.source == "mnist":
     return sources.MnistSource(split=args.split, path=args.input or None)
   if args.source == "image_folder":
+    try:
+      names = image_sources.read_synset_names(args.class_names) if args.class_names else None
+    except (FileNotFoundError, ValueError) as err:
+      raise cli.UsageError(f"--class_names: {err}") from None
     return image_sources.ImageFolderSource(
-        args.input, image_size=size, channels=channels, skip_bad_records=args.skip_bad_records
+        args.input, image_size=size, channels=channels, class_names=names, skip_bad_records=args.skip_bad_records
     )
   return image_sources.ImageTextJsonlSource(
       args.input.split(","),
@@ -203,9 +217,8 @@ class Encoder:
 
 def _fingerprint(args, num_records: int) -> dict:
   """What a resumed run must share with the one that wrote the chunks."""
-  with open(os.path.join(args.vae, "config.json"), "rb") as f:
-    vae_hash = hashlib.sha256(f.read()).hexdigest()[:16]
-  inputs = [os.path.abspath(p) for p in args.input.split(",")] if args.input else []
+  vae_hash = hashlib.sha256(epath.Path(args.vae, "config.json").read_bytes()).hexdigest()[:16]
+  inputs = [paths.absolute(p) for p in args.input.split(",")] if args.input else []
   return {
       "source": args.source,
       "input": inputs,
@@ -219,9 +232,8 @@ def _fingerprint(args, num_records: int) -> dict:
 
 def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
   path = os.path.join(partial, "manifest.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if epath.Path(path).exists():
+    old = json.loads(epath.Path(path).read_text())
     if old != fingerprint:
       diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
       raise ValueError(
@@ -229,10 +241,8 @@ def _check_manifest(partial: str, fingerprint: dict, is_main: bool) -> None:
           "(before, now)); rerun with the same arguments or delete it"
       )
   elif is_main:
-    os.makedirs(partial, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(fingerprint, f, indent=2)
-    os.replace(path + ".tmp", path)
+    epath.Path(partial).mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(path, json.dumps(fingerprint, indent=2))
 
 
 def chunk_path(partial: str, c: int) -> str:
@@ -268,21 +278,35 @@ def encode_chunk(source, start: int, stop: int, encoder, args, channels, pool) -
 
 
 def save_chunk(path: str, arrays: dict) -> None:
-  tmp = path[: -len(".npz")] + ".tmp.npz"  # np.savez keeps a name that ends in .npz
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # atomic: a killed run never leaves a half-written chunk
+  paths.save_npz(path, **arrays)  # atomic: a killed run never leaves a half-written chunk
 
 
-def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> str:
+def _write_class_names(args, class_names, folders) -> None:
+  """class_names.json: {id: [folder, name]} for a class-folder tree (the run reads the name, the
+  folder stays for reference), else a list of names."""
+  if folders is not None:
+    table = {str(i): [f, n] for i, (f, n) in enumerate(zip(folders, class_names))}
+  else:
+    table = list(class_names)
+  epath.Path(args.out, "class_names.json").write_text(json.dumps(table, indent=0))
+  if any(image_sources.WNID.match(n) for n in class_names):
+    print(
+        "WARNING: class_names.json holds WordNet ids as class names, so prompts will read "
+        "'an image of n01440764'; pass --class_names LOC_synset_mapping.txt for human names",
+        file=sys.stderr,
+    )
+
+
+def assemble(args, partial: str, num_chunks: int, class_names, vae_config, folders=None) -> str:
   """Concatenates the chunks in order and writes the TFDS dataset and its side files."""
-  missing = [c for c in range(num_chunks) if not os.path.exists(chunk_path(partial, c))]
+  missing = [c for c in range(num_chunks) if not epath.Path(chunk_path(partial, c)).exists()]
   if missing:
     raise ValueError(
         f"chunks {missing[:5]} are missing from {partial} (with several hosts DATA_DIR must be a shared filesystem)"
     )
   parts = []
   for c in range(num_chunks):
-    with np.load(chunk_path(partial, c)) as data:
+    with paths.load_npz(chunk_path(partial, c)) as data:
       parts.append({k: data[k] for k in data.files})
   parts = [p for p in parts if len(p["source_index"])]
   if not parts:
@@ -292,12 +316,11 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
   if "prompt" in arrays:
     arrays["prompt"] = [str(p) for p in arrays["prompt"]]
   target = write_latents(args.out, {args.split: arrays})
-  np.save(os.path.join(args.out, "source_index.npy"), source_index)
+  paths.save_npy(os.path.join(args.out, "source_index.npy"), source_index)
   if class_names is not None:
-    with open(os.path.join(args.out, "class_names.json"), "w") as f:
-      json.dump(list(class_names), f)
+    _write_class_names(args, class_names, folders)
   info = {
-      "vae": os.path.abspath(args.vae),
+      "vae": paths.absolute(args.vae),
       "scaling_factor": vae_config.scaling_factor,
       "shift_factor": vae_config.shift_factor,
       "split": args.split,
@@ -307,10 +330,9 @@ def assemble(args, partial: str, num_chunks: int, class_names, vae_config) -> st
       "input": args.input,
       "image_size": args.image_size,
   }
-  with open(os.path.join(args.out, "extraction.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  epath.Path(args.out, "extraction.json").write_text(json.dumps(info, indent=2))
   if not args.keep_partial:
-    shutil.rmtree(partial)
+    epath.Path(partial).rmtree()
   return target
 
 
@@ -319,7 +341,7 @@ def run(fv, positional) -> int:
     raise cli.UsageError(f"unexpected arguments {positional}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   args = _options(fv)
-  if os.path.exists(os.path.join(args.out, NAME)):
+  if epath.Path(args.out, NAME).exists():
     raise cli.UsageError(f"--out: {args.out} already holds a {NAME} dataset; use another directory")
   maybe_initialize_distributed()  # MONOFORMER_DISTRIBUTED=1: the same environment as training
   try:
@@ -334,17 +356,19 @@ def run(fv, positional) -> int:
   channels = vae_config.in_channels
   try:
     source = open_source(args, channels)
+  except cli.UsageError:
+    raise
   except (FileNotFoundError, ValueError) as err:
     raise cli.UsageError(f"--input {args.input}: {err}") from None
   num_records = len(source)
   num_chunks = -(-num_records // args.chunk_size)
   proc, procs = jax.process_index(), jax.process_count()
   partial = os.path.join(args.out, PARTIAL)
-  os.makedirs(partial, exist_ok=True)
+  epath.Path(partial).mkdir(parents=True, exist_ok=True)
   _check_manifest(partial, _fingerprint(args, num_records), proc == 0)
 
   mine = [c for c in range(num_chunks) if c % procs == proc]
-  todo = [c for c in mine if not os.path.exists(chunk_path(partial, c))]
+  todo = [c for c in mine if not epath.Path(chunk_path(partial, c)).exists()]
   size = lambda c: min(args.chunk_size, num_records - c * args.chunk_size)
   done = sum(size(c) for c in mine if c not in todo)
   if done:
@@ -369,7 +393,7 @@ def run(fv, positional) -> int:
     multihost_utils.sync_global_devices("extract_latents_chunks")
   if proc == 0:
     class_names = getattr(source, "class_names", None)
-    target = assemble(args, partial, num_chunks, class_names, vae_config)
+    target = assemble(args, partial, num_chunks, class_names, vae_config, getattr(source, "folders", None))
     print(f"wrote {target}: {args.split} split, scaling_factor {vae_config.scaling_factor}", file=sys.stderr)
   return 0
 

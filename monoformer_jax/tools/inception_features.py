@@ -8,18 +8,18 @@ under the only key, or under --key. OUT.npz gets `pool` (N, 2048) and `logits` (
 Running pytorch-fid on the same images and comparing checks the weight conversion.
 """
 
-import os
 import sys
 
 import numpy as np
 from absl import flags
+from etils import epath
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.evaluation import inception, inception_convert
 
 
 def _select_images(path: str, key: str | None) -> np.ndarray:
-  with np.load(path) as data:
+  with paths.load_npz(path) as data:
     keys = sorted(data.files)
     if key is None:
       if "arr_0" in keys:
@@ -55,12 +55,12 @@ def define_flags(fv, argv=()):
 def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
-  if not os.path.isfile(fv.weights):
+  if not epath.Path(fv.weights).is_file():
     raise cli.UsageError(
         f"--weights: no such file: {fv.weights} (the FID Inception .pth must be "
         "supplied locally; nothing is downloaded)"
     )
-  if not os.path.isfile(fv.images):
+  if not epath.Path(fv.images).is_file():
     raise cli.UsageError(f"--images: no such file: {fv.images}")
   images = _select_images(fv.images, fv.key)
   try:
@@ -68,7 +68,7 @@ def run(fv, args) -> int:
   except inception_convert.ConversionError as err:
     raise cli.UsageError(f"--weights {fv.weights}: {err}") from None
   features = inception.InceptionFeatures(variables, batch_size=fv["batch-size"].value)(images)
-  np.savez(fv.out, pool=features["pool"], logits=features["logits"])
+  paths.save_npz(fv.out, pool=features["pool"], logits=features["logits"])
   print(f"wrote {fv.out}: pool {features['pool'].shape}, logits {features['logits'].shape}", file=sys.stderr)
   return 0
 

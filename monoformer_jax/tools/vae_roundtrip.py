@@ -10,19 +10,19 @@ the same images and comparing (`latent_dist.mean`, `.logvar`, `decode(mean).samp
 NHWC) checks a conversion. The weights must be local; nothing is downloaded.
 """
 
-import os
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 
-from monoformer_jax import cli
+from monoformer_jax import cli, paths
 from monoformer_jax.vae import convert, latents
 
 
 def _select_images(path: str, key: str | None) -> np.ndarray:
-  with np.load(path) as data:
+  with paths.load_npz(path) as data:
     keys = sorted(data.files)
     if key is None:
       key = "images" if "images" in keys else (keys[0] if len(keys) == 1 else None)
@@ -86,12 +86,12 @@ def _batched(fn, array: np.ndarray, batch_size: int):
 def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
-  if not os.path.isdir(fv.vae):
+  if not epath.Path(fv.vae).is_dir():
     raise cli.UsageError(
         f"--vae: no such directory: {fv.vae} (a local diffusers AutoencoderKL "
         "folder, e.g. a snapshot of stabilityai/sd-vae-ft-mse)"
     )
-  if not os.path.isfile(fv.images):
+  if not epath.Path(fv.images).is_file():
     raise cli.UsageError(f"--images: no such file: {fv.images}")
   try:
     images = _select_images(fv.images, fv.key)
@@ -115,7 +115,8 @@ def run(fv, args) -> int:
     return mean, logvar, decoded
 
   mean, logvar, decoded = _batched(roundtrip, images, fv["batch-size"].value)
-  np.savez(fv.out, mean=mean.astype(np.float32), logvar=logvar.astype(np.float32), decoded=decoded.astype(np.float32))
+  arrays = dict(mean=mean, logvar=logvar, decoded=decoded)
+  paths.save_npz(fv.out, **{k: v.astype(np.float32) for k, v in arrays.items()})
   print(f"wrote {fv.out}: mean/logvar {mean.shape}, decoded {decoded.shape}", file=sys.stderr)
   return 0
 

@@ -7,6 +7,7 @@ import jax
 
 from monoformer_jax.convert import checkpoints as convert_checkpoints
 from monoformer_jax.convert.monoformer_weights import stack_layers
+from monoformer_jax.model.config import from_official_config
 from monoformer_jax.run.config import ConfigError
 from monoformer_jax.run.open import open_run
 from monoformer_jax.run.state import place_params
@@ -22,6 +23,32 @@ _SHAPE_FIELDS = (
     "image_channels",
     "patch_size",
 )
+
+
+def check_init_from(config, model_config) -> None:
+  """Before any state is built: the `init_from` folder exists and its config.json describes
+  this model (a 1.1B config must not allocate 18 GB of state to learn that the folder holds
+  another model). hf: and official: only; a run: is checked when it loads."""
+  kind, _, path = config.init_from.partition(":")
+  if kind not in ("hf", "official"):
+    return
+  try:
+    loaded = from_official_config(convert_checkpoints.read_checkpoint_config(path))
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise ConfigError(f"config.init_from={config.init_from!r}: {type(e).__name__}: {e}") from None
+  fields = _SHAPE_FIELDS[:5] if kind == "hf" else _SHAPE_FIELDS  # hf: the image path is new
+  _raise_on_mismatch(config, {f: (getattr(loaded, f), getattr(model_config, f)) for f in fields})
+  if loaded.vocab_size > model_config.vocab_size:
+    _raise_on_mismatch(config, {"vocab_size": (loaded.vocab_size, model_config.vocab_size)})
+
+
+def _raise_on_mismatch(config, pairs: dict) -> None:
+  mismatch = {f: (a, b) for f, (a, b) in pairs.items() if a != b}
+  if mismatch:
+    raise ConfigError(
+        f"config.init_from={config.init_from!r} holds a different model: "
+        + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in mismatch.items())
+    )
 
 
 def load_init_params(config, model_config, rng):
@@ -48,16 +75,7 @@ def load_init_params(config, model_config, rng):
 def initialise_from(config, state, shardings, model_config, optimizer, rng):
   """Replaces fresh params (and EMA) by converted ones; the optimizer state restarts."""
   loaded_cfg, params = load_init_params(config, model_config, rng)
-  mismatch = {
-      f: (getattr(loaded_cfg, f), getattr(model_config, f))
-      for f in _SHAPE_FIELDS
-      if getattr(loaded_cfg, f) != getattr(model_config, f)
-  }
-  if mismatch:
-    raise ConfigError(
-        f"config.init_from={config.init_from!r} holds a different model: "
-        + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in mismatch.items())
-    )
+  _raise_on_mismatch(config, {f: (getattr(loaded_cfg, f), getattr(model_config, f)) for f in _SHAPE_FIELDS})
   if model_config.scan_layers and "layers" not in params:
     params = stack_layers(params, model_config.num_layers)
   params = place_params(params, shardings.params)

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Optional
 
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+from etils import epath
 
+from monoformer_jax import paths
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import chips as chips_lib
+from monoformer_jax.run import tensorboard
 
 # Dense bf16 peak FLOP/s of GPUs, keyed by a substring of `device.device_kind` (TPUs: run/chips.py).
 PEAK_FLOPS = (
@@ -73,44 +75,45 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    # A bucket object cannot be appended to: there the rows are kept here and the whole file is
+    # written (one atomic object write) on every logged step. Locally each row is appended.
+    self._rows = None if paths.is_local(workdir) else []
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-      tb_dir = os.path.join(workdir, "tensorboard")
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      tb_dir = epath.Path(workdir) / "tensorboard"
       purge = None
+      if self._rows is not None and self.path.exists():
+        self._rows = self.path.read_text().splitlines(keepends=True)
       if resume_step is not None:
         self.discard_after(resume_step)
-        if os.path.isdir(tb_dir) and any(n.startswith("events.") for n in os.listdir(tb_dir)):
+        if tensorboard.has_events(tb_dir):
           purge = int(resume_step) + 1
-      self._tb = SummaryWriter(tb_dir, purge_step=purge)
+      self._tb = tensorboard.summary_writer(tb_dir, purge_step=purge)
 
   def discard_after(self, step: int) -> int:
     """Rewrites metrics.jsonl (atomically) without rows past `step`; returns how many it dropped.
 
     A line cut short by a kill in the middle of a write is dropped too.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return 0
     kept, dropped = [], 0
-    with open(self.path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-          keep = int(row["step"]) <= step
-        except (ValueError, KeyError, TypeError):
-          keep = False
-        if keep:
-          kept.append(line if line.endswith("\n") else line + "\n")
-        else:
-          dropped += 1
+    for line in self.path.read_text().splitlines(keepends=True):
+      try:
+        row = json.loads(line)
+        keep = int(row["step"]) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
     if dropped:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      paths.write_text_atomic(self.path, "".join(kept))
+      if self._rows is not None:
+        self._rows = kept
       print(
           f"dropped {dropped} metrics.jsonl rows past step {step} (logged by an earlier run "
           "after its last checkpoint)",
@@ -128,8 +131,13 @@ class MetricWriter:
     for k, v in clean.items():
       if isinstance(v, float) and not math.isfinite(v):
         clean[k] = None if math.isnan(v) else v
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._rows is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._rows.append(line)
+      self.path.write_text("".join(self._rows))
     for k, v in clean.items():
       if isinstance(v, float):
         self._tb.add_scalar(k, v, int(step))

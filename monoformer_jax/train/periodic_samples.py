@@ -2,13 +2,18 @@
 
 Drawn through `monoformer_jax.sampling` like every other sampler: the grid holds exactly the
 images `InferenceModel.sample_classes(classes, num_per_class, seed=config.sampling.seed)` returns
-for that checkpoint. Images: a row per class (at most `max_classes` rows: a 1,000-class run shows
-its first classes), decoded through the run's VAE. Text: continuations of a few fixed openings.
+for that checkpoint. Images: a row per class (at most `sampling.grid_classes` rows: a 1,000-class
+run shows its first classes), decoded through the run's VAE. Text: continuations of a few fixed
+openings.
+
+At scale the weights stay where training put them: the sampler runs on the training mesh with
+its logical axis rules, the sharded (FSDP) EMA weights go in as they are and only the few
+finished images / tokens come back to the host (from every process, so a multi-host run samples
+collectively; process 0 writes the files).
 """
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from etils import epath
 
@@ -19,16 +24,28 @@ from monoformer_jax.sampling import text as text_lib
 from monoformer_jax.sampling.tokens import TokenSampling
 
 TEXT_OPENINGS = ("The", "A class", "If the")
-MAX_CLASSES = 16  # rows of a periodic grid: enough to see a run's progress, cheap at any scale
 
 
 class PeriodicSampler:
   """Writes `samples/step_<N>.png` (a row per class) and `samples/step_<N>.txt`."""
 
-  def __init__(self, config, model_config, objective, tokenizer, workdir, writer, is_main, draws_text: bool):
+  def __init__(
+      self,
+      config,
+      model_config,
+      objective,
+      tokenizer,
+      workdir,
+      writer,
+      is_main,
+      draws_text: bool,
+      mesh=None,
+      rules=None,
+  ):
     self.config, self.model_config, self.objective = config, model_config, objective
     self.tokenizer, self.writer, self.is_main = tokenizer, writer, is_main
     self.draws_text = draws_text
+    self.mesh, self.rules = mesh, rules
     self.dir = epath.Path(workdir) / "samples"
     self.class_names = registry.class_names(config.data)
 
@@ -45,8 +62,7 @@ class PeriodicSampler:
   def images(self, params) -> np.ndarray:
     """The grid's images (uint8, a row per class) from `params`."""
     s = self.config.sampling
-    names = self.class_names[:MAX_CLASSES]
-    labels = np.repeat(np.arange(len(names)), s.num_per_class)
+    labels = np.repeat(np.arange(self.num_rows()), s.num_per_class)
     images = classes_lib.sample_classes(
         params,
         self.model_config,
@@ -55,15 +71,19 @@ class PeriodicSampler:
         self.class_names,
         labels,
         seed=s.seed,
+        mesh=self.mesh,
+        rules=self.rules,
         **classes_lib.image_options(s),
     )
     return images_lib.to_uint8(images_lib.decode_images(images, self.config.vae.path, self.config.vae.scale))
 
+  def num_rows(self) -> int:
+    return min(len(self.class_names or ()), self.config.sampling.grid_classes)
+
   def __call__(self, step: int, params) -> None:
     s = self.config.sampling
-    params = jax.device_get(params)
-    if self.objective is not None and self.class_names:
-      picture = images_lib.grid(self.images(params), rows=min(len(self.class_names), MAX_CLASSES))
+    if self.objective is not None and self.num_rows():
+      picture = images_lib.grid(self.images(params), rows=self.num_rows())
       if self.is_main:
         images_lib.save_png(self.dir / f"step_{step}.png", picture)
         self.writer.write_image(step, "samples", picture if picture.shape[-1] == 3 else np.repeat(picture, 3, axis=-1))
@@ -76,6 +96,8 @@ class PeriodicSampler:
           max_new_tokens=s.max_new_tokens,
           seed=s.seed,
           sampling=TokenSampling(s.temperature, s.top_k, s.top_p),
+          mesh=self.mesh,
+          rules=self.rules,
       )
       body = "\n\n".join(f"[{p}] {p}{t}" for p, t in zip(TEXT_OPENINGS, texts))
       if self.is_main:

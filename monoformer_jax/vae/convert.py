@@ -19,6 +19,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
@@ -159,9 +160,9 @@ def params_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
 
 
 def _vae_folder(path: str) -> str:
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"no such VAE directory: {path!r}")
-  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
+  if not epath.Path(path, "config.json").is_file() and epath.Path(path, "vae", "config.json").is_file():
     return os.path.join(path, "vae")  # a whole Stable-Diffusion pipeline folder
   return path
 
@@ -169,15 +170,14 @@ def _vae_folder(path: str) -> str:
 def load_diffusers_config(path: str) -> VAEConfig:
   folder = _vae_folder(os.fspath(path))
   config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
+  if not epath.Path(config_path).is_file():
     raise FileNotFoundError(
         f"no config.json in {folder!r} (expected a diffusers AutoencoderKL folder, as written by save_pretrained)"
     )
-  with open(config_path) as f:
-    try:
-      fields = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  try:
+    fields = json.loads(epath.Path(config_path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
   try:
     return config_from_diffusers(fields)
   except ValueError as e:

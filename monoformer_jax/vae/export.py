@@ -15,7 +15,9 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
+from monoformer_jax import paths
 from monoformer_jax.vae.autoencoder_kl import VAEConfig
 from monoformer_jax.vae.convert import params_to_state_dict
 
@@ -52,18 +54,15 @@ def diffusers_config(config: VAEConfig, sample_size: int) -> dict:
 def save_diffusers_vae(path: str, config: VAEConfig, params, sample_size: int) -> str:
   """Writes path/config.json and path/diffusion_pytorch_model.safetensors; returns path.
 
-  Files are written to temporary names and renamed, so an interrupted save leaves no half file.
+  Each file is written atomically (`paths.write_bytes_atomic`), so an interrupted save leaves no
+  half file. `path`: a local folder or any etils.epath path.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(path, exist_ok=True)
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
   state = params_to_state_dict(jax.device_get(nn.unbox(params)))
   state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
-  weights = os.path.join(path, WEIGHTS_NAME)
-  save_file(state, weights + ".tmp")
-  os.replace(weights + ".tmp", weights)
-  config_path = os.path.join(path, "config.json")
-  with open(config_path + ".tmp", "w") as f:
-    json.dump(diffusers_config(config, sample_size), f, indent=2)
-  os.replace(config_path + ".tmp", config_path)
+  paths.write_bytes_atomic(os.path.join(path, WEIGHTS_NAME), save(state))
+  config_text = json.dumps(diffusers_config(config, sample_size), indent=2)
+  paths.write_text_atomic(os.path.join(path, "config.json"), config_text)
   return path

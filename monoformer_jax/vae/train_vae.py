@@ -12,6 +12,7 @@ latent *sampled* from the posterior, plus a small KL to N(0, I).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli
@@ -113,12 +115,14 @@ def _save_grid(path: str, top: np.ndarray, bottom: np.ndarray) -> None:
 
   rows = [np.concatenate(list(row[..., 0]), axis=1) for row in (top, np.clip(bottom, -1, 1))]
   grid = np.concatenate(rows, axis=0)
-  Image.fromarray(np.round((grid + 1) * 127.5).astype(np.uint8)).save(path)
+  buf = io.BytesIO()
+  Image.fromarray(np.round((grid + 1) * 127.5).astype(np.uint8)).save(buf, format="PNG")
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, measures and saves; returns the metrics written to WORKDIR/vae_metrics.json."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   train_images, hold_images = mnist_splits(config)
   if len(train_images) < config.batch_size:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} digits")
@@ -176,8 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
   }
   vae_dir = export.save_diffusers_vae(os.path.join(workdir, "vae"), vae_config_from(config, scale), params, IMAGE_SIZE)
-  with open(os.path.join(workdir, "vae_metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  epath.Path(workdir, "vae_metrics.json").write_text(json.dumps(result, indent=2))
   shown = np.linspace(0, len(hold_images) - 1, 16).astype(int)  # every digit (sorted by class)
   _save_grid(os.path.join(workdir, "reconstructions.png"), hold_images[shown], recon[shown])
   print(
