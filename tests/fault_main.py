@@ -7,7 +7,7 @@ tests): `python -m tests.fault_main --kill_after_step=N [monoformer_jax.main fla
   --kill_at_step=N     SIGKILL once checkpoint step N is saved (and written to disk).
   --sigterm_after_step=N[:P]  SIGTERM to itself right after step N, on process P only (default 0):
                        a preemption notice reaching one process of a multi-process run. Every
-                       process then waits 1.5 s, and 0.2 s after each later step: JAX's SIGTERM
+                       process then waits 2.5 s, and 0.2 s after each later step: JAX's SIGTERM
                        notifier looks for the signal once a second, and the tiny test run must
                        not end before the notice has reached every process.
 """
@@ -45,7 +45,7 @@ class SigtermAfterStep:
       print(f"test: SIGTERM to process {self.process} after step {self.step}", flush=True)
       os.kill(os.getpid(), signal.SIGTERM)
     if context.step >= self.step:
-      time.sleep(1.5 if context.step == self.step else 0.2)
+      time.sleep(2.5 if context.step == self.step else 0.2)
 
 
 def main(argv):

@@ -24,7 +24,7 @@ def flow_run(tmp_path_factory, module_seed):
   config = mnist_tiny.get_config("test")
   config.objective.kind = "flow"
   config.objective.min_snr_gamma = 0.0  # the default's Min-SNR weighting is Gaussian-only
-  # The gaussian default (ddpm) is not a flow sampler; heun also checks the 2-call step.
+  # The gaussian default (dpmpp_2m) is not a flow sampler; heun also checks the 2-call step.
   config.sampling.sampler = "heun"
   config.sampling.num_steps = 3
   config.schedule.ar = 0.0  # diffusion steps only: one step kind to compile, no text samples
