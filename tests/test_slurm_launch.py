@@ -7,9 +7,9 @@ detection (jax/_src/clusters/slurm_cluster.py) is what connects the two processe
 coordinator on the first node at a port it derives from the job id.
 """
 
+import itertools
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -40,9 +40,8 @@ exit "$status"
 
 def _job_id() -> int:
   """A job id whose coordinator port (JAX: 61440 + id % 4096) is free here (not a test input:
-  any free port will do, and unseeded picks keep concurrent sessions apart)."""
-  while True:
-    job_id = random.randrange(10_000, 1_000_000)
+  any free port will do; starting from the pid keeps concurrent sessions apart)."""
+  for job_id in itertools.count(10_000 + os.getpid() % 4096):
     with socket.socket() as s:
       try:
         s.bind(("", 61440 + job_id % 4096))
