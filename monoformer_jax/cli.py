@@ -18,6 +18,12 @@ from typing import Callable, Optional, Sequence
 from absl import flags
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 3
+
+
+class RunStopped(RuntimeError):
+  """A run that cannot go on (a non-finite loss): one line on stderr and exit 3, every
+  checkpoint already saved left intact."""
 
 
 class UsageError(ValueError):
@@ -72,6 +78,11 @@ def main(
     flags.FLAGS.mark_as_parsed()  # absl logging (orbax logs through it) checks the global flags
   try:
     status = run(fv, rest[1:])
+  except RunStopped as e:
+    if os.environ.get("MONOFORMER_TRACEBACK"):
+      raise
+    print(f"stopped: {e}", file=sys.stderr)
+    return EXIT_STOPPED
   except EXPECTED_ERRORS as e:
     if os.environ.get("MONOFORMER_TRACEBACK"):
       raise

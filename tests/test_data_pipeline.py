@@ -299,3 +299,31 @@ def test_skip_counts_malformed_chat_lines(tmp_path, tok):
   ids = [i for b in _drain(it) for i in _text_ids(tok, b)]
   assert sorted(ids) == list(range(6))
   assert it.stats["skipped_records"] == 2
+
+
+class BadLabelImages(IdImages):
+  """IdImages whose record 7 claims class 3 of 3 classes (no class_name, as in latents)."""
+
+  def __getitem__(self, i):
+    record = super().__getitem__(i)
+    del record["class_name"]
+    record["index"] = i
+    if i == 7:
+      record["label"] = 3
+    return record
+
+
+def test_an_out_of_range_class_id_is_named(tok):
+  it = pipeline.make_image_iterator(
+      BadLabelImages(12),
+      tok,
+      batch_size=4,
+      patch_size=2,
+      t_token=True,
+      num_epochs=1,
+      shard_index=0,
+      shard_count=1,
+      shuffle=False,
+  )
+  with pytest.raises(ValueError, match=r"record 7 has class id 3, outside 0\.\.2"):
+    _drain(it)

@@ -79,8 +79,9 @@ def test_nan_stops_with_a_clear_error(tmp_path, env):
       text=True,
       timeout=600,
   )
-  assert proc.returncode != 0
-  assert "non-finite" in proc.stderr and "at step" in proc.stderr
+  assert proc.returncode == 3, proc.stderr[-2000:]  # cli.EXIT_STOPPED
+  assert "stopped: non-finite" in proc.stderr and "at step" in proc.stderr
+  assert "Traceback" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

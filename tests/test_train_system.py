@@ -269,12 +269,20 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  proc = _run(work, "--config.num_train_steps=8", "--config.checkpoint_every_steps=4")
+  # The same interval: the resumed run saves step 6 again, where the corrupt one was.
+  proc = _run(work, "--config.num_train_steps=8")
   out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
   assert "ignoring and deleting the unfinished save" in out and "9.orbax-checkpoint-tmp" in out
   assert "falling back to the previous checkpoint" in out
+  assert "moved checkpoint step 6 aside" in out
   assert "resumed from checkpoint step 3" in proc.stdout
   assert not (ckpts / f"9{checkpoints.TMP_DIR_SUFFIX}").exists()
+  assert sorted(os.listdir(ckpts), key=int) == ["3", "6", "8"]
+  kept = work / "corrupt_checkpoints" / "6" / "state"
+  assert kept.is_dir() and all(
+      open(os.path.join(r, f), "rb").read() == b"garbage" for r, _, fs in os.walk(kept) for f in fs
+  )
   assert [r["step"] for r in _rows(work)] == [2, 4, 6, 8]
 
 

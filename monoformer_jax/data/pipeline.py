@@ -422,6 +422,14 @@ def make_image_iterator(
           f"{tuple(image_shape)} (set image_size on the source)"
       )
     label = int(record.get("label", null_label))
+    if "label" in record and names is not None and not 0 <= label < len(names):
+      # Caught here, by name: the label embedding would clamp it silently, names[label] would
+      # raise a bare IndexError from a grain worker thread.
+      where = f"record {record['index']}" if "index" in record else "a record"
+      raise ValueError(
+          f"{source!r}: {where} has class id {label}, outside 0..{len(names) - 1} "
+          f"(the {len(names)} class names of data.class_names_file or the source)"
+      )
     if "prompt" in record:
       prompt = record["prompt"]
       prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 # orbax 0.12.8's markers (orbax/checkpoint/_src/path/atomicity_types.py).
@@ -83,6 +84,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, clean_unfinished: bool = False):
     self.directory = checkpoint_dir(workdir)
+    self._repairs = clean_unfinished  # the training job moves bad steps aside; readers never do
     if clean_unfinished and jax.process_index() == 0 and self.directory.is_dir():
       for path in sorted(self.directory.iterdir()):
         if TMP_DIR_SUFFIX in path.name:
@@ -127,6 +129,7 @@ class Checkpointer:
             f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "
             "finished); falling back to the previous checkpoint"
         )
+        self._move_aside(step)
         continue
       self._check_shapes(step, abstract_state)
       try:
@@ -146,7 +149,26 @@ class Checkpointer:
             f"({type(e).__name__}); falling back to the previous checkpoint",
             flush=True,
         )
+        self._move_aside(step)
     return None
+
+  def _move_aside(self, step: int) -> None:
+    """Moves a step that cannot be restored to WORKDIR/corrupt_checkpoints/ (kept for
+    inspection, never deleted), so the resumed run can save that step again (orbax refuses a
+    step it already lists). Only the training job does; every process waits for process 0."""
+    if not self._repairs:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.parent / "corrupt_checkpoints"
+      aside.mkdir(parents=True, exist_ok=True)
+      target, n = aside / str(step), 1
+      while target.exists():
+        target, n = aside / f"{step}.{n}", n + 1
+      (self.directory / str(step)).rename(target)
+      _warn(f"moved checkpoint step {step} aside to {target} (kept for inspection)")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
 
   def _check_shapes(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError when step's readable metadata holds parameters of other

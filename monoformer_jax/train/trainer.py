@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from monoformer_jax import cli
 from monoformer_jax.run import checkpoints
 from monoformer_jax.run import config as config_lib
 from monoformer_jax.run import sharding as sharding_lib
@@ -107,8 +108,9 @@ class _Preemption:
 def _check_finite(step: int, values: dict):
   bad = [k for k, v in values.items() if isinstance(v, float) and not np.isfinite(v)]
   if bad:
-    raise FloatingPointError(
-        f"non-finite {', '.join(bad)} at step {step}: stopping (lower the learning rate or check the data)"
+    raise cli.RunStopped(
+        f"non-finite {', '.join(bad)} at step {step} (lower the learning rate or check the data); "
+        "the checkpoints saved before it are intact"
     )
 
 
@@ -207,7 +209,12 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   def drain(pending):
     s, kind, m = pending
     values = {k: float(v) for k, v in jax.device_get(m).items()}
-    _check_finite(s, values)
+    try:
+      _check_finite(s, values)
+    except cli.RunStopped:
+      ckpt.wait()  # a save still in flight finishes: the last good checkpoint stays whole
+      writer.flush()
+      raise
     values[f"steps_{kind}"] = 1.0
     accum.add(values)
     return s
