@@ -21,7 +21,7 @@ import pytest
 
 from configs import mnist_tiny
 from monoformer_jax.run import checkpoints
-from monoformer_jax.run.config import ConfigError, build_objective
+from monoformer_jax.run.config import ConfigError, build_objective, save_resolved_config
 from monoformer_jax.run.open import open_run
 from monoformer_jax.train.trainer import check_config
 from monoformer_jax.train.scheduler import StepScheduler
@@ -460,3 +460,66 @@ def test_text_warmup_runs_ar_first_then_the_round_robin(rng):
   config.schedule.ar = 0.0
   with pytest.raises(ConfigError, match="schedule.text_warmup_steps"):
     check_config(config)
+
+
+def test_resuming_with_another_config_refuses_model_changes_and_notes_harmless_ones(tmp_path):
+  """A workdir with checkpoints: fields that change the model, its tokens or its data's meaning
+  are refused (each named with both values, the saved config.json untouched); the rest
+  (intervals, learning rate, steps, mesh, processes) go through and are returned to be logged."""
+  first = mnist_tiny.get_config("test")
+  save_resolved_config(first, tmp_path, True, has_checkpoints=False)
+  saved = (tmp_path / "config.json").read_text()
+  changed = mnist_tiny.get_config("test")
+  changed.model.hidden_size = 64
+  changed.objective.kind = "flow"
+  changed.data.tokenizer_vocab_size = 300
+  with pytest.raises(ConfigError) as err:
+    save_resolved_config(changed, tmp_path, True, has_checkpoints=True)
+  for field, old, new in (
+      ("model.hidden_size", 32, 64),
+      ("objective.kind", "'gaussian'", "'flow'"),
+      ("data.tokenizer_vocab_size", 512, 300),
+  ):
+    assert f"config.{field}: {old} in" in str(err.value) and f"{new} now" in str(err.value), str(err.value)
+  assert (tmp_path / "config.json").read_text() == saved
+  harmless = mnist_tiny.get_config("test")
+  harmless.log_every_steps, harmless.sample_every_steps, harmless.num_train_steps = 1, 5, 100
+  harmless.optimizer.learning_rate, harmless.checkpoint_every_steps, harmless.keep_checkpoints = 0.5, 7, 9
+  harmless.mesh.data, harmless.mesh.fsdp = 1, -1
+  changes = save_resolved_config(harmless, tmp_path, True, has_checkpoints=True)
+  assert {c[0] for c in changes} == {
+      "log_every_steps",
+      "sample_every_steps",
+      "num_train_steps",
+      "optimizer.learning_rate",
+      "checkpoint_every_steps",
+      "keep_checkpoints",
+      "mesh.data",
+      "mesh.fsdp",
+  }
+
+
+@pytest.mark.parametrize(
+    "wanted, message",
+    [
+        ({"w": (4, 5)}, "not compatible with the stored shape"),
+        ({"w": (3, 5), "v": (2,)}, "tree structures do not match"),
+    ],
+    ids=["shape", "structure"],
+)
+def test_a_checkpoint_that_does_not_fit_the_run_stops_without_rolling_back(tmp_path, rng, wanted, message):
+  """Not corruption: the newest step is readable but holds another tree. The restore stops with
+  its own error (restoring an older step would not help) and moves nothing aside."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  value = rng.standard_normal((3, 5)).astype(np.float32)
+  ck = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  for step in (1, 2):
+    ck.save(step, {"w": jnp.asarray(value * step)}, {"step": step})
+  ck.close()
+  abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding) for k, shape in wanted.items()}
+  trainer_ck = checkpoints.Checkpointer(str(tmp_path), async_save=False, clean_unfinished=True)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=message):
+    trainer_ck.restore_latest(abstract)
+  trainer_ck.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  assert not (tmp_path / "corrupt_checkpoints").exists()

@@ -44,6 +44,17 @@ def step_dirs(workdir) -> list[int]:
   return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
+# What orbax / tensorstore / XLA say when a readable checkpoint does not fit the run asking for it
+# (another model, too little memory): errors of the run, not of the files, so no fallback.
+NOT_CORRUPTION = (
+    "is not compatible with the stored shape",
+    "tree structures do not match",
+    "RESOURCE_EXHAUSTED",
+    "Out of memory",
+    "out of memory",
+)
+
+
 class CheckpointMismatchError(ValueError):
   """A readable checkpoint of another model than the one asked for (not corruption: restoring
   an older step would not help, so nothing falls back)."""
@@ -137,7 +148,13 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
         )
         return step, restored["state"], dict(restored["extra"])
-      except Exception as e:  # pylint: disable=broad-except  # any corruption: try the previous
+      except Exception as e:  # pylint: disable=broad-except  # corruption: try the previous
+        if any(pattern in str(e) for pattern in NOT_CORRUPTION):
+          # Restoring an older step would fail the same way (or roll the run back for nothing).
+          raise CheckpointMismatchError(
+              f"checkpoint {self.directory}/{step} is readable but cannot be restored into this "
+              f"run ({type(e).__name__}: {str(e)[:500]}); nothing was rolled back"
+          ) from e
         logging.warning(
             "checkpoint at step %d could not be restored (%s: %s); trying the previous one",
             step,
