@@ -32,12 +32,15 @@ class UsageError(ValueError):
 
 # What bad input raises across the package (ConfigError, InferenceError, DataConfigError and the
 # readers' errors are ValueErrors; a missing file is a FileNotFoundError).
-EXPECTED_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# An OSError is the environment's (a config file that would not load, a full disk): one line too.
+EXPECTED_ERRORS = (UsageError, ValueError, OSError)
 
 
 def _flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
   """One line for what parsing raised: absl's flags.Error, or the KeyError / AttributeError a
   locked ml_collections config raises for a field it does not have (with its "did you mean")."""
+  if isinstance(error, OSError):  # a --config file that cannot be loaded: its path and why
+    return " ".join(str(error).split())
   if not isinstance(error, (KeyError, AttributeError)):
     return str(error).strip().split("\n", maxsplit=1)[0]
   message = error
@@ -69,7 +72,7 @@ def main(
       print((doc or "").strip() + "\n\nflags:\n" + fv.get_help())
       return 0
     rest = fv([prog] + [str(a) for a in argv])
-  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+  except (flags.Error, KeyError, AttributeError, ValueError, OSError) as e:
     if os.environ.get("MONOFORMER_TRACEBACK"):
       raise
     print(f"error: {_flag_error_message(e, argv)} (see --help)", file=sys.stderr)
@@ -86,7 +89,7 @@ def main(
   except EXPECTED_ERRORS as e:
     if os.environ.get("MONOFORMER_TRACEBACK"):
       raise
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split()) if isinstance(e, OSError) else e}", file=sys.stderr)
     return EXIT_USAGE
   return int(status or 0)
 
