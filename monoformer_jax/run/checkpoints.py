@@ -13,6 +13,7 @@ fails to load (corrupt files) is reported and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Optional
@@ -115,15 +116,37 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
-    """Saves asynchronously (returns once the device arrays are copied)."""
-    return self.manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
-        force=force,
-    )
+    """Saves asynchronously (returns once the device arrays are copied). A write that fails
+    (a full disk, a file-size limit), here or in the background, is raised by this call, the
+    next one or `wait` / `close` as one OSError naming the finished steps that remain."""
+    with self._write_errors():
+      return self.manager.save(
+          int(step),
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+          force=force,
+      )
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # only write failures are rephrased
+      if not (isinstance(e, OSError) or "Error writing" in str(e) or "os_error_code" in str(e)):
+        raise
+      finished = [
+          s for s in step_dirs(self.directory.parent) if (self.directory / str(s) / COMMIT_SUCCESS_FILE).exists()
+      ]
+      why = " ".join(str(e).split())
+      if len(why) > 400:  # tensorstore's messages end with the OS's reason: keep both ends
+        why = f"{why[:150]} ... {why[-230:]}"
+      raise OSError(
+          f"writing a checkpoint under {self.directory} failed ({why}); "
+          f"the finished checkpoints {finished} are intact and a restart resumes from the last"
+      ) from e
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -203,7 +226,8 @@ class Checkpointer:
       )
 
   def close(self):
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
     self.manager.close()
 
 
