@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -141,8 +142,13 @@ class Checkpointer:
           s for s in step_dirs(self.directory.parent) if (self.directory / str(s) / COMMIT_SUCCESS_FILE).exists()
       ]
       why = " ".join(str(e).split())
-      if len(why) > 400:  # tensorstore's messages end with the OS's reason: keep both ends
-        why = f"{why[:150]} ... {why[-230:]}"
+      # tensorstore buries the OS's reason ("...: File too large [os_error_code='27']") in a
+      # long message: lift it out.
+      found = re.search(r"([^:\"']*)\[os_error_code=\W?(\d+)", why)
+      if isinstance(e, OSError) and e.errno:
+        why = f"{e.strerror}, errno {e.errno}"
+      else:
+        why = f"{found.group(1).strip()}, errno {found.group(2)}" if found else why[:300]
       raise OSError(
           f"writing a checkpoint under {self.directory} failed ({why}); "
           f"the finished checkpoints {finished} are intact and a restart resumes from the last"
