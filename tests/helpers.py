@@ -4,6 +4,7 @@ import fcntl
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -38,6 +39,23 @@ def _run_module(*args, env=None):
       [sys.executable, *args], cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def launch_local_processes(num: int, args, log_dir, devices_per_process: int = 1, **env) -> list[str]:
+  """`launch/local_multiprocess.sh num ARGS` (a multi-host run as local processes), asserting it
+  exits 0; returns each process's log (written to `log_dir`)."""
+  env = subprocess_env(DEVICES_PER_PROCESS=devices_per_process, LOG_DIR=log_dir, **env)
+  proc = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", str(num), *map(str, args)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  logs = [(Path(log_dir) / f"monoformer_proc_{i}.log").read_text() for i in range(num)]
+  assert proc.returncode == 0, proc.stderr + "".join(log[-3000:] for log in logs)
+  return logs
 
 
 def shared_tiny_run(tmp_path_factory):

@@ -18,7 +18,14 @@ from monoformer_jax import main as train_main
 from monoformer_jax.convert.checkpoints import save_hf_llama
 from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.tools import extract_latents
-from tests.helpers import ROOT, random_fid_state_dict, random_params, tiny_config, write_tiny_diffusers_vae
+from tests.helpers import (
+    ROOT,
+    launch_local_processes,
+    random_fid_state_dict,
+    random_params,
+    tiny_config,
+    write_tiny_diffusers_vae,
+)
 from tests.helpers_env import subprocess_env
 
 WNIDS = ("n01440764", "n01443537")
@@ -73,17 +80,7 @@ def test_smoke_variant_end_to_end_on_two_processes(stand_ins, tmp_path, seed):
       f"--config.vae.path={stand_ins / 'vae'}",
       "--config.vae.scale=0.37",
   ]
-  env = subprocess_env(DEVICES_PER_PROCESS=1, LOG_DIR=tmp_path)
-  proc = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", *flags],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  logs = [(tmp_path / f"monoformer_proc_{i}.log").read_text() for i in range(2)]
-  assert proc.returncode == 0, proc.stderr + "".join(log[-3000:] for log in logs)
+  logs = launch_local_processes(2, flags, tmp_path)
   assert "process 1 of 2" in logs[1]
   config = json.loads((work / "config.json").read_text())
   assert config["mesh"]["fsdp"] == -1 and config["data"]["latent_scale"] == 0.37

@@ -29,7 +29,7 @@ import pytest
 from monoformer_jax.data import pipeline, sources
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import tokenizer as tok_lib
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launch_local_processes
 from tests.helpers_env import subprocess_env
 
 STEPS = 12
@@ -163,18 +163,9 @@ def _launch(tmp_path, name, processes, devices_per_process, workdir, *flags):
   """launch/local_multiprocess.sh with tests.fault_main; returns the processes' logs."""
   log_dir = tmp_path / name
   log_dir.mkdir()
-  env = subprocess_env(DEVICES_PER_PROCESS=devices_per_process, LOG_DIR=log_dir, MAIN_MODULE="tests.fault_main")
-  proc = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", str(processes), f"--workdir={workdir}", *FLAGS, *flags],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
+  return launch_local_processes(
+      processes, [f"--workdir={workdir}", *FLAGS, *flags], log_dir, devices_per_process, MAIN_MODULE="tests.fault_main"
   )
-  logs = [(log_dir / f"monoformer_proc_{i}.log").read_text() for i in range(processes)]
-  assert proc.returncode == 0, proc.stderr + "".join(log[-3000:] for log in logs)
-  return logs
 
 
 def _saved_step(logs) -> int:

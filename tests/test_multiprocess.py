@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from tests.helpers import ROOT, launch_local_processes
 from tests.helpers_env import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
     "--config=configs/mnist_tiny.py:test",
     "--config.num_train_steps=6",
@@ -41,18 +41,8 @@ def test_two_processes_train_the_same_losses_as_one(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   multi = tmp_path / "multi"
-  env2 = subprocess_env(DEVICES_PER_PROCESS=1, LOG_DIR=tmp_path)
-  proc = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", f"--workdir={multi}", *FLAGS],
-      cwd=ROOT,
-      env=env2,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  logs = "".join(open(tmp_path / f"monoformer_proc_{i}.log").read()[-2000:] for i in range(2))
-  assert proc.returncode == 0, proc.stderr + logs
-  assert "process 1 of 2" in open(tmp_path / "monoformer_proc_1.log").read()
+  logs = launch_local_processes(2, [f"--workdir={multi}", *FLAGS], tmp_path)
+  assert "process 1 of 2" in logs[1]
   a, b = _losses(single), _losses(multi)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
