@@ -25,19 +25,23 @@ def class_names(data) -> list[str] | None:
     path = epath.Path(data.class_names_file)
     if not path.is_file():
       raise DataConfigError(f"config.data.class_names_file: no such file {str(path)!r}")
-    try:
-      names = json.loads(path.read_text())
-    except ValueError as e:
-      raise DataConfigError(f"config.data.class_names_file: {path} is not JSON ({e})") from None
-    return names_from_json(names, str(path))
+    return _read_names(path, "config.data.class_names_file")
   if data.image_source in ("mnist", "mnist_latents"):
     return list(mnist.CLASS_NAMES)
   if data.image_source == "latents" and data.image_path:
     # The map extract_latents writes beside the dataset: a run needs no separate flag for it.
     beside = epath.Path(data.image_path) / "class_names.json"
     if beside.is_file():
-      return names_from_json(json.loads(beside.read_text()), str(beside))
+      return _read_names(beside, "config.data.image_path")
   return None
+
+
+def _read_names(path: epath.Path, field: str) -> list[str]:
+  try:
+    names = json.loads(path.read_text())
+  except ValueError as e:
+    raise DataConfigError(f"{field}: {path} is not JSON ({e})") from None
+  return names_from_json(names, str(path))
 
 
 def names_from_json(names, where: str) -> list[str]:
