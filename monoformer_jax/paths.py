@@ -129,3 +129,24 @@ def copy_tree(src: PathLike, dst: PathLike) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in files:
       (target / name).write_bytes((epath.Path(folder) / name).read_bytes())
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+  """Moves the folder `src` to `dst` (which must not exist): one rename on a local disk; on a
+  bucket, where folders are only name prefixes (epath's rename wants `dst`'s parent to exist as
+  an object), each object is copied server-side and then `src` is deleted."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  if is_local(src):
+    src.rename(dst)
+    return
+
+  def copy(folder: epath.Path, target: epath.Path):
+    # iterdir, not walk: epath's walk on gcsfs yields folders without their gs:// scheme.
+    for child in folder.iterdir():
+      if child.is_dir():
+        copy(child, target / child.name)
+      else:
+        child.copy(target / child.name)
+
+  copy(src, dst)
+  src.rmtree()

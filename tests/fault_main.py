@@ -5,6 +5,9 @@ tests): `python -m tests.fault_main --kill_after_step=N [monoformer_jax.main fla
                        (saves already under way are finished first, so the test knows which
                        checkpoint survives).
   --kill_at_step=N     SIGKILL once checkpoint step N is saved (and written to disk).
+  --kill_mid_save=N    SIGKILL inside orbax's background commit of step N, once every array and
+                       the JSON are written, just before the commit marker and the rename that
+                       make the step a checkpoint.
   --sigterm_after_step=N[:P]  SIGTERM to itself right after step N, on process P only (default 0):
                        a preemption notice reaching one process of a multi-process run. Every
                        process then waits 2.5 s, and 0.2 s after each later step: JAX's SIGTERM
@@ -18,6 +21,7 @@ import sys
 import time
 
 import jax
+from orbax.checkpoint._src.path import atomicity
 
 from monoformer_jax import main as entry
 
@@ -48,12 +52,28 @@ class SigtermAfterStep:
       time.sleep(2.5 if context.step == self.step else 0.2)
 
 
+def kill_mid_save(step: int) -> None:
+  """Patches orbax's step-folder commit (AtomicRenameTemporaryPath.finalize, orbax 0.12.8) to
+  SIGKILL this process when it would commit `step`."""
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def killing_finalize(self, *args, **kwargs):
+    if self._final_path.name == str(step):  # pylint: disable=protected-access
+      print(f"test: SIGKILL while committing checkpoint {step}", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await finalize(self, *args, **kwargs)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+
+
 def main(argv):
   hooks, rest = [], []
   for arg in argv:
     name, _, value = arg.partition("=")
     if name in ("--kill_after_step", "--kill_at_step"):
       hooks.append(KillAfterStep(int(value), after_save=name == "--kill_at_step"))
+    elif name == "--kill_mid_save":
+      kill_mid_save(int(value))
     elif name == "--sigterm_after_step":
       step, _, process = value.partition(":")
       hooks.append(SigtermAfterStep(int(step), int(process or 0)))

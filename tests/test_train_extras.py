@@ -65,23 +65,71 @@ def test_sigterm_saves_before_exit(tmp_path, env):
   assert summary["final_step"] == int(steps[0])
 
 
-def test_nan_stops_with_a_clear_error(tmp_path, env):
-  proc = subprocess.run(
+def _run(cmd, env):
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _checkpoint_extra(work, step) -> dict:
+  return json.load(open(work / "checkpoints" / str(step) / "extra" / "metadata"))
+
+
+# A learning rate of 1e30 makes the loss non-finite within three steps.
+_DIVERGING = ("--config.optimizer.learning_rate=1e30", "--config.optimizer.grad_clip=0.0")
+
+
+@pytest.mark.parametrize("policy", ["stop", "rollback"])
+def test_nan_stops_with_a_clear_error(tmp_path, env, policy):
+  """`stop` exits at once; `rollback` exits the same way once its tries are spent (here the
+  scaled learning rate, 0.5e30 then 0.25e30, diverges again each time)."""
+  work = tmp_path / "nan"
+  proc = _run(
       _cmd(
-          tmp_path / "nan",
-          "--config.optimizer.learning_rate=1e30",
-          "--config.optimizer.grad_clip=0.0",
+          work,
+          *_DIVERGING,
           "--config.num_train_steps=30",
+          f"--config.nonfinite.policy={policy}",
+          "--config.nonfinite.max_tries=2",
       ),
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
+      env,
   )
   assert proc.returncode == 3, proc.stderr[-2000:]  # cli.EXIT_STOPPED
   assert "stopped: non-finite" in proc.stderr and "at step" in proc.stderr
   assert "Traceback" not in proc.stdout + proc.stderr
+  if policy == "rollback":
+    assert "after 2 rollbacks" in proc.stderr
+    assert proc.stdout.count("rolled back to checkpoint step 0") == 2
+    assert "learning rate x0.25" in proc.stdout
+    assert _checkpoint_extra(work, 0)["nonfinite"]["lr_scale"] == 1.0  # the checkpoint is intact
+  else:
+    assert "rolled back" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_nan_rollback_recovers_and_keeps_the_scaled_learning_rate(tmp_path, env):
+  """A real divergence (learning rate 1e30): the run rolls back to the step-0 checkpoint it saved
+  for that, skips the batches read since, goes on at 1e30 x 1e-34 = 1e-4 and finishes; the
+  metrics hold each step once; a restart keeps the scaled learning rate."""
+  work = tmp_path / "run"
+  flags = (*_DIVERGING, "--config.nonfinite.policy=rollback", "--config.nonfinite.lr_factor=1e-34")
+  proc = _run(_cmd(work, *flags, "--config.num_train_steps=6"), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert proc.stdout.count("rolled back to checkpoint step 0 (try 1 of 3)") == 1
+  skipped = int(proc.stdout.split("skipping the batches read since (")[1].split(" diffusion")[0])
+  assert skipped >= 1
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  assert all(np.isfinite(r["loss"]) and 0 < r["learning_rate"] <= 1e-4 * 1.0001 for r in rows)
+  extra = _checkpoint_extra(work, 6)
+  assert extra["nonfinite"] == {"lr_scale": 1e-34, "tries": 0, "bad_step": extra["nonfinite"]["bad_step"]}
+  # 5 of the 6 steps are diffusion steps (schedule 5:1) of 8 images; the skipped batches were read too.
+  assert extra["data"]["diffusion"]["next_index"] == [8 * (5 + skipped)]
+
+  proc = _run(_cmd(work, *flags, "--config.num_train_steps=8"), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "learning rate x1e-34" in proc.stdout and "rolled back" not in proc.stdout
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 6, 8] and rows[-1]["learning_rate"] <= 1e-4 * 1.0001
 
 
 @pytest.mark.slow

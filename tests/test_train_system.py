@@ -255,6 +255,25 @@ def test_init_from_another_run(tmp_path, straight):
 
 
 @pytest.mark.slow
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, straight):
+  """Killed inside orbax's background commit of step 8 (arrays written, no commit marker): the
+  partial save is never read; the restart deletes it, resumes from step 4 and ends bit-exact."""
+  straight_dir, _ = straight
+  broken = tmp_path / "broken"
+  killed = _run(broken, *STEPS, "--kill_mid_save=8", module="tests.fault_main", check=False)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert "SIGKILL while committing checkpoint 8" in killed.stdout
+  assert sorted(os.listdir(broken / "checkpoints")) == ["4", f"8{checkpoints.TMP_DIR_SUFFIX}"]
+  resumed = _run(broken, *STEPS)
+  assert "ignoring and deleting the unfinished save" in resumed.stdout
+  assert "resumed from checkpoint step 4" in resumed.stdout
+  assert sorted(os.listdir(broken / "checkpoints"), key=int) == ["8", "12"]
+  assert [r["step"] for r in _rows(broken)] == [3, 6, 9, 12]
+  _assert_trees_equal(_final_params(straight_dir), _final_params(broken))
+  _assert_trees_equal(_final_params(straight_dir, use_ema=True), _final_params(broken, use_ema=True))
+
+
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
   work = tmp_path / "run"
   # The shared tiny run is this config's 6 steps, checkpoints 3 and 6: corrupt a copy of it.

@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
 
+from monoformer_jax import paths
+
 # orbax 0.12.8's markers (orbax/checkpoint/_src/path/atomicity_types.py).
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
@@ -210,7 +212,7 @@ class Checkpointer:
       target, n = aside / str(step), 1
       while target.exists():
         target, n = aside / f"{step}.{n}", n + 1
-      (self.directory / str(step)).rename(target)
+      paths.move_tree(self.directory / str(step), target)
       _warn(f"moved checkpoint step {step} aside to {target} (kept for inspection)")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")

@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
+  # A non-finite loss or gradient norm: "stop" (exit 3, checkpoints intact) or "rollback" (restore
+  # the last checkpoint, skip the batches read since, scale the learning rate by lr_factor, go on;
+  # stop after max_tries rollbacks without a new checkpoint in between). train/trainer.py.
+  c.nonfinite = ml_collections.ConfigDict(dict(policy="stop", lr_factor=0.5, max_tries=3))
 
   # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM).
   c.loss = ml_collections.ConfigDict(dict(diffusion_weight=1.0, lm_weight=0.01))
@@ -189,6 +193,7 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
     _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got {config.num_train_steps}")
   if config.log_every_steps < 1:
     _fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}")
+  _check_nonfinite(config.nonfinite)
   _check_vae(config)
   if config.data.tokenizer == "train":
     want = config.data.tokenizer_vocab_size + 4
@@ -198,6 +203,15 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
           f"{config.model.vocab_size} is smaller than the tokenizer's "
           f"{want} (data.tokenizer_vocab_size + 4 special tokens)",
       )
+
+
+def _check_nonfinite(policy):
+  if policy.policy not in ("stop", "rollback"):
+    _fail("nonfinite.policy", f"{policy.policy!r}: use 'stop' or 'rollback'")
+  if not 0 < policy.lr_factor <= 1:
+    _fail("nonfinite.lr_factor", f"must be in (0, 1], got {policy.lr_factor}")
+  if not isinstance(policy.max_tries, int) or policy.max_tries < 1:
+    _fail("nonfinite.max_tries", f"must be an integer >= 1, got {policy.max_tries!r}")
 
 
 def _check_batch(config, field, dp, accum):

@@ -64,11 +64,13 @@ def has_events(logdir) -> bool:
   return path.is_dir() and any(p.name.startswith("events.") for p in path.iterdir())
 
 
-def summary_writer(logdir, purge_step: Optional[int] = None):
+def summary_writer(logdir, purge_step: Optional[int] = None, filename_suffix: str = ""):
   """A tensorboardX `SummaryWriter` writing event files into `logdir` (local or any epath path).
 
   `purge_step` as in tensorboardX: the new file starts with a SessionLog.START at that step,
-  which makes TensorBoard hide earlier files' events from that step on.
+  which makes TensorBoard hide earlier files' events from that step on. `filename_suffix` keeps
+  a second writer opened within the same second (file names hold the time in seconds) from
+  writing over the first one's file.
   """
   # tensorboardX imports torch where it is installed: only on use.
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -76,4 +78,4 @@ def summary_writer(logdir, purge_step: Optional[int] = None):
   logdir = os.fspath(logdir)
   if not paths.is_local(logdir):
     _register(logdir)
-  return SummaryWriter(logdir, purge_step=purge_step)
+  return SummaryWriter(logdir, purge_step=purge_step, filename_suffix=filename_suffix)

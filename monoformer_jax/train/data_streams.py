@@ -74,6 +74,10 @@ class DataStream:
     self.iterator.set_state(state)
     self.__dict__.pop("_shape_cache", None)
 
+  def skipped_records(self) -> int:
+    """Bad records this process skipped so far (data.skip_bad_records), over the whole run."""
+    return int(self.iterator.stats["skipped_records"])
+
   def close(self) -> None:
     self.iterator.close()
 
@@ -135,6 +139,10 @@ class MixedIterator:
   def set_state(self, state: dict) -> None:
     self.image_it.set_state(state["image"])
     self.text_it.set_state(state["text"])
+
+  @property
+  def stats(self) -> dict:
+    return {"skipped_records": self.image_it.stats["skipped_records"] + self.text_it.stats["skipped_records"]}
 
   def close(self) -> None:
     self.image_it.close()

@@ -92,6 +92,18 @@ class MetricWriter:
           purge = int(resume_step) + 1
       self._tb = tensorboard.summary_writer(tb_dir, purge_step=purge)
 
+  def rewind(self, step: int) -> None:
+    """Drops what was logged past `step` (a rollback to that checkpoint): metrics.jsonl rows,
+    and TensorBoard's events through a new event file that purges them."""
+    if not self.enabled:
+      return
+    self.discard_after(step)
+    self._tb.close()
+    self._rewinds = getattr(self, "_rewinds", 0) + 1
+    self._tb = tensorboard.summary_writer(
+        self.path.parent / "tensorboard", purge_step=int(step) + 1, filename_suffix=f".rewind{self._rewinds}"
+    )
+
   def discard_after(self, step: int) -> int:
     """Rewrites metrics.jsonl (atomically) without rows past `step`; returns how many it dropped.
 
@@ -115,8 +127,8 @@ class MetricWriter:
       if self._rows is not None:
         self._rows = kept
       print(
-          f"dropped {dropped} metrics.jsonl rows past step {step} (logged by an earlier run "
-          "after its last checkpoint)",
+          f"dropped {dropped} metrics.jsonl rows past step {step} (logged after the checkpoint "
+          "training goes on from)",
           flush=True,
       )
     return dropped

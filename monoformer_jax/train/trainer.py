@@ -17,6 +17,7 @@ checkpointer and the metric writer): the tests inject faults through them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -105,13 +106,61 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NonFinite(Exception):
+  """A step's loss or gradient norm is NaN / Inf (handled by config.nonfinite's policy)."""
+
+  def __init__(self, step: int, names: list):
+    super().__init__(f"non-finite {', '.join(names)} at step {step}")
+    self.step = step
+
+
 def _check_finite(step: int, values: dict):
   bad = [k for k, v in values.items() if isinstance(v, float) and not np.isfinite(v)]
   if bad:
-    raise cli.RunStopped(
-        f"non-finite {', '.join(bad)} at step {step} (lower the learning rate or check the data); "
-        "the checkpoints saved before it are intact"
-    )
+    raise _NonFinite(step, bad)
+
+
+class _Rollbacks:
+  """config.nonfinite's state: the learning-rate scale so far and the rollbacks since the last
+  checkpoint saved past a non-finite step. Saved in checkpoints, so a restarted run keeps both."""
+
+  def __init__(self, policy, state: dict):
+    self.policy = policy
+    self.lr_scale = float(state.get("lr_scale", 1.0))
+    self.tries = int(state.get("tries", 0))
+    self.bad_step = int(state.get("bad_step", -1))
+
+  def get_state(self) -> dict:
+    return {"lr_scale": self.lr_scale, "tries": self.tries, "bad_step": self.bad_step}
+
+  def saved(self, step: int) -> None:
+    if step > self.bad_step:
+      self.tries = 0
+
+  def next_try(self, bad: _NonFinite) -> None:
+    """Counts a rollback for `bad`, or raises cli.RunStopped when the policy says stop."""
+    if self.policy.policy == "stop":
+      raise cli.RunStopped(
+          f"{bad} (lower the learning rate or check the data; config.nonfinite.policy=rollback "
+          "recovers instead); the checkpoints saved before it are intact"
+      )
+    if self.tries >= self.policy.max_tries:
+      raise cli.RunStopped(
+          f"{bad}, after {self.tries} rollbacks without a checkpoint past step {self.bad_step} "
+          "(config.nonfinite.max_tries); the checkpoints saved before it are intact"
+      )
+    self.tries += 1
+    self.bad_step = max(self.bad_step, bad.step)
+    self.lr_scale *= self.policy.lr_factor
+
+
+def _with_lr_scale(config, scale: float):
+  """`config` with optimizer.learning_rate scaled (the schedule's shape kept)."""
+  if scale == 1.0:
+    return config
+  scaled = config.copy_and_resolve_references()
+  scaled.optimizer.learning_rate = config.optimizer.learning_rate * scale
+  return scaled
 
 
 def make_scheduler(config) -> StepScheduler:
@@ -155,7 +204,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   model_config = config_lib.model_config_from(config, tokenizer)
   needs_images = config.schedule.diffusion > 0 or config.schedule.mixed > 0
   objective = config_lib.build_objective(config) if needs_images else None
-  optimizer = state_lib.make_optimizer(config.optimizer)
+  optimizer = state_lib.make_optimizer(config.optimizer)  # its state's structure; steps compile below
   data = build_data(config, model_config, tokenizer, scheduler.weights)
   if config.init_from and not checkpoints.step_dirs(workdir):
     check_init_from(config, model_config)
@@ -164,8 +213,10 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   init_rng, step_rng = jax.random.split(rng)
   state, abstract, shardings = state_lib.create_train_state(model_config, optimizer, init_rng, mesh, rules)
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints, clean_unfinished=True)
-  restored = ckpt.restore_latest(checkpoints.abstract_with_shardings(abstract, shardings))
+  abstract_sharded = checkpoints.abstract_with_shardings(abstract, shardings)
+  restored = ckpt.restore_latest(abstract_sharded)
   accum = metrics_lib.Accumulator()
+  rollbacks = _Rollbacks(config.nonfinite, restored[2].get("nonfinite", {}) if restored else {})
   if restored is not None:
     step0, state, extra = restored
     scheduler.set_state(extra["scheduler"])
@@ -180,10 +231,19 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
 
   step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=step)
-  compiled = {}
-  for kind in scheduler.weights:
-    step_fn = steps_lib.train_step_from_config(kind, config, model_config, objective, optimizer)
-    compiled[kind] = steps_lib.compile_step(step_fn, shardings, mesh, rules, data[kind].spec())
+
+  def compile_steps() -> dict:
+    run_config = _with_lr_scale(config, rollbacks.lr_scale)
+    run_optimizer = state_lib.make_optimizer(run_config.optimizer)
+    out = {}
+    for kind in scheduler.weights:
+      step_fn = steps_lib.train_step_from_config(kind, run_config, model_config, objective, run_optimizer)
+      out[kind] = steps_lib.compile_step(step_fn, shardings, mesh, rules, data[kind].spec())
+    return out
+
+  compiled = compile_steps()
+  if rollbacks.lr_scale != 1.0:
+    print(f"learning rate x{rollbacks.lr_scale:g} (rollbacks after non-finite losses)", flush=True)
   compile_note = {}
   flops_per_step = {kind: data[kind].flops_per_step(model_config, kind) for kind in compiled}
 
@@ -202,6 +262,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   )
   sampler.discard_after(step)
   pending = None  # (step, kind, metrics on device)
+  reads = collections.Counter()  # batches read per step kind by this run
+  reads_at_save = {step: {}}  # ... when each checkpoint was saved: what a rollback skips
   last = {}
   t_start = time.perf_counter()
   start_step = step
@@ -211,7 +273,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
     values = {k: float(v) for k, v in jax.device_get(m).items()}
     try:
       _check_finite(s, values)
-    except cli.RunStopped:
+    except _NonFinite:
       ckpt.wait()  # a save still in flight finishes: the last good checkpoint stays whole
       writer.flush()
       raise
@@ -224,6 +286,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
     if pending is not None:  # its metrics belong to the window the checkpoint carries
       drain(pending)
       pending = None
+    rollbacks.saved(step_now)
     ckpt.save(
         step_now,
         state,
@@ -231,59 +294,98 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
             "scheduler": scheduler.get_state(),
             "data": {k: it.get_state() for k, it in data.items()},
             "metrics_window": accum.get_state(),
+            "nonfinite": rollbacks.get_state(),
         },
         force=True,
     )
+    reads_at_save[step_now] = dict(reads)
 
+  def roll_back(bad: _NonFinite) -> int:
+    """Restores the last checkpoint after `bad` (policy rollback) and returns its step. The data
+    iterators stay where they are: the batches read since the checkpoint are skipped."""
+    nonlocal state, compiled, pending
+    rollbacks.next_try(bad)  # raises cli.RunStopped under policy stop or when out of tries
+    pending = None
+    restored = ckpt.restore_latest(abstract_sharded)
+    if restored is None:
+      raise cli.RunStopped(f"{bad}, and no checkpoint to roll back to") from None
+    back, state, extra = restored
+    since = reads_at_save.get(back, {})
+    skipped = ", ".join(f"{n - since.get(k, 0)} {k}" for k, n in sorted(reads.items()))
+    scheduler.set_state(extra["scheduler"])
+    accum.set_state(extra.get("metrics_window", {}))
+    writer.rewind(back)
+    sampler.discard_after(back)
+    compiled = compile_steps()
+    throughput.reset()
+    print(
+        f"WARNING: {bad}: rolled back to checkpoint step {back} (try {rollbacks.tries} of "
+        f"{config.nonfinite.max_tries}), skipping the batches read since ({skipped}), learning rate "
+        f"x{rollbacks.lr_scale:g}",
+        flush=True,
+    )
+    return back
+
+  if config.nonfinite.policy == "rollback" and not ckpt.steps() and step < config.num_train_steps:
+    save(step)  # a rollback needs a checkpoint to return to
   with _Preemption(step) as preempt:
     while step < config.num_train_steps:
-      kind = scheduler.next(step)
-      batch = data[kind].next_global(mesh)
-      if not compile_note.get(kind):
-        t0 = time.perf_counter()
-      state, m = compiled[kind](state, batch, step_rng)
-      if not compile_note.get(kind):
-        jax.block_until_ready(m)
-        compile_note[kind] = time.perf_counter() - t0
-        print(f"compiled and ran the first {kind} step in {compile_note[kind]:.1f}s", flush=True)
-        throughput.reset()
-      if pending is not None:
-        drain(pending)
-      pending = (step + 1, kind, m)
-      step += 1
-      throughput.add(*data[kind].counts(), flops_per_step[kind])
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        drain(pending)
-        pending = None
-        last = accum.compute_and_reset()
-        last.update(throughput.report())
-        throughput.reset()
-        elapsed = time.perf_counter() - t_start
-        rate = (step - start_step) / max(elapsed, 1e-9)
-        eta = (config.num_train_steps - step) / max(rate, 1e-9)
-        writer.write_scalars(step, last)
-        if is_main:
-          losses = " ".join(f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm") if k in last)
-          print(
-              f"step {step}/{config.num_train_steps} {losses} "
-              f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "
-              f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
-              flush=True,
-          )
-      saved = bool(config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-      if saved:
-        save(step)
-      for hook in hooks:
-        hook.after_step(StepContext(step=step, saved=saved, checkpointer=ckpt, writer=writer))
-      if config.sample_every_steps and step % config.sample_every_steps == 0:
-        sampler(step, state.ema_params)
-      if preempt.reached(step):
-        print(f"SIGTERM: saving step {step} before exit", flush=True)
-        if not saved:  # the interval save of this step is the preemption save
+      try:
+        kind = scheduler.next(step)
+        batch = data[kind].next_global(mesh)
+        reads[kind] += 1
+        if not compile_note.get(kind):
+          t0 = time.perf_counter()
+        state, m = compiled[kind](state, batch, step_rng)
+        if not compile_note.get(kind):
+          jax.block_until_ready(m)
+          compile_note[kind] = time.perf_counter() - t0
+          print(f"compiled and ran the first {kind} step in {compile_note[kind]:.1f}s", flush=True)
+          throughput.reset()
+        if pending is not None:
+          drain(pending)
+        pending = (step + 1, kind, m)
+        step += 1
+        throughput.add(*data[kind].counts(), flops_per_step[kind])
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+          drain(pending)
+          pending = None
+          last = accum.compute_and_reset()
+          last.update(throughput.report())
+          if config.data.skip_bad_records:  # the run's total so far, this process's shard
+            last["skipped_records"] = float(sum(it.skipped_records() for it in data.values()))
+          throughput.reset()
+          elapsed = time.perf_counter() - t_start
+          rate = (step - start_step) / max(elapsed, 1e-9)
+          eta = (config.num_train_steps - step) / max(rate, 1e-9)
+          writer.write_scalars(step, last)
+          if is_main:
+            losses = " ".join(f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm") if k in last)
+            print(
+                f"step {step}/{config.num_train_steps} {losses} "
+                f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
+                flush=True,
+            )
+        saved = bool(config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+        if saved:
           save(step)
-        break
+        for hook in hooks:
+          hook.after_step(StepContext(step=step, saved=saved, checkpointer=ckpt, writer=writer))
+        if config.sample_every_steps and step % config.sample_every_steps == 0:
+          sampler(step, state.ema_params)
+        if preempt.reached(step):
+          print(f"SIGTERM: saving step {step} before exit", flush=True)
+          if not saved:  # the interval save of this step is the preemption save
+            save(step)
+          break
+      except _NonFinite as bad:
+        step = roll_back(bad)
   if pending is not None:
-    drain(pending)
+    try:
+      drain(pending)
+    except _NonFinite as bad:
+      raise cli.RunStopped(f"{bad}; the checkpoints saved before it are intact") from None
   if not preempt.requested and step >= config.num_train_steps:
     if step not in ckpt.steps():
       save(step)  # with num_train_steps=0: the initial state (e.g. converted by init_from)
