@@ -9,7 +9,9 @@ project's digit classifier (trained on MNIST-5k by monoformer_jax.evaluation.dig
 cached), and reports the fraction labelled as the class asked for and the Frechet distance in the
 classifier's feature space against held-out MNIST digits. Text: held-out pydoc perplexity of the
 model against unigram and bigram models fitted with the same tokenizer on the training passages.
-Writes WORKDIR/quality.json.
+Reading digits (runs with `understand` steps, e.g. mnist_tiny.py:all_in_one): the run's question
+about every held-out digit, answered greedily through the KV cache; an answer counts as right when
+it names the digit's class and no other (as a word or a numeral). Writes WORKDIR/quality.json.
 """
 
 import argparse
@@ -33,8 +35,10 @@ from monoformer_jax.data import mnist  # noqa: E402
 from monoformer_jax.data.sources import PydocSource  # noqa: E402
 from monoformer_jax.evaluation import digit_classifier  # noqa: E402
 from monoformer_jax.run import images as images_lib  # noqa: E402
+from monoformer_jax.run.input_encoder import build_input_encoder  # noqa: E402
 from monoformer_jax.run.open import open_run  # noqa: E402
 from monoformer_jax.sampling import classes  # noqa: E402
+from monoformer_jax.sampling import describe  # noqa: E402
 
 
 def main():
@@ -56,7 +60,7 @@ def main():
   clf = digit_classifier.load_or_train()
   predicted = clf.classify(images)
   per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]
-  mnist_images, _ = mnist.load_mnist5k()
+  mnist_images, mnist_labels = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(mnist_images))
   report = {
       "sampling": {**options, "num_samples": int(len(labels)), "seconds": sample_s},
@@ -81,6 +85,8 @@ def main():
       "unigram_ppl": math.exp(uni),
       "bigram_ppl": math.exp(bi),
   }
+  if model_config.input_feature_dim:
+    report["reading"] = reading_accuracy(run, mnist_images[held], mnist_labels[held])
   summary = os.path.join(args.workdir, "train_summary.json")
   if os.path.exists(summary):
     report["train_wall_clock_s"] = json.load(open(summary))["wall_clock_s"]
@@ -88,6 +94,29 @@ def main():
   with open(os.path.join(args.workdir, "quality.json"), "w") as f:
     json.dump(report, f, indent=2)
   print(json.dumps(report, indent=2))
+
+
+def reading_accuracy(run, images: np.ndarray, labels: np.ndarray, chunk: int = 128) -> dict:
+  """Answers to the run's question about `images`, scored against `labels`."""
+  encoder = build_input_encoder(run.config, run.model_config)
+  question = run.config.data.understand_question
+  t0 = time.perf_counter()
+  answers = []
+  for start in range(0, len(images), chunk):
+    answers += describe.describe_images(
+        run.params, run.model_config, run.tokenizer, encoder, images[start : start + chunk], question
+    )
+  seconds = time.perf_counter() - t0
+  named = np.asarray(describe.answer_names(answers, list(mnist.CLASS_NAMES)))
+  return {
+      "question": question,
+      "num_images": int(len(images)),
+      "answer_accuracy": float((named == labels).mean()),
+      "answer_accuracy_per_class": [float((named[labels == c] == c).mean()) for c in range(10)],
+      "answers_naming_no_single_class": int((named < 0).sum()),
+      "examples": answers[:10],
+      "seconds": seconds,
+  }
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ Variants (`--config=configs/mnist_tiny.py:VARIANT`):
   latent  the same digits diffused in the latent space of a small VAE trained on them
           (configs/mnist_vae.py; see the README's "Latent-space MNIST").
   latent_test  the `test` shrink of `latent`.
+  all_in_one  also reads digits: `understand` steps answer "Which digit is this?" about an
+          image (its 4x4 patches through im_embedder) with the digit's name.
+  all_in_one_test  the `test` shrink of `all_in_one`.
 """
 
 import json
@@ -91,26 +94,18 @@ def get_config(arg: str = ""):
       )
   )
   if arg == "test":
-    c.num_train_steps = 6
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 3
-    c.sample_every_steps = 0
-    c.model.update(
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            patch_size=7,
-            vocab_size=516,
-        )
-    )
-    c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32, tokenizer_vocab_size=512))
-    c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
-    c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
-    # 5:1, so that a few steps already hold both kinds (the tests' logging windows rely on it).
-    c.schedule.update(dict(diffusion=5.0, ar=1.0))
+    _shrink_for_tests(c)
+    c.model.patch_size = 7
+  elif arg in ("all_in_one", "all_in_one_test"):
+    c.input_images.update(dict(encoder="patch", patch_size=4))
+    c.schedule.update(dict(diffusion=9.0, ar=1.0, understand=1.0))
+    c.data.update(dict(understand_source="mnist", understand_batch_size=16))
+    if arg == "all_in_one_test":
+      _shrink_for_tests(c)
+      c.model.patch_size = 7
+      c.input_images.patch_size = 7
+      c.data.understand_batch_size = 8
+      c.schedule.update(dict(diffusion=4.0, ar=1.0, understand=1.0))
   elif arg in ("latent", "latent_test"):
     # The same digits diffused in the 7x7x4 latent space of the small MNIST VAE (measured: 98.5%
     # and 100% recognisable on two seeds in the default's training time; benchmarks/RESULTS.md).
@@ -136,17 +131,23 @@ def get_config(arg: str = ""):
     # 7x7x4 latents in 1x1 patches: 49 image tokens, as the pixel default's 4x4 patches of 28x28.
     c.model.update(dict(image_height=7, image_width=7, image_channels=4, patch_size=1))
     if arg == "latent_test":  # the `test` shrink (no default paths: the test passes its own)
-      c.num_train_steps = 6
-      c.log_every_steps = 2
-      c.checkpoint_every_steps = 3
-      c.sample_every_steps = 0
-      c.model.update(
-          dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=516)
-      )
-      c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32, tokenizer_vocab_size=512))
-      c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
-      c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
-      c.schedule.update(dict(diffusion=5.0, ar=1.0))
+      _shrink_for_tests(c)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test)")
+    raise ValueError(
+        f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test, all_in_one, all_in_one_test)"
+    )
   return c
+
+
+def _shrink_for_tests(c):
+  """A few steps of a much smaller model: what the tests run."""
+  c.num_train_steps = 6
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 3
+  c.sample_every_steps = 0
+  c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=516))
+  c.data.update(dict(image_batch_size=8, text_batch_size=8, text_seq_len=32, tokenizer_vocab_size=512))
+  c.sampling.update(dict(num_steps=4, num_per_class=1, max_new_tokens=8))
+  c.optimizer.update(dict(warmup_steps=2, decay_steps=6))
+  # 5:1, so that a few steps already hold both kinds (the tests' logging windows rely on it).
+  c.schedule.update(dict(diffusion=5.0, ar=1.0))

@@ -16,10 +16,12 @@ Keys (B rows, L positions, M image slots per row, P = patches per image):
                               code numbers text, t-token and image tokens consecutively (1-D RoPE over
                               the whole merged sequence).
   kinds        int32 (B, L)   KIND_TEXT, KIND_IMAGE (a generated image's patch token: bidirectional
-                              among the tokens of the same image) or KIND_T_TOKEN.
+                              among the tokens of the same image), KIND_T_TOKEN or KIND_INPUT_IMAGE
+                              (a token of an image the model reads: image understanding).
   patch_index  int32 (B, L)   for KIND_IMAGE: m * P + p, the flat index of the patch in the row's
                               M * P patches (m = image slot, p = raster patch index); for KIND_T_TOKEN:
-                              m * P (so the image slot is patch_index // P); 0 elsewhere.
+                              m * P (so the image slot is patch_index // P); for KIND_INPUT_IMAGE:
+                              k * Q + q (input slot k, its q-th of Q tokens); 0 elsewhere.
   images       float (B, M, H, W, C)  images / latents (NHWC). Clean x0 in data batches; the model
                               itself is fed noisy x_t through its `images` argument.
   image_mask   bool  (B, M)   the slot holds a real image (diffusion loss is taken on these only).
@@ -28,6 +30,13 @@ Keys (B rows, L positions, M image slots per row, P = patches per image):
   targets      int32 (B, L)   next-token target of each position (already shifted: the token that
                               follows this one in the same sample).
   loss_mask    float32 (B, L) 1 where `targets` is trained on (the LM loss), else 0.
+
+Only in batches with input images (K input slots; their encoder turns each into Q tokens):
+
+  input_images  float (B, K, H', W', C')  the images read, as the data gives them (pixels or
+                              latents); the train step's encoder (vision/encoders.py) turns them
+                              into `input_features` (B, K, Q, D) before the model sees the batch.
+  input_mask    bool  (B, K)  the input slot holds a real image.
 
 Helpers here build rows from simple host-side descriptions; the data pipelines use them.
 """
@@ -39,15 +48,26 @@ import numpy as np
 KIND_TEXT = 0
 KIND_IMAGE = 1
 KIND_T_TOKEN = 2
+KIND_INPUT_IMAGE = 3
 
 SEQUENCE_KEYS = ("tokens", "segment_ids", "positions", "kinds", "patch_index", "targets", "loss_mask")
 IMAGE_KEYS = ("images", "image_mask", "labels")
+INPUT_KEYS = ("input_images", "input_mask")
 
 
-def empty_batch(batch_size: int, seq_len: int, num_image_slots: int, image_shape) -> dict:
-  """All-padding batch of the given static shapes (host NumPy)."""
+def empty_batch(
+    batch_size: int, seq_len: int, num_image_slots: int, image_shape, num_input_slots: int = 0, input_shape=()
+) -> dict:
+  """All-padding batch of the given static shapes (host NumPy); the input-image keys only with
+  `num_input_slots` > 0."""
   b, l, m = batch_size, seq_len, num_image_slots
-  return {
+  inputs = {}
+  if num_input_slots:
+    inputs = {
+        "input_images": np.zeros((b, num_input_slots, *input_shape), np.float32),
+        "input_mask": np.zeros((b, num_input_slots), bool),
+    }
+  return inputs | {
       "tokens": np.zeros((b, l), np.int32),
       "segment_ids": np.zeros((b, l), np.int32),
       "positions": np.zeros((b, l), np.int32),
@@ -64,30 +84,43 @@ def empty_batch(batch_size: int, seq_len: int, num_image_slots: int, image_shape
 class RowBuilder:
   """Appends samples to one row of a batch (host side, NumPy).
 
-  A sample is a list of pieces: ("text", ids, train) or ("image", image_array, label). Image pieces
-  expand to an optional t-token plus `num_patches` image tokens. Positions restart at 0 for every
-  sample and segment ids count samples from 1.
+  A sample is a list of pieces: ("text", ids, train), ("image", image_array, label) (an image to
+  generate) or ("input", image_array, None) (an image to read). Image pieces expand to an optional
+  t-token plus `num_patches` image tokens, input pieces to `input_tokens` tokens. Positions restart
+  at 0 for every sample and segment ids count samples from 1.
   """
 
-  def __init__(self, batch: dict, row: int, num_patches: int, t_token: bool):
+  def __init__(self, batch: dict, row: int, num_patches: int, t_token: bool, input_tokens: int = 0):
     self.batch, self.row, self.num_patches, self.t_token = batch, row, num_patches, t_token
+    self.input_tokens = input_tokens
     self.cursor = 0
     self.segment = 0
     self.image_slot = 0
+    self.input_slot = 0
 
   @property
   def seq_len(self) -> int:
     return self.batch["tokens"].shape[1]
 
+  def _piece_length(self, kind: str, value) -> int:
+    if kind == "text":
+      return len(value)
+    if kind == "input":
+      return self.input_tokens
+    return self.num_patches + int(self.t_token)
+
   def sample_length(self, pieces) -> int:
-    n = 0
-    for kind, value, _ in pieces:
-      n += len(value) if kind == "text" else self.num_patches + int(self.t_token)
-    return n
+    return sum(self._piece_length(kind, value) for kind, value, _ in pieces)
 
   def fits(self, pieces, num_images: int = 0) -> bool:
     slots = self.batch["image_mask"].shape[1]
-    return self.cursor + self.sample_length(pieces) <= self.seq_len and self.image_slot + num_images <= slots
+    num_inputs = sum(1 for p in pieces if p[0] == "input")
+    input_slots = self.batch["input_mask"].shape[1] if "input_mask" in self.batch else 0
+    return (
+        self.cursor + self.sample_length(pieces) <= self.seq_len
+        and self.image_slot + num_images <= slots
+        and self.input_slot + num_inputs <= input_slots
+    )
 
   def add(self, pieces) -> None:
     """Appends one sample. Raises ValueError if it does not fit in the row."""
@@ -111,6 +144,16 @@ class RowBuilder:
         b["kinds"][r, sl] = KIND_TEXT
         for i in range(n):
           text_slots.append((self.cursor + i, int(ids[i]), bool(extra)))
+      elif kind == "input":
+        k = self.input_slot
+        self.input_slot += 1
+        b["input_images"][r, k] = value
+        b["input_mask"][r, k] = True
+        n = self.input_tokens
+        sl = slice(self.cursor, self.cursor + n)
+        b["kinds"][r, sl] = KIND_INPUT_IMAGE
+        b["patch_index"][r, sl] = k * n + np.arange(n, dtype=np.int32)
+        text_slots.append((None, -1, False))
       else:
         m = self.image_slot
         self.image_slot += 1

@@ -6,9 +6,14 @@
     python -m monoformer_jax.sample --workdir DIR --t2i_prompt "a seven" --out t2i.png
     python -m monoformer_jax.sample --workdir DIR --interleaved --out parts \\
         --prompt "Please generate an image of seven.<|im_start|>"
+    python -m monoformer_jax.sample --workdir DIR --describe digits.npz \\
+        --question "Which digit is this?" --out answers.json    # a run that reads images
     python -m monoformer_jax.sample --official_checkpoint MonoFormer_ImageNet_256 \\
         --tokenizer tokenizer.model --class_names_file imagenet_labels.json --classes 207 ...
 
+`--describe FILE.npz` answers a question about each image of its `images` array (uint8 0-255,
+(N, H, W, C), the run's image shape, e.g. (N, 28, 28, 1) digits): greedy unless a sampling flag
+says otherwise, written to `--out answers.json` as a JSON list of N strings, in order.
 `--out X.npz` writes `images` (uint8, N x H x W x C; MNIST: white digits on black) and `labels`
 (class grids) or `prompts` (text-to-image), plus X.png (a grid, a row per class); `--out X.png`
 writes the grid only. Text goes to stdout as JSON lines. Sampler, steps, guidance scale, CFG
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 from absl import flags, logging
@@ -94,6 +100,15 @@ def define_flags(fv, argv=()):
   flags.DEFINE_float("top_p", None, "Nucleus filter (1 = off).", flag_values=fv)
   flags.DEFINE_bool("greedy", False, "Greedy decoding (argmax).", flag_values=fv)
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights of a run.", flag_values=fv)
+  flags.DEFINE_string(
+      "describe",
+      None,
+      "An .npz whose `images` (uint8, N x H x W x C) the model answers --question about.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "question", None, "The question for --describe (default: the run's data.understand_question).", flag_values=fv
+  )
 
 
 UsageError = cli.UsageError
@@ -160,6 +175,27 @@ def _write_images(out, images, rows, **arrays):
   print(f"wrote {len(images)} images to {out}", file=sys.stderr)
 
 
+def _read_describe(fv) -> np.ndarray:
+  """The `images` of --describe's .npz, checked (uint8, N x H x W x C)."""
+  if not fv.out or not fv.out.endswith(".json"):
+    raise UsageError("--describe: give --out answers.json (the answers, a JSON list)")
+  if fv.question is not None and not fv.question.strip():
+    raise UsageError("--question: empty question")
+  if not epath.Path(fv.describe).is_file():
+    raise UsageError(f"--describe: no such file {fv.describe!r}")
+  try:
+    with paths.load_npz(fv.describe) as data:
+      names = sorted(data.files)
+      images = np.asarray(data["images"]) if "images" in names else None
+  except (ValueError, OSError, zipfile.BadZipFile) as e:  # np.load refuses pickled object arrays
+    raise UsageError(f"--describe: cannot read {fv.describe!r} as .npz ({e})") from None
+  if images is None:
+    raise UsageError(f"--describe: {fv.describe} has no 'images' array (it has {names})")
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
+    raise UsageError(f"--describe: 'images' must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} {images.shape}")
+  return images
+
+
 def run(fv, args) -> int:
   if args:
     raise UsageError(f"unexpected arguments {args}")
@@ -171,8 +207,13 @@ def run(fv, args) -> int:
     raise UsageError("--prompt: empty prompt")
   if (fv["t2i_prompt"].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
     raise UsageError("--t2i_prompt: empty prompt")
-  if not prompts and not t2i and fv.classes is None:
-    raise UsageError("nothing to do: give --classes or --t2i_prompt (images) and/or --prompt (text)")
+  describe_images = _read_describe(fv) if fv.describe is not None else None
+  if not prompts and not t2i and fv.classes is None and describe_images is None:
+    raise UsageError(
+        "nothing to do: give --classes or --t2i_prompt (images), --prompt (text) and/or --describe (answers)"
+    )
+  if describe_images is not None and (t2i or fv.classes is not None or fv.interleaved):
+    raise UsageError("--describe writes --out too: run it apart from --classes / --t2i_prompt / --interleaved")
   if t2i and fv.classes is not None:
     raise UsageError("--classes and --t2i_prompt both write --out: run them separately")
   if (t2i or fv.classes is not None or fv.interleaved) and not fv.out:
@@ -200,6 +241,21 @@ def run(fv, args) -> int:
       greedy=fv.greedy,
   )
   try:
+    if describe_images is not None:
+      sampled = fv.temperature is not None or fv.top_k is not None or fv.top_p is not None
+      answers = model.describe(
+          describe_images,
+          fv.question,
+          max_new_tokens=fv.max_new_tokens or 16,
+          greedy=not sampled or fv.greedy,
+          temperature=fv.temperature,
+          top_k=fv.top_k,
+          top_p=fv.top_p,
+          seed=fv.seed,
+      )
+      epath.Path(paths.absolute(fv.out)).parent.mkdir(parents=True, exist_ok=True)
+      paths.write_text_atomic(paths.absolute(fv.out), json.dumps(answers, ensure_ascii=False, indent=1))
+      print(f"wrote {len(answers)} answers to {fv.out}", file=sys.stderr)
     if prompts and fv.interleaved:
       stem = os.path.splitext(fv.out)[0]
       results = model.generate(

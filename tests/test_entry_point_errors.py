@@ -3,6 +3,7 @@ count, an empty prompt, a class id out of range, a flag that does not exist): on
 stderr that names the problem, exit code 2, no traceback. In-process through each `main(argv)`
 (what `python -m ...` runs), one table."""
 
+import numpy as np
 import pytest
 
 from monoformer_jax import evaluate, main, sample
@@ -22,7 +23,8 @@ MISSING = "/nonexistent/monoformer"
 TINY = "--config=configs/mnist_tiny.py:test"
 
 # (entry point, argv, what the one line must name); "RUN" is replaced by the shared tiny run,
-# "OUT" by a file in the test's own folder (never written: each case fails first).
+# "OUT" by a file in the test's own folder (never written: each case fails first), "NPZ" by an
+# .npz of two uint8 digits.
 CASES = [
     (main, ["--config=configs/nope.py", "--workdir=/tmp/x"], "configs/nope.py"),
     (main, [TINY, "--workdir=/tmp/x", "--config.nope=1"], "nope"),
@@ -37,6 +39,11 @@ CASES = [
     (sample, ["--workdir=RUN", "--classes=1", "--num_per_class=-3", "--out=OUT"], "num_per_class"),
     (sample, ["--workdir=RUN", "--prompt="], "prompt"),
     (sample, ["--workdir=RUN", "--classes=1", "--sampler=nope", "--out=OUT"], "nope"),
+    (sample, ["--workdir=RUN", f"--describe={MISSING}.npz", "--out=OUT.json"], MISSING),
+    (sample, ["--workdir=RUN", "--describe=NPZ", "--out=OUT"], "answers.json"),
+    (sample, ["--workdir=RUN", "--describe=RUN/config.json", "--out=OUT.json"], "cannot read"),
+    (sample, ["--workdir=RUN", "--describe=NPZ", "--question= ", "--out=OUT.json"], "question"),
+    (sample, ["--workdir=RUN", "--describe=NPZ", "--out=OUT.json"], "does not read images"),
     (evaluate, [f"--workdir={MISSING}", f"--config.eval.text_file={MISSING}.txt"], MISSING),
     (evaluate, ["--workdir=RUN", "--config.eval.nope=1"], "nope"),
     (fid_samples, [f"--workdir={MISSING}", "--out_dir=/tmp/x"], MISSING),
@@ -61,7 +68,9 @@ def run_dir(tmp_path_factory):
     "entry, argv, named", CASES, ids=[f"{e.__name__.rsplit('.', 1)[-1]}-{i}" for i, (e, _, _) in enumerate(CASES)]
 )
 def test_bad_input_is_one_line_and_exit_2(entry, argv, named, run_dir, tmp_path, capsys):
-  argv = [a.replace("RUN", run_dir).replace("OUT", str(tmp_path / "out.npz")) for a in argv]
+  digits = tmp_path / "digits.npz"  # what --describe reads: two uint8 digits
+  np.savez(digits, images=np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8))
+  argv = [a.replace("RUN", run_dir).replace("OUT", str(tmp_path / "out.npz")).replace("NPZ", str(digits)) for a in argv]
   code = entry.main(argv)
   out, err = capsys.readouterr()
   lines = [line for line in err.splitlines() if line.strip() and not _library_noise(line)]
@@ -69,7 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(entry, argv, named, run_dir, tmp_path,
   assert len(lines) == 1, err[-3000:]
   assert named in lines[0], lines[0]
   assert "Traceback" not in out + err
-  assert not (tmp_path / "out.npz").exists()
+  assert not (tmp_path / "out.npz").exists() and not (tmp_path / "out.npz.json").exists()
 
 
 def _library_noise(line: str) -> bool:

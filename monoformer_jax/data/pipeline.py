@@ -187,9 +187,14 @@ class BatchIterator:
       skipped_at_index: int = 0,
       shard_index: int = 0,
       shard_count: int = 1,
+      num_input_slots: int = 0,
+      input_shape=(),
+      input_tokens: int = 0,
   ):
     """`shard_index` / `shard_count`: the shard `dataset` reads (sample_dataset's, in blocks of
-    `batch_size`): what a combined state's positions are translated with."""
+    `batch_size`): what a combined state's positions are translated with. `num_input_slots`
+    input images of `input_shape` per row, `input_tokens` tokens each: rows that read images."""
+    self.num_input_slots, self.input_shape, self.input_tokens = num_input_slots, tuple(input_shape), input_tokens
     self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
     self.shard_index, self.shard_count = shard_index, shard_count
     self.num_image_slots, self.image_shape = num_image_slots, tuple(image_shape)
@@ -211,7 +216,9 @@ class BatchIterator:
     return next(self._it), state
 
   def __next__(self) -> dict:
-    batch = batch_lib.empty_batch(self.batch_size, self.seq_len, self.num_image_slots, self.image_shape)
+    batch = batch_lib.empty_batch(
+        self.batch_size, self.seq_len, self.num_image_slots, self.image_shape, self.num_input_slots, self.input_shape
+    )
     row, placed = 0, 0
     builder = self._builder(batch, 0)
     while row < self.batch_size:
@@ -245,7 +252,7 @@ class BatchIterator:
     return batch
 
   def _builder(self, batch, row):
-    return batch_lib.RowBuilder(batch, row, self.num_patches, self.t_token)
+    return batch_lib.RowBuilder(batch, row, self.num_patches, self.t_token, self.input_tokens)
 
   @property
   def stats(self) -> dict:
@@ -345,7 +352,7 @@ def sample_latent(record: dict, rng: np.random.Generator, scale: float = 1.0) ->
   return (mean + std * eps) * np.float32(scale)
 
 
-def _record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
+def record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
   if "mean" in record:  # precomputed VAE posterior: sample it afresh every time (official)
     return sample_latent(record, rng, latent_scale)
   return image_to_float(record["image"])
@@ -395,7 +402,7 @@ def make_image_iterator(
   if first is None:
     raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; cannot infer the image shape")
   if image_shape is None:
-    image_shape = _record_image(first, np.random.default_rng(0), latent_scale).shape
+    image_shape = record_image(first, np.random.default_rng(0), latent_scale).shape
   h, w, _ = image_shape
   if h % patch_size or w % patch_size:
     raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
@@ -415,7 +422,7 @@ def make_image_iterator(
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
 
   def make_sample(record, rng):
-    image = _record_image(record, rng, latent_scale)
+    image = record_image(record, rng, latent_scale)
     if image.shape != tuple(image_shape):
       raise ValueError(
           f"{source!r}: an image of shape {image.shape}, expected "

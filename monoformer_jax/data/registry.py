@@ -126,3 +126,21 @@ def image_source(data, image_shape, split: str = "train"):
 
 def text_source(data, split: str = "train"):
   return TEXT_SOURCES[data.text_source](data, split)
+
+
+def understand_source(data, image_shape, split: str = "train"):
+  """(source, class names) of the labelled images `data.understand_source` names, from the image
+  sources (reading data.image_path / class_names_file as they do); the names are the answers."""
+  if data.understand_source not in IMAGE_SOURCES:
+    raise DataConfigError(
+        f"config.data.understand_source: {data.understand_source!r} is not one of {tuple(IMAGE_SOURCES)}"
+    )
+  view = data.copy_and_resolve_references()
+  view.image_source = data.understand_source
+  names = class_names(view)
+  if names is None:
+    raise DataConfigError(
+        f"config.data.understand_source: {data.understand_source!r} has no class names to answer with "
+        "(set config.data.class_names_file)"
+    )
+  return IMAGE_SOURCES[view.image_source](view, tuple(image_shape), split), names

@@ -7,6 +7,7 @@
     images, labels = model.sample_classes(["seven", 3], num_per_class=4)   # float, model space
     images = model.text_to_image(["a red circle"])
     parts = model.generate(["Draw a seven: <|im_start|>"])   # [('text', s) | ('image', a), ...]
+    answers = model.describe(digits_uint8, "Which digit is this?")      # a run that reads images
 
 Every option defaults to the run's `config.sampling` (or the official settings for converted
 checkpoints); images come back in the model's space ([-1, 1] pixels, or latents: see
@@ -29,7 +30,9 @@ from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
 from monoformer_jax.run import images as images_lib
 from monoformer_jax.run.open import open_run
+from monoformer_jax.run.input_encoder import build_input_encoder
 from monoformer_jax.sampling import classes as classes_lib
+from monoformer_jax.sampling import describe as describe_lib
 from monoformer_jax.sampling import image as image_lib
 from monoformer_jax.sampling import interleaved as interleaved_lib
 from monoformer_jax.sampling import text as text_lib
@@ -390,6 +393,49 @@ class InferenceModel:
         **opts,
     )
     return [self._parts(p, r) for p, r in zip(ids, results)]
+
+  def describe(
+      self,
+      images,
+      question: Optional[str] = None,
+      *,
+      max_new_tokens: int = 16,
+      greedy: bool = True,
+      temperature=None,
+      top_k=None,
+      top_p=None,
+      seed: Optional[int] = None,
+  ) -> list[str]:
+    """One answer per image (N, H, W, C; uint8 pixels or model-space floats), written by the LM
+    through the KV cache after `<|im_start|>` [image] `<|im_end|>\n{question}` (default: the
+    run's `data.understand_question`). Greedy unless `greedy=False`."""
+    if not self.config.input_feature_dim or self.run_config is None:
+      raise InferenceError("this model does not read images (train it with understand steps: input_images.encoder)")
+    if self.run_config.vae.path and self.run_config.input_images.encoder == "patch":
+      raise InferenceError("describe() takes model-space latents for a latent run: encode the images with its VAE")
+    question = self.run_config.data.understand_question if question is None else question
+    encoder = self._input_encoder()
+    try:
+      return describe_lib.describe_images(
+          self.params,
+          self.config,
+          self.tokenizer,
+          encoder,
+          images,
+          question,
+          max_new_tokens=max_new_tokens,
+          sampling=self._token_sampling(temperature, top_k, top_p, greedy),
+          seed=int(self._opt("seed", seed)),
+          mesh=self.mesh,
+          rules=self.rules,
+      )
+    except ValueError as e:
+      raise InferenceError(str(e)) from e
+
+  def _input_encoder(self):
+    if getattr(self, "_encoder", None) is None:
+      self._encoder = build_input_encoder(self.run_config, self.config)
+    return self._encoder
 
   def _parts(self, prompt_ids, result) -> list[tuple]:
     tok, parts, run, k = self.tokenizer, [], [], 0

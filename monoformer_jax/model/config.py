@@ -43,6 +43,11 @@ class ModelConfig:
   use_pos_embed: bool = True
   num_classes: int = 0  # > 0 adds a DiT-style label embedding (index num_classes = null class).
   timestep_freq_dim: int = 256
+  # Image understanding (official main branch): the width of the features an input image arrives
+  # as (CLIP ViT-L/14's 1024, or a patch of pixels / latents), which `im_embedder` (Linear, GELU,
+  # Linear) maps into the sequence; 0 = the model reads no images (and has no im_embedder).
+  input_feature_dim: int = 0
+  bidirectional_input_image: bool = True  # False: input-image tokens causal, as the official code
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype; parameters are always float32.
   remat: str = "none"
@@ -63,6 +68,8 @@ class ModelConfig:
       errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
+    if self.input_feature_dim < 0:
+      errors.append(f"input_feature_dim={self.input_feature_dim} must be >= 0")
     if self.timestep_freq_dim % 2:
       errors.append(f"timestep_freq_dim={self.timestep_freq_dim} must be even")
     if errors:

@@ -1,12 +1,14 @@
 """The unified attention mask, built from per-token arrays with static shapes.
 
     allowed(q, k) = same_segment(q, k) and valid(k) and
-                    (order(k) <= order(q)  or  (bidirectional and gen(q) and gen(k) and same_image(q, k)))
+                    (order(k) <= order(q)  or  (bidirectional and same_image(q, k)))
 
 Text is causal; the tokens of one generated image see each other in both directions and see the
 text before them causally; later text sees the whole image; packed samples (segments) never see
 each other. The official code merges every generated span of a row into one bidirectional block
-(it allows one generated image per sample); here each image is its own block.
+(it allows one generated image per sample); here each image is its own block. An input image (one
+the model reads: image understanding) is a bidirectional block of its own too when
+`model.bidirectional_input_image` (the official main branch keeps it causal).
 """
 
 from __future__ import annotations
@@ -14,15 +16,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from monoformer_jax.batch import KIND_IMAGE
+from monoformer_jax.batch import KIND_IMAGE, KIND_INPUT_IMAGE
 
 Array = jax.Array
 
 
-def token_meta(segment_ids: Array, kinds: Array, patch_index: Array, num_patches: int, order: Array) -> dict:
-  """Per-token attributes the mask needs. `image_id` is -1 for non-image tokens."""
-  is_image = kinds == KIND_IMAGE
-  image_id = jnp.where(is_image, patch_index // num_patches, -1)
+# Input images (read, not generated) get image ids from here on, apart from the generated ones.
+INPUT_IMAGE_ID_OFFSET = 1 << 20
+
+
+def token_meta(
+    segment_ids: Array,
+    kinds: Array,
+    patch_index: Array,
+    num_patches: int,
+    order: Array,
+    *,
+    input_tokens: int = 1,
+    bidirectional_input: bool = False,
+) -> dict:
+  """Per-token attributes the mask needs. `image_id` is -1 for tokens that attend causally only:
+  text, t-tokens, and input images unless `bidirectional_input` (each then its own block)."""
+  image_id = jnp.where(kinds == KIND_IMAGE, patch_index // num_patches, -1)
+  if bidirectional_input:
+    input_id = INPUT_IMAGE_ID_OFFSET + patch_index // input_tokens
+    image_id = jnp.where(kinds == KIND_INPUT_IMAGE, input_id, image_id)
   return {"segment_ids": segment_ids, "image_id": image_id, "order": order}
 
 

@@ -91,6 +91,35 @@ class MonoFormer(nn.Module):
       self.sow("intermediates", f"layer{i}_output", x)
     return x, layer_caches
 
+  def _embed_input_images(self, x, features, kinds, patch_index):
+    """The official `im_embedder` (Linear, GELU, Linear) on input-image features (B, K, Q, D),
+    placed at the KIND_INPUT_IMAGE tokens; returns (x, Q)."""
+    cfg = self.config
+    if not cfg.input_feature_dim:
+      raise ValueError("the batch holds input_features but model.input_feature_dim is 0")
+    b, k, q, d = features.shape
+    if d != cfg.input_feature_dim:
+      raise ValueError(f"input_features have width {d}, model.input_feature_dim is {cfg.input_feature_dim}")
+    h = nn.Dense(
+        cfg.hidden_size,
+        param_dtype=jnp.float32,
+        dtype=cfg.compute_dtype,
+        name="im_embedder_fc1",
+        kernel_init=normal_init(0.02, ("patch", "embed")),
+        bias_init=zeros_init(("embed",)),
+    )(features.reshape(b, k * q, d))
+    h = nn.Dense(
+        cfg.hidden_size,
+        param_dtype=jnp.float32,
+        dtype=cfg.compute_dtype,
+        name="im_embedder_fc2",
+        kernel_init=normal_init(0.02, ("embed", "embed_out")),
+        bias_init=zeros_init(("embed_out",)),
+    )(nn.gelu(h, approximate=False))
+    is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
+    index = jnp.where(is_input[..., 0], patch_index, 0)
+    return jnp.where(is_input, _gather_tokens(h, index).astype(x.dtype), x), q
+
   @nn.compact
   def __call__(
       self,
@@ -120,6 +149,9 @@ class MonoFormer(nn.Module):
         name="embed_tokens",
     )
     x = embed(tokens)
+    input_tokens = 1
+    if "input_features" in batch:
+      x, input_tokens = self._embed_input_images(x, batch["input_features"], kinds, patch_index)
 
     cond = None
     if images is not None:
@@ -194,7 +226,15 @@ class MonoFormer(nn.Module):
     cos, sin = rope_tables(batch["positions"], cfg.dim_per_head, cfg.rope_theta)
 
     order = jnp.broadcast_to(cache_index + jnp.arange(l, dtype=jnp.int32), (b, l))
-    q_meta = token_meta(batch["segment_ids"], kinds, patch_index, num_patches, order)
+    q_meta = token_meta(
+        batch["segment_ids"],
+        kinds,
+        patch_index,
+        num_patches,
+        order,
+        input_tokens=input_tokens,
+        bidirectional_input=cfg.bidirectional_input_image,
+    )
     new_cache = None
     layer_caches = None
     if cache is None:
@@ -248,6 +288,8 @@ def dummy_batch(
   for r in range(batch_size):
     rb = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
     rb.add([("text", [1, 2], True), ("image", np.zeros(shape, np.float32), 0), ("text", [2], True)])
+  if config.input_feature_dim:  # creates im_embedder's parameters
+    batch["input_features"] = np.zeros((batch_size, 1, 1, config.input_feature_dim), np.float32)
   timesteps = np.zeros((batch_size, num_image_slots), np.float32)
   return batch, batch["images"], timesteps
 

@@ -21,6 +21,7 @@ from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
 from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.vision import encoders
 
 OBJECTIVES = ("gaussian", "flow")
 CONFIG_FILE = "config.json"
@@ -37,6 +38,7 @@ FIXED_FIELDS = (
     "data.text_source",
     "data.class_names_file",
     "vae",
+    "input_images",
 )
 
 
@@ -104,11 +106,16 @@ def base_config() -> ml_collections.ConfigDict:
   # stop after max_tries rollbacks without a new checkpoint in between). train/trainer.py.
   c.nonfinite = ml_collections.ConfigDict(dict(policy="stop", lr_factor=0.5, max_tries=3))
 
-  # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM).
-  c.loss = ml_collections.ConfigDict(dict(diffusion_weight=1.0, lm_weight=0.01))
+  # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM); understanding answers
+  # are LM loss too (official: the same 0.01), weighted apart here.
+  c.loss = ml_collections.ConfigDict(dict(diffusion_weight=1.0, lm_weight=0.01, understand_weight=0.01))
   # Which step runs when: weights of 'diffusion', 'ar' and 'mixed' steps; text_warmup_steps AR
   # steps first (train/scheduler.py).
-  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0, text_warmup_steps=0))
+  c.schedule = ml_collections.ConfigDict(dict(diffusion=1.0, ar=0.0, mixed=0.0, understand=0.0, text_warmup_steps=0))
+  # Image understanding (the `understand` steps): what the model reads images with
+  # (vision/encoders.py: "patch" = the image's own patches through im_embedder, "clip" = a frozen
+  # CLIP vision tower from a local transformers folder, its `clip_layer` without CLS).
+  c.input_images = ml_collections.ConfigDict(dict(encoder="none", patch_size=4, clip_path="", clip_layer=-2))
 
   c.data = ml_collections.ConfigDict(
       dict(
@@ -128,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
           max_prompt_tokens=64,  # free-text prompts (image-text JSONL) are cut to this
           worker_count=0,
           skip_bad_records=False,
+          understand_source="mnist",  # labelled images the `understand` steps read (image sources)
+          understand_batch_size=64,
+          understand_question="Which digit is this?",  # the answer is the image's class name
           tokenizer="train",  # "train" (SentencePiece on the corpus, cached) or a .model path
           tokenizer_vocab_size=1024,
       )
@@ -145,17 +155,35 @@ def _fail(field: str, message: str):
 
 
 def model_config_from(config, tokenizer=None) -> ModelConfig:
-  """The ModelConfig of `config.model`, checked against the tokenizer's vocabulary."""
+  """The ModelConfig of `config.model`, checked against the tokenizer's vocabulary, with the
+  input-feature width of `config.input_images`' encoder."""
   try:
     model = ModelConfig.from_mapping(config.model)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model: {e}") from e
+  enc = config.input_images
+  if enc.encoder not in encoders.ENCODERS:
+    _fail("input_images.encoder", f"{enc.encoder!r} is not one of {encoders.ENCODERS}")
+  if enc.encoder != "none":
+    try:
+      width = encoders.input_feature_dim(enc.encoder, input_image_shape(model), enc.patch_size, enc.clip_path)
+    except (ValueError, OSError) as e:
+      raise ConfigError(f"config.input_images: {e}") from e
+    if model.input_feature_dim not in (0, width):
+      _fail("model.input_feature_dim", f"{model.input_feature_dim}, but the {enc.encoder} encoder gives {width}")
+    model = model.replace(input_feature_dim=width)
   if tokenizer is not None and model.vocab_size < tokenizer.vocab_size:
     _fail(
         "model.vocab_size",
         f"{model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})",
     )
   return model
+
+
+def input_image_shape(model: ModelConfig) -> tuple:
+  """The shape of the images the `understand` steps read: those the model generates (pixels, or
+  latents of the same VAE); a CLIP encoder resizes whatever it gets."""
+  return (model.image_height, model.image_width, model.image_channels)
 
 
 def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> None:
@@ -184,6 +212,16 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
     _check_batch(config, "data.text_batch_size", data_ax * fsdp_ax, accum)
     if config.data.text_source not in registry.TEXT_SOURCES:
       _fail("data.text_source", f"{config.data.text_source!r} is not one of {tuple(registry.TEXT_SOURCES)}")
+  if "understand" in step_kinds:
+    _check_batch(config, "data.understand_batch_size", data_ax * fsdp_ax, accum)
+    if config.input_images.encoder == "none":
+      _fail("input_images.encoder", "the schedule has understand steps: set 'patch' or 'clip'")
+    if config.data.understand_source not in registry.IMAGE_SOURCES:
+      _fail(
+          "data.understand_source", f"{config.data.understand_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}"
+      )
+    if not config.data.understand_question.strip():
+      _fail("data.understand_question", "is empty")
   _check_objective_and_sampling(config)
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
@@ -304,7 +342,13 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
   changes = []
   if path.is_file():
     changes = config_changes(json.loads(path.read_text()), new)
-    fixed = [c for c in changes if c[0].startswith(FIXED_FIELDS)]
+    # A field a newer version added, at its default, changes nothing the old run did.
+    defaults = _flatten(json.loads(base_config().to_json(sort_keys=True)))
+    fixed = [
+        c
+        for c in changes
+        if c[0].startswith(FIXED_FIELDS) and not (c[1] == "<absent>" and defaults.get(c[0], "<none>") == c[2])
+    ]
     if fixed and has_checkpoints:
       raise ConfigError(
           f"{workdir} holds checkpoints of a run whose config differs in fields "

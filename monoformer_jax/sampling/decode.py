@@ -88,17 +88,37 @@ def mesh_context(mesh, rules):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "max_new_tokens"))
-def prefill(params, ids, lengths, sample_ids, *, config: ModelConfig, cache_size: int, max_new_tokens: int) -> dict:
-  """Writes every prompt token but the last into a fresh cache; returns the decode state."""
+def prefill(
+    params,
+    ids,
+    lengths,
+    sample_ids,
+    prompt_inputs=None,
+    *,
+    config: ModelConfig,
+    cache_size: int,
+    max_new_tokens: int,
+) -> dict:
+  """Writes every prompt token but the last into a fresh cache; returns the decode state.
+
+  `prompt_inputs` (prompts that hold input images): the prompts' `kinds` and `patch_index` (B, P)
+  and their `input_features` (B, K, Q, D), laid out as batch.py describes."""
   b, p = ids.shape
   cache = cache_lib.constrain_cache(cache_lib.init_cache(config, b, cache_size))
   if p > 1:
     slots = jnp.arange(p - 1, dtype=jnp.int32)[None, :]
     seg = (slots < (lengths - 1)[:, None]).astype(jnp.int32)
     pos = jnp.broadcast_to(slots, (b, p - 1))
+    batch = text_batch(ids[:, :-1], seg, pos)
+    if prompt_inputs is not None:
+      batch.update(
+          kinds=prompt_inputs["kinds"][:, :-1],
+          patch_index=prompt_inputs["patch_index"][:, :-1],
+          input_features=prompt_inputs["input_features"],
+      )
     out = MonoFormer(config).apply(
         {"params": params},
-        text_batch(ids[:, :-1], seg, pos),
+        batch,
         cache=cache,
         cache_index=0,
         return_logits=False,
@@ -236,10 +256,13 @@ def generate_tokens(
     sample_ids=None,
     mesh=None,
     rules=None,
+    prompt_inputs: Optional[dict] = None,
 ) -> list[list[int]]:
   """Continuations of token-id prompts (each starts with <s> for LLaMA-style models).
 
-  Returns one list of new ids per prompt, the stop token included when one was produced. With
+  Returns one list of new ids per prompt, the stop token included when one was produced.
+  `prompt_inputs`: see `prefill` (prompts with input images must all have the same length, the
+  last token text: the image tokens' places are fixed by `kinds`). With
   `mesh` (and logical axis `rules`), the cache and activations are sharded by their logical axes;
   params should already be placed on that mesh.
   """
@@ -260,6 +283,7 @@ def generate_tokens(
         jnp.asarray(ids),
         jnp.asarray(lengths),
         jnp.asarray(sample_ids),
+        prompt_inputs,
         config=config,
         cache_size=cache_size_for(ids.shape[1], total),
         max_new_tokens=max_new_tokens,

@@ -16,18 +16,24 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import pipeline, registry
+from monoformer_jax.data import understanding as pipeline_understanding
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.run import config as config_lib
 from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.run.input_encoder import build_input_encoder
 from monoformer_jax.train.metrics import train_flops_per_step
 
 
 class DataStream:
   """One iterator's batches for one step kind."""
 
-  def __init__(self, iterator, global_batch_size: int, has_images: bool):
+  def __init__(self, iterator, global_batch_size: int, has_images: bool, encoder=None):
+    """`encoder` (vision/encoders.InputEncoder): turns the batch's input images into the features
+    the model reads, on the devices, before the step."""
     self.iterator = iterator
     self.global_batch_size = global_batch_size
     self.has_images = has_images
+    self.encoder = encoder
     self._spec = None
 
   def _local(self) -> dict:
@@ -37,7 +43,8 @@ class DataStream:
     local = self._local()
     if self._spec is None:
       self._spec = {k: (v.shape, v.dtype) for k, v in local.items()}
-    return sharding_lib.global_batch(local, mesh)
+    batch = sharding_lib.global_batch(local, mesh)
+    return self.encoder.encode_batch(batch) if self.encoder is not None else batch
 
   def spec(self) -> dict:
     """Example host batch with the global shapes (peeks one batch, then rewinds)."""
@@ -45,7 +52,11 @@ class DataStream:
     local = self._local()
     self.iterator.set_state(state)
     scale = self.global_batch_size // local["tokens"].shape[0]
-    return {k: np.zeros((v.shape[0] * scale,) + v.shape[1:], v.dtype) for k, v in local.items()}
+    spec = {k: np.zeros((v.shape[0] * scale,) + v.shape[1:], v.dtype) for k, v in local.items()}
+    if self.encoder is not None:
+      b, k = spec.pop("input_images").shape[:2]
+      spec["input_features"] = np.zeros(self.encoder.feature_spec(b, k).shape, np.float32)
+    return spec
 
   def shapes(self):
     spec = self.spec()
@@ -187,7 +198,28 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
         num_threads=max(d.worker_count, 1),
     )
 
+  def understand_it(batch, encoder):
+    source, answers = registry.understand_source(d, input_shape)
+    return pipeline_understanding.make_understanding_iterator(
+        source,
+        tokenizer,
+        batch_size=batch // procs,
+        input_shape=input_shape,
+        input_tokens=encoder.tokens,
+        class_names=answers,
+        question=d.understand_question,
+        seed=config.seed + 2,
+        latent_scale=d.latent_scale,
+        num_threads=max(d.worker_count, 1),
+    )
+
+  input_shape = config_lib.input_image_shape(model_config)
   streams = {}
+  if "understand" in step_kinds:
+    encoder = build_input_encoder(config, model_config)
+    streams["understand"] = DataStream(
+        understand_it(d.understand_batch_size, encoder), d.understand_batch_size, False, encoder
+    )
   if "diffusion" in step_kinds:
     streams["diffusion"] = DataStream(image_it(d.image_batch_size), d.image_batch_size, True)
   if "ar" in step_kinds:

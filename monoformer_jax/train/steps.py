@@ -30,7 +30,7 @@ from monoformer_jax.model.losses import lm_loss_sum
 from monoformer_jax.run import state as state_lib
 from monoformer_jax.run.state import TrainState, ema_decay, update_ema
 
-STEP_KINDS = ("ar", "diffusion", "mixed")
+STEP_KINDS = ("ar", "diffusion", "mixed", "understand")
 
 
 def _noisy_images(objective, images, rng, row_ids):
@@ -88,12 +88,14 @@ def make_loss_fn(
     return total / norms["lm_tokens"], count
 
   def loss_fn(params, batch, rng, norms, row_ids):
-    if kind == "ar":
+    if kind in ("ar", "understand"):  # understanding rows: the LM loss on their answers
       # Weighted as in the mixed objective (w_lm * L_lm): with alternating steps the shared
       # parameters' Adam statistics see both objectives' gradients, and an unweighted LM
       # gradient (far larger than the diffusion one) would shrink every diffusion update.
       out = model.apply({"params": params}, batch, return_image=False)
       l_lm, count = lm_terms(out["logits"], batch, norms)
+      if kind == "understand":
+        return lm_weight * l_lm, {"loss_understand": l_lm, "answer_tokens": count}
       return lm_weight * l_lm, {"loss_lm": l_lm, "lm_tokens": count}
     x0, x_t, t, model_t, noise = _noisy_images(objective, batch["images"], rng, row_ids)
     b, m = batch["image_mask"].shape
@@ -191,7 +193,7 @@ def train_step_from_config(kind: str, config, model_config: ModelConfig, objecti
       optimizer,
       grad_accum_steps=config.optimizer.grad_accum_steps,
       diffusion_weight=config.loss.diffusion_weight,
-      lm_weight=config.loss.lm_weight,
+      lm_weight=config.loss.understand_weight if kind == "understand" else config.loss.lm_weight,
       ema_decay_value=config.ema.decay,
       ema_warmup=config.ema.warmup,
       learning_rate_fn=state_lib.learning_rate_schedule(config.optimizer),

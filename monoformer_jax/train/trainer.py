@@ -360,7 +360,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
           eta = (config.num_train_steps - step) / max(rate, 1e-9)
           writer.write_scalars(step, last)
           if is_main:
-            losses = " ".join(f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm") if k in last)
+            losses = " ".join(
+                f"{k}={last[k]:.4f}" for k in ("loss_diffusion", "loss_lm", "loss_understand") if k in last
+            )
             print(
                 f"step {step}/{config.num_train_steps} {losses} "
                 f"lr={last.get('learning_rate', 0):.2e} {last['tokens_per_s']:.0f} tok/s "

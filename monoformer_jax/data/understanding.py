@@ -1,0 +1,103 @@
+"""Image-understanding rows: an image the model reads, a question about it, and the answer.
+
+    <s> <|im_start|> [Q input-image tokens] <|im_end|> \\n {question} {answer} </s>
+
+Only the answer and its `</s>` are trained (the LM loss on the answer only, like a chat answer);
+the image arrives as `input_images` and is encoded (vision/encoders.py) before the model reads it.
+The answer to a labelled image is its class name ("seven" for an MNIST 7).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from monoformer_jax.data import pipeline
+from monoformer_jax.data.tokenizer import Tokenizer
+
+DEFAULT_QUESTION = "Which digit is this?"
+
+
+def understanding_prefix(tok: Tokenizer, image: np.ndarray, question_ids: Sequence[int]) -> list:
+  """The pieces up to the answer: what `describe` feeds the model before it writes."""
+  return [
+      ("text", [tok.bos_id, tok.im_start_id], False),
+      ("input", image, None),
+      ("text", [tok.im_end_id, *tok.newline_ids, *question_ids], False),
+  ]
+
+
+def understanding_sample(tok: Tokenizer, image: np.ndarray, question_ids, answer_ids) -> list:
+  return understanding_prefix(tok, image, question_ids) + [("text", [*answer_ids, tok.eos_id], True)]
+
+
+def understanding_seq_len(tok: Tokenizer, input_tokens: int, question: str, answers: Sequence[str]) -> int:
+  """The longest sample's length (every answer tried)."""
+  longest = max(len(tok.encode(a)) for a in answers)
+  return 2 + input_tokens + 1 + len(tok.newline_ids) + len(tok.encode(question)) + longest + 1
+
+
+def make_understanding_iterator(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    input_shape,
+    input_tokens: int,
+    class_names: Sequence[str],
+    question: str = DEFAULT_QUESTION,
+    seed: int = 0,
+    latent_scale: float = 1.0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 2,
+) -> pipeline.BatchIterator:
+  """Batches of one understanding sample per row from a labelled image source."""
+  tok = tokenizer
+  if not question.strip():
+    raise ValueError("the understanding question is empty")
+  shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
+  question_ids = tok.encode(question)
+  answers = [tok.encode(name) for name in class_names]
+  seq_len = understanding_seq_len(tok, input_tokens, question, class_names)
+
+  def make_sample(record, rng):
+    image = pipeline.record_image(record, rng, latent_scale)
+    if image.shape != tuple(input_shape):
+      raise ValueError(f"{source!r}: an image of shape {image.shape}, expected {tuple(input_shape)}")
+    label = int(record["label"])
+    if not 0 <= label < len(answers):
+      where = f"record {record['index']}" if "index" in record else "a record"
+      raise ValueError(f"{source!r}: {where} has class id {label}, outside 0..{len(answers) - 1}")
+    return {"pieces": understanding_sample(tok, image, question_ids, answers[label]), "num_images": 0}
+
+  ds = pipeline.sample_dataset(
+      source,
+      make_sample,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      block=batch_size,
+  )
+  return pipeline.BatchIterator(
+      ds,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      num_image_slots=1,
+      image_shape=(1, 1, 1),
+      num_patches=1,
+      t_token=False,
+      packing=False,
+      num_threads=num_threads,
+      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_input_slots=1,
+      input_shape=input_shape,
+      input_tokens=input_tokens,
+  )

@@ -1,0 +1,21 @@
+"""The run's input-image encoder (image understanding), built from `config.input_images`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.run.config import input_image_shape
+from monoformer_jax.vision import encoders
+
+
+def build_input_encoder(config, model_config: ModelConfig) -> Optional[encoders.InputEncoder]:
+  """What turns the images a run reads into `input_features` (None when it reads none)."""
+  enc = config.input_images
+  return encoders.make_input_encoder(
+      enc.encoder,
+      input_image_shape(model_config),
+      patch_size=enc.patch_size,
+      clip_path=enc.clip_path,
+      clip_layer=enc.clip_layer,
+  )

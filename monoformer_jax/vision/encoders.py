@@ -1,0 +1,103 @@
+"""What an input image (one the model reads) becomes before the transformer: features that the
+model's `im_embedder` maps into the sequence, Q tokens of width D per image.
+
+  patch   the image's own patches, flattened: pixels, or VAE latents (the official main
+          branch's alternative to CLIP: a frozen VAE's patch tokens). No parameters.
+  clip    a frozen CLIP vision tower's hidden states of one layer without the CLS token (the
+          official main branch: ViT-L/14, the penultimate layer, 256 tokens of 1024).
+
+An encoder runs as its own jitted call on the batch the data pipeline gives (`input_images` ->
+`input_features`), outside the train step: a frozen tower's parameters are an argument of that
+call, never constants baked into the step's program, and no gradient reaches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import einops
+import jax
+import jax.numpy as jnp
+
+ENCODERS = ("none", "patch", "clip")
+
+
+def patch_features(images: jax.Array, patch: int) -> jax.Array:
+  """(B, K, H, W, C) -> (B, K, H/p * W/p, p * p * C): raster order, each patch's pixels flattened
+  row by row, channels last (the same flattening as the generated images' patchify)."""
+  return einops.rearrange(images, "b k (h p) (w q) c -> b k (h w) (p q c)", p=patch, q=patch)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputEncoder:
+  """Maps `input_images` (B, K, H, W, C) to `input_features` (B, K, tokens, feature_dim)."""
+
+  kind: str
+  image_shape: tuple
+  tokens: int
+  feature_dim: int
+  fn: Callable  # (params, images) -> features; pure, traceable
+  params: Any = None
+
+  def __call__(self, images) -> jax.Array:
+    return _jitted(self.fn)(self.params, images)
+
+  def encode_batch(self, batch: dict) -> dict:
+    """The batch with `input_images` replaced by their `input_features`."""
+    out = {k: v for k, v in batch.items() if k != "input_images"}
+    out["input_features"] = self(batch["input_images"])
+    return out
+
+  def feature_spec(self, batch_size: int, slots: int):
+    return jax.ShapeDtypeStruct((batch_size, slots, self.tokens, self.feature_dim), jnp.float32)
+
+
+_JITTED: dict = {}
+
+
+def _jitted(fn):
+  if fn not in _JITTED:
+    _JITTED[fn] = jax.jit(fn)
+  return _JITTED[fn]
+
+
+def _patch_fn(patch: int):
+  def encode(params, images):
+    del params
+    return patch_features(images.astype(jnp.float32), patch)
+
+  return encode
+
+
+def patch_encoder(image_shape, patch: int) -> InputEncoder:
+  h, w, c = image_shape
+  if h % patch or w % patch:
+    raise ValueError(f"input images of shape {tuple(image_shape)} do not split into {patch}x{patch} patches")
+  return InputEncoder("patch", tuple(image_shape), (h // patch) * (w // patch), patch * patch * c, _patch_fn(patch))
+
+
+def input_feature_dim(kind: str, image_shape, patch_size: int = 4, clip_path: str = "") -> int:
+  """The width of `kind`'s features (model.input_feature_dim), without loading any weights."""
+  if kind == "patch":
+    return patch_encoder(image_shape, patch_size).feature_dim
+  if kind == "clip":
+    from monoformer_jax.vision import clip_encoder  # pylint: disable=import-outside-toplevel
+
+    return clip_encoder.clip_feature_dim(clip_path)
+  raise ValueError(f"input image encoder {kind!r} has no features (one of {ENCODERS[1:]})")
+
+
+def make_input_encoder(
+    kind: str, image_shape, *, patch_size: int = 4, clip_path: str = "", clip_layer: int = -2
+) -> Optional[InputEncoder]:
+  """The encoder `kind` names (None for "none")."""
+  if kind == "none":
+    return None
+  if kind == "patch":
+    return patch_encoder(image_shape, patch_size)
+  if kind == "clip":
+    from monoformer_jax.vision import clip_encoder  # pylint: disable=import-outside-toplevel
+
+    return clip_encoder.clip_input_encoder(clip_path, image_shape, clip_layer)
+  raise ValueError(f"input image encoder {kind!r} is not one of {ENCODERS}")

@@ -1,0 +1,81 @@
+"""The embedded default's all_in_one variant end to end: one parameter tree trained on digits
+from prompts, prose, and reading digits (`understand` steps), then answers about held-out
+digits from the sample command (`--describe`) and the API, through the KV cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from monoformer_jax.data import mnist
+from monoformer_jax.inference import InferenceModel
+from tests.helpers_env import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  work = tmp_path_factory.mktemp("all_in_one") / "run"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.main",
+          "--config=configs/mnist_tiny.py:all_in_one_test",
+          f"--workdir={work}",
+      ],
+      cwd=ROOT,
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return work, proc
+
+
+@pytest.mark.slow
+def test_understand_steps_train_beside_the_others(trained):
+  work, proc = trained
+  assert "compiled and ran the first understand step" in proc.stdout
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  kinds = {k for r in rows for k in r if k.startswith("steps_")}
+  assert kinds == {"steps_diffusion", "steps_ar", "steps_understand"}
+  understood = [r for r in rows if "loss_understand" in r]
+  assert understood and all(np.isfinite(r["loss_understand"]) and r["answer_tokens"] > 0 for r in understood)
+
+
+@pytest.mark.slow
+def test_describe_from_the_command_and_the_api(trained, tmp_path):
+  work, _ = trained
+  images, _ = mnist.load_mnist5k()
+  _, held = mnist.split_indices(len(images))
+  digits = images[held[:5]]
+  np.savez(tmp_path / "digits.npz", images=digits)
+  out = tmp_path / "answers.json"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.sample",
+          f"--workdir={work}",
+          f"--describe={tmp_path / 'digits.npz'}",
+          "--question=Which digit is this?",
+          f"--out={out}",
+      ],
+      cwd=ROOT,
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  answers = json.load(open(out))
+  assert isinstance(answers, list) and len(answers) == 5 and all(isinstance(a, str) for a in answers)
+  model = InferenceModel.from_workdir(str(work))
+  assert model.describe(digits, "Which digit is this?") == answers  # greedy: the same answers
+  assert model.describe(digits[:2]) == answers[:2]  # the default question is the run's
