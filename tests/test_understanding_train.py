@@ -79,3 +79,39 @@ def test_describe_from_the_command_and_the_api(trained, tmp_path):
   model = InferenceModel.from_workdir(str(work))
   assert model.describe(digits, "Which digit is this?") == answers  # greedy: the same answers
   assert model.describe(digits[:2]) == answers[:2]  # the default question is the run's
+
+
+@pytest.mark.slow
+def test_the_clip_path_trains_and_answers(tmp_path, seed):
+  """all_in_one_test reading digits through a frozen tiny random CLIP tower (a transformers
+  folder, resized to its 30 px input): the understand steps train im_embedder and the
+  transformer on its features, and describe() runs the same encoder."""
+  from tests.test_clip_vision import make_tiny_clip  # pylint: disable=import-outside-toplevel
+
+  clip_dir = tmp_path / "clip"
+  make_tiny_clip(clip_dir, seed)
+  work = tmp_path / "run"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "monoformer_jax.main",
+          "--config=configs/mnist_tiny.py:all_in_one_test",
+          f"--workdir={work}",
+          "--config.input_images.encoder=clip",
+          f"--config.input_images.clip_path={clip_dir}",
+      ],
+      cwd=ROOT,
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert any(np.isfinite(r.get("loss_understand", np.nan)) for r in rows)
+  model = InferenceModel.from_workdir(str(work))
+  assert model.config.input_feature_dim == 32  # the tiny tower's width
+  images, _ = mnist.load_mnist5k()
+  answers = model.describe(images[:3])
+  assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
