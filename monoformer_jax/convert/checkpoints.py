@@ -34,9 +34,12 @@ def read_checkpoint_config(path: str) -> dict:
   if not epath.Path(cfg_path).is_file():
     raise FileNotFoundError(f"no config.json in {path!r}")
   try:
-    return json.loads(epath.Path(cfg_path).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    fields = json.loads(epath.Path(cfg_path).read_text())
+  except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+    raise ValueError(f"{cfg_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+  if not isinstance(fields, dict):
+    raise ValueError(f"{cfg_path}: expected a JSON object of config fields, got a {type(fields).__name__}")
+  return fields
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

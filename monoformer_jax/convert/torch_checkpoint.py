@@ -14,6 +14,14 @@ state dict needs (`_ALLOWED_GLOBALS`) and raises `UnsafeCheckpointError` naming 
 nothing from the file is executed. Tensors come back as NumPy arrays, copied out of their storage
 (views keep their own shape/stride/offset; storages shared by several views are read once).
 
+The file is hostile until proven otherwise, and memory stays bounded by its size: each pickle's
+opcodes are walked (`_check_pickle`) before the C unpickler sees them, because that unpickler
+allocates whatever sizes and memo indices a file declares; every size the pickle declares (a
+storage's bytes, a tensor's elements) is checked against the bytes actually in the file before
+anything is allocated; a zip member with an unsafe name ('../x', '/etc/x') is refused, though
+nothing is ever extracted. A bad file raises ValueError (`UnsafeCheckpointError` is one too)
+naming the file and the problem.
+
 dtypes: float64/32/16, bfloat16 (as `ml_dtypes.bfloat16`, the dtype JAX uses; call
 `.astype(np.float32)` where you want plain NumPy), int64/32/16/8, uint8, bool, complex64/128.
 """
@@ -21,9 +29,14 @@ dtypes: float64/32/16, bfloat16 (as `ml_dtypes.bfloat16`, the dtype JAX uses; ca
 from __future__ import annotations
 
 import collections
+import io
 import json
+import math
 import os
 import pickle
+import pickletools
+import re
+import struct
 import zipfile
 from typing import Any, Callable, Mapping, Optional
 
@@ -34,8 +47,12 @@ from etils import epath
 from monoformer_jax import paths
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-  """The checkpoint's pickle asks for a global outside the tensors-only allow list."""
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+  """The checkpoint's pickle asks for what a tensors-only reader never does: a global outside the
+  allow list, an opcode torch.save does not write, state set on an allowed global.
+
+  Also a ValueError, so callers that report bad input files (ValueError) report this one alike.
+  """
 
 
 # Storage class name (as pickled by torch.save) -> NumPy dtype.
@@ -55,12 +72,25 @@ _STORAGE_DTYPES = {
 }
 
 
+def _refuse_state(obj, state):
+  """`__setstate__` of everything the unpickler hands out: pickle's BUILD opcode calls it with
+  file-chosen state; without it BUILD would set attributes, on objects shared across loads too."""
+  del state
+  raise UnsafeCheckpointError(f"refusing to set state on {obj!r} (BUILD on a global or a storage)")
+
+
 class _StorageType:
   """Stands in for `torch.FloatStorage` & co.: only its dtype matters."""
+
+  __slots__ = ("name", "dtype")
+  __setstate__ = _refuse_state
 
   def __init__(self, name: str):
     self.name = name
     self.dtype = _STORAGE_DTYPES[name]
+
+  def __repr__(self) -> str:
+    return f"torch.{self.name}"
 
 
 class _StorageRef:
@@ -69,8 +99,14 @@ class _StorageRef:
   `base_offset` is non-zero only for the legacy format's storage views (a slice of a root storage).
   """
 
+  __slots__ = ("dtype", "key", "numel", "base_offset")
+  __setstate__ = _refuse_state
+
   def __init__(self, dtype: np.dtype, key: str, numel: int, base_offset: int = 0):
     self.dtype, self.key, self.numel, self.base_offset = dtype, key, numel, base_offset
+
+  def __repr__(self) -> str:
+    return f"storage {self.key!r}"
 
 
 class _PendingTensor:
@@ -103,12 +139,107 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
   return data
 
 
+class _Callable:
+  """An allowed function or class as the unpickler sees it: calls go through, BUILD is refused.
+
+  Handing out the function itself would let BUILD set its attributes (`__defaults__`, ...),
+  changing how every later checkpoint in the process loads.
+  """
+
+  __slots__ = ("_fn", "_name")
+  __setstate__ = _refuse_state
+
+  def __init__(self, fn: Callable, name: str):
+    self._fn, self._name = fn, name
+
+  def __call__(self, *args):
+    return self._fn(*args)
+
+  def __repr__(self) -> str:
+    return self._name
+
+
 _ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2, "torch._utils._rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter, "torch._utils._rebuild_parameter"),
+    ("collections", "OrderedDict"): _Callable(collections.OrderedDict, "collections.OrderedDict"),
     **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
+
+# Opcodes that torch.save's pickles (protocol 2) and plain Python values use. Not here: INST, OBJ,
+# NEWOBJ and NEWOBJ_EX (they instantiate classes; tensors and dicts come through REDUCE), EXT1/2/4
+# (copyreg's extension registry) and protocol 5's out-of-band buffers.
+_ALLOWED_OPCODES = frozenset(
+    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 "
+    "FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE SHORT_BINUNICODE BINUNICODE BINUNICODE8 BINBYTES "
+    "SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_LIST APPEND APPENDS LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 "
+    "EMPTY_DICT DICT SETITEM SETITEMS EMPTY_SET ADDITEMS FROZENSET PUT BINPUT LONG_BINPUT MEMOIZE GET BINGET "
+    "LONG_BINGET GLOBAL STACK_GLOBAL REDUCE BUILD PERSID BINPERSID".split()
+)
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+_MAX_PICKLE_LINE = 1 << 20  # protocol-0 text arguments (GLOBAL names, INT, UNICODE) end at a newline
+_MAX_NESTING = 100  # state dicts nest a few levels; a deeper object is a crafted one
+
+
+def _global_refusal(source: str, module: str, name: str) -> UnsafeCheckpointError:
+  return UnsafeCheckpointError(
+      f"{source}: refusing to load global '{module}.{name}': only tensors, dicts and "
+      "plain Python values are allowed in a checkpoint read without torch"
+  )
+
+
+def _check_pickle(f, path: str, what: str) -> None:
+  """Walks the opcodes of the pickle at `f`'s position to its STOP, without building anything.
+
+  The C unpickler trusts what a file declares: a memo index of 2**28 makes it allocate and zero
+  2 GB, a BINBYTES8 of 10**12 bytes makes it allocate 10**12 bytes before reading any. pickletools
+  reads each argument from the bytes actually present (a length past the end is an error, not an
+  allocation); here only `_ALLOWED_OPCODES` may appear, GLOBAL names must be allowed, and memo
+  indices must come in the order a pickler writes them (0, 1, 2, ...).
+  """
+  memo_size = 0
+  try:
+    for opcode, arg, pos in pickletools.genops(f):
+      name = opcode.name
+      if name not in _ALLOWED_OPCODES:
+        raise UnsafeCheckpointError(
+            f"{path}: refusing pickle opcode {name} at byte {pos} of the {what}: torch.save never writes it"
+        )
+      if name == "GLOBAL":
+        module, _, attr = arg.partition(" ")
+        if (module, attr) not in _ALLOWED_GLOBALS:
+          raise _global_refusal(path, module, attr)
+      elif name in _MEMO_PUTS:
+        if not 0 <= arg <= memo_size:
+          raise UnsafeCheckpointError(
+              f"{path}: memo index {arg} at byte {pos} of the {what} is out of sequence "
+              f"(next would be {memo_size}); the unpickler would allocate memory for every index below it"
+          )
+        memo_size = max(memo_size, arg + 1)
+      elif name == "MEMOIZE":
+        memo_size += 1
+  except UnsafeCheckpointError:
+    raise
+  except (ValueError, EOFError, struct.error, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
+
+
+class _BoundedReader:
+  """A file seen up to byte `end`, for `_check_pickle`: a read never asks the file for more than is
+  there (a buffered file allocates the size it is asked for), a line is at most _MAX_PICKLE_LINE."""
+
+  def __init__(self, f, end: int):
+    self._f, self._end = f, end
+
+  def read(self, n: int = -1) -> bytes:
+    left = max(0, self._end - self._f.tell())
+    return self._f.read(left if n is None or n < 0 else min(n, left))
+
+  def readline(self) -> bytes:
+    return self._f.readline(max(0, min(_MAX_PICKLE_LINE, self._end - self._f.tell())))
+
+  def tell(self) -> int:
+    return self._f.tell()
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -122,11 +253,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     try:
       return _ALLOWED_GLOBALS[(module, name)]
-    except KeyError:
-      raise UnsafeCheckpointError(
-          f"{self._source}: refusing to load global '{module}.{name}': only tensors, dicts and "
-          "plain Python values are allowed in a checkpoint read without torch"
-      ) from None
+    except (KeyError, TypeError):  # TypeError: unhashable names from a crafted STACK_GLOBAL
+      raise _global_refusal(self._source, module, name) from None
 
   def persistent_load(self, pid):
     # Zip format: 5 fields. Legacy format: a sixth, (view_key, offset, view_numel) or None.
@@ -135,14 +263,59 @@ class _RestrictedUnpickler(pickle.Unpickler):
         or len(pid) not in (5, 6)
         or pid[0] != "storage"
         or not isinstance(pid[1], _StorageType)
+        or not isinstance(pid[2], (str, int))
+        or type(pid[4]) is not int  # pylint: disable=unidiomatic-typecheck  # not bool, nor int subclasses
+        or (len(pid) == 6 and pid[5] is not None and not (isinstance(pid[5], tuple) and len(pid[5]) == 3))
     ):
-      raise UnsafeCheckpointError(f"{self._source}: unexpected persistent record {pid!r:.200}")
+      # The record's type, not its repr: a crafted record can nest deeper than repr recurses.
+      raise UnsafeCheckpointError(f"{self._source}: unexpected persistent record (a {type(pid).__name__})")
     _, storage_type, key, _location, numel = pid[:5]
     view = pid[5] if len(pid) == 6 else None
     base_offset = int(view[1]) if view else 0
     ref = _StorageRef(storage_type.dtype, str(key), int(numel), base_offset)
     self.storages.setdefault(ref.key, ref)
     return ref
+
+
+def _is_unsafe_name(name: str) -> bool:
+  """Absolute ('/x', 'C:x', '\\x') or climbing ('../x', 'a/../../x'): what an extractor could write
+  outside its folder. torch.save writes '<name>/data.pkl', '<name>/data/0', ..."""
+  return name.startswith("/") or "\\" in name or bool(re.match(r"[A-Za-z]:", name)) or ".." in name.split("/")
+
+
+# Deflate cannot expand data more than 1032-fold: a member declaring more is lying about its size.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_members(archive: zipfile.ZipFile, path: str, file_size: int) -> dict[str, zipfile.ZipInfo]:
+  """name -> ZipInfo, after checking every member's name and declared size.
+
+  Nothing is ever extracted, but a member named '../x' or '/x' is never written by torch.save:
+  the file was crafted, and is refused whole. A member's declared size must fit the bytes the
+  archive holds (uncompressed) or could expand to (deflate), so reading it allocates no more.
+  """
+  members = {}
+  for info in archive.infolist():
+    name = info.filename
+    if _is_unsafe_name(name):
+      raise ValueError(
+          f"{path}: unsafe member name {name!r} in the zip archive (absolute or with '..'); refusing the file"
+      )
+    if name in members:
+      raise ValueError(f"{path}: member {name!r} appears twice in the zip archive")
+    if info.compress_type == zipfile.ZIP_STORED:
+      fits = info.file_size == info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+      fits = info.file_size <= _MAX_DEFLATE_RATIO * info.compress_size + 64
+    else:
+      raise ValueError(f"{path}: member {name!r} uses zip compression method {info.compress_type} (torch.save stores)")
+    if not fits or info.header_offset + info.compress_size > file_size:
+      raise ValueError(
+          f"{path}: member {name!r} declares {info.file_size} bytes ({info.compress_size} stored), "
+          f"more than the {file_size}-byte archive holds"
+      )
+    members[name] = info
+  return members
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
@@ -155,16 +328,19 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
   return pickles[0][: -len("data.pkl")]
 
 
-def _zip_storage_bytes(archive: zipfile.ZipFile, prefix: str, path: str):
-  """key -> bytes of `<prefix>data/<key>`, with the file and record named on failure."""
+def _zip_storage_bytes(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], prefix: str, path: str):
+  """(key, nbytes the pickle expects) -> bytes of `<prefix>data/<key>`, with the file and record
+  named on failure; the member's size is checked before it is read."""
 
-  def read(key: str) -> bytes:
+  def read(key: str, nbytes: int) -> bytes:
     name = f"{prefix}data/{key}"
+    if name not in members:
+      raise ValueError(f"{path}: missing storage record {name!r}")
+    if members[name].file_size != nbytes:
+      raise ValueError(f"{path}: storage {key!r} holds {members[name].file_size} bytes, the pickle expects {nbytes}")
     try:
-      return archive.read(name)
-    except KeyError:
-      raise ValueError(f"{path}: missing storage record {name!r}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      return archive.read(members[name])
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
       raise ValueError(f"{path}: corrupt storage record {name!r} ({e})") from e
 
   return read
@@ -177,14 +353,16 @@ class _StorageReader:
   about the checkpoint's size plus its largest storage, not twice the checkpoint.
   """
 
-  def __init__(self, read_bytes: Callable[[str], bytes], path: str, big_endian: bool, uses: collections.Counter):
+  def __init__(self, read_bytes: Callable[[str, int], bytes], path: str, big_endian: bool, uses: collections.Counter):
     self._read_bytes, self._path, self._big, self._uses = read_bytes, path, big_endian, uses
     self._cache: dict[str, np.ndarray] = {}
 
   def storage(self, ref: _StorageRef) -> np.ndarray:
     if ref.key not in self._cache:
       name = f"storage {ref.key!r}"
-      raw = self._read_bytes(ref.key)
+      if ref.numel < 0:
+        raise ValueError(f"{self._path}: {name} declares {ref.numel} elements")
+      raw = self._read_bytes(ref.key, ref.numel * ref.dtype.itemsize)
       dtype = ref.dtype.newbyteorder(">") if self._big and ref.dtype.itemsize > 1 else ref.dtype
       if len(raw) != ref.numel * dtype.itemsize:
         raise ValueError(
@@ -197,21 +375,31 @@ class _StorageReader:
     storage = self.storage(pending.storage)
     size, stride = pending.size, pending.stride
     offset = pending.offset + pending.storage.base_offset
-    if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
-      raise ValueError(f"{self._path}: invalid tensor geometry size={size} stride={stride}")
-    if 0 not in size:
-      # Bounds check before as_strided, which would otherwise read past the buffer.
-      last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-      if last >= storage.size:
-        raise ValueError(
-            f"{self._path}: tensor size={size} stride={stride} offset={offset} "
-            f"overruns storage {pending.storage.key!r} of {storage.size} elements"
-        )
-      view = np.lib.stride_tricks.as_strided(
-          storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
+    if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0 or len(size) > 64:
+      raise ValueError(f"{self._path}: invalid tensor geometry size={str(size):.200} stride={str(stride):.200}")
+    count = math.prod(size)
+    if count > storage.size:
+      # The copy would allocate more than the file holds: an expanded (stride 0) or crafted tensor.
+      raise ValueError(
+          f"{self._path}: tensor size={size} has {count} elements, more than its storage "
+          f"{pending.storage.key!r} holds ({storage.size}); refusing to allocate it"
       )
-    else:
-      view = np.zeros(size, storage.dtype)
+    try:
+      if count:
+        # Bounds check before as_strided, which would otherwise read past the buffer.
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.size:
+          raise ValueError(
+              f"{self._path}: tensor size={size} stride={stride} offset={offset} "
+              f"overruns storage {pending.storage.key!r} of {storage.size} elements"
+          )
+        view = np.lib.stride_tricks.as_strided(
+            storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
+        )
+      else:
+        view = np.zeros(size, storage.dtype)
+    except OverflowError as e:  # a stride or dimension beyond NumPy's index range
+      raise ValueError(f"{self._path}: invalid tensor geometry size={size} stride={stride} ({e})") from e
     tensor = np.array(view, dtype=storage.dtype.newbyteorder("="), copy=True)
     self._uses[pending.storage.key] -= 1
     if self._uses[pending.storage.key] <= 0:
@@ -219,53 +407,113 @@ class _StorageReader:
     return tensor
 
 
-def _count_storage_uses(obj: Any, uses: collections.Counter) -> collections.Counter:
-  if isinstance(obj, _PendingTensor):
-    uses[obj.storage.key] += 1
-  elif isinstance(obj, dict):
-    for value in obj.values():
-      _count_storage_uses(value, uses)
-  elif isinstance(obj, (list, tuple)):
-    for value in obj:
-      _count_storage_uses(value, uses)
-  return uses
+_CONTAINERS = (dict, list, tuple)
+_INTERNAL = (_StorageRef, _StorageType, _Callable)
 
 
-def _materialize(obj: Any, reader: _StorageReader) -> Any:
-  if isinstance(obj, _PendingTensor):
-    return reader.tensor(obj)
-  if isinstance(obj, dict):
-    return type(obj)((k, _materialize(v, reader)) for k, v in obj.items())
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_materialize(v, reader) for v in obj)
-  if isinstance(obj, (_StorageRef, _StorageType)):
-    raise ValueError("bare storages in a checkpoint are unsupported; save tensors instead")
-  return obj
+class _Walk:
+  """Checks the unpickled object and counts each distinct tensor per storage (`uses`).
+
+  A pickle's memo can share one list between many places (a list of two copies of a list of two
+  copies ... is 2**60 paths in 60 small objects) or make a list contain itself: each object is
+  visited once (`done`), a cycle (`active`: the objects being visited) or nesting beyond
+  _MAX_NESTING is refused here, rather than found as a RecursionError or an endless copy later.
+  """
+
+  def __init__(self, path: str):
+    self.path, self.uses = path, collections.Counter()
+    self._done, self._active = set(), set()
+
+  def visit(self, obj: Any, depth: int = 0, hashed: bool = False) -> None:
+    """`hashed`: obj is (inside) a dict key or a set element, where no tensor can be converted."""
+    if id(obj) in self._done:
+      return
+    if id(obj) in self._active:
+      raise ValueError(f"{self.path}: a {type(obj).__name__} that contains itself; not a checkpoint")
+    if depth > _MAX_NESTING:
+      raise ValueError(f"{self.path}: objects nested more than {_MAX_NESTING} deep; not a checkpoint")
+    if isinstance(obj, _INTERNAL) or (hashed and isinstance(obj, _PendingTensor)):
+      raise ValueError(f"{self.path}: a bare {obj!r} in the checkpoint is unsupported; save tensors instead")
+    if isinstance(obj, _PendingTensor):
+      self.uses[obj.storage.key] += 1
+    elif isinstance(obj, (*_CONTAINERS, set, frozenset)):
+      self._active.add(id(obj))
+      if isinstance(obj, dict):
+        for key, value in dict.items(obj):
+          self.visit(key, depth + 1, hashed=True)
+          self.visit(value, depth + 1, hashed)
+      else:
+        for value in obj:
+          self.visit(value, depth + 1, hashed or isinstance(obj, (set, frozenset)))
+      self._active.discard(id(obj))
+    self._done.add(id(obj))
 
 
-def _unpickle(f, path: str, what: str, unpickler: Optional[_RestrictedUnpickler] = None) -> Any:
+def _materialize(obj: Any, reader: _StorageReader, done: dict) -> Any:
+  """Tensors -> arrays, containers rebuilt; an object met again (memo sharing) is converted once
+  (`done`: id -> result). Runs after `_Walk`, which refused cycles and deep nesting."""
+  if not isinstance(obj, (_PendingTensor, *_CONTAINERS)):
+    return obj
+  if id(obj) not in done:
+    if isinstance(obj, _PendingTensor):
+      result = reader.tensor(obj)
+    elif isinstance(obj, dict):
+      # dict.items, not obj.items: BUILD may have set an instance attribute 'items' on an OrderedDict.
+      result = type(obj)((k, _materialize(v, reader, done)) for k, v in dict.items(obj))
+    else:
+      result = type(obj)(_materialize(v, reader, done) for v in obj)
+    done[id(obj)] = result
+  return done[id(obj)]
+
+
+def _tensors_to_arrays(obj: Any, reader_for: Callable[[collections.Counter], _StorageReader], path: str) -> Any:
+  walk = _Walk(path)
+  walk.visit(obj)
+  return _materialize(obj, reader_for(walk.uses), {})
+
+
+def _unpickle(data: bytes, path: str, what: str) -> tuple[Any, _RestrictedUnpickler]:
+  """(object, unpickler) from the bytes of one pickle that `_check_pickle` has walked."""
+  unpickler = _RestrictedUnpickler(io.BytesIO(data), path)
   try:
-    return (unpickler or _RestrictedUnpickler(f, path)).load()
-  except UnsafeCheckpointError:
-    raise
+    return unpickler.load(), unpickler
+  except UnsafeCheckpointError as e:
+    if str(e).startswith(path):
+      raise
+    raise UnsafeCheckpointError(f"{path}: {e}") from e
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
     raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
+  except (MemoryError, RecursionError, OverflowError) as e:  # what the opcode walk did not foresee
+    raise ValueError(f"{path}: refusing {what}: {type(e).__name__} while unpickling") from e
+
+
+def _read_pickle(f, end: int, path: str, what: str) -> tuple[Any, _RestrictedUnpickler]:
+  """The pickle at `f`'s position (which ends up after it), walked then unpickled from memory."""
+  start = f.tell()
+  _check_pickle(_BoundedReader(f, end), path, what)
+  stop = f.tell()
+  f.seek(start)
+  return _unpickle(f.read(stop - start), path, what)
 
 
 def _load_zip(path: str) -> Any:
   try:
-    with epath.Path(path).open("rb") as raw, zipfile.ZipFile(raw) as archive:
-      prefix = _archive_prefix(archive, path)
-      names = set(archive.namelist())
-      big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
-      with archive.open(f"{prefix}data.pkl") as f:
-        obj = _unpickle(f, path, "data.pkl")
-      reader = _StorageReader(
-          _zip_storage_bytes(archive, prefix, path), path, big_endian, _count_storage_uses(obj, collections.Counter())
-      )
-      return _materialize(obj, reader)
-  except zipfile.BadZipFile as e:
-    raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from e
+    with epath.Path(path).open("rb") as raw:
+      size = raw.seek(0, os.SEEK_END)
+      raw.seek(0)
+      with zipfile.ZipFile(raw) as archive:
+        members = _check_members(archive, path, size)
+        prefix = _archive_prefix(archive, path)
+        big_endian = False
+        if f"{prefix}byteorder" in members:
+          with archive.open(members[f"{prefix}byteorder"]) as f:
+            big_endian = f.read(16).strip() == b"big"
+        data = archive.read(members[f"{prefix}data.pkl"])  # its size was checked against the file
+        obj, _ = _read_pickle(io.BytesIO(data), len(data), path, "data.pkl")
+        storage_bytes = _zip_storage_bytes(archive, members, prefix, path)
+        return _tensors_to_arrays(obj, lambda uses: _StorageReader(storage_bytes, path, big_endian, uses), path)
+  except (zipfile.BadZipFile, EOFError, struct.error, NotImplementedError) as e:
+    raise ValueError(f"{path}: truncated or corrupt zip archive ({type(e).__name__}: {e})") from e
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -278,17 +526,16 @@ def _load_legacy(path: str) -> Any:
   with epath.Path(path).open("rb") as f:
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
-    if _unpickle(f, path, "header") != _LEGACY_MAGIC:
+    if _read_pickle(f, size, path, "header")[0] != _LEGACY_MAGIC:
       raise ValueError(f"{path}: a pickle without torch's magic number; not a torch.save file")
-    protocol = _unpickle(f, path, "header")
+    protocol = _read_pickle(f, size, path, "header")[0]
     if protocol != _LEGACY_PROTOCOL:
-      raise ValueError(f"{path}: unsupported legacy PyTorch protocol {protocol!r}")
-    sys_info = _unpickle(f, path, "header")
-    little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
-    unpickler = _RestrictedUnpickler(f, path)
-    obj = _unpickle(f, path, "object pickle", unpickler)
-    keys = _unpickle(f, path, "storage key list")
-    if not isinstance(keys, list):
+      raise ValueError(f"{path}: unsupported legacy PyTorch protocol {protocol!r:.100}")
+    sys_info = _read_pickle(f, size, path, "header")[0]
+    little = not isinstance(sys_info, dict) or dict.get(sys_info, "little_endian", True)
+    obj, unpickler = _read_pickle(f, size, path, "object pickle")
+    keys = _read_pickle(f, size, path, "storage key list")[0]
+    if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
       raise ValueError(f"{path}: corrupt storage key list")
     remaining = size - f.tell()
     raw = {}
@@ -305,8 +552,9 @@ def _load_legacy(path: str) -> Any:
   missing = sorted(set(unpickler.storages) - set(raw))
   if missing:
     raise ValueError(f"{path}: missing storage record(s) {missing[:5]}")
-  reader = _StorageReader(raw.pop, path, not little, _count_storage_uses(obj, collections.Counter()))
-  return _materialize(obj, reader)
+  # Sizes were checked against the file while reading; the reader compares them with the pickle's.
+  read = lambda key, nbytes: raw.pop(key)
+  return _tensors_to_arrays(obj, lambda uses: _StorageReader(read, path, not little, uses), path)
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
@@ -374,11 +622,28 @@ def load_torch_state_dict(path: str | os.PathLike, key: Optional[str] = None) ->
   return flatten_state_dict(obj)
 
 
+def _check_safetensors_header(path: str) -> None:
+  """The 8-byte header length must leave room for the header in the file (safetensors' own error,
+  'header too large', names neither the length nor the file size)."""
+  with epath.Path(path).open("rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    prefix = f.read(8)
+  if len(prefix) < 8:
+    raise ValueError(f"{path}: {size} bytes, too short for a safetensors file (8-byte header length first)")
+  length = int.from_bytes(prefix, "little")
+  if length > size - 8:
+    raise ValueError(
+        f"{path}: safetensors header length {length} is more than the {size - 8} bytes the file holds after it"
+    )
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
 
   if not epath.Path(path).is_file():
     raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+  _check_safetensors_header(path)
   try:
     if paths.is_local(path):
       return dict(safetensors.numpy.load_file(path))
@@ -391,8 +656,14 @@ def _load_index(index_path: str) -> dict[str, np.ndarray]:
   """Merges the shards named by a `*.index.json` weight_map, checking every key is found."""
   try:
     weight_map = json.loads(epath.Path(index_path).read_text())["weight_map"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from e
+  except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+    raise ValueError(f"{index_path}: not a sharded-checkpoint index ({type(e).__name__}: {e})") from e
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"{index_path}: weight_map is not a {{tensor name: shard file name}} object")
+  for shard in set(weight_map.values()):
+    # Shards sit in the index's folder: '../x' or '/x' would have files from elsewhere read.
+    if _is_unsafe_name(shard):
+      raise ValueError(f"{index_path}: shard name {shard!r} points outside the index's folder")
   folder = os.path.dirname(index_path)
   merged: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):

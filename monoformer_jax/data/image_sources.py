@@ -17,7 +17,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from monoformer_jax import paths as paths_lib
-from monoformer_jax.data.sources import (BadRecordError, Source, _check_files, _LineIndex, _read_json_line)
+from monoformer_jax.data.sources import BadRecordError, Source, _check_files, _read_json_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -162,6 +162,9 @@ class ImageFolderSource(Source):
     label = int(self.labels[i])
     return {"image": image, "label": label, "class_name": self.class_names[label]}
 
+  def record_name(self, i: int) -> str:
+    return os.path.join(self.root, self.paths[i])
+
   def __repr__(self) -> str:
     return (
         f"ImageFolderSource(root={self.root!r}, image_size={self.image_size}, "
@@ -188,9 +191,7 @@ class ImageTextJsonlSource(Source):
     self.paths = _check_files(paths)
     self.image_root, self.image_size, self.channels = image_root, image_size, channels
     self.image_key, self.prompt_key, self.skip_bad_records = image_key, prompt_key, skip_bad_records
-    self.index = _LineIndex(self.paths, "line")
-    if len(self.index) == 0:
-      raise ValueError(f"ImageTextJsonlSource: no records in {self.paths}")
+    self.index = self._line_index("line", "records")
 
   def __len__(self) -> int:
     return len(self.index)
@@ -211,6 +212,9 @@ class ImageTextJsonlSource(Source):
     except BadRecordError as e:
       return self._bad(f"{where}: {e}")
     return {"image": array, "prompt": prompt}
+
+  def record_name(self, i: int) -> str:
+    return self.index.where(i)
 
   def __repr__(self) -> str:
     return (

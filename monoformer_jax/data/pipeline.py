@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from monoformer_jax.data import sequences as seq
+from monoformer_jax.data.sources import BadRecordError
 from monoformer_jax import batch as batch_lib
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,34 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
   return shard_index, shard_count
 
 
+def record_name(source, i: int) -> str:
+  """Where record i of `source` is (its file, line or shard), for messages."""
+  name = getattr(source, "record_name", None)
+  return name(i) if name is not None else f"{source!r}: record {i}"
+
+
 class _MarkBad:
   """A source whose skipped records (None) become {"bad": True}: grain drops None elements
-  silently, and we want to count them."""
+  silently, and we want to count them. `check(record)` -> None, or what is wrong with a record
+  the source read well but the pipeline cannot use (a class id without a name): raised naming the
+  record, or (the source's `skip_bad_records`) skipped and counted like the source's own."""
 
-  def __init__(self, source):
-    self.source = source
+  def __init__(self, source, check: Callable | None = None):
+    self.source, self.check = source, check
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, i):
     record = self.source[i]
+    if record is not None and self.check is not None:
+      problem = self.check(record)
+      if problem is not None:
+        message = f"{record_name(self.source, i)}{problem}"
+        if not getattr(self.source, "skip_bad_records", False):
+          raise BadRecordError(message)
+        log.warning("skipping bad record: %s", message)
+        record = None
     return {"bad": True} if record is None else record
 
   def __repr__(self) -> str:
@@ -82,12 +99,14 @@ def sample_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     block: int = 1,
+    check: Callable | None = None,
 ) -> grain.MapDataset:
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
-  a source skipped (None) come through as {"bad": True} so the iterator can count them."""
+  a source skipped (None), or that `check` found bad (`_MarkBad`), come through as {"bad": True}
+  so the iterator can count them."""
   index, count = resolve_shard(shard_index, shard_count)
   ds = shard_stream(
-      _MarkBad(source),
+      _MarkBad(source, check),
       seed=seed,
       shuffle=shuffle,
       num_epochs=num_epochs,
@@ -190,10 +209,14 @@ class BatchIterator:
       num_input_slots: int = 0,
       input_shape=(),
       input_tokens: int = 0,
+      bad_run_limit: int = 0,
+      source_name: str = "the source",
   ):
     """`shard_index` / `shard_count`: the shard `dataset` reads (sample_dataset's, in blocks of
     `batch_size`): what a combined state's positions are translated with. `num_input_slots`
-    input images of `input_shape` per row, `input_tokens` tokens each: rows that read images."""
+    input images of `input_shape` per row, `input_tokens` tokens each: rows that read images.
+    `bad_run_limit` (0: none): that many skipped records in a row is an error, not a hang (a
+    source whose every record is bad, read forever); `source_name` names the source then."""
     self.num_input_slots, self.input_shape, self.input_tokens = num_input_slots, tuple(input_shape), input_tokens
     self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
     self.shard_index, self.shard_count = shard_index, shard_count
@@ -204,6 +227,7 @@ class BatchIterator:
     self._it = iter(dataset.to_iter_dataset(options))
     self._pending = None  # (sample, grain state before it): read, but did not fit the last row
     self.num_skipped = 0
+    self.bad_run_limit, self._bad_run, self.source_name = bad_run_limit, 0, source_name
 
   def __iter__(self):
     return self
@@ -230,7 +254,14 @@ class BatchIterator:
         break
       if sample.get("bad"):
         self.num_skipped += 1
+        self._bad_run += 1
+        if self.bad_run_limit and self._bad_run >= self.bad_run_limit:
+          raise BadRecordError(
+              f"{self.source_name}: the last {self._bad_run} records read were all bad and skipped "
+              "(data.skip_bad_records): no good record left to read? (the warnings above name them)"
+          )
         continue
+      self._bad_run = 0
       pieces, num_images = sample["pieces"], sample["num_images"]
       if not builder.fits(pieces, num_images):
         if builder.cursor == 0:
@@ -401,13 +432,22 @@ def make_image_iterator(
   first = next((r for r in (source[i] for i in own) if r is not None), None)
   if first is None:
     raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; cannot infer the image shape")
+  first_shape = record_image(first, np.random.default_rng(0), latent_scale).shape
   if image_shape is None:
-    image_shape = record_image(first, np.random.default_rng(0), latent_scale).shape
+    image_shape = first_shape
+  elif tuple(first_shape) != tuple(image_shape):
+    # The whole source, not one record: images are cropped to the model's size, and a latent
+    # dataset has one shape (tfds_latents checks every record against it).
+    raise ValueError(
+        f"{source!r}: images of shape {tuple(first_shape)}, but the model diffuses {tuple(image_shape)} "
+        "(the model's image_height / image_width / image_channels, or the source's image size)"
+    )
   h, w, _ = image_shape
   if h % patch_size or w % patch_size:
     raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
   num_patches = (h // patch_size) * (w // patch_size)
   names = class_names if class_names is not None else getattr(source, "class_names", None)
+  model_classes = null_label  # given: the model's label embedding has that many classes
   if null_label is None:
     null_label = len(names) if names is not None else 0
   has_prompt = "prompt" in first
@@ -421,22 +461,28 @@ def make_image_iterator(
   if seq_len < one:
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
 
-  def make_sample(record, rng):
-    image = record_image(record, rng, latent_scale)
-    if image.shape != tuple(image_shape):
-      raise ValueError(
-          f"{source!r}: an image of shape {image.shape}, expected "
-          f"{tuple(image_shape)} (set image_size on the source)"
-      )
-    label = int(record.get("label", null_label))
-    if "label" in record and names is not None and not 0 <= label < len(names):
-      # Caught here, by name: the label embedding would clamp it silently, names[label] would
-      # raise a bare IndexError from a grain worker thread.
-      where = f"record {record['index']}" if "index" in record else "a record"
-      raise ValueError(
-          f"{source!r}: {where} has class id {label}, outside 0..{len(names) - 1} "
+  def check(record):
+    """What is wrong with a record the source read (`_MarkBad` names it), or None."""
+    shape = np.shape(record["mean"] if "mean" in record else record["image"])
+    if tuple(shape) != tuple(image_shape):
+      return f": an image of shape {tuple(shape)}, expected {tuple(image_shape)}"
+    if "label" not in record:
+      return None
+    # Caught here, by name: the label embedding would clamp it silently, names[label] would
+    # raise a bare IndexError from a grain worker thread.
+    label = int(record["label"])
+    if names is not None and not 0 <= label < len(names):
+      return (
+          f" has class id {label}, outside 0..{len(names) - 1} "
           f"(the {len(names)} class names of data.class_names_file or the source)"
       )
+    if model_classes is not None and not 0 <= label < model_classes:
+      return f" has class id {label}, outside the model's {model_classes} classes (model.num_classes)"
+    return None
+
+  def make_sample(record, rng):
+    image = record_image(record, rng, latent_scale)
+    label = int(record.get("label", null_label))
     if "prompt" in record:
       prompt = record["prompt"]
       prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
@@ -458,6 +504,7 @@ def make_image_iterator(
       shard_index=shard_index,
       shard_count=shard_count,
       block=batch_size,
+      check=check,
   )
   return BatchIterator(
       ds,
@@ -472,6 +519,9 @@ def make_image_iterator(
       skipped_at_index=getattr(source, "num_skipped_at_index", 0),
       shard_index=shard_index,
       shard_count=shard_count,
+      # Every record of the source read twice, each one skipped: none is good.
+      bad_run_limit=2 * len(source) + 1,
+      source_name=repr(source),
   )
 
 
@@ -535,4 +585,7 @@ def make_text_iterator(
       skipped_at_index=getattr(source, "num_skipped_at_index", 0),
       shard_index=shard_index,
       shard_count=shard_count,
+      # Every record of the source read twice, each one skipped: none is good.
+      bad_run_limit=2 * len(source) + 1,
+      source_name=repr(source),
   )

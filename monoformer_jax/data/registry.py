@@ -69,17 +69,31 @@ def _need_path(data, source_field: str) -> str:
 
 def _latents(data, image_shape, split="train"):
   del image_shape  # the latents carry their own
-  return tfds_latents.latent_source(_need_path(data, "image_source"), split, class_names=class_names(data))
+  return tfds_latents.latent_source(
+      _need_path(data, "image_source"),
+      split,
+      class_names=class_names(data),
+      skip_bad_records=data.skip_bad_records,
+  )
 
 
 def _image_folder(data, image_shape, split="train"):
   del split
-  return image_sources.ImageFolderSource(
+  source = image_sources.ImageFolderSource(
       _need_path(data, "image_source"),
       image_size=image_shape[0],
       channels=image_shape[2],
       skip_bad_records=data.skip_bad_records,
   )
+  names = class_names(data)
+  if names is not None and len(names) < source.num_classes:
+    # Every image of the folders past the names would be a bad record: one error now, even when
+    # skipping, instead of whole classes dropped from the run.
+    raise DataConfigError(
+        f"config.data.class_names_file: {len(names)} class names for the {source.num_classes} class folders "
+        f"of {source.root} (folder {source.folders[len(names)]!r}, class id {len(names)}, has no name)"
+    )
+  return source
 
 
 def _image_text_jsonl(data, image_shape, split="train"):

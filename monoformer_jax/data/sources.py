@@ -6,9 +6,10 @@ Every source returns plain dicts: image sources {"image": uint8 HWC, "label": in
 
 Bad input gets one clear message naming the file (and line for line-based files). Structural problems
 (a missing file, an unknown folder layout) always raise. Bad *records* raise `BadRecordError` unless
-`skip_bad_records=True`: a record found bad while indexing is dropped and counted in
-`num_skipped_at_index`; one found bad when read returns None (the pipeline skips and counts it).
-Image sources live in `image_sources.py`.
+`skip_bad_records=True`: a record found bad while indexing (an empty file among line-based files) is
+dropped and counted in `num_skipped_at_index`; one found bad when read returns None (the pipeline
+skips and counts it). `record_name(i)` says where record i is, for the pipeline's own checks.
+Image sources live in `image_sources.py`, precomputed latents in `tfds_latents.py`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ class Source:
       raise BadRecordError(message)
     self.num_skipped_at_index += 1
     log.warning("skipping bad record: %s", message)
+
+  def record_name(self, i: int) -> str:
+    """Where record i is, in messages about it (sources over files name the file)."""
+    return f"{self!r}: record {i}"
+
+  def _line_index(self, unit: str, what: str) -> _LineIndex:
+    """The records of `self.paths`. A file with no record (empty, or blank lines only: what a failed
+    copy or a writer killed before its first flush leaves) is a bad record: named, or skipped and
+    counted; no record at all is an error naming the files, skipping or not."""
+    index = _LineIndex(self.paths, unit)
+    for path in index.empty_files:
+      self._bad_at_index(f"{path}: no {what} (the file is empty or holds only blank lines)")
+    if len(index) == 0:
+      raise BadRecordError(f"{type(self).__name__}: no {what} in {self.paths} (every file is empty or blank)")
+    return index
 
 
 def _check_files(paths) -> list[str]:
@@ -173,7 +189,8 @@ class PydocSource(Source):
 
 
 class _LineIndex:
-  """(file index, byte start, byte end, 1-based first line) of each record of some files."""
+  """(file index, byte start, byte end, 1-based first line) of each record of some files;
+  `empty_files`: the files that hold none."""
 
   def __init__(self, paths: Sequence[str], unit: str):
     files, starts, ends, lines = [], [], [], []
@@ -200,6 +217,8 @@ class _LineIndex:
         if rec_start is not None:
           _add_record(fi, rec_start, offset, rec_line)
     self.paths = list(paths)
+    with_records = set(files)
+    self.empty_files = [p for fi, p in enumerate(self.paths) if fi not in with_records]
     self.files = np.asarray(files, np.int32)
     self.starts = np.asarray(starts, np.int64)
     self.ends = np.asarray(ends, np.int64)
@@ -210,6 +229,12 @@ class _LineIndex:
 
   def where(self, i: int) -> str:
     return f"{self.paths[self.files[i]]}:{self.lines[i]}"
+
+  def not_utf8(self, i: int, raw: bytes, e: UnicodeDecodeError) -> str:
+    """The message for record i's bytes `raw` failing to decode: file:line of the bad byte."""
+    line = int(self.lines[i]) + raw[: e.start].count(b"\n")
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+    return f"{self.paths[self.files[i]]}:{line}: not UTF-8 text ({e.reason} at byte {column} of the line)"
 
   def read(self, i: int) -> bytes:
     with epath.Path(self.paths[self.files[i]]).open("rb") as f:
@@ -224,9 +249,7 @@ class TextFileSource(Source):
     if unit not in ("line", "paragraph", "file"):
       raise ValueError(f"TextFileSource: unknown unit {unit!r} (line, paragraph, file)")
     self.paths, self.unit, self.skip_bad_records = _check_files(paths), unit, skip_bad_records
-    self.index = _LineIndex(self.paths, unit)
-    if len(self.index) == 0:
-      raise ValueError(f"TextFileSource: no text in {self.paths}")
+    self.index = self._line_index(unit, "text")
 
   def __len__(self) -> int:
     return len(self.index)
@@ -236,9 +259,11 @@ class TextFileSource(Source):
     try:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      line = int(self.index.lines[i]) + raw[: e.start].count(b"\n")
-      return self._bad(f"{self.index.paths[self.index.files[i]]}:{line}: not UTF-8 text ({e.reason} at byte {e.start})")
+      return self._bad(self.index.not_utf8(i, raw, e))
     return {"text": text.strip()}
+
+  def record_name(self, i: int) -> str:
+    return self.index.where(i)
 
   def __repr__(self) -> str:
     return f"TextFileSource(paths={self.paths!r}, unit={self.unit!r}, n={len(self)})"
@@ -294,9 +319,7 @@ class ChatJsonlSource(Source):
   def __init__(self, paths, last_pair_only: bool = True, skip_bad_records: bool = False):
     self.paths = _check_files(paths)
     self.last_pair_only, self.skip_bad_records = last_pair_only, skip_bad_records
-    self.index = _LineIndex(self.paths, "line")
-    if len(self.index) == 0:
-      raise ValueError(f"ChatJsonlSource: no records in {self.paths}")
+    self.index = self._line_index("line", "records")
 
   def __len__(self) -> int:
     return len(self.index)
@@ -310,13 +333,23 @@ class ChatJsonlSource(Source):
       return self._bad(f"{self.index.where(i)}: {turns}")
     return {"turns": turns}
 
+  def record_name(self, i: int) -> str:
+    return self.index.where(i)
+
   def __repr__(self) -> str:
     return f"ChatJsonlSource(paths={self.paths!r}, last_pair_only={self.last_pair_only}, n={len(self)})"
 
 
 def _read_json_line(index: _LineIndex, i: int):
   """The parsed JSON of record i, or a BadRecordError (returned, not raised) naming file:line."""
+  raw = index.read(i)
   try:
-    return json.loads(index.read(i).decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    return BadRecordError(f"{index.where(i)}: malformed JSON line ({e})")
+    return json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    return BadRecordError(index.not_utf8(i, raw, e))
+  except json.JSONDecodeError as e:
+    # A writer killed mid-line leaves the file's last line cut short, without its newline.
+    cut = "" if raw.endswith(b"\n") else "; the file's last line, with no newline: cut short?"
+    return BadRecordError(f"{index.where(i)}: malformed JSON line ({e}{cut})")
+  except RecursionError:  # nesting deeper than the parser's stack
+    return BadRecordError(f"{index.where(i)}: malformed JSON line (nested too deeply)")

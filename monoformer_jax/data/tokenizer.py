@@ -37,6 +37,8 @@ class Tokenizer:
     self.source = source
     self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
     n = self.sp.get_piece_size()
+    if n == 0:  # an empty proto parses as a model of no pieces (e.g. an empty file)
+      raise ValueError(f"{source}: not a SentencePiece model (no pieces)")
     self.base_vocab_size = n
     self.pad_id, self.image_id, self.im_start_id, self.im_end_id = n, n + 1, n + 2, n + 3
     self.vocab_size = n + len(SPECIAL_TOKENS)

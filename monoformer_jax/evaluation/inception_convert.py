@@ -106,5 +106,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: inception.FI
 
 
 def load_fid_inception(path: str, model: inception.FIDInceptionV3 | None = None) -> dict:
-  """Reads a pt_inception `.pth` file (no torch needed) and converts it."""
-  return convert_state_dict(torch_checkpoint.load_state_dict(path), model)
+  """Reads a pt_inception `.pth` file (no torch needed, nothing in it run) and converts it.
+
+  A file that is no checkpoint, or a hostile one, is refused by `torch_checkpoint` (ValueError naming
+  the file); a checkpoint of something else raises ConversionError, prefixed with the file too.
+  """
+  state = torch_checkpoint.load_state_dict(path)
+  try:
+    return convert_state_dict(state, model)
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from e

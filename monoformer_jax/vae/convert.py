@@ -29,12 +29,34 @@ class ConversionError(ValueError):
   """The state dict does not fit the config: lists every missing, unexpected or misshapen key."""
 
 
+# Far above any released VAE (the SD VAE: 4 blocks of 2 layers), and what keeps a crafted
+# config.json from having a model of millions of layers built (abstractly) before its weights
+# are compared.
+_MAX_BLOCKS = 16
+_MAX_LAYERS_PER_BLOCK = 64
+_MAX_CHANNELS = 1 << 16
+
+
+def _count(name: str, value, most: int) -> int:
+  """A size field: an integer from 1 to `most` (an integral float like 4.0 passes, as int() let it)."""
+  try:
+    count = int(value)
+  except (TypeError, ValueError, OverflowError):
+    count = None
+  if count is None or count != value or not 1 <= count <= most:
+    raise ValueError(f"{name}={value!r:.100}: expected an integer from 1 to {most}")
+  return count
+
+
 def config_from_diffusers(fields: Mapping) -> VAEConfig:
   """A VAEConfig from diffusers' AutoencoderKL config.json fields (refusing what it cannot run)."""
   name = fields.get("_class_name", "AutoencoderKL")
   if name != "AutoencoderKL":
-    raise ValueError(f"config is for {name!r}, not AutoencoderKL")
-  blocks = tuple(fields.get("block_out_channels", (64,)))
+    raise ValueError(f"config is for {name!r:.100}, not AutoencoderKL")
+  blocks = fields.get("block_out_channels", (64,))
+  if not isinstance(blocks, (list, tuple)) or not 1 <= len(blocks) <= _MAX_BLOCKS:
+    raise ValueError(f"block_out_channels={blocks!r:.100}: expected a list of 1 to {_MAX_BLOCKS} channel counts")
+  blocks = tuple(_count("block_out_channels", c, _MAX_CHANNELS) for c in blocks)
   down = tuple(fields.get("down_block_types", ("DownEncoderBlock2D",) * len(blocks)))
   up = tuple(fields.get("up_block_types", ("UpDecoderBlock2D",) * len(blocks)))
   if set(down) != {"DownEncoderBlock2D"} or set(up) != {"UpDecoderBlock2D"}:
@@ -50,12 +72,12 @@ def config_from_diffusers(fields: Mapping) -> VAEConfig:
     if fields.get(unsupported) is not None:
       raise ValueError(f"{unsupported} normalisation is not implemented")
   return VAEConfig(
-      in_channels=int(fields.get("in_channels", 3)),
-      out_channels=int(fields.get("out_channels", 3)),
-      block_out_channels=tuple(int(c) for c in blocks),
-      layers_per_block=int(fields.get("layers_per_block", 1)),
-      latent_channels=int(fields.get("latent_channels", 4)),
-      norm_num_groups=int(fields.get("norm_num_groups", 32)),
+      in_channels=_count("in_channels", fields.get("in_channels", 3), _MAX_CHANNELS),
+      out_channels=_count("out_channels", fields.get("out_channels", 3), _MAX_CHANNELS),
+      block_out_channels=blocks,
+      layers_per_block=_count("layers_per_block", fields.get("layers_per_block", 1), _MAX_LAYERS_PER_BLOCK),
+      latent_channels=_count("latent_channels", fields.get("latent_channels", 4), _MAX_CHANNELS),
+      norm_num_groups=_count("norm_num_groups", fields.get("norm_num_groups", 32), _MAX_CHANNELS),
       scaling_factor=float(fields.get("scaling_factor", 0.18215)),
       shift_factor=float(fields.get("shift_factor") or 0.0),
       use_quant_conv=bool(fields.get("use_quant_conv", True)),
@@ -176,12 +198,16 @@ def load_diffusers_config(path: str) -> VAEConfig:
     )
   try:
     fields = json.loads(epath.Path(config_path).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+    raise ValueError(f"{config_path}: not valid JSON ({type(e).__name__}: {e})") from e
+  if not isinstance(fields, dict):
+    raise ValueError(f"{config_path}: a JSON {type(fields).__name__}, not an object of AutoencoderKL fields")
   try:
     return config_from_diffusers(fields)
   except ValueError as e:
     raise ValueError(f"{config_path}: {e}") from e
+  except TypeError as e:  # e.g. a number where a list of block types belongs
+    raise ValueError(f"{config_path}: a field of the wrong JSON type ({e})") from e
 
 
 def load_diffusers_vae(path: str) -> tuple[VAEConfig, dict]:

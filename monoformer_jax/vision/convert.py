@@ -130,8 +130,10 @@ def load_clip_config(path, dtype: str = "float32") -> CLIPVisionConfig:
     )
   try:
     fields = json.loads(epath.Path(config_path).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+  if not isinstance(fields, dict):
+    raise ValueError(f"{config_path}: expected a JSON object of config fields, got a {type(fields).__name__}")
   try:
     return CLIPVisionConfig.from_transformers(fields, dtype=dtype)
   except (ValueError, TypeError) as e:
