@@ -422,3 +422,45 @@ def test_skipped_records_reach_metrics_jsonl(tmp_path):
       expected = 1 + sum(int(stream[p][1]) in bad for p in range(consumed))
       assert logged[step] == it.stats["skipped_records"] == expected, (step, logged, consumed)
   assert logged[6] > 1  # bad paragraphs were read, not only the empty file
+
+
+class _Digits:
+  """Six 28x28 digits with labels 0..5; record 4 claims class 12 (of 10)."""
+
+  skip_bad_records = False
+
+  def __len__(self):
+    return 6
+
+  def __getitem__(self, i):
+    image = np.full((28, 28, 1), 20 * i, np.uint8)
+    return {"image": image, "label": 12 if i == 4 else i, "index": i}
+
+  def __repr__(self):
+    return "_Digits()"
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_understanding_rows_name_or_skip_a_bad_label(tok, skip):
+  from monoformer_jax.data.understanding import make_understanding_iterator  # pylint: disable=import-outside-toplevel
+
+  source = _Digits()
+  source.skip_bad_records = skip
+  it = make_understanding_iterator(
+      source,
+      tok,
+      batch_size=1,
+      input_shape=(28, 28, 1),
+      input_tokens=16,
+      class_names=[str(i) for i in range(10)],
+      num_epochs=1,
+      shuffle=False,
+      shard_index=0,
+      shard_count=1,
+  )
+  if not skip:
+    with pytest.raises(BadRecordError, match=r"record 4.* has class id 12, outside 0\.\.9"):
+      list(it)
+    return
+  batches = list(it)
+  assert len(batches) == 5 and it.stats["skipped_records"] == 1

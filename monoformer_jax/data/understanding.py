@@ -64,15 +64,22 @@ def make_understanding_iterator(
   answers = [tok.encode(name) for name in class_names]
   seq_len = understanding_seq_len(tok, input_tokens, question, class_names)
 
-  def make_sample(record, rng):
-    image = pipeline.record_image(record, rng, latent_scale)
-    if image.shape != tuple(input_shape):
-      raise ValueError(f"{source!r}: an image of shape {image.shape}, expected {tuple(input_shape)}")
+  def check(record):
+    """What is wrong with a record (named by the pipeline, or skipped with data.skip_bad_records)."""
+    if "label" not in record:
+      return " has no class label (an understanding row answers with the class name)"
     label = int(record["label"])
     if not 0 <= label < len(answers):
-      where = f"record {record['index']}" if "index" in record else "a record"
-      raise ValueError(f"{source!r}: {where} has class id {label}, outside 0..{len(answers) - 1}")
-    return {"pieces": understanding_sample(tok, image, question_ids, answers[label]), "num_images": 0}
+      return f" has class id {label}, outside 0..{len(answers) - 1}"
+    shape = tuple(np.shape(record["mean"] if "mean" in record else record["image"]))
+    if shape != tuple(input_shape):
+      return f" holds an image of shape {shape}, expected {tuple(input_shape)}"
+    return None
+
+  def make_sample(record, rng):
+    image = pipeline.record_image(record, rng, latent_scale)
+    answer = answers[int(record["label"])]
+    return {"pieces": understanding_sample(tok, image, question_ids, answer), "num_images": 0}
 
   ds = pipeline.sample_dataset(
       source,
@@ -83,6 +90,7 @@ def make_understanding_iterator(
       shard_index=shard_index,
       shard_count=shard_count,
       block=batch_size,
+      check=check,
   )
   return pipeline.BatchIterator(
       ds,
