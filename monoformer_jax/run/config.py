@@ -21,7 +21,7 @@ from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
 from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import sharding as sharding_lib
-from monoformer_jax.vision import encoders
+from monoformer_jax.vision import registry as vision_registry
 
 OBJECTIVES = ("gaussian", "flow")
 CONFIG_FILE = "config.json"
@@ -162,11 +162,11 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model: {e}") from e
   enc = config.input_images
-  if enc.encoder not in encoders.ENCODERS:
-    _fail("input_images.encoder", f"{enc.encoder!r} is not one of {encoders.ENCODERS}")
+  if enc.encoder not in vision_registry.ENCODERS:
+    _fail("input_images.encoder", f"{enc.encoder!r} is not one of {vision_registry.ENCODERS}")
   if enc.encoder != "none":
     try:
-      width = encoders.input_feature_dim(enc.encoder, input_image_shape(model), enc.patch_size, enc.clip_path)
+      width = vision_registry.input_feature_dim(enc.encoder, input_image_shape(model), enc.patch_size, enc.clip_path)
     except (ValueError, OSError) as e:
       raise ConfigError(f"config.input_images: {e}") from e
     if model.input_feature_dim not in (0, width):

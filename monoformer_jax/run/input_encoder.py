@@ -6,13 +6,14 @@ from typing import Optional
 
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run.config import input_image_shape
-from monoformer_jax.vision import encoders
+from monoformer_jax.vision.encoders import InputEncoder
+from monoformer_jax.vision import registry as vision_registry
 
 
-def build_input_encoder(config, model_config: ModelConfig) -> Optional[encoders.InputEncoder]:
+def build_input_encoder(config, model_config: ModelConfig) -> Optional[InputEncoder]:
   """What turns the images a run reads into `input_features` (None when it reads none)."""
   enc = config.input_images
-  return encoders.make_input_encoder(
+  return vision_registry.make_input_encoder(
       enc.encoder,
       input_image_shape(model_config),
       patch_size=enc.patch_size,

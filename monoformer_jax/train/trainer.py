@@ -205,9 +205,9 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   needs_images = config.schedule.diffusion > 0 or config.schedule.mixed > 0
   objective = config_lib.build_objective(config) if needs_images else None
   optimizer = state_lib.make_optimizer(config.optimizer)  # its state's structure; steps compile below
-  data = build_data(config, model_config, tokenizer, scheduler.weights)
   if config.init_from and not checkpoints.step_dirs(workdir):
-    check_init_from(config, model_config)
+    check_init_from(config, model_config)  # before the data: a wrong model is the first thing to say
+  data = build_data(config, model_config, tokenizer, scheduler.weights)
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)

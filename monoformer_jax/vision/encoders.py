@@ -14,13 +14,11 @@ call, never constants baked into the step's program, and no gradient reaches the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import einops
 import jax
 import jax.numpy as jnp
-
-ENCODERS = ("none", "patch", "clip")
 
 
 def patch_features(images: jax.Array, patch: int) -> jax.Array:
@@ -75,29 +73,3 @@ def patch_encoder(image_shape, patch: int) -> InputEncoder:
   if h % patch or w % patch:
     raise ValueError(f"input images of shape {tuple(image_shape)} do not split into {patch}x{patch} patches")
   return InputEncoder("patch", tuple(image_shape), (h // patch) * (w // patch), patch * patch * c, _patch_fn(patch))
-
-
-def input_feature_dim(kind: str, image_shape, patch_size: int = 4, clip_path: str = "") -> int:
-  """The width of `kind`'s features (model.input_feature_dim), without loading any weights."""
-  if kind == "patch":
-    return patch_encoder(image_shape, patch_size).feature_dim
-  if kind == "clip":
-    from monoformer_jax.vision import clip_encoder  # pylint: disable=import-outside-toplevel
-
-    return clip_encoder.clip_feature_dim(clip_path)
-  raise ValueError(f"input image encoder {kind!r} has no features (one of {ENCODERS[1:]})")
-
-
-def make_input_encoder(
-    kind: str, image_shape, *, patch_size: int = 4, clip_path: str = "", clip_layer: int = -2
-) -> Optional[InputEncoder]:
-  """The encoder `kind` names (None for "none")."""
-  if kind == "none":
-    return None
-  if kind == "patch":
-    return patch_encoder(image_shape, patch_size)
-  if kind == "clip":
-    from monoformer_jax.vision import clip_encoder  # pylint: disable=import-outside-toplevel
-
-    return clip_encoder.clip_input_encoder(clip_path, image_shape, clip_layer)
-  raise ValueError(f"input image encoder {kind!r} is not one of {ENCODERS}")
