@@ -27,6 +27,10 @@ import numpy as np
 import pytest
 
 from monoformer_jax.convert import checkpoints
+from monoformer_jax.data import sources, tfds_latents, tokenizer
+from monoformer_jax.evaluation import inception_convert
+from monoformer_jax.vae import convert as vae_convert
+from monoformer_jax.vision import convert as clip_convert
 from monoformer_jax.convert.torch_checkpoint import (
     UnsafeCheckpointError,
     load_state_dict,
@@ -381,9 +385,11 @@ def test_whole_corpus_in_one_process_keeps_memory_bounded(tmp_path):
   for name, data, _, _ in corpus.values():
     (folder / name).write_bytes(data)
   script = textwrap.dedent(f"""
-      import json, os, resource
+      import json, os
       from monoformer_jax.convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+      def peak_kb():  # this process's own high-water mark: ru_maxrss starts at the parent's
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+      before = peak_kb()
       outcome = {{}}
       for name in sorted(os.listdir({str(folder)!r})):
         path = os.path.join({str(folder)!r}, name)
@@ -392,7 +398,7 @@ def test_whole_corpus_in_one_process_keeps_memory_bounded(tmp_path):
           outcome[name] = "loaded"
         except ValueError as e:
           outcome[name] = type(e).__name__
-      peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+      peak = peak_kb()
       print(json.dumps({{"outcome": outcome, "before_kb": before, "peak_kb": peak}}))
   """)
   result = subprocess.run(
@@ -446,8 +452,6 @@ def test_checkpoint_folders_and_indices(tmp_path):
 @pytest.mark.parametrize("reader", ["official", "llama", "clip"])
 def test_checkpoint_config_json_that_is_not_an_object(tmp_path, reader):
   """config.json of random bytes, a JSON list, or JSON nested 100k deep: one ValueError naming it."""
-  from monoformer_jax.vision import convert as clip_convert  # pylint: disable=import-outside-toplevel
-
   read = {
       "official": checkpoints.load_official_checkpoint,
       "llama": checkpoints.load_llama_checkpoint,
@@ -462,8 +466,6 @@ def test_checkpoint_config_json_that_is_not_an_object(tmp_path, reader):
 
 
 def test_diffusers_vae_folder(tmp_path):
-  from monoformer_jax.vae import convert  # pylint: disable=import-outside-toplevel
-
   canary = tmp_path / CANARY
   folder = tmp_path / "vae"
   folder.mkdir()
@@ -473,11 +475,11 @@ def test_diffusers_vae_folder(tmp_path):
   with pytest.raises(
       UnsafeCheckpointError, match=r"diffusion_pytorch_model\.bin: refusing to load global 'os\.system'"
   ):
-    convert.load_diffusers_vae(str(folder))
+    vae_convert.load_diffusers_vae(str(folder))
   os.remove(folder / "diffusion_pytorch_model.bin")
   (folder / "diffusion_pytorch_model.safetensors").write_bytes(_safetensors({}, length=2**31))
   with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: safetensors header length"):
-    convert.load_diffusers_vae(str(folder))
+    vae_convert.load_diffusers_vae(str(folder))
   rng = np.random.default_rng(0)
   for content, match in (
       (rng.bytes(256), "config.json: not valid JSON"),
@@ -489,13 +491,11 @@ def test_diffusers_vae_folder(tmp_path):
   ):
     (folder / "config.json").write_bytes(content)
     with pytest.raises(ValueError, match=match):
-      convert.load_diffusers_vae(str(folder))
+      vae_convert.load_diffusers_vae(str(folder))
   assert not canary.exists()
 
 
 def test_fid_inception_weights(tmp_path):
-  from monoformer_jax.evaluation import inception_convert  # pylint: disable=import-outside-toplevel
-
   canary = tmp_path / CANARY
   path = tmp_path / "pt_inception-2015-12-05.pth"
   path.write_bytes(_legacy(_payloads(str(canary))["reduce_os_system"][0]))
@@ -510,8 +510,6 @@ def test_fid_inception_weights(tmp_path):
 
 
 def test_sentencepiece_model_files(tmp_path):
-  from monoformer_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
-
   rng = np.random.default_rng(0)
   for name, content in (("random", rng.bytes(4096)), ("empty", b""), ("text", b"hello world\n" * 10)):
     path = tmp_path / f"{name}.model"
@@ -521,8 +519,6 @@ def test_sentencepiece_model_files(tmp_path):
 
 
 def test_jsonl_garbage(tmp_path):
-  from monoformer_jax.data import sources  # pylint: disable=import-outside-toplevel
-
   path = tmp_path / "chat.jsonl"
   path.write_bytes(np.random.default_rng(0).bytes(3000))
   source = sources.ChatJsonlSource(str(path))
@@ -534,8 +530,6 @@ def test_jsonl_garbage(tmp_path):
 
 
 def test_latents_shards_truncated_or_garbage(tmp_path):
-  from monoformer_jax.data import tfds_latents  # pylint: disable=import-outside-toplevel
-
   rng = np.random.default_rng(0)
   arrays = {
       "mean": rng.standard_normal((6, 2, 2, 1)).astype(np.float32),
