@@ -120,15 +120,24 @@ def list_dir(path: PathLike) -> tuple[list[str], list[str]]:
   raise FileNotFoundError(f"{path}: no such folder")
 
 
+def _tree_files(folder: epath.Path, relative: str = ""):
+  """(path relative to the top, path) of every file under `folder`. iterdir, not walk: epath's
+  walk on gcsfs yields folders without their gs:// scheme."""
+  for child in folder.iterdir():
+    name = f"{relative}{child.name}"
+    if child.is_dir():
+      yield from _tree_files(child, name + "/")
+    else:
+      yield name, child
+
+
 def copy_tree(src: PathLike, dst: PathLike) -> None:
-  """Copies the files under the folder `src` to the same relative paths under `dst`."""
-  src = epath.Path(src)
-  for folder, _, files in src.walk():
-    relative = os.path.relpath(os.fspath(folder), os.fspath(src))
-    target = epath.Path(dst) if relative == "." else epath.Path(dst) / relative
-    target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (target / name).write_bytes((epath.Path(folder) / name).read_bytes())
+  """Copies the files under the folder `src` to the same relative paths under `dst` (any two
+  file systems: the bytes go through this process)."""
+  for relative, path in _tree_files(epath.Path(src)):
+    target = epath.Path(dst) / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(path.read_bytes())
 
 
 def move_tree(src: PathLike, dst: PathLike) -> None:
@@ -139,14 +148,6 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
   if is_local(src):
     src.rename(dst)
     return
-
-  def copy(folder: epath.Path, target: epath.Path):
-    # iterdir, not walk: epath's walk on gcsfs yields folders without their gs:// scheme.
-    for child in folder.iterdir():
-      if child.is_dir():
-        copy(child, target / child.name)
-      else:
-        child.copy(target / child.name)
-
-  copy(src, dst)
+  for relative, path in _tree_files(src):
+    path.copy(dst / relative)
   src.rmtree()

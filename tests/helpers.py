@@ -34,11 +34,19 @@ def session_shared(tmp_path_factory, name: str, make):
   return path
 
 
-def _run_module(*args, env=None):
+def run_module(*args, env=None) -> subprocess.CompletedProcess:
+  """`python ARGS` from the repository root (the session's shared compile cache), asserting it
+  exits 0; returns the finished process (its stdout / stderr)."""
   proc = subprocess.run(
-      [sys.executable, *args], cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=600
+      [sys.executable, *map(str, args)],
+      cwd=ROOT,
+      env=env or subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
   )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc
 
 
 def launch_local_processes(num: int, args, log_dir, devices_per_process: int = 1, **env) -> list[str]:
@@ -64,7 +72,7 @@ def shared_tiny_run(tmp_path_factory):
   return session_shared(
       tmp_path_factory,
       "shared_tiny_run",
-      lambda work: _run_module("-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test", f"--workdir={work}"),
+      lambda work: run_module("-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:test", f"--workdir={work}"),
   )
 
 
@@ -76,7 +84,7 @@ def shared_digit_classifier(tmp_path_factory):
       session_shared(
           tmp_path_factory,
           "digit_classifier_cache",
-          lambda path: _run_module(
+          lambda path: run_module(
               "-c",
               f"from monoformer_jax.evaluation import digit_classifier as dc; dc.load_or_train({str(path)!r})",
               env=dict(subprocess_env(), XLA_FLAGS=""),

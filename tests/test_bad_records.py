@@ -36,6 +36,7 @@ from monoformer_jax.data import pipeline, registry, tfds_latents
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.data.sources import BadRecordError
+from monoformer_jax.data.understanding import make_understanding_iterator
 from monoformer_jax.model.config import ModelConfig
 from tests.helpers_env import subprocess_env
 
@@ -442,8 +443,6 @@ class _Digits:
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_understanding_rows_name_or_skip_a_bad_label(tok, skip):
-  from monoformer_jax.data.understanding import make_understanding_iterator  # pylint: disable=import-outside-toplevel
-
   source = _Digits()
   source.skip_bad_records = skip
   it = make_understanding_iterator(

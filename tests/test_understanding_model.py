@@ -2,11 +2,14 @@
 that packing several samples and several images into a row changes nothing the mask forbids."""
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.monoformer import MonoFormer
+from monoformer_jax.sampling.decode import generate_tokens
+from monoformer_jax.train.steps import batch_normalisers, make_loss_fn
 from monoformer_jax.vision.encoders import patch_encoder, patch_features
 from tests.helpers import random_params, tiny_config
 
@@ -125,8 +128,6 @@ def test_input_features_of_the_wrong_width_are_named(rng):
 def test_cached_answers_equal_a_full_recompute(rng, seed):
   """Greedy answers through the KV cache (decode.generate_tokens with the image in the prompt)
   equal token-by-token greedy decoding that recomputes the whole sequence each time."""
-  from monoformer_jax.sampling.decode import generate_tokens  # pylint: disable=import-outside-toplevel
-
   config = _config(max_position_embeddings=64)
   params = random_params(config, seed, scale=1.0)
   encoder = patch_encoder(INPUT_SHAPE, 2)
@@ -164,10 +165,6 @@ def test_understanding_loss_reads_the_image_trains_the_answer_only_and_diffuses_
   """The `understand` step's loss: it changes with the image and with the answer, not with the
   question (untrained); the image gets no diffusion loss (no gradient reaches the image-generation
   layers)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from monoformer_jax.train.steps import batch_normalisers, make_loss_fn  # pylint: disable=import-outside-toplevel
-
   config = _config()
   params = random_params(config, seed)
   loss_fn = make_loss_fn("understand", config, None, 1.0, 1.0)

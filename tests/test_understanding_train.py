@@ -3,38 +3,25 @@ from prompts, prose, and reading digits (`understand` steps), then answers about
 digits from the sample command (`--describe`) and the API, through the KV cache."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from monoformer_jax.data import mnist
 from monoformer_jax.inference import InferenceModel
-from tests.helpers_env import subprocess_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_module
+from tests.test_clip_vision import make_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   work = tmp_path_factory.mktemp("all_in_one") / "run"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "monoformer_jax.main",
-          "--config=configs/mnist_tiny.py:all_in_one_test",
-          f"--workdir={work}",
-      ],
-      cwd=ROOT,
-      env=subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
+  proc = run_module(
+      "-m",
+      "monoformer_jax.main",
+      "--config=configs/mnist_tiny.py:all_in_one_test",
+      f"--workdir={work}",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   return work, proc
 
 
@@ -57,23 +44,14 @@ def test_describe_from_the_command_and_the_api(trained, tmp_path):
   digits = images[held[:5]]
   np.savez(tmp_path / "digits.npz", images=digits)
   out = tmp_path / "answers.json"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "monoformer_jax.sample",
-          f"--workdir={work}",
-          f"--describe={tmp_path / 'digits.npz'}",
-          "--question=Which digit is this?",
-          f"--out={out}",
-      ],
-      cwd=ROOT,
-      env=subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
+  run_module(
+      "-m",
+      "monoformer_jax.sample",
+      f"--workdir={work}",
+      f"--describe={tmp_path / 'digits.npz'}",
+      "--question=Which digit is this?",
+      f"--out={out}",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   answers = json.load(open(out))
   assert isinstance(answers, list) and len(answers) == 5 and all(isinstance(a, str) for a in answers)
   model = InferenceModel.from_workdir(str(work))
@@ -86,28 +64,17 @@ def test_the_clip_path_trains_and_answers(tmp_path, seed):
   """all_in_one_test reading digits through a frozen tiny random CLIP tower (a transformers
   folder, resized to its 30 px input): the understand steps train im_embedder and the
   transformer on its features, and describe() runs the same encoder."""
-  from tests.test_clip_vision import make_tiny_clip  # pylint: disable=import-outside-toplevel
-
   clip_dir = tmp_path / "clip"
   make_tiny_clip(clip_dir, seed)
   work = tmp_path / "run"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "monoformer_jax.main",
-          "--config=configs/mnist_tiny.py:all_in_one_test",
-          f"--workdir={work}",
-          "--config.input_images.encoder=clip",
-          f"--config.input_images.clip_path={clip_dir}",
-      ],
-      cwd=ROOT,
-      env=subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
+  run_module(
+      "-m",
+      "monoformer_jax.main",
+      "--config=configs/mnist_tiny.py:all_in_one_test",
+      f"--workdir={work}",
+      "--config.input_images.encoder=clip",
+      f"--config.input_images.clip_path={clip_dir}",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
   assert any(np.isfinite(r.get("loss_understand", np.nan)) for r in rows)
   model = InferenceModel.from_workdir(str(work))

@@ -389,6 +389,31 @@ def record_image(record: dict, rng, latent_scale: float) -> np.ndarray:
   return image_to_float(record["image"])
 
 
+def record_check(image_shape, names=None, model_classes: int | None = None, need_label: bool = False) -> Callable:
+  """A `sample_dataset` check (`_MarkBad` names the record, or skips it): the record's image
+  shape, and its class id against the class names and the model's label embedding."""
+
+  def check(record):
+    shape = np.shape(record["mean"] if "mean" in record else record["image"])
+    if tuple(shape) != tuple(image_shape):
+      return f": an image of shape {tuple(shape)}, expected {tuple(image_shape)}"
+    if "label" not in record:
+      return " has no class label" if need_label else None
+    # Caught here, by name: the label embedding would clamp it silently, names[label] would
+    # raise a bare IndexError from a grain worker thread.
+    label = int(record["label"])
+    if names is not None and not 0 <= label < len(names):
+      return (
+          f" has class id {label}, outside 0..{len(names) - 1} "
+          f"(the {len(names)} class names of data.class_names_file or the source)"
+      )
+    if model_classes is not None and not 0 <= label < model_classes:
+      return f" has class id {label}, outside the model's {model_classes} classes (model.num_classes)"
+    return None
+
+  return check
+
+
 def make_image_iterator(
     source,
     tokenizer,
@@ -461,24 +486,7 @@ def make_image_iterator(
   if seq_len < one:
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
 
-  def check(record):
-    """What is wrong with a record the source read (`_MarkBad` names it), or None."""
-    shape = np.shape(record["mean"] if "mean" in record else record["image"])
-    if tuple(shape) != tuple(image_shape):
-      return f": an image of shape {tuple(shape)}, expected {tuple(image_shape)}"
-    if "label" not in record:
-      return None
-    # Caught here, by name: the label embedding would clamp it silently, names[label] would
-    # raise a bare IndexError from a grain worker thread.
-    label = int(record["label"])
-    if names is not None and not 0 <= label < len(names):
-      return (
-          f" has class id {label}, outside 0..{len(names) - 1} "
-          f"(the {len(names)} class names of data.class_names_file or the source)"
-      )
-    if model_classes is not None and not 0 <= label < model_classes:
-      return f" has class id {label}, outside the model's {model_classes} classes (model.num_classes)"
-    return None
+  check = record_check(image_shape, names, model_classes)
 
   def make_sample(record, rng):
     image = record_image(record, rng, latent_scale)

@@ -32,10 +32,15 @@ def understanding_sample(tok: Tokenizer, image: np.ndarray, question_ids, answer
   return understanding_prefix(tok, image, question_ids) + [("text", [*answer_ids, tok.eos_id], True)]
 
 
+def prefix_length(tok: Tokenizer, input_tokens: int, question_ids: Sequence[int]) -> int:
+  """Tokens of `understanding_prefix`: <s> <|im_start|> [image] <|im_end|> \\n question."""
+  return 2 + input_tokens + 1 + len(tok.newline_ids) + len(question_ids)
+
+
 def understanding_seq_len(tok: Tokenizer, input_tokens: int, question: str, answers: Sequence[str]) -> int:
-  """The longest sample's length (every answer tried)."""
+  """The longest sample's length (every answer tried, then </s>)."""
   longest = max(len(tok.encode(a)) for a in answers)
-  return 2 + input_tokens + 1 + len(tok.newline_ids) + len(tok.encode(question)) + longest + 1
+  return prefix_length(tok, input_tokens, tok.encode(question)) + longest + 1
 
 
 def make_understanding_iterator(
@@ -64,18 +69,6 @@ def make_understanding_iterator(
   answers = [tok.encode(name) for name in class_names]
   seq_len = understanding_seq_len(tok, input_tokens, question, class_names)
 
-  def check(record):
-    """What is wrong with a record (named by the pipeline, or skipped with data.skip_bad_records)."""
-    if "label" not in record:
-      return " has no class label (an understanding row answers with the class name)"
-    label = int(record["label"])
-    if not 0 <= label < len(answers):
-      return f" has class id {label}, outside 0..{len(answers) - 1}"
-    shape = tuple(np.shape(record["mean"] if "mean" in record else record["image"]))
-    if shape != tuple(input_shape):
-      return f" holds an image of shape {shape}, expected {tuple(input_shape)}"
-    return None
-
   def make_sample(record, rng):
     image = pipeline.record_image(record, rng, latent_scale)
     answer = answers[int(record["label"])]
@@ -90,7 +83,7 @@ def make_understanding_iterator(
       shard_index=shard_index,
       shard_count=shard_count,
       block=batch_size,
-      check=check,
+      check=pipeline.record_check(input_shape, class_names, need_label=True),
   )
   return pipeline.BatchIterator(
       ds,
@@ -108,4 +101,6 @@ def make_understanding_iterator(
       num_input_slots=1,
       input_shape=input_shape,
       input_tokens=input_tokens,
+      bad_run_limit=2 * len(source) + 1,  # every record read twice and skipped: none is good
+      source_name=repr(source),
   )

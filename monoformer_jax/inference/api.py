@@ -17,6 +17,7 @@ checkpoints); images come back in the model's space ([-1, 1] pixels, or latents:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -414,7 +415,7 @@ class InferenceModel:
     if self.run_config.vae.path and self.run_config.input_images.encoder == "patch":
       raise InferenceError("describe() takes model-space latents for a latent run: encode the images with its VAE")
     question = self.run_config.data.understand_question if question is None else question
-    encoder = self._input_encoder()
+    encoder = self._input_encoder
     try:
       return describe_lib.describe_images(
           self.params,
@@ -432,10 +433,9 @@ class InferenceModel:
     except ValueError as e:
       raise InferenceError(str(e)) from e
 
+  @functools.cached_property
   def _input_encoder(self):
-    if getattr(self, "_encoder", None) is None:
-      self._encoder = build_input_encoder(self.run_config, self.config)
-    return self._encoder
+    return build_input_encoder(self.run_config, self.config)
 
   def _parts(self, prompt_ids, result) -> list[tuple]:
     tok, parts, run, k = self.tokenizer, [], [], 0

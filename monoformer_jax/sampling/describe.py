@@ -11,17 +11,15 @@ import numpy as np
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import pipeline
-from monoformer_jax.data.understanding import understanding_prefix
+from monoformer_jax.data.understanding import prefix_length, understanding_prefix
 from monoformer_jax.sampling.decode import generate_tokens
 from monoformer_jax.sampling.text import continuation
 from monoformer_jax.sampling.tokens import TokenSampling
 
 
-def prompt_rows(tokenizer, encoder, images: np.ndarray, question: str) -> tuple[list, dict]:
+def prompt_rows(tokenizer, encoder, images: np.ndarray, question_ids) -> tuple[list, dict]:
   """(token-id prompts, their `prompt_inputs` for decode.prefill) of one prompt per image."""
-  question_ids = tokenizer.encode(question)
-  prefix = understanding_prefix(tokenizer, images[0], question_ids)
-  length = sum(len(v) if k == "text" else encoder.tokens for k, v, _ in prefix)
+  length = prefix_length(tokenizer, encoder.tokens, question_ids)
   batch = batch_lib.empty_batch(len(images), length, 1, (1, 1, 1), 1, encoder.image_shape)
   for r, image in enumerate(images):
     builder = batch_lib.RowBuilder(batch, r, 1, False, encoder.tokens)
@@ -58,7 +56,8 @@ def describe_images(
   if not question.strip():
     raise ValueError("the question is empty")
   floats = np.stack([pipeline.image_to_float(image) for image in images])
-  ids, inputs = prompt_rows(tokenizer, encoder, floats, question)
+  question_ids = tokenizer.encode(question)
+  ids, inputs = prompt_rows(tokenizer, encoder, floats, question_ids)
   out = generate_tokens(
       params,
       model_config,
@@ -71,7 +70,6 @@ def describe_images(
       rules=rules,
       prompt_inputs=inputs,
   )
-  question_ids = tokenizer.encode(question)
   return [continuation(tokenizer, question_ids, [t for t in new if t != tokenizer.eos_id]).strip() for new in out]
 
 

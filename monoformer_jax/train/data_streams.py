@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import pipeline, registry
-from monoformer_jax.data import understanding as pipeline_understanding
+from monoformer_jax.data import understanding
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import config as config_lib
 from monoformer_jax.run import sharding as sharding_lib
@@ -200,7 +200,7 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
 
   def understand_it(batch, encoder):
     source, answers = registry.understand_source(d, input_shape)
-    return pipeline_understanding.make_understanding_iterator(
+    return understanding.make_understanding_iterator(
         source,
         tokenizer,
         batch_size=batch // procs,

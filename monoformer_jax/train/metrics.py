@@ -80,6 +80,7 @@ class MetricWriter:
     # written (one atomic object write) on every logged step. Locally each row is appended.
     self._rows = None if paths.is_local(workdir) else []
     self._tb = None
+    self._rewinds = 0  # event files opened by `rewind` (each needs its own name)
     if enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       tb_dir = epath.Path(workdir) / "tensorboard"
@@ -99,7 +100,7 @@ class MetricWriter:
       return
     self.discard_after(step)
     self._tb.close()
-    self._rewinds = getattr(self, "_rewinds", 0) + 1
+    self._rewinds += 1
     self._tb = tensorboard.summary_writer(
         self.path.parent / "tensorboard", purge_step=int(step) + 1, filename_suffix=f".rewind{self._rewinds}"
     )

@@ -14,6 +14,7 @@ call, never constants baked into the step's program, and no gradient reaches the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import einops
@@ -39,7 +40,7 @@ class InputEncoder:
   params: Any = None
 
   def __call__(self, images) -> jax.Array:
-    return _jitted(self.fn)(self.params, images)
+    return _jit(self.fn)(self.params, images)
 
   def encode_batch(self, batch: dict) -> dict:
     """The batch with `input_images` replaced by their `input_features`."""
@@ -51,13 +52,7 @@ class InputEncoder:
     return jax.ShapeDtypeStruct((batch_size, slots, self.tokens, self.feature_dim), jnp.float32)
 
 
-_JITTED: dict = {}
-
-
-def _jitted(fn):
-  if fn not in _JITTED:
-    _JITTED[fn] = jax.jit(fn)
-  return _JITTED[fn]
+_jit = functools.cache(jax.jit)  # one jitted function (and its compile cache) per encoder fn
 
 
 def _patch_fn(patch: int):
