@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from monoformer_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 T_EMBED_VARIANTS = ("adaln_before_decoder", "add_before_image_tokens")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -52,6 +54,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32.
   remat: str = "none"
   scan_layers: bool = False
+  attention: str = "auto"  # the attention core: auto | einsum | xla | cudnn (model/attention.py)
 
   def __post_init__(self):
     errors = []
@@ -66,6 +69,8 @@ class ModelConfig:
       errors.append(f"t_embed={self.t_embed!r} is not one of {T_EMBED_VARIANTS}")
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      errors.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
     if self.input_feature_dim < 0:

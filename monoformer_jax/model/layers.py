@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.model import attention
 from monoformer_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -152,19 +153,7 @@ class Attention(nn.Module):
       kh, vh, new_cache = _write_cache(kv_cache, kh, vh, cache_index, cache_layer)
       kh, vh = kh.astype(dtype), vh.astype(dtype)
 
-    b, lq = q.shape[:2]
-    s_len = kh.shape[2]
-    groups = h // kvh
-    # HF repeat_kv: query head i reads kv head i // groups. The groups are folded into the query
-    # axis so both products are plain (batch, kv_head)-batched matmuls on every backend.
-    qh = q.reshape(b, lq, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * lq, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (1.0 / float(np.sqrt(d)))
-    scores = scores.reshape(b, kvh, groups, lq, s_len)
-    # A finite minimum (as HF) keeps fully masked rows (padding queries) free of NaNs.
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kvh, groups * lq, s_len)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kvh, groups, lq, d)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+    out = attention.attend(q, kh, vh, mask, cfg.attention)
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     out = Linear((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, init, name="o_proj")(out)
     return out, new_cache

@@ -40,6 +40,8 @@ FIXED_FIELDS = (
     "vae",
     "input_images",
 )
+# Inside those, how a value is computed, not what: the same parameters, the same mathematics.
+FREE_MODEL_FIELDS = ("model.attention", "model.remat")
 
 
 class ConfigError(ValueError):
@@ -123,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
           image_path="",
           image_batch_size=64,  # global batch of diffusion rows
           image_seq_len=0,  # 0: smallest length that fits prompt + image
+          # > 1: diffusion rows are documents of 1..N images from consecutive records, each image
+          # between its prompt and the next, its own block at its own t (data/interleaved.py).
+          max_images_per_row=1,
           text_source="pydoc",  # pydoc | text_file | chat_jsonl
           text_path="",
           text_batch_size=64,  # global batch of AR rows
@@ -206,6 +211,8 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
   images, text = bool({"diffusion", "mixed"} & set(step_kinds)), bool({"ar", "mixed"} & set(step_kinds))
   if images:
     _check_batch(config, "data.image_batch_size", data_ax * fsdp_ax, accum)
+    if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 1:
+      _fail("data.max_images_per_row", f"must be an integer >= 1, got {config.data.max_images_per_row!r}")
     if config.data.image_source not in registry.IMAGE_SOURCES:
       _fail("data.image_source", f"{config.data.image_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}")
   if text:
@@ -347,7 +354,9 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
     fixed = [
         c
         for c in changes
-        if c[0].startswith(FIXED_FIELDS) and not (c[1] == "<absent>" and defaults.get(c[0], "<none>") == c[2])
+        if c[0].startswith(FIXED_FIELDS)
+        and c[0] not in FREE_MODEL_FIELDS
+        and not (c[1] == "<absent>" and defaults.get(c[0], "<none>") == c[2])
     ]
     if fixed and has_checkpoints:
       raise ConfigError(
