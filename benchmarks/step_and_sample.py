@@ -129,11 +129,12 @@ def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
   return first, float(np.median(times))
 
 
-def step_flops(cfg: ModelConfig, n_params: int, batch: int, seq: int) -> float:
-  """Model FLOPs of one train step (forward + backward): 6 x parameters x tokens for the matmuls
-  (the embedding table is a gather, left out) + the attention scores and mixing, 12 x layers x
-  heads x head_dim x seq^2 per row (the whole square: the dense kernels compute it)."""
-  matmul_params = n_params - cfg.vocab_size * cfg.hidden_size
+def image_step_flops(cfg: ModelConfig, n_params: int, batch: int, seq: int) -> float:
+  """Model FLOPs of one image train step (forward + backward): 6 x parameters x tokens for the
+  matmuls (not the embedding table, a gather, nor the LM head, which the image step skips) + the
+  attention scores and mixing, 12 x layers x heads x head_dim x seq^2 per row (the whole square:
+  the dense kernels compute it)."""
+  matmul_params = n_params - 2 * cfg.vocab_size * cfg.hidden_size
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq * seq
   return float(6 * matmul_params * batch * seq + attention * batch)
 
@@ -197,7 +198,7 @@ def run(args) -> dict:
     result["compile_s"]["sample"], result["sample_s"] = timed(draw, 1, max(3, args.repeats // 3))
 
   if args.peak_tflops and "train_img_s" in result:
-    flops = step_flops(cfg, n_params, args.batch, result["row_tokens"])
+    flops = image_step_flops(cfg, n_params, args.batch, result["row_tokens"])
     result["img_step_tflops"] = flops / result["train_img_s"] / 1e12
     result["img_step_mfu"] = result["img_step_tflops"] / args.peak_tflops
   result["config"] = vars(args)
