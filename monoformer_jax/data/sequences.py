@@ -5,6 +5,8 @@ A sample is a list of pieces ("text", ids, train) / ("image", array, label) (mod
   image sample  <s> prompt <|im_start|>  [t-token] <P image tokens>  <|im_end|> \\n </s>
   CFG dropout   <s> <|im_start|> [t] <P> <|im_end|> \\n </s>          (the prompt is dropped)
   text sample   <s> user assistant </s>   (chat: every kept pair, in order)   or   <s> text </s>
+  document      <s> text <|im_start|> [image] <|im_end|> \\n text <|im_start|> [image] ... </s>
+                (several images, generated or read, between text: `document_sample`)
 
 The official LM loss covers only samples that do not generate an image, so an image sample's text
 is untrained unless `train_text=True`. Class-conditional prompts come from the official templates.
@@ -114,3 +116,52 @@ def max_class_prompt_tokens(
 ) -> int:
   """Longest tokenized class prompt over every class and template (exact, so no truncation)."""
   return max(len(tok.encode(t.format(c))) for c in class_names for t in templates)
+
+
+def document_sample(tok: Tokenizer, parts: Sequence[tuple], train_text: bool = True) -> list:
+  """`<s>` parts `</s>`, each image between `<|im_start|>` and `<|im_end|>\\n`: one sample holding
+  several images (the official format allows one generated image per sample; here each image
+  is its own block with its own noise level, model/mask.py).
+
+  parts: ("text", ids) (trained when `train_text`), ("text", ids, train) (its own flag: e.g.
+  what a read image shows), ("image", array, label) (an image to generate) or ("input", array)
+  (an image to read). With `train_text`, the `<|im_start|>` before a generated image is trained
+  with the text: a model that writes documents has to choose it to open an image itself. Before
+  a read image it is not: the reader gets that image, it does not draw one there.
+  """
+  pieces = [("text", [tok.bos_id], False)]
+  for part in parts:
+    if part[0] == "text":
+      pieces.append(("text", list(part[1]), part[2] if len(part) > 2 else train_text))
+      continue
+    generated = part[0] == "image"
+    pieces.append(("text", [tok.im_start_id], train_text and generated))
+    pieces.append(("image", part[1], part[2]) if generated else ("input", part[1], None))
+    pieces.append(("text", [tok.im_end_id, *tok.newline_ids], train_text))
+  pieces.append(("text", [tok.eos_id], train_text))
+  return [p for p in pieces if p[0] != "text" or len(p[1])]
+
+
+def cut_document(pieces: list, lengths: dict, max_len: int, max_images: int, max_inputs: int, open_id: int) -> list:
+  """The head of a document's pieces that fits a row: at most `max_len` tokens, `max_images`
+  generated and `max_inputs` read images. `lengths`: the tokens of an "image" and of an "input"
+  piece. Text is cut anywhere (as `text_sample` cuts); an image that does not fit ends the
+  sample, and the `<|im_start|>` (`open_id`) opening it goes too: nothing would follow it."""
+  out, used = [], 0
+  left = {"image": max_images, "input": max_inputs}
+  for kind, value, extra in pieces:
+    if kind == "text":
+      take = list(value[: max_len - used])
+      out.append((kind, take, extra))
+      used += len(take)
+      if len(take) < len(value):
+        break
+      continue
+    if used + lengths[kind] > max_len or not left[kind]:
+      if out and out[-1][0] == "text" and out[-1][1][-1:] == [open_id]:
+        out[-1] = ("text", out[-1][1][:-1], out[-1][2])
+      break
+    out.append((kind, value, extra))
+    used += lengths[kind]
+    left[kind] -= 1
+  return [p for p in out if p[0] != "text" or len(p[1])]

@@ -190,9 +190,12 @@ def run_interleaved(
     sample_ids=None,
     mesh=None,
     rules=None,
+    prompt_inputs: Optional[dict] = None,
 ) -> dict:
   """`generate_interleaved`'s final decode state (the cache included: every token fed, text
-  and clean images, at the slots where segment_ids > 0)."""
+  and clean images, at the slots where segment_ids > 0). `prompt_inputs`: images the prompts
+  read (decode.prefill's: their `kinds`, `patch_index` and `input_features`), so a row can read
+  an image and then draw others; every text and image after reads it."""
   if max_images < 1:
     raise ValueError(f"max_images must be >= 1, got {max_images}")
   if guidance_scale < 1.0:
@@ -216,6 +219,7 @@ def run_interleaved(
         jnp.asarray(ids),
         jnp.asarray(lengths),
         jnp.asarray(sample_ids),
+        prompt_inputs,
         config=config,
         cache_size=decode.cache_size_for(ids.shape[1], total),
         max_new_tokens=max_new_tokens,

@@ -110,10 +110,14 @@ def row_shapes(config, model_config: ModelConfig) -> dict:
       + model_config.num_patches
       + ((2 + tail_tokens) if tail_tokens else 0)
   )
+  slots = d.max_images_per_row
+  if slots > 1 and not d.image_seq_len:  # documents (data/interleaved.py), a 1-token newline
+    span = int(model_config.has_t_token) + model_config.num_patches
+    image_len = 1 + slots * (prompt + 1 + span + 2) + 1
   return {
-      "diffusion": (d.image_batch_size, image_len, 1),
+      "diffusion": (d.image_batch_size, image_len, slots),
       "ar": (d.text_batch_size, d.text_seq_len, 1),
-      "mixed": (d.image_batch_size + d.text_batch_size, max(image_len, d.text_seq_len), 1),
+      "mixed": (d.image_batch_size + d.text_batch_size, max(image_len, d.text_seq_len), slots),
   }
 
 
