@@ -16,6 +16,10 @@ Variants (`--config=configs/mnist_tiny.py:VARIANT`):
   all_in_one  also reads digits: `understand` steps answer "Which digit is this?" about an
           image (its 4x4 patches through im_embedder) with the digit's name.
   all_in_one_test  the `test` shrink of `all_in_one`.
+  captions  digits from free-text captions of measured attributes ("Please generate an image of
+          thin seven leaning right.", data/captions.py); benchmarks/caption_following.py
+          measures whether samples follow them.
+  captions_test  the `test` shrink of `captions`.
 """
 
 import json
@@ -106,6 +110,12 @@ def get_config(arg: str = ""):
       c.input_images.patch_size = 7
       c.data.understand_batch_size = 8
       c.schedule.update(dict(diffusion=4.0, ar=1.0, understand=1.0))
+  elif arg in ("captions", "captions_test"):
+    # The longest caption is 12 tokens with the trained tokenizer; 16 leaves room for another.
+    c.data.update(dict(image_source="mnist_captions", max_prompt_tokens=16))
+    if arg == "captions_test":
+      _shrink_for_tests(c)
+      c.model.patch_size = 7
   elif arg in ("latent", "latent_test"):
     # The same digits diffused in the 7x7x4 latent space of the small MNIST VAE (measured: 98.5%
     # and 100% recognisable on two seeds in the default's training time; benchmarks/RESULTS.md).
@@ -134,7 +144,7 @@ def get_config(arg: str = ""):
       _shrink_for_tests(c)
   elif arg:
     raise ValueError(
-        f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test, all_in_one, all_in_one_test)"
+        f"unknown variant {arg!r} of mnist_tiny (variants: test, latent, latent_test, all_in_one, all_in_one_test, captions, captions_test)"
     )
   return c
 

@@ -10,7 +10,7 @@ import json
 
 from etils import epath
 
-from monoformer_jax.data import image_sources, mnist, sources, tfds_latents
+from monoformer_jax.data import captions, image_sources, mnist, sources, tfds_latents
 
 
 class DataConfigError(ValueError):
@@ -26,7 +26,7 @@ def class_names(data) -> list[str] | None:
     if not path.is_file():
       raise DataConfigError(f"config.data.class_names_file: no such file {str(path)!r}")
     return _read_names(path, "config.data.class_names_file")
-  if data.image_source in ("mnist", "mnist_latents"):
+  if data.image_source in ("mnist", "mnist_latents", "mnist_captions"):
     return list(mnist.CLASS_NAMES)
   if data.image_source == "latents" and data.image_path:
     # The map extract_latents writes beside the dataset: a run needs no separate flag for it.
@@ -112,7 +112,10 @@ IMAGE_SOURCES = {
     "latents": _latents,
     "image_folder": _image_folder,
     "image_text_jsonl": _image_text_jsonl,
+    "mnist_captions": lambda data, image_shape, split="train": captions.MnistCaptionSource(split=split),
 }
+# Sources whose records carry free-text prompts (cut to data.max_prompt_tokens), not class names.
+FREE_TEXT_SOURCES = ("image_text_jsonl", "mnist_captions")
 
 
 def _text_files(data, split="train"):

@@ -9,7 +9,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from monoformer_jax.data import registry
+from monoformer_jax.data import captions, registry
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import sources
 from monoformer_jax import paths
@@ -34,6 +34,8 @@ def tokenizer_corpus(config) -> list[str]:
   names = registry.class_names(d)
   if names:
     texts.extend(t.format(n) for n in names for t in seq.MAIN_TEMPLATES)
+  if d.image_source == "mnist_captions":  # small and built in: every caption, as trained
+    texts.extend(seq.T2I_PREFIX + c for c in captions.MnistCaptionSource("all").captions())
   return texts
 
 

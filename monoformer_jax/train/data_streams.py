@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import batch as batch_lib
-from monoformer_jax.data import pipeline, registry
+from monoformer_jax.data import interleaved, pipeline, registry
 from monoformer_jax.data import understanding
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import config as config_lib
@@ -168,9 +168,7 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
   names = registry.class_names(d)
 
   def image_it(batch):
-    return pipeline.make_image_iterator(
-        registry.image_source(d, image_shape),
-        tokenizer,
+    options = dict(
         batch_size=batch // procs,
         patch_size=model_config.patch_size,
         t_token=model_config.has_t_token,
@@ -181,10 +179,14 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
         latent_scale=d.latent_scale,
         seq_len=d.image_seq_len or None,
         class_names=names,
-        max_prompt_tokens=(None if d.image_source != "image_text_jsonl" else d.max_prompt_tokens),
+        max_prompt_tokens=(d.max_prompt_tokens if d.image_source in registry.FREE_TEXT_SOURCES else None),
         null_label=model_config.num_classes if model_config.num_classes else None,
         num_threads=max(d.worker_count, 1),
     )
+    source = registry.image_source(d, image_shape)
+    if d.max_images_per_row > 1:  # documents of 1..N images, each its own block and noise level
+      return interleaved.make_interleaved_iterator(source, tokenizer, max_images=d.max_images_per_row, **options)
+    return pipeline.make_image_iterator(source, tokenizer, **options)
 
   def text_it(batch):
     return pipeline.make_text_iterator(
