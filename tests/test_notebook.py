@@ -117,7 +117,8 @@ def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
           "JUPYTER_PATH": str(tmp_path / "jupyter"),
           "MONOFORMER_REPO_URL": f"file://{ROOT}",  # this clone's committed HEAD
           "MONOFORMER_WORKDIR": str(work / "run"),  # empty: the notebook trains there
-          "MONOFORMER_TRAIN_CONFIG": "configs/mnist_tiny.py:test",
+          # Generation, text and reading in one tiny run: every cell has something to show.
+          "MONOFORMER_TRAIN_CONFIG": "configs/mnist_tiny.py:all_in_one_test",
           "MONOFORMER_TRAIN_STEPS": "6",
           "MONOFORMER_NUM_STEPS": "2",
           "MONOFORMER_NUM_PER_CLASS": "1",
@@ -135,7 +136,10 @@ def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) >= 3  # class grid, text-to-image, the interleaved image
+  assert len(images) >= 4  # class grid, text-to-image, the interleaved image, the digits asked about
+  printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert "your drawing: Which digit is this? -> '" in printed
+  assert "the model's three: Which digit is this? -> '" in printed
   # What ran is the clone the notebook made, installed into the fresh environment.
   assert (work / "monoformer_jax_repo" / "configs" / "mnist_tiny.py").is_file()
   origin = subprocess.run(
