@@ -8,8 +8,11 @@
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention on
           NVIDIA GPUs, the mask passed as an additive bias; only bf16 / fp16, head_dim a multiple
           of 8 up to 256 (Hopper), and even lengths when training with a bias (cuDNN's rules);
-  auto    einsum on every backend, until cuDNN's gradients under our masks pass
-          benchmarks/attention_check.py on a GPU (RESULTS.md, "On an accelerator").
+  pallas  our flash kernels for this mask (model/flash_attention.py): the mask never
+          materialised, key blocks no query of a block can see skipped; Mosaic on TPU, Pallas'
+          interpreter elsewhere (exact but slow: for tests);
+  auto    pallas on TPU; einsum elsewhere, also on GPUs until cuDNN's gradients under our masks
+          pass benchmarks/attention_check.py there (RESULTS.md, "On an accelerator").
 A query whose every key is masked (padding) reads no NaN: einsum and xla average all values
 uniformly (a finite large negative, as Hugging Face), cudnn lets it see every key; nothing reads
 such a query's output.
@@ -17,13 +20,35 @@ such a query's output.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.model import flash_attention
+
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
+_TARGET = threading.local()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Trace for `platform` rather than the default backend: ahead-of-time compiles for TPU on a
+  CPU host (tools/compile_for) pick the TPU kernels, compiled by Mosaic, not interpreted."""
+  previous = getattr(_TARGET, "platform", None)
+  _TARGET.platform = platform
+  try:
+    yield
+  finally:
+    _TARGET.platform = previous
+
+
+def target_platform() -> str:
+  return getattr(_TARGET, "platform", None) or jax.default_backend()
 
 
 def cudnn_unsupported(dtype, head_dim: int, q_len: int, k_len: int) -> str:
@@ -48,7 +73,7 @@ def resolve(impl: str, dtype, head_dim: int, q_len: int, k_len: int) -> str:
       if why:
         raise ValueError(f"model.attention='cudnn' cannot run this shape: {why} (use 'auto')")
     return impl
-  return "einsum"
+  return "pallas" if target_platform() == "tpu" else "einsum"
 
 
 def _einsum(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -66,10 +91,13 @@ def _einsum(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "einsum") -> Array:
-  """q (B, Lq, H, D); k, v (B, KVH, Lk, D), the cache's layout; mask (B, Lq, Lk) boolean.
-  Returns (B, Lq, H, D) in q's dtype."""
+def attend(q: Array, k: Array, v: Array, mask, impl: str = "einsum", block: int = 128) -> Array:
+  """q (B, Lq, H, D); k, v (B, KVH, Lk, D), the cache's layout; mask (B, Lq, Lk) boolean, or for
+  pallas the spans of model/mask.kernel_spans. Returns (B, Lq, H, D) in q's dtype."""
   impl = resolve(impl, q.dtype, q.shape[-1], q.shape[1], k.shape[2])
+  if impl == "pallas":
+    interpret = target_platform() != "tpu"
+    return flash_attention.flash_attention(q, k, v, mask, block_q=block, block_k=block, interpret=interpret)
   if impl == "einsum":
     return _einsum(q, k, v, mask)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # BTNH, as jax.nn takes it

@@ -54,7 +54,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32.
   remat: str = "none"
   scan_layers: bool = False
-  attention: str = "auto"  # the attention core: auto | einsum | xla | cudnn (model/attention.py)
+  attention: str = "auto"  # the attention core: auto | einsum | xla | cudnn | pallas (model/attention.py)
+  attention_block: int = 128  # the pallas kernels' query / key block (TPU: a multiple of 128)
 
   def __post_init__(self):
     errors = []
@@ -71,6 +72,8 @@ class ModelConfig:
       errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       errors.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.attention_block < 8 or self.attention_block % 8:
+      errors.append(f"attention_block={self.attention_block} must be a positive multiple of 8")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
     if self.input_feature_dim < 0:

@@ -153,7 +153,7 @@ class Attention(nn.Module):
       kh, vh, new_cache = _write_cache(kv_cache, kh, vh, cache_index, cache_layer)
       kh, vh = kh.astype(dtype), vh.astype(dtype)
 
-    out = attention.attend(q, kh, vh, mask, cfg.attention)
+    out = attention.attend(q, kh, vh, mask, cfg.attention, cfg.attention_block)
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     out = Linear((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, init, name="o_proj")(out)
     return out, new_cache

@@ -54,3 +54,19 @@ def attention_mask(q: dict, k: dict, bidirectional: bool) -> Array:
     same_image = (q["image_id"][:, :, None] == k["image_id"][:, None, :]) & (q["image_id"] >= 0)[:, :, None]
     allowed = allowed | same_image
   return same_segment & valid_key & allowed
+
+
+def kernel_spans(q: dict, k: dict, bidirectional: bool) -> dict:
+  """What the flash kernel (model/flash_attention.py) reads instead of the (Lq, Lk) mask: each
+  query's segment and reach (the last key position it may see), each key's segment. Key `order`
+  must be the key's index (as in the model: positions in the row, or cache slots). An image's
+  tokens are contiguous, so a query of a bidirectional image reaches its block's last token."""
+  order, image = q["order"], q["image_id"]
+  reach = order
+  if bidirectional:
+    length = image.shape[1]
+    after = jnp.concatenate([image[:, 1:], jnp.full_like(image[:, :1], -2)], axis=1)
+    ends = jnp.where(image != after, jnp.arange(length, dtype=jnp.int32), length)
+    block_end = jax.lax.cummin(ends, axis=1, reverse=True)
+    reach = jnp.where(image >= 0, jnp.take_along_axis(order, block_end, axis=1), order)
+  return {"q_segment": q["segment_ids"], "q_reach": reach, "k_segment": k["segment_ids"]}

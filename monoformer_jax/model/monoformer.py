@@ -21,7 +21,8 @@ from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.image import (FinalLayer, TimestepEmbedder, patchify, sincos_pos_embed_2d, unpatchify)
 from monoformer_jax.model.layers import (DecoderLayer, Linear, RMSNorm, constrain, normal_init, rope_tables, zeros_init)
-from monoformer_jax.model.mask import attention_mask, token_meta
+from monoformer_jax.model import attention
+from monoformer_jax.model.mask import attention_mask, kernel_spans, token_meta
 
 Array = jax.Array
 
@@ -247,7 +248,11 @@ class MonoFormer(nn.Module):
       size = cache["meta"]["segment_ids"].shape[1]
       k_meta["order"] = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size))
       layer_caches = cache["layers"]
-    mask = attention_mask(q_meta, k_meta, cfg.bidirectional_image)
+    k_len = l if cache is None else cache["meta"]["segment_ids"].shape[1]
+    if attention.resolve(cfg.attention, dtype, cfg.dim_per_head, l, k_len) == "pallas":
+      mask = kernel_spans(q_meta, k_meta, cfg.bidirectional_image)  # the kernel builds its tiles
+    else:
+      mask = attention_mask(q_meta, k_meta, cfg.bidirectional_image)
 
     x, new_layer_caches = self._decoder_stack(x, mask, cos, sin, layer_caches, cache_index)
     if cache is not None:

@@ -41,7 +41,7 @@ FIXED_FIELDS = (
     "input_images",
 )
 # Inside those, how a value is computed, not what: the same parameters, the same mathematics.
-FREE_MODEL_FIELDS = ("model.attention", "model.remat")
+FREE_MODEL_FIELDS = ("model.attention", "model.attention_block", "model.remat")
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ and the settings that shrink them (the report is still written with --out).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from ml_collections import config_flags
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax import cli
+from monoformer_jax.model import attention
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import chips as chips_lib
 from monoformer_jax.run import config as config_lib
@@ -159,6 +161,15 @@ def _costs(compiled) -> dict:
   return dict(costs or {})
 
 
+@contextlib.contextmanager
+def _tracing_for_tpu(mesh):
+  """Traces for the slice, not this CPU host: the TPU kernels (model/attention.py), and Mosaic
+  reads the chip it compiles for from the default device (only while tracing: eager arrays
+  cannot live on a described device)."""
+  with attention.compiling_for("tpu"), jax.default_device(mesh.devices.flat[0]):
+    yield
+
+
 def _lower_train_step(config, model_config, kind, objective, mesh, rules, shape):
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
@@ -167,7 +178,7 @@ def _lower_train_step(config, model_config, kind, objective, mesh, rules, shape)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding_lib.replicated(mesh))
   step_fn = steps_lib.train_step_from_config(kind, config, model_config, objective, optimizer)
   run = steps_lib.compile_step(step_fn, shardings, mesh, rules, batch)
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh, nn.logical_axis_rules(rules), _tracing_for_tpu(mesh):
     lowered = run.jitted.lower(state, batch, rng)
   return lowered, {"state": state, "batch": batch, "rng": rng}
 
@@ -191,7 +202,7 @@ def _lower_sampler(config, model_config, objective, mesh, rules):
   s = config.sampling
   n = rows // 2 if s.guidance_scale > 1 else rows
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  with mesh_context(mesh, rules):
+  with mesh_context(mesh, rules), _tracing_for_tpu(mesh):
     lowered = image_lib._sample_cached.lower(  # pylint: disable=protected-access  # the compiled core itself
         params,
         ints(rows, prompt),
@@ -317,6 +328,7 @@ def compile_report(config, topology: str, devices=None, log=print) -> dict:
       "num_devices": len(devices),
       "devices_per_chip": cores,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "attention": model_config.attention,
       "n_params": n_params,
       "state_bytes_per_chip": shard_bytes(state),
       "largest_state_arrays_per_chip": _largest(state),
