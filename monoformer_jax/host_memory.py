@@ -8,6 +8,19 @@ CPU time in the kernel. One arena, no mmap and no trimming keep those pages mapp
 ~10x, kernel time ~3x, and a train step is ~15-25% faster (benchmarks/RESULTS.md). The price is
 that the process keeps its peak heap (the default job: ~1.4 GB instead of ~1.0 GB).
 
+That heap also fragments. Each XLA:CPU execution takes its temporaries as one block (the default's
+train steps: 112 MB for text, 134 MB for diffusion), and the small allocations made between steps
+land in the holes such blocks leave. When no hole is large enough any more, the heap grows by a
+whole block, and the holes left behind stay resident: over a long run the resident set climbs in
+jumps of one block while the bytes in use stay flat (measured: 273 MB in use throughout, the
+heap 706 -> 1264 MB, ~25k free chunks). So a background thread hands the pages of free chunks
+back every MONOFORMER_HOST_MALLOC_TRIM_S seconds (default 10; 0: never) with `malloc_trim(0)`:
+nothing moves, only pages no live allocation covers are released; the next steps fault back in
+what they use. The resident set is then bounded by what is in use plus what one interval
+touches, however long the run. Measured on the default's 3,000 steps: peak 1.42 GB instead of
+1.70 GB, no upward trend; ~800 minor faults a step instead of ~20 (still ~70x fewer than
+untuned), +2 ms system CPU a step (~1%).
+
 Applied by every entry point before JAX starts its threads: `tune_for_xla_cpu()`. Controlled by
 MONOFORMER_HOST_MALLOC: `auto` (default: only when JAX can run on nothing but the CPU here),
 `on`, `off`. On accelerators the host is not in the step's hot path and one shared arena could
@@ -21,6 +34,8 @@ import glob
 import importlib.metadata
 import os
 import sys
+import threading
+import time
 
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -36,7 +51,10 @@ _ACCELERATORS = (
 )
 _DEV = "/dev"
 
+_TRIM_INTERVAL_S = 10.0  # default of MONOFORMER_HOST_MALLOC_TRIM_S
+
 _applied = False
+_trimmer: threading.Thread | None = None
 
 
 def _cpu_only() -> bool:
@@ -74,7 +92,41 @@ def tune_for_xla_cpu(mode: str | None = None) -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
     return False
+  interval = trim_interval_s()
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   ok = mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
   _applied = ok
+  if ok and interval > 0:
+    _start_trimmer(libc, interval)
   return ok
+
+
+def trim_interval_s() -> float:
+  """Seconds between releases of free heap pages (MONOFORMER_HOST_MALLOC_TRIM_S; 0: never)."""
+  value = os.environ.get("MONOFORMER_HOST_MALLOC_TRIM_S", "").strip()
+  if not value:
+    return _TRIM_INTERVAL_S
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not seconds >= 0 or seconds == float("inf"):
+    raise ValueError(f"MONOFORMER_HOST_MALLOC_TRIM_S={value!r}: use a number of seconds >= 0 (0: never)")
+  return seconds
+
+
+def _start_trimmer(libc, interval: float) -> None:
+  """A daemon thread calling `malloc_trim(0)` every `interval` seconds (see the module doc)."""
+  global _trimmer  # pylint: disable=global-statement  # one per process
+  trim = libc.malloc_trim
+  trim.argtypes = (ctypes.c_size_t,)
+
+  def run():
+    while True:
+      time.sleep(interval)
+      # MT-safe: holds the arena's lock while it walks the free chunks (10-60 ms on the default
+      # job), other threads' mallocs wait; ctypes releases the GIL meanwhile.
+      trim(0)
+
+  _trimmer = threading.Thread(target=run, name="host_memory.trim", daemon=True)
+  _trimmer.start()

@@ -91,3 +91,38 @@ def test_cpu_only_is_decided_by_the_devices_present(tmp_path, monkeypatch, insta
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text("")
   assert host_memory._cpu_only() is cpu_only  # pylint: disable=protected-access
+
+
+# The trimming thread: a freed 64 MB heap block stays resident (the tuning's point) until the
+# thread hands its pages back; with the interval 0 there is no thread and it stays.
+_TRIM_PROGRAM = textwrap.dedent("""
+    import time
+    from monoformer_jax.host_memory import tune_for_xla_cpu
+    assert tune_for_xla_cpu("on")
+    import numpy as np
+    def rss_mb():
+      return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) // 1024
+    buffer = np.ones(16 << 20, np.float32)
+    del buffer
+    freed = rss_mb()
+    time.sleep(1.5)
+    print(freed, rss_mb())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.parametrize("interval, released", [("0.2", True), ("0", False)])
+def test_the_trimming_thread_releases_free_heap_pages(interval, released):
+  env = subprocess_env(MONOFORMER_HOST_MALLOC_TRIM_S=interval)
+  out = subprocess.run(
+      [sys.executable, "-c", _TRIM_PROGRAM], env=env, capture_output=True, text=True, timeout=300, check=True
+  )
+  freed, later = map(int, out.stdout.split())
+  assert (freed - later >= 48) is released, (freed, later)
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_trim_interval_is_named(monkeypatch, value):
+  monkeypatch.setenv("MONOFORMER_HOST_MALLOC_TRIM_S", value)
+  with pytest.raises(ValueError, match="MONOFORMER_HOST_MALLOC_TRIM_S"):
+    host_memory.trim_interval_s()
