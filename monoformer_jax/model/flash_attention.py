@@ -179,9 +179,20 @@ def _specs(groups: int, block_q: int, block_k: int, d: int, q_first: bool):
   return per_q, per_k, q_rows, kv_rows, q_lanes
 
 
-def _params(interpret: bool):
+def _params(interpret: bool, args, outs, matmuls: int, reread: dict):
+  """pallas_call options, with the cost XLA's analysis should count for the kernel (it cannot see
+  inside): `matmuls` (Lq x Lk x D) products per head over the whole square (no block skipped:
+  an upper bound), one exp per score, operand n read `reread.get(n, 1)` times (once per block of
+  the other side for those the grid's inner axis walks)."""
+  q, k = args[3], args[4]
+  b, h, lq, d = q.shape
+  lk = k.shape[2]
+  size = lambda x: int(x.size) * x.dtype.itemsize  # noqa: E731
+  read = sum(size(x) * reread.get(n, 1) for n, x in enumerate(args)) + sum(size(x) for x in outs)
+  cost = pl.CostEstimate(flops=2 * matmuls * b * h * lq * lk * d, transcendentals=b * h * lq * lk, bytes_accessed=read)
   return dict(
       interpret=interpret,
+      cost_estimate=cost,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
   )
 
@@ -191,15 +202,17 @@ def _forward(q, k, v, qseg, qreach, kseg, *, block_q, block_k, interpret):
   kvh, lk = k.shape[1], k.shape[2]
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(h // kvh, block_q, block_k, d, True)
   kernel = functools.partial(_forward_kernel, scale=float(d) ** -0.5, block_k=block_k)
+  args = (qseg, qreach, kseg, q, k, v)
+  outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq, LANES), jnp.float32)]
   return pl.pallas_call(
       kernel,
       grid=(b, h, lq // block_q, lk // block_k),
       in_specs=[per_q, per_q, per_k, q_rows, kv_rows, kv_rows],
       out_specs=[q_rows, q_lanes],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq, LANES), jnp.float32)],
+      out_shape=outs,
       scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32)] * 2 + [pltpu.VMEM((block_q, d), jnp.float32)],
-      **_params(interpret),
-  )(qseg, qreach, kseg, q, k, v)
+      **_params(interpret, args, outs, 2, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
+  )(*args)
 
 
 def _backward(q, k, v, qseg, qreach, kseg, o, lse, do, *, block_q, block_k, interpret):
@@ -211,26 +224,28 @@ def _backward(q, k, v, qseg, qreach, kseg, o, lse, do, *, block_q, block_k, inte
   di = jnp.broadcast_to(di, (b, h, lq, LANES))
   args = (qseg, qreach, kseg, q, k, v, do, lse, di)
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(groups, block_q, block_k, d, True)
+  dq_out = jax.ShapeDtypeStruct(q.shape, q.dtype)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_k=block_k),
       grid=(b, h, lq // block_q, lk // block_k),
       in_specs=[per_q, per_q, per_k, q_rows, kv_rows, kv_rows, q_rows, q_lanes, q_lanes],
       out_specs=q_rows,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=dq_out,
       scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
-      **_params(interpret),
+      **_params(interpret, args, [dq_out], 3, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
   )(*args)
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(groups, block_q, block_k, d, False)
   # One dk / dv per query head (each kernel instance owns its output block), summed per group.
   k_rows = pl.BlockSpec((1, 1, block_k, d), lambda b_, h_, j, i: (b_, h_, j, 0))
+  dkv_out = [jax.ShapeDtypeStruct((b, h, lk, d), jnp.float32)] * 2
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, block_k=block_k),
       grid=(b, h, lk // block_k, lq // block_q),
       in_specs=[per_q, per_q, per_k, q_rows, kv_rows, kv_rows, q_rows, q_lanes, q_lanes],
       out_specs=[k_rows, k_rows],
-      out_shape=[jax.ShapeDtypeStruct((b, h, lk, d), jnp.float32)] * 2,
+      out_shape=dkv_out,
       scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32)] * 2,
-      **_params(interpret),
+      **_params(interpret, args, dkv_out, 4, {n: lk // block_k for n in (0, 1, 3, 6, 7, 8)}),
   )(*args)
 
   def per_kv_head(x, like):
