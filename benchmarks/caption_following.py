@@ -38,19 +38,19 @@ ATTRIBUTES = {
 }
 
 
-def draw(model: InferenceModel, prompts: list[str], seed: int) -> np.ndarray:
+def draw(model: InferenceModel, prompts: list[str], seed: int, guidance_scale=None) -> np.ndarray:
   """uint8 (N, H, W, C) digits; prompt i's noise is fold_in(seed, i) whatever the prompt."""
-  images = model.decode(model.text_to_image(prompts, seed=seed))
+  images = model.decode(model.text_to_image(prompts, seed=seed, guidance_scale=guidance_scale))
   return images_lib.to_uint8(images)
 
 
-def follow(model: InferenceModel, per_class: int, seed: int, classifier) -> dict:
+def follow(model: InferenceModel, per_class: int, seed: int, classifier, guidance_scale=None) -> dict:
   labels = np.repeat(np.arange(10), per_class)
   names = [mnist.CLASS_NAMES[c] for c in labels]
   result, read = {}, []
   for attribute, (measure, (low, high)) in ATTRIBUTES.items():
-    lo_images = draw(model, [captions.prompt(n, **low) for n in names], seed)
-    hi_images = draw(model, [captions.prompt(n, **high) for n in names], seed)
+    lo_images = draw(model, [captions.prompt(n, **low) for n in names], seed, guidance_scale)
+    hi_images = draw(model, [captions.prompt(n, **high) for n in names], seed, guidance_scale)
     diff = measure(hi_images) - measure(lo_images)
     read += [classifier.classify(lo_images) == labels, classifier.classify(hi_images) == labels]
     result[attribute] = {
@@ -74,10 +74,12 @@ def main(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--per_class", type=int, default=10)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--guidance_scale", type=float, default=None, help="default: the run's sampling.guidance_scale")
   args = p.parse_args(argv)
   model = InferenceModel.from_workdir(args.workdir)
-  report = follow(model, args.per_class, args.seed, digit_classifier.load_or_train())
+  report = follow(model, args.per_class, args.seed, digit_classifier.load_or_train(), args.guidance_scale)
   report["workdir"], report["per_class"], report["seed"] = args.workdir, args.per_class, args.seed
+  report["guidance_scale"] = args.guidance_scale or model.defaults.get("guidance_scale")
   print(json.dumps(report), flush=True)
 
 
