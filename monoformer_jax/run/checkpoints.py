@@ -159,13 +159,14 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state) -> Optional[tuple[int, Any, dict]]:
-    """(step, state, extra) of the newest loadable checkpoint, or None if there is none.
+  def restore_latest(self, abstract_state, *, at_most: Optional[int] = None) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, extra) of the newest loadable checkpoint (at or before step `at_most` when
+    given), or None if there is none.
 
     `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings, so arrays come back
     already sharded on the current mesh (which may differ from the one that saved them).
     """
-    for step in reversed(self.steps()):
+    for step in reversed([s for s in self.steps() if at_most is None or s <= at_most]):
       if not (self.directory / str(step) / COMMIT_SUCCESS_FILE).exists():
         _warn(
             f"checkpoint {self.directory}/{step} has no {COMMIT_SUCCESS_FILE} (its save never "

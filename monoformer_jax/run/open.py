@@ -33,8 +33,9 @@ class Run:
   step: int
 
 
-def open_run(workdir: str, *, use_ema: bool = True, devices=None) -> Run:
-  """Restores the newest loadable checkpoint of `workdir` onto one local device.
+def open_run(workdir: str, *, use_ema: bool = True, devices=None, step: Optional[int] = None) -> Run:
+  """Restores the newest loadable checkpoint of `workdir` (or the one of `step`) onto one local
+  device.
 
   One local device: under multi-host every process loads its own copy (jax.devices()[:1] would
   name process 0's device, which other processes cannot address).
@@ -47,16 +48,18 @@ def open_run(workdir: str, *, use_ema: bool = True, devices=None) -> Run:
   abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    got = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+    got = ckpt.restore_latest(abstract_with_shardings(abstract, shardings), at_most=step)
   finally:
     ckpt.close()
+  if step is not None and got is not None and got[0] != step:
+    raise RunError(f"no loadable checkpoint of step {step} in {workdir}/checkpoints (steps: {step_dirs(workdir)})")
   if got is None:
     steps = step_dirs(workdir)
     raise RunError(
         f"no loadable checkpoint in {workdir}/checkpoints"
         + (f" (steps {steps} could not be read: see the warnings above)" if steps else "")
     )
-  step, state, _ = got
+  restored_step, state, _ = got
   params = jax.device_get(state.ema_params if use_ema else state.params)
   tokenizer = build_tokenizer(config, workdir)
   return Run(
@@ -67,5 +70,5 @@ def open_run(workdir: str, *, use_ema: bool = True, devices=None) -> Run:
       objective=build_objective(config),
       class_names=registry.class_names(config.data),
       params=params,
-      step=int(step),
+      step=int(restored_step),
   )
