@@ -1,5 +1,6 @@
 """The Pallas flash kernels (model/flash_attention.py, `model.attention=pallas`) against the dense
-einsum, in Pallas' interpreter on this CPU: the spans they read say what the dense mask says, and
+einsum, in Pallas' interpreter on this CPU (and the whole model through `xla`,
+jax.nn.dot_product_attention, likewise): the spans they read say what the dense mask says, and
 the kernels give the same outputs and gradients over every mask feature (packed rows, several
 images, padding, the causal-image switch, read images, a cache). Padding queries (no visible key)
 are the one documented difference: zero there, an average in the dense path; nothing reads them."""
@@ -114,8 +115,8 @@ def _mixed_batch(config, rng):
   return {k: jnp.asarray(v) for k, v in build(config, rows, seq_len=40, slots=2).items()}
 
 
-@pytest.mark.parametrize("bidirectional", [True, False])
-def test_model_forward_and_gradients_with_the_kernels(rng, seed, bidirectional):
+@pytest.mark.parametrize("impl, bidirectional", [("pallas", True), ("pallas", False), ("xla", True)])
+def test_model_forward_and_gradients_equal_the_einsum(rng, seed, impl, bidirectional):
   base = tiny_config(num_classes=3, bidirectional_image=bidirectional, attention_block=8)
   params = random_params(base, seed)
   batch = _mixed_batch(base, rng)
@@ -123,31 +124,33 @@ def test_model_forward_and_gradients_with_the_kernels(rng, seed, bidirectional):
   norms = batch_normalisers(batch)
   valid = np.asarray(batch["segment_ids"] > 0)
   got = {}
-  for impl in ("einsum", "pallas"):
-    config = base.replace(attention=impl)
+  for name in ("einsum", impl):
+    config = base.replace(attention=name)
     out = MonoFormer(config).apply({"params": params}, batch, batch["images"], timesteps)
     loss_fn = make_loss_fn("mixed", config, diffusion.make_objective("gaussian"), 1.0, 0.5)
     grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(seed), norms, jnp.arange(3))[0])(params)  # pylint: disable=cell-var-from-loop
-    got[impl] = (np.asarray(out["logits"])[valid], np.asarray(out["image"]), grads)
-  for a, b in zip(got["einsum"][:2], got["pallas"][:2]):
+    got[name] = (np.asarray(out["logits"])[valid], np.asarray(out["image"]), grads)
+  for a, b in zip(got["einsum"][:2], got[impl][:2]):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
   ref = dict(jax.tree_util.tree_leaves_with_path(got["einsum"][2]))
-  for path, b in jax.tree_util.tree_leaves_with_path(got["pallas"][2]):
+  assert ref.keys() == dict(jax.tree_util.tree_leaves_with_path(got[impl][2])).keys()
+  for path, b in jax.tree_util.tree_leaves_with_path(got[impl][2]):
     a = np.asarray(ref[path])
     np.testing.assert_allclose(
         np.asarray(b), a, rtol=0, atol=1e-5 * max(np.abs(a).max(), 1e-6), err_msg=jax.tree_util.keystr(path)
     )
 
 
-def test_cached_decoding_and_sampling_with_the_kernels(rng, seed):
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_cached_decoding_and_sampling_equal_the_einsum(rng, seed, impl):
   base = tiny_config(num_classes=3, attention_block=8)
   params = random_params(base, seed, scale=0.5)
   prompts = [[1, *rng.integers(6, 90, n)] for n in (3, 7)]
   texts, images = {}, {}
-  for impl in ("einsum", "pallas"):
-    config = base.replace(attention=impl)
-    texts[impl] = generate_tokens(params, config, prompts, max_new_tokens=5)
-    images[impl] = sample_images(
+  for name in ("einsum", impl):
+    config = base.replace(attention=name)
+    texts[name] = generate_tokens(params, config, prompts, max_new_tokens=5)
+    images[name] = sample_images(
         params,
         config,
         diffusion.make_objective("gaussian"),
@@ -158,8 +161,8 @@ def test_cached_decoding_and_sampling_with_the_kernels(rng, seed):
         num_steps=2,
         rng=jax.random.key(seed),
     )
-  assert np.array_equal(np.asarray(texts["einsum"]), np.asarray(texts["pallas"]))
-  np.testing.assert_allclose(images["pallas"], images["einsum"], rtol=0, atol=1e-5 * np.abs(images["einsum"]).max())
+  assert np.array_equal(np.asarray(texts["einsum"]), np.asarray(texts[impl]))
+  np.testing.assert_allclose(images[impl], images["einsum"], rtol=0, atol=1e-5 * np.abs(images["einsum"]).max())
 
 
 def test_auto_picks_the_kernels_on_tpu_only(monkeypatch):
