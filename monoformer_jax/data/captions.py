@@ -3,8 +3,9 @@
 A caption names the class and, when the digit is clearly one or the other, its stroke weight (ink
 mass against the other digits of its class: "thin" / "bold") and its slant (from the ink's second
 moments: "leaning left" / "leaning right"), e.g. "Please generate an image of thin seven leaning
-right." (the pipeline's text-to-image prefix + the caption). Each image gets one caption, drawn once from its index: some name only the class, some one
-attribute, some both, so a model trained on them takes any of those prompts.
+right." (the pipeline's text-to-image prefix + the caption). Each image gets one caption, drawn
+once from its index: some name only the class, some one attribute, some both, so a model trained
+on them takes any of those prompts.
 
 The same measurements score generated digits (benchmarks/caption_following.py): a sample asked
 "bold" should carry more ink than its twin asked "thin" from the same noise.

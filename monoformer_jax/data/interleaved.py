@@ -29,13 +29,6 @@ from monoformer_jax.data import sequences as seq
 from monoformer_jax.data.tokenizer import Tokenizer
 
 
-def _prompt(record: dict, rng, names, templates, prompt_prefix: str) -> str:
-  if "prompt" in record:
-    prompt = record["prompt"]
-    return prompt_prefix + (prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt))
-  return seq.class_prompt(record.get("class_name") or names[int(record["label"])], rng, templates)
-
-
 def document_seq_len(tok: Tokenizer, max_images: int, max_prompt_tokens: int, span: int, read_tokens: int = 0) -> int:
   """Smallest row holding a document of `max_images` images, each the longer of a generated
   image after its longest prompt (`span` tokens) or a read one (`read_tokens`, its name included)."""
@@ -111,7 +104,7 @@ def make_interleaved_iterator(
     if input_fraction and rng.random() < input_fraction:
       return {"parts": [("input", image), ("text", answers[int(record["label"])], True)], "n": n}
     label = int(record.get("label", null_label))
-    ids = tok.encode(_prompt(record, rng, names, templates, prompt_prefix))[:max_prompt_tokens]
+    ids = tok.encode(pipeline.record_prompt(record, rng, names, templates, prompt_prefix))[:max_prompt_tokens]
     if rng.random() < text_dropout:
       ids, label = [], null_label
     return {"parts": [("text", ids), ("image", image, label)], "n": n}

@@ -414,6 +414,15 @@ def record_check(image_shape, names=None, model_classes: int | None = None, need
   return check
 
 
+def record_prompt(record: dict, rng, names, templates, prompt_prefix: str) -> str:
+  """An image record's prompt: its free text after `prompt_prefix`, or its class name (the
+  record's "class_name", else names[label]) in a template drawn with `rng`."""
+  if "prompt" in record:
+    prompt = record["prompt"]
+    return prompt_prefix + (prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt))
+  return seq.class_prompt(record.get("class_name") or names[int(record["label"])], rng, templates)
+
+
 def make_image_iterator(
     source,
     tokenizer,
@@ -491,14 +500,7 @@ def make_image_iterator(
   def make_sample(record, rng):
     image = record_image(record, rng, latent_scale)
     label = int(record.get("label", null_label))
-    if "prompt" in record:
-      prompt = record["prompt"]
-      prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
-      prompt = prompt_prefix + prompt
-    else:
-      name = record.get("class_name") or names[label]
-      prompt = seq.class_prompt(name, rng, templates)
-    ids = tok.encode(prompt)[:max_prompt_tokens]
+    ids = tok.encode(record_prompt(record, rng, names, templates, prompt_prefix))[:max_prompt_tokens]
     if rng.random() < text_dropout:
       ids, label = [], null_label
     return {"pieces": seq.image_sample(tok, ids, image, label, train_text, tail=train_text), "num_images": 1}
