@@ -171,10 +171,11 @@ def test_auto_picks_the_kernels_on_tpu_only(monkeypatch):
   assert attention.resolve("auto", jnp.bfloat16, 64, 128, 128) == "pallas"
 
 
-def test_sharded_forward_runs_the_kernel_per_device_and_equals_the_einsum(rng, seed):
+@pytest.mark.parametrize("num_rows", [4, 3])  # 3: not divisible by the batch axes (replicated)
+def test_sharded_forward_runs_the_kernel_per_device_and_equals_the_einsum(rng, seed, num_rows):
   base = tiny_config(num_classes=3, attention_block=8)
   params = random_params(base, seed)
-  rows = [[image_sample(base, rng, 2 + r, label=r % 3), text_sample(base, rng, 3)] for r in range(4)]
+  rows = [[image_sample(base, rng, 2 + r, label=r % 3), text_sample(base, rng, 3)] for r in range(num_rows)]
   batch = {k: jnp.asarray(v) for k, v in build(base, rows, seq_len=32, slots=2).items()}
   timesteps = jnp.asarray(rng.integers(0, 1000, batch["image_mask"].shape))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])

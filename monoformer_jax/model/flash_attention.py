@@ -20,6 +20,7 @@ On CPU the kernels run in Pallas' interpreter (exact, slow: tests use tiny block
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -317,6 +318,11 @@ def flash_attention(
     batch, heads, kv_heads = (
         nn.logical_to_mesh_axes((name,))[0] for name in ("activation_batch", "activation_heads", "activation_kv_heads")
     )
+    # An axis the mesh does not divide (e.g. a sampler's few rows on a large slice) is replicated.
+    batch = _dividing(batch, qh.shape[0], mesh)
+    heads, kv_heads = _dividing(heads, qh.shape[1], mesh), _dividing(kv_heads, kh.shape[1], mesh)
+    if heads is None or kv_heads is None:  # a device must hold whole query groups with their kv head
+      heads = kv_heads = None
     rows = P(batch, None, None)
     call = jax.shard_map(
         call,
@@ -334,6 +340,12 @@ def flash_attention(
     )
   out = call(qh, kh, vh, qseg, qreach, kseg)
   return out[:, :, :lq].transpose(0, 2, 1, 3)
+
+
+def _dividing(axes, size: int, mesh):
+  """`axes` (a mesh axis name, a tuple of them, or None) if their product divides `size`, else None."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return axes if size % math.prod(mesh.shape[n] for n in names) == 0 else None
 
 
 def _context_mesh():
