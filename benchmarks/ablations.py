@@ -46,8 +46,26 @@ import sys
 import time
 from typing import Callable
 
+import matplotlib  # (mlxtend's dependency)
+
+matplotlib.use("Agg")  # before pyplot: files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks import text_baselines  # noqa: E402
+from monoformer_jax.data import mnist  # noqa: E402
+from monoformer_jax.data.sources import PydocSource  # noqa: E402
+from monoformer_jax.evaluation import digit_classifier  # noqa: E402
+from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
+from monoformer_jax.run import images as images_lib  # noqa: E402
+from monoformer_jax.run.checkpoints import step_dirs  # noqa: E402
+from monoformer_jax.run.config import read_run_config  # noqa: E402
+from monoformer_jax.run.open import open_run  # noqa: E402
+from monoformer_jax.sampling import classes  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "mnist_ablations.py")
 EVAL_FILE = "eval.json"
@@ -270,19 +288,6 @@ def check_settings(args) -> None:
 def evaluate_run(workdir: str, num_per_class: int, classifier_cache: str, images: bool) -> dict:
   """Digit quality of every checkpoint of `workdir` (with `images`) and the held-out text
   perplexity of its last one, as benchmarks/mnist_quality.py measures them."""
-  # pylint: disable=import-outside-toplevel  # the job runner itself never imports JAX
-  import numpy as np
-
-  from benchmarks import text_baselines
-  from monoformer_jax.data import mnist
-  from monoformer_jax.data.sources import PydocSource
-  from monoformer_jax.evaluation import digit_classifier
-  from monoformer_jax.run import images as images_lib
-  from monoformer_jax.run.checkpoints import step_dirs
-  from monoformer_jax.run.config import read_run_config
-  from monoformer_jax.run.open import open_run
-  from monoformer_jax.sampling import classes
-
   cfgs = ablation_configs()
   steps = step_dirs(workdir)
   schedule_config = read_run_config(workdir)
@@ -495,11 +500,6 @@ def markdown(summary: dict, pretrain: str, settings: dict) -> str:
 
 
 def plot(summary: dict, pretrain: str, path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel  # (mlxtend's dependency)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   n = len(summary["seeds"])
   for k, (arm, r) in enumerate(summary["arms"].items()):
@@ -575,8 +575,6 @@ def main(argv=None) -> None:
   p.add_argument("--images", action="store_true", help=argparse.SUPPRESS)  # ... its digits too
   args = p.parse_args(argv)
   if args.evaluate:
-    from monoformer_jax.host_memory import tune_for_xla_cpu  # pylint: disable=import-outside-toplevel
-
     tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
     evaluate_run(args.evaluate, args.num_per_class, args.classifier_cache, args.images)
     return

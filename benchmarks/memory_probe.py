@@ -12,12 +12,21 @@ A measurement aid, not a test.
 
 import argparse
 import ctypes
+import functools
 import gc
 import os
 import sys
 import time
+import tracemalloc
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+
+from monoformer_jax import main as main_lib  # noqa: E402
+from monoformer_jax.train import steps as steps_lib  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -68,23 +77,18 @@ def status(key):
 
 class Probe:
 
-  def __init__(self, every, use_tracemalloc, out, malloc_info_path=""):
+  def __init__(self, every, use_tracemalloc, out, malloc_info_path="", trim_every=0):
     self.every, self.tm, self.out, self.malloc_info = every, use_tracemalloc, out, malloc_info_path
+    self.trim_every = trim_every
     self.rows, self.first_snap, self.t0 = [], None, time.time()
-
-  trim_every = 0
 
   def after_step(self, ctx):
     if self.trim_every and ctx.step % self.trim_every == 0:
-      libc = ctypes.CDLL("libc.so.6")
       t = time.perf_counter()
-      libc.malloc_trim(0)
+      ctypes.CDLL("libc.so.6").malloc_trim(0)
       print(f"TRIM step={ctx.step} {1e3 * (time.perf_counter() - t):.1f} ms rss={status('VmRSS'):.1f}", flush=True)
     if ctx.step % self.every:
       return
-    import jax
-    import tracemalloc
-
     arrays = jax.live_arrays()
     m = mallinfo()
     row = {
@@ -119,8 +123,6 @@ class Probe:
         for r in self.rows:
           f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
     if self.first_snap is not None:
-      import tracemalloc
-
       diff = tracemalloc.take_snapshot().compare_to(self.first_snap, "traceback")
       print("TRACEMALLOC top growth since the first probe:")
       for s in diff[:10]:
@@ -131,10 +133,6 @@ class Probe:
 
 def _report_step_memory():
   """Prints XLA's memory analysis (temporaries, arguments, outputs) of each compiled train step."""
-  import functools
-
-  from monoformer_jax.train import steps as steps_lib
-
   compile_step = steps_lib.compile_step
 
   def wrapped(step_fn, state_shardings, mesh, rules, example_batch):
@@ -145,8 +143,6 @@ def _report_step_memory():
     def first_call(state, batch, rng):
       if not done:
         done.append(1)
-        import flax.linen as nn
-
         with mesh, nn.logical_axis_rules(rules):
           a = run.jitted.lower(state, batch, rng).compile().memory_analysis()
         mb = lambda n: round(n / 2**20, 1)
@@ -174,11 +170,7 @@ def main():
   p.add_argument("--trim_every", type=int, default=0, help="call malloc_trim(0) every this many steps")
   p.add_argument("--malloc_info", default="", help="write glibc's malloc_info XML here at each probe (overwritten)")
   args = p.parse_args(argv[:split])
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from monoformer_jax import main as main_lib
-
-  probe = Probe(args.every, args.tracemalloc, args.out, args.malloc_info)
-  probe.trim_every = args.trim_every
+  probe = Probe(args.every, args.tracemalloc, args.out, args.malloc_info, args.trim_every)
   _report_step_memory()
   rc = main_lib.main(argv[split + 1 :], hooks=[probe])
   probe.finish()

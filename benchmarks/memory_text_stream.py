@@ -10,9 +10,18 @@ trainer does and reads batches, printing VmRSS (/proc/self/status) every 100 bat
 import argparse
 import os
 import sys
+import tempfile
 import time
+import tracemalloc
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import mnist_tiny  # noqa: E402
+from monoformer_jax.data import pipeline, registry  # noqa: E402
+from monoformer_jax.data.sources import pydoc_passages  # noqa: E402
+from monoformer_jax.data.tokenizer import train_sentencepiece  # noqa: E402
+from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
 
 
 def status(key="VmRSS"):
@@ -30,18 +39,8 @@ def main():
   p.add_argument("--tracemalloc", action="store_true")
   p.add_argument("--threads", type=int, default=1)
   args = p.parse_args()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from monoformer_jax.host_memory import tune_for_xla_cpu
-
+  # Before anything runs (importing starts no allocator threads; see host_memory.py).
   print("malloc tuned:", tune_for_xla_cpu(args.malloc), flush=True)
-  import tracemalloc
-
-  from configs import mnist_tiny
-  from monoformer_jax.data import pipeline, registry
-  from monoformer_jax.data.sources import pydoc_passages
-  from monoformer_jax.data.tokenizer import train_sentencepiece
-  import tempfile
-
   c = mnist_tiny.get_config()
   d = c.data
   tok = train_sentencepiece(pydoc_passages(), d.tokenizer_vocab_size, tempfile.mkdtemp())
