@@ -315,16 +315,15 @@ def evaluate_run(workdir: str, num_per_class: int, classifier_cache: str, images
           **classes.image_options(run.config.sampling),
       )
       samples = images_lib.to_uint8(images_lib.decode_images(samples, run.config.vae.path, run.config.vae.scale))
-      predicted = clf.classify(samples)
-      per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]
+      scores = digit_classifier.digit_scores(samples, labels, mnist_images[held], clf)
       report["points"].append(
           {
               "step": int(step),
               "image_steps": cfgs.image_steps(schedule_config, step),
-              "digit_accuracy": float((predicted == labels).mean()),
-              "worst_class_accuracy": min(per_class),
-              "digit_accuracy_per_class": per_class,
-              "digit_fid": float(digit_classifier.digit_fid(samples, mnist_images[held], clf)),
+              "digit_accuracy": scores["accuracy"],
+              "worst_class_accuracy": min(scores["per_class"]),
+              "digit_accuracy_per_class": scores["per_class"],
+              "digit_fid": scores["fid"],
               "sample_seconds": time.perf_counter() - t0,
           }
       )

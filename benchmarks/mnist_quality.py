@@ -58,16 +58,15 @@ def main():
   sample_s = time.perf_counter() - t0
   images = images_lib.to_uint8(images_lib.decode_images(images, config.vae.path, config.vae.scale))
   clf = digit_classifier.load_or_train()
-  predicted = clf.classify(images)
-  per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]
   mnist_images, mnist_labels = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(mnist_images))
+  scores = digit_classifier.digit_scores(images, labels, mnist_images[held], clf)
   report = {
       "sampling": {**options, "num_samples": int(len(labels)), "seconds": sample_s},
-      "digit_accuracy": float((predicted == labels).mean()),
-      "digit_accuracy_per_class": per_class,
+      "digit_accuracy": scores["accuracy"],
+      "digit_accuracy_per_class": scores["per_class"],
       "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
-      "digit_fid_vs_heldout": float(digit_classifier.digit_fid(images, mnist_images[held], clf)),
+      "digit_fid_vs_heldout": scores["fid"],
   }
   train = PydocSource(split="train")
   train_texts = [train[i]["text"] for i in range(len(train))]

@@ -67,15 +67,14 @@ def main():
       images = draw()
       seconds = time.perf_counter() - t0
       images = images_lib.to_uint8(images_lib.decode_images(images, config.vae.path, config.vae.scale))
-      predicted = clf.classify(images)
-      per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]
+      scores = digit_classifier.digit_scores(images, labels, mnist_images[held], clf)
       rows.append(
           {
               "sampler": sampler,
               "steps": steps,
-              "digit_accuracy": float((predicted == labels).mean()),
-              "worst_class": min(per_class),
-              "digit_fid": float(digit_classifier.digit_fid(images, mnist_images[held], clf)),
+              "digit_accuracy": scores["accuracy"],
+              "worst_class": min(scores["per_class"]),
+              "digit_fid": scores["fid"],
               "seconds_per_image": seconds / len(labels),
           }
       )

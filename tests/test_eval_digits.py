@@ -59,6 +59,17 @@ def test_digit_fid(trained, heldout, rng):
   assert features.shape == (250, dc.FEATURE_DIM) and features.std() > 0
 
 
+def test_digit_scores_are_accuracy_per_class_and_fid(trained, heldout):
+  classifier, _ = trained
+  images, labels = heldout
+  wrong = np.where(labels == 3, 5, np.where(labels == 5, 3, labels))  # threes and fives swapped
+  scores = dc.digit_scores(images, wrong, images[:250], classifier)
+  assert scores["accuracy"] == dc.conditional_accuracy(images, wrong, classifier)
+  assert max(scores["per_class"][3], scores["per_class"][5]) < 0.1
+  assert min(s for c, s in enumerate(scores["per_class"]) if c not in (3, 5)) >= 0.9
+  assert scores["fid"] == dc.digit_fid(images, images[:250], classifier)
+
+
 def test_inputs_are_checked(trained, tmp_path):
   classifier, _ = trained
   with pytest.raises(ValueError, match="uint8"):

@@ -220,3 +220,16 @@ def conditional_accuracy(samples, labels, classifier: Optional[DigitClassifier] 
     raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
   classifier = classifier or load_or_train()
   return float((classifier.classify(samples) == labels).mean())
+
+
+def digit_scores(samples, labels, reference_images, classifier: DigitClassifier) -> dict:
+  """What the benchmarks report of class-conditional digits (uint8 (N, 28, 28, 1), asked for
+  `labels`): the fraction recognised as asked, the same per class (0-9), and the digit-FID
+  against `reference_images`."""
+  labels = np.asarray(labels).reshape(-1)
+  predicted = classifier.classify(samples)
+  return {
+      "accuracy": float((predicted == labels).mean()),
+      "per_class": [float((predicted[labels == c] == c).mean()) for c in range(10)],
+      "fid": float(digit_fid(samples, reference_images, classifier)),
+  }
