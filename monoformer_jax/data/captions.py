@@ -109,9 +109,8 @@ class MnistCaptionSource(Source):
     self.digits = MnistSource(split=split)
     self.class_names = mnist.CLASS_NAMES
     self.thresholds = train_thresholds()
-    images = np.stack([self.digits[i]["image"] for i in range(len(self.digits))])
-    labels = np.asarray([self.digits[i]["label"] for i in range(len(self.digits))])
-    self.weight_words, self.slant_words = self.thresholds.words(images, labels)
+    rows = self.digits.indices  # the split's records, in order
+    self.weight_words, self.slant_words = self.thresholds.words(self.digits.images[rows], self.digits.labels[rows])
     self.seed, self.split = seed, split
 
   def __len__(self) -> int:
