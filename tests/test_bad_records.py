@@ -38,6 +38,7 @@ from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.data.sources import BadRecordError
 from monoformer_jax.data.understanding import make_understanding_iterator
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.train import data_streams
 from tests.helpers_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,32 +293,10 @@ def _config(model: dict, data: dict, skip: bool):
 
 
 def _iterator(config, tok, kind):
-  """The trainer's iterator (data_streams.build_data's arguments) over one epoch."""
-  d, mc = config.data, ModelConfig.from_mapping(config.model)
-  shape = (mc.image_height, mc.image_width, mc.image_channels)
-  common = dict(num_epochs=1, shard_index=0, shard_count=1, num_threads=max(d.worker_count, 1))
-  if kind == "text":
-    source = registry.text_source(d)
-    return pipeline.make_text_iterator(
-        source, tok, batch_size=4, seq_len=d.text_seq_len, seed=config.seed + 1, packing=d.packing, **common
-    )
-  return pipeline.make_image_iterator(
-      registry.image_source(d, shape),
-      tok,
-      batch_size=4,
-      patch_size=mc.patch_size,
-      t_token=mc.has_t_token,
-      seed=config.seed,
-      image_shape=shape,
-      text_dropout=d.prompt_dropout,
-      train_text=d.lm_loss_on_image_prompts,
-      latent_scale=d.latent_scale,
-      seq_len=d.image_seq_len or None,
-      class_names=registry.class_names(d),
-      max_prompt_tokens=(None if d.image_source != "image_text_jsonl" else d.max_prompt_tokens),
-      null_label=mc.num_classes if mc.num_classes else None,
-      **common,
-  )
+  """The trainer's iterator (train/data_streams.py) over one epoch."""
+  mc = ModelConfig.from_mapping(config.model)
+  make = data_streams.text_iterator if kind == "text" else data_streams.image_iterator
+  return make(config, mc, tok, 4, num_epochs=1, shard_index=0, shard_count=1)
 
 
 def _read_all(config, tok, kind) -> tuple[int, dict]:

@@ -160,45 +160,59 @@ class MixedIterator:
     self.text_it.close()
 
 
+def image_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int, **options):
+  """The diffusion rows `config.data` describes, `batch_size` rows a batch (this process's);
+  `options` go to the pipeline as they are (e.g. num_epochs, shard_index, shard_count)."""
+  d = config.data
+  image_shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
+  options = dict(
+      batch_size=batch_size,
+      patch_size=model_config.patch_size,
+      t_token=model_config.has_t_token,
+      seed=config.seed,
+      image_shape=image_shape,
+      text_dropout=d.prompt_dropout,
+      train_text=d.lm_loss_on_image_prompts,
+      latent_scale=d.latent_scale,
+      seq_len=d.image_seq_len or None,
+      class_names=registry.class_names(d),
+      max_prompt_tokens=(d.max_prompt_tokens if d.image_source in registry.FREE_TEXT_SOURCES else None),
+      null_label=model_config.num_classes if model_config.num_classes else None,
+      num_threads=max(d.worker_count, 1),
+      **options,
+  )
+  source = registry.image_source(d, image_shape)
+  if d.max_images_per_row > 1:  # documents of 1..N images, each its own block and noise level
+    return interleaved.make_interleaved_iterator(source, tokenizer, max_images=d.max_images_per_row, **options)
+  return pipeline.make_image_iterator(source, tokenizer, **options)
+
+
+def text_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int, **options):
+  """The text rows `config.data` describes (as `image_iterator`)."""
+  d = config.data
+  return pipeline.make_text_iterator(
+      registry.text_source(d),
+      tokenizer,
+      batch_size=batch_size,
+      seq_len=d.text_seq_len,
+      seed=config.seed + 1,
+      packing=d.packing,
+      image_shape=(model_config.image_height, model_config.image_width, model_config.image_channels),
+      num_threads=max(d.worker_count, 1),
+      **options,
+  )
+
+
 def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict:
   """{step kind: DataStream} for every kind in `step_kinds`."""
   d = config.data
   procs = jax.process_count()
-  image_shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
-  names = registry.class_names(d)
 
   def image_it(batch):
-    options = dict(
-        batch_size=batch // procs,
-        patch_size=model_config.patch_size,
-        t_token=model_config.has_t_token,
-        seed=config.seed,
-        image_shape=image_shape,
-        text_dropout=d.prompt_dropout,
-        train_text=d.lm_loss_on_image_prompts,
-        latent_scale=d.latent_scale,
-        seq_len=d.image_seq_len or None,
-        class_names=names,
-        max_prompt_tokens=(d.max_prompt_tokens if d.image_source in registry.FREE_TEXT_SOURCES else None),
-        null_label=model_config.num_classes if model_config.num_classes else None,
-        num_threads=max(d.worker_count, 1),
-    )
-    source = registry.image_source(d, image_shape)
-    if d.max_images_per_row > 1:  # documents of 1..N images, each its own block and noise level
-      return interleaved.make_interleaved_iterator(source, tokenizer, max_images=d.max_images_per_row, **options)
-    return pipeline.make_image_iterator(source, tokenizer, **options)
+    return image_iterator(config, model_config, tokenizer, batch // procs)
 
   def text_it(batch):
-    return pipeline.make_text_iterator(
-        registry.text_source(d),
-        tokenizer,
-        batch_size=batch // procs,
-        seq_len=d.text_seq_len,
-        seed=config.seed + 1,
-        packing=d.packing,
-        image_shape=image_shape,
-        num_threads=max(d.worker_count, 1),
-    )
+    return text_iterator(config, model_config, tokenizer, batch // procs)
 
   def understand_it(batch, encoder):
     source, answers = registry.understand_source(d, input_shape)
