@@ -2,6 +2,7 @@
 own here; the whole model (forward, gradients, cached decoding) for `xla` and `pallas` in
 tests/test_flash_attention.py. cuDNN needs a GPU; on CPU its selection rules are tested."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,9 +44,14 @@ def test_xla_core_in_bfloat16_is_within_bfloat16_rounding(rng):
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0, atol=2**-7 * np.abs(ref).max())
 
 
-def test_auto_and_cudnn_selection_rules():
-  # auto is the einsum (until cuDNN's gradients are checked on a GPU); cuDNN's limits are named.
+def test_auto_and_cudnn_selection_rules(monkeypatch):
+  # auto: the einsum on CPU; on a GPU cuDNN where it takes the shape; cuDNN's limits are named.
   assert attention.resolve("auto", jnp.bfloat16, 64, 64, 64) == "einsum"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention.resolve("auto", jnp.bfloat16, 64, 64, 64) == "cudnn"
+  assert attention.resolve("auto", jnp.float32, 64, 64, 64) == "einsum"
+  assert attention.resolve("auto", jnp.bfloat16, 64, 1, 65) == "einsum"  # one-token decode
+  monkeypatch.undo()
   assert attention.cudnn_unsupported(jnp.bfloat16, 64, 128, 256) == ""
   assert "bfloat16" in attention.cudnn_unsupported(jnp.float32, 64, 128, 128)
   assert "head_dim=12" in attention.cudnn_unsupported(jnp.bfloat16, 12, 128, 128)

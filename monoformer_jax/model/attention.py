@@ -11,8 +11,10 @@
   pallas  our flash kernels for this mask (model/flash_attention.py): the mask never
           materialised, key blocks no query of a block can see skipped; Mosaic on TPU, Pallas'
           interpreter elsewhere (exact but slow: for tests);
-  auto    pallas on TPU; einsum elsewhere, also on GPUs until cuDNN's gradients under our masks
-          pass benchmarks/attention_check.py there (RESULTS.md, "On an accelerator").
+  auto    pallas on TPU; cudnn on GPUs where cuDNN takes the shape (bf16 / fp16 training and
+          prefill), einsum for the rest (float32, single-token decode); einsum on CPU.
+          benchmarks/attention_check.py checks cuDNN against the einsum on a GPU (RESULTS.md,
+          "On an accelerator").
 A query whose every key is masked (padding) reads no NaN: einsum and xla average all values
 uniformly (a finite large negative, as Hugging Face), cudnn lets it see every key; nothing reads
 such a query's output.
@@ -73,7 +75,12 @@ def resolve(impl: str, dtype, head_dim: int, q_len: int, k_len: int) -> str:
       if why:
         raise ValueError(f"model.attention='cudnn' cannot run this shape: {why} (use 'auto')")
     return impl
-  return "pallas" if target_platform() == "tpu" else "einsum"
+  platform = target_platform()
+  if platform == "tpu":
+    return "pallas"
+  if platform == "gpu" and not cudnn_unsupported(dtype, head_dim, q_len, k_len):
+    return "cudnn"
+  return "einsum"
 
 
 def _einsum(q: Array, k: Array, v: Array, mask: Array) -> Array:
