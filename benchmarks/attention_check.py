@@ -61,7 +61,12 @@ def outputs(cfg: ModelConfig, params, batch, timesteps) -> dict:
   grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(3), norms, rows)[0])(params)
   # Padding positions read no key in our mask; what an implementation puts there is never read.
   real = batch["segment_ids"] > 0
-  return {"logits": out["logits"], "logits_real": out["logits"] * real[..., None], "image": out["image"], "grads": grads}
+  return {
+      "logits": out["logits"],
+      "logits_real": out["logits"] * real[..., None],
+      "image": out["image"],
+      "grads": grads,
+  }
 
 
 def relative_error(a, ref) -> float:
