@@ -11,7 +11,7 @@ classifier's feature space against held-out MNIST digits. Text: held-out pydoc p
 model against unigram and bigram models fitted with the same tokenizer on the training passages.
 Reading digits (runs with `understand` steps, e.g. mnist_tiny.py:all_in_one): the run's question
 about every held-out digit, answered greedily through the KV cache; an answer counts as right when
-it names the digit's class and no other (as a word or a numeral). Writes WORKDIR/quality.json.
+it names the digit's class and no other (as a word or a numeral). Writes WORKDIR/quality.json (`--out`).
 """
 
 import argparse
@@ -46,10 +46,14 @@ def main():
   p.add_argument("--workdir", required=True)
   p.add_argument("--num_per_class", type=int, default=20)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--guidance_scale", type=float, default=None, help="default: the run's config.sampling")
+  p.add_argument("--out", default="quality.json", help="written in --workdir")
   args = p.parse_args()
   run = open_run(args.workdir)
   config, model_config, params, tok = run.config, run.model_config, run.params, run.tokenizer
   options = classes.image_options(config.sampling)
+  if args.guidance_scale is not None:
+    options["guidance_scale"] = args.guidance_scale
   labels = np.repeat(np.arange(10), args.num_per_class)
   t0 = time.perf_counter()
   images = classes.sample_classes(
@@ -90,7 +94,7 @@ def main():
   if os.path.exists(summary):
     report["train_wall_clock_s"] = json.load(open(summary))["wall_clock_s"]
   report["device"] = jax.devices()[0].device_kind
-  with open(os.path.join(args.workdir, "quality.json"), "w") as f:
+  with open(os.path.join(args.workdir, args.out), "w") as f:
     json.dump(report, f, indent=2)
   print(json.dumps(report, indent=2))
 

@@ -33,6 +33,16 @@ CASES = [
     (main, [TINY, "--workdir=/tmp/x", f"--config.data.class_names_file={MISSING}.json"], "class_names_file"),
     (main, [TINY, "--workdir=/tmp/x", f"--config.init_from=hf:{MISSING}"], "init_from"),
     (main, [TINY], "workdir"),
+    (
+        main,
+        [
+            "--config=configs/mnist_tiny.py:all_in_one_test",
+            "--workdir=/tmp/x",
+            "--config.model.input_embedder=x_embedder",
+            "--config.input_images.patch_size=4",
+        ],
+        "input_images.patch_size=7",  # the input encoder's patch must be the model's
+    ),
     (main, [TINY, "--workdir=/tmp/x", "--no_such_flag"], "no_such_flag"),
     (sample, [f"--workdir={MISSING}", "--classes=1", "--out=OUT"], MISSING),
     (sample, ["--workdir=RUN", "--classes=12", "--out=OUT"], "12"),

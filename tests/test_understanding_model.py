@@ -44,12 +44,13 @@ def _sample(rng, config, n_before=3, n_after=4, images=1):
   return pieces
 
 
-def test_patch_features_flatten_each_patch_row_by_row(rng):
+def test_patch_features_flatten_each_patch_as_the_generated_images(rng):
   images = rng.standard_normal((2, 3, 4, 6, 5)).astype(np.float32)
   got = np.asarray(patch_features(jnp.asarray(images), 2))
   assert got.shape == (2, 3, 6, 20)
-  # Patch (1, 2) of image [1, 2]: rows 2-3, columns 4-5, flattened (row, column, channel).
-  np.testing.assert_array_equal(got[1, 2, 1 * 3 + 2], images[1, 2, 2:4, 4:6, :].reshape(-1))
+  # Patch (1, 2) of image [1, 2]: rows 2-3, columns 4-5, flattened (channel, row, column) as
+  # x_embedder takes a generated image's patches (the official Conv2d's weight layout).
+  np.testing.assert_array_equal(got[1, 2, 1 * 3 + 2], images[1, 2, 2:4, 4:6, :].transpose(2, 0, 1).reshape(-1))
 
 
 def test_input_tokens_are_laid_out_and_only_the_answer_is_trained(rng):
@@ -196,3 +197,46 @@ def test_understanding_loss_reads_the_image_trains_the_answer_only_and_diffuses_
   for name in ("x_embedder", "final_layer", "t_embedder", "adaln_module"):
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads[name])), name
   assert np.any(np.asarray(grads["im_embedder_fc1"]["kernel"]))
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_an_image_read_through_x_embedder_is_a_clean_generated_one(rng, seed, num_classes):
+  """model.input_embedder='x_embedder': every logit of a row that reads an image equals the row
+  where the same image is a generated one at t = 0 of the null class; another image changes
+  the text after it, and the understanding loss trains x_embedder."""
+  config = tiny_config(input_feature_dim=12, input_embedder="x_embedder", num_classes=num_classes)
+  params = random_params(config, seed)
+  shape = (4, 6, 3)  # the model's own images: 6 patches of 2x2x3
+  image = rng.standard_normal(shape).astype(np.float32)
+  before, after = rng.integers(3, config.vocab_size, 3), rng.integers(3, config.vocab_size, 5)
+
+  def read(img):
+    batch = batch_lib.empty_batch(1, 16, 1, shape, 1, shape)
+    builder = batch_lib.RowBuilder(batch, 0, 6, False, input_tokens=6)
+    builder.add([("text", before, False), ("input", img, None), ("text", after, True)])
+    return patch_encoder(shape, 2).encode_batch(batch)
+
+  generated = batch_lib.empty_batch(1, 16, 1, shape)
+  batch_lib.RowBuilder(generated, 0, 6, False).add(
+      [("text", before, False), ("image", image, None), ("text", after, True)]
+  )
+  generated["labels"][:] = num_classes  # the null class
+  want = MonoFormer(config).apply({"params": params}, generated, generated["images"], np.zeros((1, 1), np.int32))
+  got = _logits(config, params, read(image))
+  np.testing.assert_allclose(got, np.asarray(want["logits"]), atol=2e-5, rtol=0)
+  other = _logits(config, params, read(image + 1.0))
+  assert np.abs(other[0, 9:14] - got[0, 9:14]).max() > 1e-3  # the text after the image reads it
+
+  loss_fn = make_loss_fn("understand", config, None, 1.0, 1.0)
+  batch = read(image)
+  grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), batch_normalisers(batch), np.arange(1))[0])(params)
+  assert "im_embedder_fc1" not in params and np.any(np.asarray(grads["x_embedder"]["kernel"]))
+
+
+def test_x_embedder_reading_takes_only_the_models_own_patches():
+  with pytest.raises(ValueError, match="reads the model's own 2x2 patches \\(12 values\\), not features of width 8"):
+    tiny_config(input_feature_dim=8, input_embedder="x_embedder")
+  with pytest.raises(ValueError, match="needs t_embed='adaln_before_decoder'"):
+    tiny_config(input_feature_dim=12, input_embedder="x_embedder", t_embed="add_before_image_tokens")
+  with pytest.raises(ValueError, match="input_embedder='mlp' is not one of"):
+    tiny_config(input_embedder="mlp")

@@ -11,6 +11,7 @@ from monoformer_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMEN
 
 T_EMBED_VARIANTS = ("adaln_before_decoder", "add_before_image_tokens")
 REMAT_POLICIES = ("none", "full", "dots")
+INPUT_EMBEDDERS = ("im_embedder", "x_embedder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ModelConfig:
   # as (CLIP ViT-L/14's 1024, or a patch of pixels / latents), which `im_embedder` (Linear, GELU,
   # Linear) maps into the sequence; 0 = the model reads no images (and has no im_embedder).
   input_feature_dim: int = 0
+  # What maps input-image features into the sequence: "im_embedder" (the official main branch's
+  # own MLP), or "x_embedder": the patches go through the generation path (x_embedder, position
+  # embedding, adaLN at t = 0 of the null class), so a read image looks to the transformer as a
+  # clean generated one does (features must be the model's own patches).
+  input_embedder: str = "im_embedder"
   bidirectional_input_image: bool = True  # False: input-image tokens causal, as the official code
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype; parameters are always float32.
@@ -78,6 +84,15 @@ class ModelConfig:
       errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
     if self.input_feature_dim < 0:
       errors.append(f"input_feature_dim={self.input_feature_dim} must be >= 0")
+    if self.input_embedder not in INPUT_EMBEDDERS:
+      errors.append(f"input_embedder={self.input_embedder!r} is not one of {INPUT_EMBEDDERS}")
+    elif self.input_embedder == "x_embedder" and self.input_feature_dim not in (0, self.patch_dim):
+      errors.append(
+          f"input_embedder='x_embedder' reads the model's own {self.patch_size}x{self.patch_size} patches "
+          f"({self.patch_dim} values), not features of width {self.input_feature_dim}"
+      )
+    elif self.input_embedder == "x_embedder" and self.has_t_token:
+      errors.append("input_embedder='x_embedder' needs t_embed='adaln_before_decoder' (a read image has no t-token)")
     if self.timestep_freq_dim % 2:
       errors.append(f"timestep_freq_dim={self.timestep_freq_dim} must be even")
     if errors:

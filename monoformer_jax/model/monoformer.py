@@ -96,11 +96,7 @@ class MonoFormer(nn.Module):
     """The official `im_embedder` (Linear, GELU, Linear) on input-image features (B, K, Q, D),
     placed at the KIND_INPUT_IMAGE tokens; returns (x, Q)."""
     cfg = self.config
-    if not cfg.input_feature_dim:
-      raise ValueError("the batch holds input_features but model.input_feature_dim is 0")
-    b, k, q, d = features.shape
-    if d != cfg.input_feature_dim:
-      raise ValueError(f"input_features have width {d}, model.input_feature_dim is {cfg.input_feature_dim}")
+    b, k, q, d = self._check_input_features(features)
     h = nn.Dense(
         cfg.hidden_size,
         param_dtype=jnp.float32,
@@ -120,6 +116,15 @@ class MonoFormer(nn.Module):
     is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
     index = jnp.where(is_input[..., 0], patch_index, 0)
     return jnp.where(is_input, _gather_tokens(h, index).astype(x.dtype), x), q
+
+  def _check_input_features(self, features):
+    cfg = self.config
+    if not cfg.input_feature_dim:
+      raise ValueError("the batch holds input_features but model.input_feature_dim is 0")
+    d = features.shape[-1]
+    if d != cfg.input_feature_dim:
+      raise ValueError(f"input_features have width {d}, model.input_feature_dim is {cfg.input_feature_dim}")
+    return features.shape
 
   @nn.compact
   def __call__(
@@ -150,9 +155,63 @@ class MonoFormer(nn.Module):
         name="embed_tokens",
     )
     x = embed(tokens)
+    # The generation path's modules, shared by generated images and (input_embedder='x_embedder')
+    # read ones; a module creates its parameters on first use.
+    t_embedder = TimestepEmbedder(cfg, name="t_embedder")
+    label_embedder = nn.Embed(
+        cfg.num_classes + 1,
+        hidden,
+        param_dtype=jnp.float32,
+        embedding_init=normal_init(0.02, ("classes", "embed")),
+        name="label_embedder",
+    )
+    x_embedder = nn.Dense(
+        hidden,
+        param_dtype=jnp.float32,
+        dtype=dtype,
+        name="x_embedder",
+        kernel_init=zeros_init(("patch", "embed")),
+        bias_init=zeros_init(("embed",)),
+    )
+    adaln_module = nn.Dense(
+        2 * hidden,
+        param_dtype=jnp.float32,
+        name="adaln_module",
+        kernel_init=zeros_init(("embed", "cond")),
+        bias_init=zeros_init(("cond",)),
+    )
+
+    def condition(t, labels):
+      cond = t_embedder(t)  # (B, M, hidden), float32
+      return cond + label_embedder(labels) if cfg.num_classes else cond
+
+    def position_and_modulate(x, is_image, slot, cond):
+      """The 2-D position embedding and the adaLN of `cond` on the image tokens `is_image`."""
+      if cfg.use_pos_embed:
+        table = jnp.asarray(sincos_pos_embed_2d(hidden, *cfg.grid_size))
+        pos = jnp.take(table, patch_index % num_patches, axis=0)
+        x = x + jnp.where(is_image, pos, 0).astype(dtype)
+      if cfg.t_embed == "adaln_before_decoder":
+        c = adaln_module(nn.silu(cond))
+        self.sow("intermediates", "c_embeds", c)
+        c_tok = _per_slot(c, slot)
+        # The official code names the first chunk "scale" but adds it: port by position.
+        modulated = x.astype(jnp.float32) * (1 + c_tok[..., hidden:]) + c_tok[..., :hidden]
+        x = jnp.where(is_image, modulated.astype(dtype), x)
+      return x
+
     input_tokens = 1
     if "input_features" in batch:
-      x, input_tokens = self._embed_input_images(x, batch["input_features"], kinds, patch_index)
+      if cfg.input_embedder == "im_embedder":
+        x, input_tokens = self._embed_input_images(x, batch["input_features"], kinds, patch_index)
+      else:  # read as a clean image (t = 0, the null class) through the generation path
+        _, k, input_tokens, _ = self._check_input_features(batch["input_features"])
+        is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
+        index = jnp.where(is_input[..., 0], patch_index, 0)
+        emb = x_embedder(batch["input_features"].reshape(b, k * input_tokens, -1).astype(jnp.float32))
+        x = jnp.where(is_input, _gather_tokens(emb, index).astype(dtype), x)
+        cond = condition(jnp.zeros((b, k), jnp.int32), jnp.full((b, k), cfg.num_classes, jnp.int32))
+        x = position_and_modulate(x, is_input, index // num_patches, cond)
 
     cond = None
     if images is not None:
@@ -164,25 +223,10 @@ class MonoFormer(nn.Module):
             f"images have shape {images.shape[2:]} per slot, the model expects "
             f"{(cfg.image_height, cfg.image_width, cfg.image_channels)}"
         )
-      cond = TimestepEmbedder(cfg, name="t_embedder")(timesteps)  # (B, M, hidden), float32
-      if cfg.num_classes:
-        cond = cond + nn.Embed(
-            cfg.num_classes + 1,
-            hidden,
-            param_dtype=jnp.float32,
-            embedding_init=normal_init(0.02, ("classes", "embed")),
-            name="label_embedder",
-        )(batch["labels"])
+      cond = condition(timesteps, batch["labels"])
       self.sow("intermediates", "t_emb", cond)
       patches = patchify(images.astype(jnp.float32), cfg.patch_size).reshape(b, m * num_patches, -1)
-      patch_emb = nn.Dense(
-          hidden,
-          param_dtype=jnp.float32,
-          dtype=dtype,
-          name="x_embedder",
-          kernel_init=zeros_init(("patch", "embed")),
-          bias_init=zeros_init(("embed",)),
-      )(patches)
+      patch_emb = x_embedder(patches)
       is_image = (kinds == batch_lib.KIND_IMAGE)[..., None]
       x = jnp.where(is_image, _gather_tokens(patch_emb, patch_index).astype(dtype), x)
       slot = patch_index // num_patches  # image slot of image tokens and t-tokens
@@ -205,23 +249,7 @@ class MonoFormer(nn.Module):
         is_t = (kinds == batch_lib.KIND_T_TOKEN)[..., None]
         x = jnp.where(is_t, _per_slot(t_tok, slot).astype(dtype), x)
       self.sow("intermediates", "merged_embeds", x)
-      if cfg.use_pos_embed:
-        table = jnp.asarray(sincos_pos_embed_2d(hidden, *cfg.grid_size))
-        pos = jnp.take(table, patch_index % num_patches, axis=0)
-        x = x + jnp.where(is_image, pos, 0).astype(dtype)
-      if cfg.t_embed == "adaln_before_decoder":
-        c = nn.Dense(
-            2 * hidden,
-            param_dtype=jnp.float32,
-            name="adaln_module",
-            kernel_init=zeros_init(("embed", "cond")),
-            bias_init=zeros_init(("cond",)),
-        )(nn.silu(cond))
-        self.sow("intermediates", "c_embeds", c)
-        c_tok = _per_slot(c, slot)
-        # The official code names the first chunk "scale" but adds it: port by position.
-        modulated = x.astype(jnp.float32) * (1 + c_tok[..., hidden:]) + c_tok[..., :hidden]
-        x = jnp.where(is_image, modulated.astype(dtype), x)
+      x = position_and_modulate(x, is_image, slot, cond)
 
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rope_tables(batch["positions"], cfg.dim_per_head, cfg.rope_theta)

@@ -176,6 +176,13 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
       raise ConfigError(f"config.input_images: {e}") from e
     if model.input_feature_dim not in (0, width):
       _fail("model.input_feature_dim", f"{model.input_feature_dim}, but the {enc.encoder} encoder gives {width}")
+    if model.input_embedder == "x_embedder" and (enc.encoder != "patch" or enc.patch_size != model.patch_size):
+      _fail(
+          "model.input_embedder",
+          f"'x_embedder' reads images as the model's own {model.patch_size}x{model.patch_size} patches: set "
+          f"input_images.encoder='patch' and input_images.patch_size={model.patch_size} "
+          f"(now {enc.encoder!r}, {enc.patch_size})",
+      )
     model = model.replace(input_feature_dim=width)
   if tokenizer is not None and model.vocab_size < tokenizer.vocab_size:
     _fail(

@@ -17,15 +17,17 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import einops
 import jax
 import jax.numpy as jnp
 
+from monoformer_jax.model.monoformer import patchify
+
 
 def patch_features(images: jax.Array, patch: int) -> jax.Array:
-  """(B, K, H, W, C) -> (B, K, H/p * W/p, p * p * C): raster order, each patch's pixels flattened
-  row by row, channels last (the same flattening as the generated images' patchify)."""
-  return einops.rearrange(images, "b k (h p) (w q) c -> b k (h w) (p q c)", p=patch, q=patch)
+  """(B, K, H, W, C) -> (B, K, H/p * W/p, C * p * p): raster order, each patch flattened as the
+  generated images are (model.patchify: channel, then row, then column), so a model that reads
+  through its own x_embedder (model.input_embedder='x_embedder') sees the same vectors."""
+  return patchify(images, patch)
 
 
 @dataclasses.dataclass(frozen=True)
