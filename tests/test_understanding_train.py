@@ -62,8 +62,8 @@ def test_describe_from_the_command_and_the_api(trained, tmp_path):
 @pytest.mark.slow
 def test_the_clip_path_trains_and_answers(tmp_path, seed):
   """all_in_one_test reading digits through a frozen tiny random CLIP tower (a transformers
-  folder, resized to its 30 px input): the understand steps train im_embedder and the
-  transformer on its features, and describe() runs the same encoder."""
+  folder, resized to its 30 px input) and im_embedder: the understand steps train im_embedder
+  and the transformer on its features, and describe() runs the same encoder."""
   clip_dir = tmp_path / "clip"
   make_tiny_clip(clip_dir, seed)
   work = tmp_path / "run"
@@ -73,6 +73,7 @@ def test_the_clip_path_trains_and_answers(tmp_path, seed):
       "--config=configs/mnist_tiny.py:all_in_one_test",
       f"--workdir={work}",
       "--config.input_images.encoder=clip",
+      "--config.model.input_embedder=im_embedder",  # CLIP features go through im_embedder
       f"--config.input_images.clip_path={clip_dir}",
   )
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
