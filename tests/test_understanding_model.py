@@ -240,3 +240,7 @@ def test_x_embedder_reading_takes_only_the_models_own_patches():
     tiny_config(input_feature_dim=12, input_embedder="x_embedder", t_embed="add_before_image_tokens")
   with pytest.raises(ValueError, match="input_embedder='mlp' is not one of"):
     tiny_config(input_embedder="mlp")
+  config = tiny_config(input_feature_dim=12, input_embedder="x_embedder")  # 6 patches an image
+  batch = _batch([[_sample(np.random.default_rng(0), config)]])  # 4x4x3 inputs: 4 patches
+  with pytest.raises(ValueError, match="own shape \\(6 patches\\), got 4 patches an image"):
+    MonoFormer(config).apply({"params": random_params(config)}, batch)

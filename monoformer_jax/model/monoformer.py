@@ -206,6 +206,11 @@ class MonoFormer(nn.Module):
         x, input_tokens = self._embed_input_images(x, batch["input_features"], kinds, patch_index)
       else:  # read as a clean image (t = 0, the null class) through the generation path
         _, k, input_tokens, _ = self._check_input_features(batch["input_features"])
+        if input_tokens != num_patches:
+          raise ValueError(
+              f"input_embedder='x_embedder' reads images of the model's own shape ({num_patches} patches), "
+              f"got {input_tokens} patches an image"
+          )
         is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
         index = jnp.where(is_input[..., 0], patch_index, 0)
         emb = x_embedder(batch["input_features"].reshape(b, k * input_tokens, -1).astype(jnp.float32))
@@ -321,7 +326,7 @@ def dummy_batch(
   for r in range(batch_size):
     rb = batch_lib.RowBuilder(batch, r, config.num_patches, config.has_t_token)
     rb.add([("text", [1, 2], True), ("image", np.zeros(shape, np.float32), 0), ("text", [2], True)])
-  if config.input_feature_dim:  # creates im_embedder's parameters
+  if config.input_feature_dim and config.input_embedder == "im_embedder":  # creates its parameters
     batch["input_features"] = np.zeros((batch_size, 1, 1, config.input_feature_dim), np.float32)
   timesteps = np.zeros((batch_size, num_image_slots), np.float32)
   return batch, batch["images"], timesteps
