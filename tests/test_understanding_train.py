@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax.data import mnist
-from monoformer_jax.inference import InferenceModel
+from monoformer_jax.inference import InferenceError, InferenceModel
 from tests.helpers import run_module
 from tests.test_clip_vision import make_tiny_clip
 
@@ -57,6 +57,27 @@ def test_describe_from_the_command_and_the_api(trained, tmp_path):
   model = InferenceModel.from_workdir(str(work))
   assert model.describe(digits, "Which digit is this?") == answers  # greedy: the same answers
   assert model.describe(digits[:2]) == answers[:2]  # the default question is the run's
+
+
+@pytest.mark.slow
+def test_generate_reads_images_where_the_prompt_says(trained):
+  """`generate(prompts, images=...)`: `<image>` in the text reads the prompt's next image; the
+  understanding prompt written as text answers as describe() does (greedy), prompts of two
+  lengths in one call, and a count that does not match is named."""
+  work, _ = trained
+  model = InferenceModel.from_workdir(str(work))
+  images, labels = mnist.load_mnist5k()
+  digits = images[[int(np.flatnonzero(labels == c)[0]) for c in (0, 3, 7)]]
+  question = "Which digit is this?"
+  answers = model.describe(digits, question)
+  prompts = [f"<image>\n{question}"] * 3 + ["Two: <image> and <image>\nthen"]
+  parts = model.generate(prompts, images=[[d] for d in digits] + [digits[:2]], greedy=True, max_new_tokens=16)
+  assert [(p[0][0], p[0][1].strip()) for p in parts[:3]] == [("text", a) for a in answers]
+  assert len(parts) == 4 and parts[3]
+  with pytest.raises(InferenceError, match="reads 1 <image> but was given 2 image"):
+    model.generate([f"<image>\n{question}"], images=[digits[:2]])
+  with pytest.raises(InferenceError, match="images must have shape"):
+    model.generate([f"<image>\n{question}"], images=[[digits[0][:20]]])
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@
     images, labels = model.sample_classes(["seven", 3], num_per_class=4)   # float, model space
     images = model.text_to_image(["a red circle"])
     parts = model.generate(["Draw a seven: <|im_start|>"])   # [('text', s) | ('image', a), ...]
+    parts = model.generate(["<image> is a seven. Another: <|im_start|>"], images=[[digit]])
     answers = model.describe(digits_uint8, "Which digit is this?")      # a run that reads images
 
 Every option defaults to the run's `config.sampling` (or the official settings for converted
@@ -369,18 +370,18 @@ class InferenceModel:
       num_steps=None,
       eta=None,
       clip_denoised=None,
+      images: Optional[Sequence] = None,
   ) -> list[list[tuple]]:
     """Text and images in one call. Per prompt, the new parts in order: ('text', str) and
-    ('image', (H, W, C) array in model space). A prompt may end with `<|im_start|>`."""
+    ('image', (H, W, C) array in model space). A prompt may end with `<|im_start|>`.
+
+    `images` (a run that reads images): per prompt, the images it reads (uint8 pixels or
+    model-space floats), one for each `<image>` in its text, read as understanding rows read
+    them (`<|im_start|>` [image] `<|im_end|>`); everything after reads them. Prompts of one
+    token length are generated together, one call per length."""
     _check_prompts(prompts)
     tok = self.tokenizer
-    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised)
-    results = interleaved_lib.generate_interleaved(
-        self.params,
-        self.config,
-        self.objective,
-        ids,
+    kw = dict(
         image_token=tok.im_start_id,
         end_token=tok.im_end_id,
         uncond_prompt=self.unconditional_prompt(),
@@ -391,9 +392,47 @@ class InferenceModel:
         rng=jax.random.key(int(self._opt("seed", seed))),
         mesh=self.mesh,
         rules=self.rules,
-        **opts,
+        **self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised),
     )
-    return [self._parts(p, r) for p, r in zip(ids, results)]
+    if images is None:
+      ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+      results = interleaved_lib.generate_interleaved(self.params, self.config, self.objective, ids, **kw)
+      return [self._parts(p, r) for p, r in zip(ids, results)]
+    pieces = self._reading_prompts(prompts, images)
+    by_length = {}
+    for i, p in enumerate(pieces):
+      by_length.setdefault(sum(len(v) if k == "text" else self._input_encoder.tokens for k, v, _ in p), []).append(i)
+    out = [None] * len(prompts)
+    for rows in by_length.values():
+      ids, inputs = describe_lib.prompt_batch(self._input_encoder, [pieces[i] for i in rows])
+      results = interleaved_lib.generate_interleaved(
+          self.params, self.config, self.objective, ids, prompt_inputs=inputs, **kw
+      )
+      for i, result in zip(rows, results):
+        # The text after the prompt's last image: what continuations are decoded against.
+        out[i] = self._parts([tok.bos_id, *pieces[i][-1][1]], result)
+    return out
+
+  def _check_reads_images(self) -> None:
+    if not self.config.input_feature_dim or self.run_config is None:
+      raise InferenceError("this model does not read images (train it with understand steps: input_images.encoder)")
+    if self.run_config.vae.path and self.run_config.input_images.encoder == "patch":
+      raise InferenceError("a latent run reads model-space latents: encode the images with its VAE")
+
+  def _reading_prompts(self, prompts, images) -> list:
+    self._check_reads_images()
+    if len(images) != len(prompts):
+      raise InferenceError(f"{len(prompts)} prompts but images for {len(images)}")
+    shape = self._input_encoder.image_shape
+    try:
+      return [
+          describe_lib.reading_pieces(
+              self.tokenizer, p, describe_lib.model_space_images(np.asarray(x), shape) if len(x) else []
+          )
+          for p, x in zip(prompts, images)
+      ]
+    except ValueError as e:
+      raise InferenceError(str(e)) from e
 
   def describe(
       self,
@@ -410,10 +449,7 @@ class InferenceModel:
     """One answer per image (N, H, W, C; uint8 pixels or model-space floats), written by the LM
     through the KV cache after `<|im_start|>` [image] `<|im_end|>\n{question}` (default: the
     run's `data.understand_question`). Greedy unless `greedy=False`."""
-    if not self.config.input_feature_dim or self.run_config is None:
-      raise InferenceError("this model does not read images (train it with understand steps: input_images.encoder)")
-    if self.run_config.vae.path and self.run_config.input_images.encoder == "patch":
-      raise InferenceError("describe() takes model-space latents for a latent run: encode the images with its VAE")
+    self._check_reads_images()
     question = self.run_config.data.understand_question if question is None else question
     encoder = self._input_encoder
     try:
