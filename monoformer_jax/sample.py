@@ -8,12 +8,16 @@
         --prompt "Please generate an image of seven.<|im_start|>"
     python -m monoformer_jax.sample --workdir DIR --describe digits.npz \\
         --question "Which digit is this?" --out answers.json    # a run that reads images
+    python -m monoformer_jax.sample --workdir DIR --interleaved --out parts \\
+        --read_images digits.npz --prompt "<image> is a seven. Another: <|im_start|>"
     python -m monoformer_jax.sample --official_checkpoint MonoFormer_ImageNet_256 \\
         --tokenizer tokenizer.model --class_names_file imagenet_labels.json --classes 207 ...
 
 `--describe FILE.npz` answers a question about each image of its `images` array (uint8 0-255,
 (N, H, W, C), the run's image shape, e.g. (N, 28, 28, 1) digits): greedy unless a sampling flag
 says otherwise, written to `--out answers.json` as a JSON list of N strings, in order.
+`--read_images FILE.npz` (with --interleaved): the prompts read its `images` where they say
+`<image>`, in order over the prompts (as many images as placeholders).
 `--out X.npz` writes `images` (uint8, N x H x W x C; MNIST: white digits on black) and `labels`
 (class grids) or `prompts` (text-to-image), plus X.png (a grid, a row per class); `--out X.png`
 writes the grid only. Text goes to stdout as JSON lines. Sampler, steps, guidance scale, CFG
@@ -38,6 +42,7 @@ from monoformer_jax.data.registry import DataConfigError, names_from_json
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.inference import InferenceError, InferenceModel
 from monoformer_jax.run import images as images_lib
+from monoformer_jax.sampling.describe import IMAGE_PLACEHOLDER
 
 
 def define_flags(fv, argv=()):
@@ -104,6 +109,12 @@ def define_flags(fv, argv=()):
       "describe",
       None,
       "An .npz whose `images` (uint8, N x H x W x C) the model answers --question about.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "read_images",
+      None,
+      "With --interleaved: an .npz whose `images` (uint8) the prompts read where they say <image>, in order.",
       flag_values=fv,
   )
   flags.DEFINE_string(
@@ -181,19 +192,35 @@ def _read_describe(fv) -> np.ndarray:
     raise UsageError("--describe: give --out answers.json (the answers, a JSON list)")
   if fv.question is not None and not fv.question.strip():
     raise UsageError("--question: empty question")
-  if not epath.Path(fv.describe).is_file():
-    raise UsageError(f"--describe: no such file {fv.describe!r}")
+  return _read_images_npz(fv.describe, "--describe")
+
+
+def _read_images_npz(path: str, flag: str) -> np.ndarray:
+  """The `images` array of the .npz `path`, checked (uint8, N x H x W x C, N >= 1)."""
+  if not epath.Path(path).is_file():
+    raise UsageError(f"{flag}: no such file {path!r}")
   try:
-    with paths.load_npz(fv.describe) as data:
+    with paths.load_npz(path) as data:
       names = sorted(data.files)
       images = np.asarray(data["images"]) if "images" in names else None
   except (ValueError, OSError, zipfile.BadZipFile) as e:  # np.load refuses pickled object arrays
-    raise UsageError(f"--describe: cannot read {fv.describe!r} as .npz ({e})") from None
+    raise UsageError(f"{flag}: cannot read {path!r} as .npz ({e})") from None
   if images is None:
-    raise UsageError(f"--describe: {fv.describe} has no 'images' array (it has {names})")
+    raise UsageError(f"{flag}: {path} has no 'images' array (it has {names})")
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
-    raise UsageError(f"--describe: 'images' must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} {images.shape}")
+    raise UsageError(f"{flag}: 'images' must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} {images.shape}")
   return images
+
+
+def _images_per_prompt(prompts, images) -> list:
+  """--read_images' images dealt to the prompts' <image> placeholders, in order."""
+  counts = [p.count(IMAGE_PLACEHOLDER) for p in prompts]
+  if sum(counts) != len(images):
+    raise UsageError(
+        f"--read_images: the prompts say {IMAGE_PLACEHOLDER} {sum(counts)} time(s), the file has {len(images)} images"
+    )
+  starts = np.cumsum([0] + counts)
+  return [images[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 def run(fv, args) -> int:
@@ -208,6 +235,11 @@ def run(fv, args) -> int:
   if (fv["t2i_prompt"].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
     raise UsageError("--t2i_prompt: empty prompt")
   describe_images = _read_describe(fv) if fv.describe is not None else None
+  read_images = None
+  if fv.read_images is not None:
+    if not fv.interleaved or not prompts:
+      raise UsageError("--read_images: the images are read by --interleaved --prompt ... <image> ...")
+    read_images = _images_per_prompt(prompts, _read_images_npz(fv.read_images, "--read_images"))
   if not prompts and not t2i and fv.classes is None and describe_images is None:
     raise UsageError(
         "nothing to do: give --classes or --t2i_prompt (images), --prompt (text) and/or --describe (answers)"
@@ -259,7 +291,11 @@ def run(fv, args) -> int:
     if prompts and fv.interleaved:
       stem = os.path.splitext(fv.out)[0]
       results = model.generate(
-          prompts, max_images=fv.max_images, **text_kw, **{k: v for k, v in image_kw.items() if k != "seed"}
+          prompts,
+          max_images=fv.max_images,
+          images=read_images,
+          **text_kw,
+          **{k: v for k, v in image_kw.items() if k != "seed"},
       )
       for i, (p, parts) in enumerate(zip(prompts, results)):
         shown = []

@@ -54,6 +54,13 @@ CASES = [
     (sample, ["--workdir=RUN", "--describe=RUN/config.json", "--out=OUT.json"], "cannot read"),
     (sample, ["--workdir=RUN", "--describe=NPZ", "--question= ", "--out=OUT.json"], "question"),
     (sample, ["--workdir=RUN", "--describe=NPZ", "--out=OUT.json"], "does not read images"),
+    (sample, ["--workdir=RUN", "--read_images=NPZ", "--prompt=<image> x", "--out=OUT"], "--interleaved"),
+    (sample, ["--workdir=RUN", "--interleaved", "--read_images=NPZ", "--prompt=<image> x", "--out=OUT"], "2 images"),
+    (
+        sample,
+        ["--workdir=RUN", "--interleaved", "--read_images=NPZ", "--prompt=<image><image>", "--out=OUT"],
+        "does not read",
+    ),
     (evaluate, [f"--workdir={MISSING}", f"--config.eval.text_file={MISSING}.txt"], MISSING),
     (evaluate, ["--workdir=RUN", "--config.eval.nope=1"], "nope"),
     (fid_samples, [f"--workdir={MISSING}", "--out_dir=/tmp/x"], MISSING),

@@ -57,6 +57,27 @@ def test_describe_from_the_command_and_the_api(trained, tmp_path):
   model = InferenceModel.from_workdir(str(work))
   assert model.describe(digits, "Which digit is this?") == answers  # greedy: the same answers
   assert model.describe(digits[:2]) == answers[:2]  # the default question is the run's
+  # The same digits read by --interleaved prompts (two placeholders in the second prompt).
+  proc = run_module(
+      "-m",
+      "monoformer_jax.sample",
+      f"--workdir={work}",
+      "--interleaved",
+      f"--read_images={tmp_path / 'digits.npz'}",
+      "--prompt=<image>\nWhich digit is this?",
+      "--prompt=<image> <image> <image> <image>\nWhich digit is this?",
+      f"--out={tmp_path / 'parts'}",
+      "--greedy",
+      "--max_new_tokens=6",
+  )
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  want = model.generate(
+      ["<image>\nWhich digit is this?", "<image> <image> <image> <image>\nWhich digit is this?"],
+      images=[digits[:1], digits[1:]],
+      greedy=True,
+      max_new_tokens=6,
+  )
+  assert [r["parts"][0] for r in rows] == [{"text": p[0][1]} for p in want]
 
 
 @pytest.mark.slow
