@@ -401,7 +401,7 @@ class InferenceModel:
     pieces = self._reading_prompts(prompts, images)
     by_length = {}
     for i, p in enumerate(pieces):
-      by_length.setdefault(sum(len(v) if k == "text" else self._input_encoder.tokens for k, v, _ in p), []).append(i)
+      by_length.setdefault(describe_lib.prompt_length(self._input_encoder, p), []).append(i)
     out = [None] * len(prompts)
     for rows in by_length.values():
       ids, inputs = describe_lib.prompt_batch(self._input_encoder, [pieces[i] for i in rows])

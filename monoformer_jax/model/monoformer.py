@@ -37,6 +37,14 @@ def _gather_tokens(values: Array, index: Array) -> Array:
   return jnp.take_along_axis(values, index[..., None], axis=1)
 
 
+def _at_input_tokens(x: Array, values: Array, kinds: Array, patch_index: Array) -> Array:
+  """x with its KIND_INPUT_IMAGE tokens replaced by `values` (B, K * Q, D), token i of input
+  slot k (patch_index k * Q + i) taking row k * Q + i."""
+  is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
+  index = jnp.where(is_input[..., 0], patch_index, 0)
+  return jnp.where(is_input, _gather_tokens(values, index).astype(x.dtype), x)
+
+
 def _per_slot(values: Array, slot: Array) -> Array:
   """values (B, M, D) per image slot, slot (B, L) -> (B, L, D); a broadcast when M == 1."""
   if values.shape[1] == 1:
@@ -113,9 +121,7 @@ class MonoFormer(nn.Module):
         kernel_init=normal_init(0.02, ("embed", "embed_out")),
         bias_init=zeros_init(("embed_out",)),
     )(nn.gelu(h, approximate=False))
-    is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
-    index = jnp.where(is_input[..., 0], patch_index, 0)
-    return jnp.where(is_input, _gather_tokens(h, index).astype(x.dtype), x), q
+    return _at_input_tokens(x, h, kinds, patch_index), q
 
   def _check_input_features(self, features):
     cfg = self.config
@@ -211,12 +217,11 @@ class MonoFormer(nn.Module):
               f"input_embedder='x_embedder' reads images of the model's own shape ({num_patches} patches), "
               f"got {input_tokens} patches an image"
           )
-        is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
-        index = jnp.where(is_input[..., 0], patch_index, 0)
         emb = x_embedder(batch["input_features"].reshape(b, k * input_tokens, -1).astype(jnp.float32))
-        x = jnp.where(is_input, _gather_tokens(emb, index).astype(dtype), x)
+        x = _at_input_tokens(x, emb, kinds, patch_index)
         cond = condition(jnp.zeros((b, k), jnp.int32), jnp.full((b, k), cfg.num_classes, jnp.int32))
-        x = position_and_modulate(x, is_input, index // num_patches, cond)
+        is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
+        x = position_and_modulate(x, is_input, jnp.where(is_input[..., 0], patch_index, 0) // num_patches, cond)
 
     cond = None
     if images is not None:

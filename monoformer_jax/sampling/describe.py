@@ -20,10 +20,15 @@ from monoformer_jax.sampling.tokens import TokenSampling
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt of `reading_pieces` reads one of its images
 
 
+def prompt_length(encoder, pieces) -> int:
+  """Tokens of a prompt given as RowBuilder pieces (text and read images)."""
+  return sum(len(v) if kind == "text" else encoder.tokens for kind, v, _ in pieces)
+
+
 def prompt_batch(encoder, prompts: Sequence[list]) -> tuple[list, dict]:
   """(token-id prompts, their `prompt_inputs` for decode.prefill) of prompts given as RowBuilder
   pieces, all of one length (the image tokens' places are fixed by `kinds`)."""
-  lengths = {sum(len(v) if kind == "text" else encoder.tokens for kind, v, _ in p) for p in prompts}
+  lengths = {prompt_length(encoder, p) for p in prompts}
   if len(lengths) != 1:
     raise ValueError(f"prompts that read images must have one length, got {sorted(lengths)}")
   slots = max(sum(kind == "input" for kind, _, _ in p) for p in prompts)
