@@ -139,11 +139,9 @@ def image_step_flops(cfg: ModelConfig, n_params: int, batch: int, seq: int) -> f
   return float(6 * matmul_params * batch * seq + attention * batch)
 
 
-def run(args) -> dict:
-  skip = set(filter(None, args.skip.split(",")))
-  cfg = model_config(args)
-  rng = np.random.default_rng(0)
-  image_batch, text_batch = make_batches(args, cfg, rng)
+def our_train_steps(cfg: ModelConfig, batches: dict) -> tuple[dict, dict, int]:
+  """({kind: one blocking step on its batch}, holder of the shared state, parameter count) for
+  kinds 'img' / 'text' in `batches`: the official image step, an LM step, AdamW lr 1e-4, our EMA."""
   opt = state_lib.make_optimizer(
       types.SimpleNamespace(
           learning_rate=1e-4,
@@ -162,11 +160,8 @@ def run(args) -> dict:
   state, _, shardings = state_lib.create_train_state(cfg, opt, jax.random.key(0), mesh, rules)
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
   holder = {"state": state}
-  result = {"n_params": n_params, "row_tokens": row_length(args, cfg), "compile_s": {}}
-
-  for kind, batch in (("img", image_batch), ("text", text_batch)):
-    if kind in skip:
-      continue
+  calls = {}
+  for kind, batch in batches.items():
     fn = steps.make_train_step("diffusion" if kind == "img" else "ar", cfg, objective, opt, lm_weight=1.0)
     step = steps.compile_step(fn, shardings, mesh, rules, batch)
     gb = sharding.global_batch(batch, mesh)
@@ -175,6 +170,20 @@ def run(args) -> dict:
       holder["state"], metrics = step(holder["state"], gb, jax.random.key(1))
       jax.block_until_ready(metrics["loss"])
 
+    calls[kind] = one
+  return calls, holder, n_params
+
+
+def run(args) -> dict:
+  skip = set(filter(None, args.skip.split(",")))
+  cfg = model_config(args)
+  rng = np.random.default_rng(0)
+  image_batch, text_batch = make_batches(args, cfg, rng)
+  batches = {k: b for k, b in (("img", image_batch), ("text", text_batch)) if k not in skip}
+  calls, holder, n_params = our_train_steps(cfg, batches)
+  objective = diffusion.make_objective("gaussian", learn_sigma=True)
+  result = {"n_params": n_params, "row_tokens": row_length(args, cfg), "compile_s": {}}
+  for kind, one in calls.items():
     result["compile_s"][kind], result[f"train_{kind}_s"] = timed(one, args.warmup, args.repeats)
 
   if "sample" not in skip:
