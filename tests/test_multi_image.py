@@ -17,6 +17,7 @@ from monoformer_jax.data import interleaved as interleaved_data
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.run import config as config_lib
+from monoformer_jax.run import sharding
 from monoformer_jax.train import data_streams, steps
 from monoformer_jax.sampling import decode, init_cache, run_interleaved, span_length
 from monoformer_jax.sampling import image as image_lib
@@ -635,3 +636,64 @@ def test_the_trainer_reads_documents_up_to_data_max_images_per_row():
   config.data.max_images_per_row = 0
   with pytest.raises(config_lib.ConfigError, match="data.max_images_per_row"):
     config_lib.validate_config(config, ["diffusion"], num_devices=1)
+
+
+def _reading_documents_config(seed):
+  config = config_lib.base_config()
+  config.seed = seed
+  config.data.update(max_images_per_row=3, read_fraction=0.5, image_batch_size=8, text_batch_size=2, text_seq_len=24)
+  config.data.update(prompt_dropout=0.0, worker_count=1, tokenizer_vocab_size=93)
+  config.model.update(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1)
+  config.model.update(image_height=28, image_width=28, image_channels=1, patch_size=7)
+  config.input_images.update(encoder="patch", patch_size=7)
+  config.schedule.update(diffusion=0.0, mixed=1.0)
+  return config
+
+
+def test_mixed_steps_train_documents_that_read_and_draw(seed):
+  """data.read_fraction: the mixed stream's documents read some digits (encoded on the way in)
+  and draw others; the name after a read digit is LM-trained and depends on that digit, the
+  text rows beside them read nothing."""
+  config = _reading_documents_config(seed)
+  config_lib.validate_config(config, ["mixed"], num_devices=1)
+  model_config = config_lib.model_config_from(config)
+  stream = data_streams.build_data(config, model_config, WordTokenizer(), ["mixed"])["mixed"]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  batch = jax.device_get(stream.next_global(mesh))
+  assert "input_images" not in batch and batch["input_features"].shape == (10, 3, 16, 49)
+  reads, draws = batch["input_mask"].sum(axis=1), batch["image_mask"].sum(axis=1)
+  assert ((reads > 0) & (draws > 0))[:8].any() and not reads[8:].any() and not draws[8:].any()
+  assert stream.spec()["input_features"].shape == batch["input_features"].shape
+  objective = diffusion.make_objective("gaussian", learn_sigma=True)
+  loss_fn = jax.jit(steps.make_loss_fn("mixed", model_config, objective, 1.0, 1.0))
+  params = random_params(model_config, seed)
+  # The LM loss of the document rows alone: the names after their read digits (prompts untrained).
+  answers = dict(batch, loss_mask=batch["loss_mask"] * (np.arange(10) < 8)[:, None])
+  assert answers["loss_mask"].sum() >= reads.sum()
+  norms = steps.batch_normalisers(answers)
+
+  def lm_loss(features):
+    out = loss_fn(params, dict(answers, input_features=features), jax.random.key(0), norms, jnp.arange(10))
+    return float(out[1]["loss_lm"])
+
+  features = batch["input_features"]
+  base = lm_loss(features)
+  noise = 4 * np.random.default_rng(seed).standard_normal(features.shape).astype(np.float32)
+  read = batch["input_mask"][..., None, None]
+  assert np.isfinite(base) and abs(lm_loss(features + np.where(read, noise, 0)) - base) > 5e-5  # ~100 float32 ulps
+  assert lm_loss(features + np.where(read, 0, noise)) == base  # empty input slots are read by nothing
+
+
+def test_read_fraction_names_what_it_needs():
+  for update, needs in (
+      (dict(data=dict(read_fraction=1.5)), "in \\[0, 1\\]"),
+      (dict(data=dict(max_images_per_row=1)), "max_images_per_row >= 2"),
+      (dict(input_images=dict(encoder="none")), "input_images.encoder"),
+      (dict(schedule=dict(mixed=0.0, diffusion=1.0)), "schedule.mixed"),
+  ):
+    bad = _reading_documents_config(0)
+    for section, values in update.items():
+      bad[section].update(values)
+    kinds = [k for k in ("diffusion", "mixed") if bad.schedule[k] > 0]
+    with pytest.raises(config_lib.ConfigError, match="data.read_fraction.*" + needs):
+      config_lib.validate_config(bad, kinds, num_devices=1)

@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
           # > 1: diffusion rows are documents of 1..N images from consecutive records, each image
           # between its prompt and the next, its own block at its own t (data/interleaved.py).
           max_images_per_row=1,
+          # > 0: each image of such a document is, with this probability, read instead of drawn
+          # (an input image through input_images.encoder, then its class name, LM-trained in the
+          # mixed steps): documents that read some images and generate others.
+          read_fraction=0.0,
           text_source="pydoc",  # pydoc | text_file | chat_jsonl
           text_path="",
           text_batch_size=64,  # global batch of AR rows
@@ -222,6 +226,7 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
       _fail("data.max_images_per_row", f"must be an integer >= 1, got {config.data.max_images_per_row!r}")
     if config.data.image_source not in registry.IMAGE_SOURCES:
       _fail("data.image_source", f"{config.data.image_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}")
+    _check_read_fraction(config, step_kinds)
   if text:
     _check_batch(config, "data.text_batch_size", data_ax * fsdp_ax, accum)
     if config.data.text_source not in registry.TEXT_SOURCES:
@@ -255,6 +260,20 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
           f"{config.model.vocab_size} is smaller than the tokenizer's "
           f"{want} (data.tokenizer_vocab_size + 4 special tokens)",
       )
+
+
+def _check_read_fraction(config, step_kinds):
+  fraction = config.data.read_fraction
+  if not 0 <= fraction <= 1:
+    _fail("data.read_fraction", f"must be in [0, 1], got {fraction}")
+  if not fraction:
+    return
+  if config.data.max_images_per_row < 2:
+    _fail("data.read_fraction", "reads images inside documents: set data.max_images_per_row >= 2")
+  if config.input_images.encoder == "none":
+    _fail("data.read_fraction", "needs an encoder for the read images: set input_images.encoder to 'patch' or 'clip'")
+  if "mixed" not in step_kinds:
+    _fail("data.read_fraction", "the names after read images are trained in mixed steps: set schedule.mixed > 0")
 
 
 def _check_nonfinite(policy):

@@ -111,8 +111,10 @@ def _combined(states: list) -> dict:
   return {key: _combined([s[key] for s in states]) for key in states[0]}
 
 
-def _pad_batch(batch: dict, seq_len: int, slots: int, image_shape) -> dict:
-  """Pads a batch to `seq_len` positions and `slots` image slots of `image_shape`."""
+def _pad_batch(batch: dict, seq_len: int, slots: int, image_shape, input_slots=None) -> dict:
+  """Pads a batch to `seq_len` positions and `slots` image slots of `image_shape`; with
+  `input_slots` (input_images, input_mask of another batch) it gets input slots of their shape,
+  empty where it has none."""
   b, l = batch["tokens"].shape
   out = batch_lib.empty_batch(b, seq_len, slots, image_shape)
   for key in batch_lib.SEQUENCE_KEYS:
@@ -124,6 +126,12 @@ def _pad_batch(batch: dict, seq_len: int, slots: int, image_shape) -> dict:
     out["labels"][:, :m] = batch["labels"]
   elif batch["image_mask"].any():
     raise ValueError("cannot pad real images to another image shape")
+  if input_slots is not None:  # rows that read images beside rows that do not
+    images, mask = input_slots
+    out["input_images"] = np.zeros((b,) + images.shape[1:], images.dtype)
+    out["input_mask"] = np.zeros((b,) + mask.shape[1:], bool)
+    if "input_images" in batch:
+      out["input_images"][:], out["input_mask"][:] = batch["input_images"], batch["input_mask"]
   return out
 
 
@@ -141,7 +149,8 @@ class MixedIterator:
     seq_len = max(img["tokens"].shape[1], txt["tokens"].shape[1])
     slots = img["image_mask"].shape[1]
     shape = img["images"].shape[2:]
-    img, txt = _pad_batch(img, seq_len, slots, shape), _pad_batch(txt, seq_len, slots, shape)
+    inputs = (img["input_images"], img["input_mask"]) if "input_images" in img else None
+    img, txt = _pad_batch(img, seq_len, slots, shape, inputs), _pad_batch(txt, seq_len, slots, shape, inputs)
     return {k: np.concatenate([v, txt[k]]) for k, v in img.items()}
 
   def get_state(self) -> dict:
@@ -160,9 +169,10 @@ class MixedIterator:
     self.text_it.close()
 
 
-def image_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int, **options):
+def image_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int, input_tokens: int = 0, **options):
   """The diffusion rows `config.data` describes, `batch_size` rows a batch (this process's);
-  `options` go to the pipeline as they are (e.g. num_epochs, shard_index, shard_count)."""
+  `input_tokens`: the tokens of a read image once encoded (data.read_fraction > 0); `options` go
+  to the pipeline as they are (e.g. num_epochs, shard_index, shard_count)."""
   d = config.data
   image_shape = (model_config.image_height, model_config.image_width, model_config.image_channels)
   options = dict(
@@ -183,6 +193,8 @@ def image_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int
   )
   source = registry.image_source(d, image_shape)
   if d.max_images_per_row > 1:  # documents of 1..N images, each its own block and noise level
+    if d.read_fraction:
+      options.update(input_fraction=d.read_fraction, input_tokens=input_tokens)
     return interleaved.make_interleaved_iterator(source, tokenizer, max_images=d.max_images_per_row, **options)
   return pipeline.make_image_iterator(source, tokenizer, **options)
 
@@ -209,7 +221,7 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
   procs = jax.process_count()
 
   def image_it(batch):
-    return image_iterator(config, model_config, tokenizer, batch // procs)
+    return image_iterator(config, model_config, tokenizer, batch // procs, reader.tokens if reader else 0)
 
   def text_it(batch):
     return text_iterator(config, model_config, tokenizer, batch // procs)
@@ -230,17 +242,20 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
     )
 
   input_shape = config_lib.input_image_shape(model_config)
+  reads = "understand" in step_kinds or d.read_fraction > 0
+  encoder = build_input_encoder(config, model_config) if reads else None
+  reader = encoder if d.read_fraction > 0 else None  # image rows that read images too
   streams = {}
   if "understand" in step_kinds:
-    encoder = build_input_encoder(config, model_config)
     streams["understand"] = DataStream(
         understand_it(d.understand_batch_size, encoder), d.understand_batch_size, False, encoder
     )
   if "diffusion" in step_kinds:
-    streams["diffusion"] = DataStream(image_it(d.image_batch_size), d.image_batch_size, True)
+    streams["diffusion"] = DataStream(image_it(d.image_batch_size), d.image_batch_size, True, reader)
   if "ar" in step_kinds:
     streams["ar"] = DataStream(text_it(d.text_batch_size), d.text_batch_size, False)
   if "mixed" in step_kinds:
     total = d.image_batch_size + d.text_batch_size
-    streams["mixed"] = DataStream(MixedIterator(image_it(d.image_batch_size), text_it(d.text_batch_size)), total, True)
+    mixed = MixedIterator(image_it(d.image_batch_size), text_it(d.text_batch_size))
+    streams["mixed"] = DataStream(mixed, total, True, reader)
   return streams
