@@ -30,17 +30,7 @@ from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
 
 
 def torch_steps(args, cfg, batches: dict, params) -> dict:
-  model = torch_monoformer.TorchMonoFormer(
-      vocab=args.vocab,
-      hidden=args.hidden,
-      ffn=args.ffn,
-      layers=args.layers,
-      heads=args.heads,
-      kv_heads=args.kv_heads,
-      latent=args.latent,
-      channels=args.in_channels,
-      patch=args.patch,
-  )
+  model = torch_monoformer.from_shape_flags(args)
   torch_monoformer.load_flax_params(model, params)
   trainer = torch_monoformer.TorchTrainer(model)
   generator = torch.Generator().manual_seed(0)

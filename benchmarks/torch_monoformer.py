@@ -149,6 +149,21 @@ class TorchMonoFormer(torch.nn.Module):
     return self.lm_head(self.decoder(self.embed(tokens), torch.ones(l, l, dtype=torch.bool).tril()))
 
 
+def from_shape_flags(args) -> TorchMonoFormer:
+  """The model of benchmarks/step_and_sample.py's shape flags."""
+  return TorchMonoFormer(
+      vocab=args.vocab,
+      hidden=args.hidden,
+      ffn=args.ffn,
+      layers=args.layers,
+      heads=args.heads,
+      kv_heads=args.kv_heads,
+      latent=args.latent,
+      channels=args.in_channels,
+      patch=args.patch,
+  )
+
+
 def _bits(x):
   return x.flatten(1).mean(1) / math.log(2.0)
 
