@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -29,7 +30,8 @@ from benchmarks import step_and_sample, torch_monoformer  # noqa: E402
 from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
 
 
-def torch_steps(args, cfg, batches: dict, params) -> dict:
+def torch_steps(args, batches: dict, params) -> dict:
+  """{kind: one PyTorch step on its batch} of the same model, started from our `params`."""
   model = torch_monoformer.from_shape_flags(args)
   torch_monoformer.load_flax_params(model, params)
   trainer = torch_monoformer.TorchTrainer(model)
@@ -45,7 +47,6 @@ def torch_steps(args, cfg, batches: dict, params) -> dict:
     b = batches["text"]
     tokens, targets, mask = as_long(b, "tokens"), as_long(b, "targets"), torch.tensor(b["loss_mask"])
     calls["text"] = lambda: trainer.text_step(tokens, targets, mask)
-  del cfg
   return calls
 
 
@@ -61,9 +62,7 @@ def main(argv=None):
   skip = set(filter(None, args.skip.split(",")))
   batches = {k: b for k, b in (("img", image_batch), ("text", text_batch)) if k not in skip}
   ours, holder, n_params = step_and_sample.our_train_steps(cfg, batches)
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  theirs = torch_steps(args, cfg, batches, nn.unbox(holder["state"].params))
+  theirs = torch_steps(args, batches, nn.unbox(holder["state"].params))
   result = {"n_params": n_params, "row_tokens": step_and_sample.row_length(args, cfg), "first_step_s": {}}
   for kind in batches:
     for name, fn in (("jax", ours[kind]), ("torch", theirs[kind])):
