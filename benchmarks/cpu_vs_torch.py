@@ -30,9 +30,9 @@ from benchmarks import step_and_sample, torch_monoformer  # noqa: E402
 from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
 
 
-def torch_steps(args, batches: dict, params) -> dict:
+def torch_steps(args, cfg, batches: dict, params) -> dict:
   """{kind: one PyTorch step on its batch} of the same model, started from our `params`."""
-  model = torch_monoformer.from_shape_flags(args)
+  model = torch_monoformer.from_model_config(cfg)
   torch_monoformer.load_flax_params(model, params)
   trainer = torch_monoformer.TorchTrainer(model)
   generator = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def main(argv=None):
   skip = set(filter(None, args.skip.split(",")))
   batches = {k: b for k, b in (("img", image_batch), ("text", text_batch)) if k not in skip}
   ours, holder, n_params = step_and_sample.our_train_steps(cfg, batches)
-  theirs = torch_steps(args, batches, nn.unbox(holder["state"].params))
+  theirs = torch_steps(args, cfg, batches, nn.unbox(holder["state"].params))
   result = {"n_params": n_params, "row_tokens": step_and_sample.row_length(args, cfg), "first_step_s": {}}
   for kind in batches:
     for name, fn in (("jax", ours[kind]), ("torch", theirs[kind])):

@@ -149,18 +149,21 @@ class TorchMonoFormer(torch.nn.Module):
     return self.lm_head(self.decoder(self.embed(tokens), torch.ones(l, l, dtype=torch.bool).tril()))
 
 
-def from_shape_flags(args) -> TorchMonoFormer:
-  """The model of benchmarks/step_and_sample.py's shape flags."""
+def from_model_config(cfg) -> TorchMonoFormer:
+  """The PyTorch model of one of our ModelConfigs (square images, learned sigma)."""
+  if cfg.image_height != cfg.image_width or not cfg.learn_sigma:
+    raise ValueError("the PyTorch benchmark model takes square images and learned sigma")
   return TorchMonoFormer(
-      vocab=args.vocab,
-      hidden=args.hidden,
-      ffn=args.ffn,
-      layers=args.layers,
-      heads=args.heads,
-      kv_heads=args.kv_heads,
-      latent=args.latent,
-      channels=args.in_channels,
-      patch=args.patch,
+      vocab=cfg.vocab_size,
+      hidden=cfg.hidden_size,
+      ffn=cfg.intermediate_size,
+      layers=cfg.num_layers,
+      heads=cfg.num_heads,
+      kv_heads=cfg.num_kv_heads,
+      latent=cfg.image_height,
+      channels=cfg.image_channels,
+      patch=cfg.patch_size,
+      eps=cfg.rms_norm_eps,
   )
 
 

@@ -28,7 +28,7 @@ def _setup(seed):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  model = torch_monoformer.from_shape_flags(args)
+  model = torch_monoformer.from_model_config(cfg)
   torch_monoformer.load_flax_params(model, params)
   return args, cfg, image_batch, text_batch, params, model
 
