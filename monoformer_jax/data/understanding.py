@@ -43,6 +43,19 @@ def understanding_seq_len(tok: Tokenizer, input_tokens: int, question: str, answ
   return prefix_length(tok, input_tokens, tok.encode(question)) + longest + 1
 
 
+def shifted(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+  """`image` (H, W, C) moved by a random (dy, dx) in [-max_shift, max_shift]^2, the edge value
+  filling what moves in: the reading steps see each digit at a few positions, so the held-out
+  digits are read more like the training ones (benchmarks/RESULTS.md, "Image understanding")."""
+  if max_shift == 0:
+    return image
+  dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+  h, w = image.shape[:2]
+  m = max_shift
+  padded = np.pad(image, ((m, m), (m, m), (0, 0)), mode="edge")
+  return padded[m - dy : m - dy + h, m - dx : m - dx + w]
+
+
 def make_understanding_iterator(
     source,
     tokenizer: Tokenizer,
@@ -54,23 +67,27 @@ def make_understanding_iterator(
     question: str = DEFAULT_QUESTION,
     seed: int = 0,
     latent_scale: float = 1.0,
+    max_shift: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
     num_threads: int = 2,
 ) -> pipeline.BatchIterator:
-  """Batches of one understanding sample per row from a labelled image source."""
+  """Batches of one understanding sample per row from a labelled image source; `max_shift` > 0
+  moves each read image by up to that many pixels along each axis (a fresh draw per epoch)."""
   tok = tokenizer
   if not question.strip():
     raise ValueError("the understanding question is empty")
+  if not 0 <= max_shift < min(input_shape[:2]):
+    raise ValueError(f"the read images' max_shift {max_shift} is not in 0..{min(input_shape[:2]) - 1}")
   shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
   question_ids = tok.encode(question)
   answers = [tok.encode(name) for name in class_names]
   seq_len = understanding_seq_len(tok, input_tokens, question, class_names)
 
   def make_sample(record, rng):
-    image = pipeline.record_image(record, rng, latent_scale)
+    image = shifted(pipeline.record_image(record, rng, latent_scale), rng, max_shift)
     answer = answers[int(record["label"])]
     return {"pieces": understanding_sample(tok, image, question_ids, answer), "num_images": 0}
 

@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
           understand_source="mnist",  # labelled images the `understand` steps read (image sources)
           understand_batch_size=64,
           understand_question="Which digit is this?",  # the answer is the image's class name
+          understand_max_shift=0,  # pixels the read training images move by, at random (0: none)
           tokenizer="train",  # "train" (SentencePiece on the corpus, cached) or a .model path
           tokenizer_vocab_size=1024,
       )
@@ -241,6 +242,9 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
       )
     if not config.data.understand_question.strip():
       _fail("data.understand_question", "is empty")
+    shape = input_image_shape(model)
+    if not 0 <= config.data.understand_max_shift < min(shape[:2]):
+      _fail("data.understand_max_shift", f"{config.data.understand_max_shift} is not in 0..{min(shape[:2]) - 1}")
   _check_objective_and_sampling(config)
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")

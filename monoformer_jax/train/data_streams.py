@@ -238,6 +238,7 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
         question=d.understand_question,
         seed=config.seed + 2,
         latent_scale=d.latent_scale,
+        max_shift=d.understand_max_shift,
         num_threads=max(d.worker_count, 1),
     )
 
