@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from monoformer_jax.data import pipeline
+from monoformer_jax.data import augment, pipeline
 from monoformer_jax.data.tokenizer import Tokenizer
 
 DEFAULT_QUESTION = "Which digit is this?"
@@ -50,10 +50,7 @@ def shifted(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.n
   if max_shift == 0:
     return image
   dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-  h, w = image.shape[:2]
-  m = max_shift
-  padded = np.pad(image, ((m, m), (m, m), (0, 0)), mode="edge")
-  return padded[m - dy : m - dy + h, m - dx : m - dx + w]
+  return augment.translate(image[None], [dy], [dx], max_shift, mode="edge")[0]
 
 
 def make_understanding_iterator(

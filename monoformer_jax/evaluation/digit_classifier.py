@@ -26,7 +26,7 @@ import scipy.linalg
 from etils import epath
 
 from monoformer_jax import paths
-from monoformer_jax.data import mnist
+from monoformer_jax.data import augment, mnist
 from monoformer_jax.evaluation.fid import frechet_distance
 
 RECIPE_VERSION = 1  # bump when the architecture or training recipe changes (invalidates caches)
@@ -120,12 +120,8 @@ class DigitClassifier:
 
 def _shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
   """Random translations of up to max_shift pixels (4,500 digits are few; this helps held-out)."""
-  padded = np.pad(batch, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-  out = np.empty_like(batch)
   dy, dx = rng.integers(0, 2 * max_shift + 1, (2, len(batch)))
-  for i in range(len(batch)):
-    out[i] = padded[i, dy[i] : dy[i] + 28, dx[i] : dx[i] + 28]
-  return out
+  return augment.translate(batch, max_shift - dy, max_shift - dx, max_shift)
 
 
 def train_digit_classifier(
