@@ -36,6 +36,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli, paths
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.evaluation import image_suites, loglikelihood, multiple_choice, perplexity
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.run import tensorboard
@@ -206,6 +207,7 @@ def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args} (fields are set as --config.eval.FIELD=VALUE)")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore drown the results
   run_evaluation(fv.workdir, fv.config)
   return 0

@@ -12,6 +12,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import cli
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.distributed import maybe_initialize_distributed
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.train.trainer import train_and_evaluate
@@ -37,6 +38,7 @@ def run(fv, args, hooks=()) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args} (config fields are set as --config.FIELD=VALUE)")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)  # orbax / jax INFO lines drown the progress report
   maybe_initialize_distributed()
   train_and_evaluate(fv.config, fv.workdir, hooks=hooks)

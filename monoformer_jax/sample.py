@@ -38,6 +38,7 @@ from absl import flags, logging
 from etils import epath
 
 from monoformer_jax import cli, paths
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.data.registry import DataConfigError, names_from_json
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.inference import InferenceError, InferenceModel
@@ -227,6 +228,7 @@ def run(fv, args) -> int:
   if args:
     raise UsageError(f"unexpected arguments {args}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)
   prompts = list(fv.prompt) + (_read_lines(fv.prompt_file, "prompt_file") if fv.prompt_file else [])
   t2i = list(fv.t2i_prompt) + (_read_lines(fv.t2i_prompt_file, "t2i_prompt_file") if fv.t2i_prompt_file else [])

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from monoformer_jax import cli, paths
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.distributed import maybe_initialize_distributed
 from monoformer_jax.evaluation import image_suites
 from monoformer_jax.evaluation import sample_dirs
@@ -137,6 +138,7 @@ def run(fv, args) -> int:
   if fv.inception_weights and not fv.reference:
     raise cli.UsageError("--inception_weights needs --reference")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   generate(fv.workdir, fv.out_dir, fv.num_samples, seed=fv.seed, chunk=fv.chunk)

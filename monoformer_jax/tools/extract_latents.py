@@ -48,6 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from monoformer_jax import cli, paths
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.data import image_sources, sources
 from monoformer_jax.data.image_sources import center_crop_arr
 from monoformer_jax.data.tfds_latents import NAME, write_latents
@@ -340,6 +341,7 @@ def run(fv, positional) -> int:
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   args = _options(fv)
   if epath.Path(args.out, NAME).exists():
     raise cli.UsageError(f"--out: {args.out} already holds a {NAME} dataset; use another directory")

@@ -27,6 +27,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli
+from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.data import mnist
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.vae import export, latents
@@ -206,6 +207,7 @@ def run(fv, args) -> int:
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   train_and_evaluate(fv.config, fv.workdir)
   return 0
 
