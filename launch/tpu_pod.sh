@@ -30,11 +30,19 @@ run() {
   fi
 }
 
+# The compilation cache (monoformer_jax/compilation_cache.py) reaches the workers when it is set
+# here: on a pod give it a bucket, which every worker reads (only process 0 writes entries, so a
+# cache on each worker's own disk would serve worker 0 alone); a resume then loads its steps.
+CACHE_ENV=""
+if [[ -n "${MONOFORMER_COMPILATION_CACHE:-}" ]]; then
+  CACHE_ENV="MONOFORMER_COMPILATION_CACHE=$(printf '%q' "$MONOFORMER_COMPILATION_CACHE") "
+fi
+
 REMOTE="set -e
 mkdir -p ~/monoformer_jax && tar xzf ~/$(basename "$ARCHIVE") -C ~/monoformer_jax && cd ~/monoformer_jax
 python3 -m venv ~/venv && . ~/venv/bin/activate
 pip install -q 'jax[tpu]==${JAX_VERSION}' -e .
-MONOFORMER_DISTRIBUTED=1 python -m monoformer_jax.main $(printf '%q ' "$@")"
+${CACHE_ENV}MONOFORMER_DISTRIBUTED=1 python -m monoformer_jax.main $(printf '%q ' "$@")"
 
 run tar czf "$ARCHIVE" --exclude=.venv --exclude=.git --exclude=runs .
 run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME":~/ "${GCLOUD_FLAGS[@]}"

@@ -28,9 +28,10 @@ def _words(shell_line: str) -> list[str]:
   return out.split("\0")[:-1]
 
 
-def test_tpu_pod_dry_run_quotes_every_argument_once_per_shell(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k not in ("PROJECT",)}
+def _dry_run(tmp_path, **extra_env):
+  env = {k: v for k, v in os.environ.items() if k not in ("PROJECT", "MONOFORMER_COMPILATION_CACHE")}
   env.update(TPU_NAME="my-v5e", ZONE="us-west4-a", ARCHIVE=str(tmp_path / "repo.tgz"), PATH="/usr/bin:/bin")
+  env.update(extra_env)
   proc = subprocess.run(
       ["bash", "launch/tpu_pod.sh", "--dry_run", *ARGS],
       cwd=ROOT,
@@ -42,7 +43,16 @@ def test_tpu_pod_dry_run_quotes_every_argument_once_per_shell(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   assert not (tmp_path / "repo.tgz").exists()  # a dry run runs nothing
-  tar, scp, ssh = (_words(line) for line in proc.stdout.strip().splitlines())
+  return [_words(line) for line in proc.stdout.strip().splitlines()]
+
+
+def _main_line(ssh: list[str]) -> list[str]:
+  remote = next(w for w in ssh if w.startswith("--command="))[len("--command=") :]
+  return _words(remote.strip().splitlines()[-1])
+
+
+def test_tpu_pod_dry_run_quotes_every_argument_once_per_shell(tmp_path):
+  tar, scp, ssh = _dry_run(tmp_path)
   assert tar[:3] == ["tar", "czf", str(tmp_path / "repo.tgz")]
   assert scp[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and scp[4:7] == [
       "scp",
@@ -53,10 +63,16 @@ def test_tpu_pod_dry_run_quotes_every_argument_once_per_shell(tmp_path):
   assert ssh[4:6] == ["ssh", "my-v5e"] and "--worker=all" in ssh
   remote = next(w for w in ssh if w.startswith("--command="))[len("--command=") :]
   assert "pip install -q 'jax[tpu]==0.10.2' -e ." in remote  # the project's pinned jax
-  main_line = remote.strip().splitlines()[-1]
-  words = _words(main_line)
+  words = _main_line(ssh)
   assert words[:4] == ["MONOFORMER_DISTRIBUTED=1", "python", "-m", "monoformer_jax.main"]
   assert words[4:] == ARGS
+
+
+def test_tpu_pod_passes_the_compilation_cache_to_the_workers(tmp_path):
+  *_, ssh = _dry_run(tmp_path, MONOFORMER_COMPILATION_CACHE="gs://bucket/xla cache;x")
+  words = _main_line(ssh)
+  assert words[:2] == ["MONOFORMER_COMPILATION_CACHE=gs://bucket/xla cache;x", "MONOFORMER_DISTRIBUTED=1"]
+  assert words[2:5] == ["python", "-m", "monoformer_jax.main"] and words[5:] == ARGS
 
 
 def test_tpu_pod_needs_its_slice_named():
