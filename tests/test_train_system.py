@@ -544,6 +544,24 @@ def test_a_checkpoint_that_does_not_fit_the_run_stops_without_rolling_back(tmp_p
   assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
+# tensorstore's forms of one failed write: as raised, and quoted again inside a gathered error.
+_WRITE_FAILURES = (
+    'OUT_OF_RANGE: Error writing "params.x/0" in OCDBT database at local file "/w/": Failed to write'
+    " 12756 bytes to file 7: File too large [os_error_code='27']",
+    '[ValueError(\'OUT_OF_RANGE: Error writing "params.x/0": Failed writing: "/w/d/9": File too large'
+    " [os_error_code=\\'27\\']')] [tensorstore_spec='{}']",
+)
+
+
+@pytest.mark.parametrize("message", _WRITE_FAILURES, ids=["raised", "gathered"])
+def test_a_failed_checkpoint_write_names_the_os_reason(tmp_path, message):
+  saver = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  expected = r"writing a checkpoint under .* failed \(File too large, errno 27\); the finished checkpoints \[\] are"
+  with pytest.raises(OSError, match=expected):
+    with saver._write_errors():  # pylint: disable=protected-access  # the rephrasing alone
+      raise ValueError(message)
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_error_and_loses_nothing_saved(tmp_path, tmp_path_factory):
   """Checkpoint 3 saved; the save of 6 cannot write its ~160 KB array file: one line naming the

@@ -145,12 +145,12 @@ class Checkpointer:
       ]
       why = " ".join(str(e).split())
       # tensorstore buries the OS's reason ("...: File too large [os_error_code='27']") in a
-      # long message: lift it out.
-      found = re.search(r"([^:\"']*)\[os_error_code=\W?(\d+)", why)
+      # long message, quoted once more when errors are gathered: name it from the code alone.
+      code = re.search(r"os_error_code\W*(\d+)", why)
       if isinstance(e, OSError) and e.errno:
         why = f"{e.strerror}, errno {e.errno}"
       else:
-        why = f"{found.group(1).strip()}, errno {found.group(2)}" if found else why[:300]
+        why = f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}" if code else why[:300]
       raise OSError(
           f"writing a checkpoint under {self.directory} failed ({why}); "
           f"the finished checkpoints {finished} are intact and a restart resumes from the last"
