@@ -3,8 +3,6 @@ goes, that a second `sample` call loads every program the first compiled and dra
 images, in a local folder and in a bucket, and that an unusable folder is a warning, not a failure."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,10 +10,9 @@ import pytest
 
 from monoformer_jax import compilation_cache
 from tests.gcs_emulator import BUCKET, gcs  # noqa: F401  pylint: disable=unused-import  # the fixture
-from tests.helpers import shared_tiny_run
+from tests.helpers import run_module, shared_tiny_run
 from tests.helpers_env import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = compilation_cache.ENV_VAR
 
 
@@ -60,15 +57,7 @@ def _sample_twice(run_dir, out_dir, cache, list_entries, extra_env=None):
   calls = []
   for call in range(2):
     out = os.path.join(out_dir, f"call{call}.npz")
-    proc = subprocess.run(
-        [sys.executable, "-m", "monoformer_jax.sample", f"--workdir={run_dir}", "--classes=3,7", f"--out={out}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("-m", "monoformer_jax.sample", f"--workdir={run_dir}", "--classes=3,7", f"--out={out}", env=env)
     calls.append((proc.stderr.count(HIT), proc.stderr.count(MISS), list_entries(), np.load(out)["images"]))
   return calls
 
