@@ -215,6 +215,7 @@ def run(args) -> dict:
       "platform": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
       "jax": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   return result
 
