@@ -17,8 +17,7 @@ py=${PYTHON:-python3}
 log="$out/log.txt"
 { nvidia-smi -L; $py -c "import jax; print('jax', jax.__version__, jax.devices())"; } >>"$log" 2>&1
 
-small="--layers 6 --hidden 256 --heads 8 --kv_heads 4 --ffn 704 --vocab 1024 --latent 8 --in_channels 4 --patch 2 --batch 16 --prompt_len 12 --steps 20 --cfg_scale 4"
-mid="--layers 8 --hidden 512 --heads 8 --kv_heads 4 --ffn 1408 --vocab 4096 --latent 16 --in_channels 4 --patch 2 --batch 8 --prompt_len 16 --steps 20 --cfg_scale 4"
+. "$(dirname "$0")/shapes.sh"  # $small, $mid, $paper
 variants=(
   ""                                                    # XLA's defaults
   "--xla_gpu_enable_command_buffer="                    # no CUDA graphs: what they buy today
