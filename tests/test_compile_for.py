@@ -75,9 +75,17 @@ def test_tiny_config_on_a_small_slice(tmp_path):
     assert step["kind"] == kind and step["fits"] is True
     assert {"bytes_per_chip", "hbm_bytes_per_chip", "flops_per_step", "optimal_seconds", "predicted_mfu"} <= set(step)
     assert step["hbm_bytes_per_chip"] == 16 * 1024**3  # a v5e chip
-    assert 0 < step["predicted_mfu"] <= 1
     if kind != "sample":  # the train steps: the compiler's FLOPs and ours agree to what each counts
+      assert 0 < step["predicted_mfu"] <= 1
       assert 0.8 < step["compiler_flops_per_chip"] / step["flops_per_chip"] < 1.6, (kind, step)
+  # The sampler's MFU cannot be predicted (its loop is counted once): null, with the reason.
+  assert report["steps"]["sample"]["predicted_mfu"] is None
+  assert "counts the denoising loop's body once" in report["steps"]["sample"]["predicted_mfu_note"]
+  # On one chip, as `sample --dtype bfloat16` opens it: the weights alone, two bytes a parameter.
+  one = report["sample_one_chip"]
+  assert one["fits"] is True and one["weights_dtype"] == "bfloat16" and one["predicted_mfu"] is None
+  assert 2 * n_params <= one["weight_bytes"] <= one["argument_bytes"] <= 2 * n_params + 64 * 1024
+  assert one["bytes_per_chip"] == one["argument_bytes"] + one["output_bytes"] + one["temp_bytes"] - one["alias_bytes"]
   for kind in ("diffusion", "ar"):
     step = report["steps"][kind]
     # The compiler holds at least our count of the sharded state as arguments (TPU layouts pad

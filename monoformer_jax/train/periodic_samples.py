@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from monoformer_jax.data import registry
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.run import images as images_lib
 from monoformer_jax.sampling import classes as classes_lib
 from monoformer_jax.sampling import text as text_lib
@@ -48,6 +49,7 @@ class PeriodicSampler:
     self.mesh, self.rules = mesh, rules
     self.dir = epath.Path(workdir) / "samples"
     self.class_names = registry.class_names(config.data)
+    self.options = ImageSampling.from_config(config.sampling)
 
   def discard_after(self, step: int) -> None:
     """Deletes sample files of steps past `step` (written by a killed run after its last
@@ -70,10 +72,10 @@ class PeriodicSampler:
         self.tokenizer,
         self.class_names,
         labels,
+        options=self.options,
         seed=s.seed,
         mesh=self.mesh,
         rules=self.rules,
-        **classes_lib.image_options(s),
     )
     return images_lib.to_uint8(images_lib.decode_images(images, self.config.vae.path, self.config.vae.scale))
 
