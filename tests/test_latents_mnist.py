@@ -206,7 +206,7 @@ def test_latent_default_trains_end_to_end(trained_vae, tmp_path):
       sys.executable,
       "-m",
       "monoformer_jax.main",
-      "--config=configs/mnist_tiny.py:latent_test",
+      "--config=configs/mnist_tiny.py:latent,test",
       f"--workdir={run}",
       f"--config.data.image_path={data_dir}",
       f"--config.vae.path={workdir / 'vae'}",

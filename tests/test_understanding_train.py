@@ -19,7 +19,7 @@ def trained(tmp_path_factory):
   proc = run_module(
       "-m",
       "monoformer_jax.main",
-      "--config=configs/mnist_tiny.py:all_in_one_test",
+      "--config=configs/mnist_tiny.py:all_in_one,test",
       f"--workdir={work}",
   )
   return work, proc
@@ -103,7 +103,7 @@ def test_generate_reads_images_where_the_prompt_says(trained):
 
 @pytest.mark.slow
 def test_the_clip_path_trains_and_answers(tmp_path, seed):
-  """all_in_one_test reading digits through a frozen tiny random CLIP tower (a transformers
+  """all_in_one,test reading digits through a frozen tiny random CLIP tower (a transformers
   folder, resized to its 30 px input) and im_embedder: the understand steps train im_embedder
   and the transformer on its features, and describe() runs the same encoder."""
   clip_dir = tmp_path / "clip"
@@ -112,7 +112,7 @@ def test_the_clip_path_trains_and_answers(tmp_path, seed):
   run_module(
       "-m",
       "monoformer_jax.main",
-      "--config=configs/mnist_tiny.py:all_in_one_test",
+      "--config=configs/mnist_tiny.py:all_in_one,test",
       f"--workdir={work}",
       "--config.input_images.encoder=clip",
       "--config.model.input_embedder=im_embedder",  # CLIP features go through im_embedder
