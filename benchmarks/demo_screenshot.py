@@ -5,7 +5,7 @@ the picture on the front page (docs/images/demo.png).
 
 Serves the run in this process, opens the page in the distribution's headless Chromium (Debian:
 `apt-get install chromium chromium-driver`; the [test] extra has selenium), draws one digit of
-every class, draws a 7 with the mouse and asks what it is, continues "The", and saves the window.
+every class, draws a 7 with the mouse and asks what it is, continues "The function", and saves the window.
 `headless_chromium` is also what tests/test_demo.py drives the page with.
 """
 
@@ -68,7 +68,7 @@ def main():
   parser.add_argument("--workdir", required=True, help="a run that reads images, or pretrained:NAME")
   parser.add_argument("--out", default="docs/images/demo.png")
   parser.add_argument("--per_class", type=int, default=1)
-  parser.add_argument("--prompt", default="The")
+  parser.add_argument("--prompt", default="The function")
   args = parser.parse_args()
   reason = missing_browser()
   if reason:
