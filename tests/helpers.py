@@ -76,6 +76,20 @@ def shared_tiny_run(tmp_path_factory):
   )
 
 
+def shared_all_in_one_run(tmp_path_factory):
+  """The 6-step `mnist_tiny.py:all_in_one,test` run (digits, prose, and reading digits), trained
+  once per session for every module that reads it; its training's stdout is saved beside it, as
+  `shared_all_in_one_run.stdout`."""
+
+  def train(work):
+    proc = run_module(
+        "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:all_in_one,test", f"--workdir={work}"
+    )
+    work.parent.joinpath("shared_all_in_one_run.stdout").write_text(proc.stdout)
+
+  return session_shared(tmp_path_factory, "shared_all_in_one_run", train)
+
+
 def shared_digit_classifier(tmp_path_factory):
   """The embedded default's digit classifier (evaluation/digit_classifier.py), trained once per
   session into the cache folder returned. Trained with XLA's default flags (its training is

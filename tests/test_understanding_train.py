@@ -9,26 +9,21 @@ import pytest
 
 from monoformer_jax.data import mnist
 from monoformer_jax.inference import InferenceError, InferenceModel
-from tests.helpers import run_module
+from tests.helpers import run_module, shared_all_in_one_run
 from tests.test_clip_vision import make_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  work = tmp_path_factory.mktemp("all_in_one") / "run"
-  proc = run_module(
-      "-m",
-      "monoformer_jax.main",
-      "--config=configs/mnist_tiny.py:all_in_one,test",
-      f"--workdir={work}",
-  )
-  return work, proc
+  """(the session's all_in_one,test run, its training's stdout)."""
+  work = shared_all_in_one_run(tmp_path_factory)
+  return work, work.parent.joinpath("shared_all_in_one_run.stdout").read_text()
 
 
 @pytest.mark.slow
 def test_understand_steps_train_beside_the_others(trained):
-  work, proc = trained
-  assert "compiled and ran the first understand step" in proc.stdout
+  work, stdout = trained
+  assert "compiled and ran the first understand step" in stdout
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
   kinds = {k for r in rows for k in r if k.startswith("steps_")}
   assert kinds == {"steps_diffusion", "steps_ar", "steps_understand"}
