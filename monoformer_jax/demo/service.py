@@ -71,7 +71,7 @@ class DemoService:
 
   def info(self) -> dict:
     model = self.model
-    defaults = model.defaults
+    defaults, image = model.defaults, model.image_sampling
     question = model.run_config.data.get("understand_question") if model.run_config is not None else None
     return {
         "source": self.source,
@@ -81,8 +81,8 @@ class DemoService:
         "features": {name: {"enabled": reason is None, "reason": reason} for name, reason in self.features.items()},
         "limits": LIMITS,
         "defaults": {
-            "guidance_scale": float(defaults["guidance_scale"]),
-            "num_steps": min(int(defaults["num_steps"]), LIMITS["max_steps"]),
+            "guidance_scale": image.guidance_scale,
+            "num_steps": min(image.num_steps, LIMITS["max_steps"]),
             "seed": int(defaults["seed"]),
             "max_new_tokens": min(int(defaults["max_new_tokens"]), LIMITS["max_new_tokens"]),
             "temperature": float(defaults["temperature"]),
