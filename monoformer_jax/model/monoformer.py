@@ -21,12 +21,12 @@ from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.decoder import Decoder
 from monoformer_jax.model.generated_images import GeneratedImageEmbedder
-from monoformer_jax.model.image import FinalLayer, gather_tokens, image_token_positions, patchify, unpatchify
+from monoformer_jax.model.image import FinalLayer, gather_tokens, image_token_positions, unpatchify
 from monoformer_jax.model.input_images import InputImageEmbedder
 from monoformer_jax.model.layers import Linear, constrain, normal_init
 from monoformer_jax.model.mask import decoder_mask
 
-__all__ = ["MonoFormer", "dummy_batch", "init_params", "patchify"]  # patchify: vision/encoders reads it here
+__all__ = ["MonoFormer", "dummy_batch", "init_params"]
 
 Array = jax.Array
 
