@@ -24,6 +24,7 @@ from monoformer_jax.vision import registry as vision_registry
 
 OBJECTIVES = ("gaussian", "flow")
 CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.json"
 
 # Fields a run cannot change once it has checkpoints (shapes, token ids, what the model learns).
 # A resumed run may change anything else (intervals, learning rate, steps, mesh, batch sizes); the
@@ -100,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
   # A non-finite loss or gradient norm: "stop" (exit 3, checkpoints intact) or "rollback" (restore
   # the last checkpoint, skip the batches read since, scale the learning rate by lr_factor, go on;
-  # stop after max_tries rollbacks without a new checkpoint in between). train/trainer.py.
+  # stop after max_tries rollbacks without a new checkpoint in between). train/nonfinite.py.
   c.nonfinite = ml_collections.ConfigDict(dict(policy="stop", lr_factor=0.5, max_tries=3))
 
   # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM); understanding answers
@@ -414,6 +415,13 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
   if is_main:
     paths.write_text_atomic(path, config.to_json(indent=2, sort_keys=True))
   return changes
+
+
+def save_class_names(workdir, names) -> None:
+  """WORKDIR/class_names.json: the names a run's class prompts use, kept with the run (its data
+  may not be where a reader of the run is)."""
+  if names:
+    paths.write_text_atomic(epath.Path(workdir) / CLASS_NAMES_FILE, json.dumps(list(names), indent=1))
 
 
 def build_objective(config):

@@ -31,10 +31,15 @@ from monoformer_jax.model.monoformer import init_params
 from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.run import weights_file
 from monoformer_jax.run.checkpoints import Checkpointer, CheckpointMismatchError, step_dirs
-from monoformer_jax.run.config import build_objective, image_sampling, model_config_from, read_run_config
+from monoformer_jax.run.config import (
+    CLASS_NAMES_FILE,
+    build_objective,
+    image_sampling,
+    model_config_from,
+    read_run_config,
+)
 
 TOKENIZER_FILE = "tokenizer/tokenizer.model"
-CLASS_NAMES_FILE = "class_names.json"
 WEIGHTS_FILE = "weights.safetensors"
 EXPORT_FILE = "export.json"  # written last: a folder without it is an export cut short
 DTYPES = ("float32", "bfloat16", "float16")

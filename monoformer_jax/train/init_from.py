@@ -12,6 +12,7 @@ from monoformer_jax.model.config import from_official_config
 from monoformer_jax.run.config import ConfigError
 from monoformer_jax.run.open import is_export, open_run
 from monoformer_jax.run.state import place_params
+from monoformer_jax.train.reporting import report
 
 # Fields the loaded weights must share with the config (the image path is created when missing).
 _SHAPE_FIELDS = (
@@ -84,5 +85,5 @@ def initialise_from(config, state, shardings, model_config, optimizer, rng):
   params = place_params(params, shardings.params)
   ema = jax.tree.map(jnp.copy, params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  print(f"initialised from {config.init_from}", flush=True)
+  report(f"initialised from {config.init_from}")
   return state.replace(params=params, ema_params=ema, opt_state=opt_state)

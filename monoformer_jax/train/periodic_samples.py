@@ -23,6 +23,7 @@ from monoformer_jax.run import images as images_lib
 from monoformer_jax.sampling import classes as classes_lib
 from monoformer_jax.sampling import text as text_lib
 from monoformer_jax.sampling.tokens import TokenSampling
+from monoformer_jax.train.reporting import report
 
 TEXT_OPENINGS = ("The", "A class", "If the")
 
@@ -107,4 +108,4 @@ class PeriodicSampler:
         (self.dir / f"step_{step}.txt").write_text(body + "\n")
         self.writer.write_text(step, "text_samples", body)
     if self.is_main:
-      print(f"wrote samples for step {step} to {self.dir}", flush=True)
+      report(f"wrote samples for step {step} to {self.dir}")

@@ -22,15 +22,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import signal
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 from etils import epath
-from jax.experimental import multihost_utils
 
 from monoformer_jax import cli
+from monoformer_jax.data import registry
 from monoformer_jax.run import checkpoints
 from monoformer_jax.run import config as config_lib
 from monoformer_jax.run import sharding as sharding_lib
@@ -42,6 +41,7 @@ from monoformer_jax.train.data_streams import build_data
 from monoformer_jax.train.init_from import check_init_from, initialise_from
 from monoformer_jax.train.nonfinite import NonFinite, Rollbacks, check_finite, with_lr_scale
 from monoformer_jax.train.periodic_samples import PeriodicSampler
+from monoformer_jax.train.preemption import Preemption
 from monoformer_jax.train.reporting import Progress, report
 from monoformer_jax.train.scheduler import StepScheduler
 from monoformer_jax.train.snapshot import Snapshot
@@ -55,58 +55,6 @@ class StepContext:
   saved: bool
   checkpointer: Any
   writer: Any
-
-
-class _Preemption:
-  """SIGTERM (preemption) -> every process saves the same step and stops.
-
-  One process without jax.distributed: our SIGTERM handler sets a flag the loop checks between
-  steps. Under jax.distributed, `jax.distributed.initialize` has installed JAX's own SIGTERM
-  notifier: a SIGTERM to any one process reaches all of them through the coordination service,
-  and `reached_preemption_sync_point(step)` turns True on every process at the same step (one
-  past the largest step any of them had reached), so they all take part in one collective save.
-  A Python handler installed after `initialize` would take the signal from JAX's notifier (no
-  process would ever reach the sync point), so under jax.distributed we install none.
-
-  JAX's protocol takes each process's last reported step (0 before the first report), so the
-  step the loop starts from is reported on entry: a notice arriving while the first step
-  compiles then stops the run after that step, where unreported it would set the sync point to
-  step 1, long past in a resumed run, and no process would ever save. (A notice arriving before
-  that, while the checkpoint is restored, is lost that way; the scheduler's kill at the end of
-  its grace period then restarts the job from the same checkpoint.)
-  """
-
-  def __init__(self, step: int):
-    self.requested = False
-    self._previous = None
-    self._synced = False
-    self._step = step
-
-  def __enter__(self):
-    self._synced = jax.distributed.is_initialized()
-    if self._synced:
-      self.reached(self._step)
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. notebooks): no handler
-      self._previous = None
-    return self
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to save `step` and stop. Called after every step on every process: JAX's sync
-    protocol counts on every process reporting each step."""
-    if self._synced and not self.requested:
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_scheduler(config) -> StepScheduler:
@@ -124,8 +72,9 @@ def make_scheduler(config) -> StepScheduler:
 
 
 def check_config(config) -> StepScheduler:
-  """Every check a config gets before anything is built (ConfigError naming the field); returns
-  the step schedule."""
+  """Every check a config gets before anything is built (ConfigError naming the field), after
+  what the config leaves to the run's start is filled in; returns the step schedule."""
+  config_lib.resolve_config(config)
   scheduler = make_scheduler(config)
   config_lib.validate_config(config, scheduler.weights)
   return scheduler
@@ -362,6 +311,7 @@ def _record_config(config, workdir: str) -> None:
       config, workdir, is_main, has_checkpoints=bool(checkpoints.step_dirs(workdir))
   )
   if is_main:
+    config_lib.save_class_names(workdir, registry.class_names(config.data))
     report("resolved config:\n" + config.to_json(indent=2, sort_keys=True))
     for field, old, new in changes:
       report(f"config.{field} changed since this workdir's config.json: {old!r} -> {new!r}")
@@ -375,7 +325,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Any] = ()) -> dict:
   no_checkpoint_to_roll_back_to = config.nonfinite.policy == "rollback" and not trainer.checkpointer.steps()
   if no_checkpoint_to_roll_back_to and trainer.step < config.num_train_steps:
     trainer.save()  # a rollback needs a checkpoint to return to
-  with _Preemption(trainer.step) as preemption:
+  with Preemption(trainer.step) as preemption:
     while trainer.step < config.num_train_steps:
       try:
         trainer.do_step()
