@@ -56,7 +56,9 @@ def get_config(arg: str = ""):
   test = "test" in parts
   named = [p for p in parts if p != "test"]
   if len(named) != 1 or named[0] not in VARIANTS:
-    raise ValueError(f"unknown variant {arg!r} of mnist_ablations: one of {', '.join(VARIANTS)}, optionally with ',test'")
+    raise ValueError(
+        f"unknown variant {arg!r} of mnist_ablations: one of {', '.join(VARIANTS)}, optionally with ',test'"
+    )
   variant = named[0]
   c = _mnist_tiny().get_config("test" if test else "")
   # Every interval's checkpoint is kept: the benchmark evaluates each one after training.
