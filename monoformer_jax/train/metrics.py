@@ -11,7 +11,6 @@ from typing import Optional
 
 import jax
 import numpy as np
-from clu import metrics as clu_metrics
 from etils import epath
 
 from monoformer_jax import paths
@@ -178,30 +177,32 @@ class MetricWriter:
 
 
 class Accumulator:
-  """Averages each metric over the steps since the last log (clu.metrics.Average per key).
+  """Averages each metric over the steps since the last log: per key a float32 total and an
+  int32 count, clu.metrics.Average's state and arithmetic, kept in NumPy on the host. (clu's
+  Average computes with jax.numpy: each eager op is queued on the device behind the step in
+  flight, so reading a step's metrics would wait for the next step too and the host could not
+  prepare a batch while the device computes; benchmarks/RESULTS.md, "The training loop".)
 
-  Its state (per key: float32 total and count) goes into checkpoints, so a run resumed in the
-  middle of a logging window logs the same averages as one that never stopped.
+  The state goes into checkpoints, so a run resumed in the middle of a logging window logs the
+  same averages as one that never stopped.
   """
 
   def __init__(self):
-    self.values: dict = {}
+    self.values: dict = {}  # key -> [float32 total, int32 count]
 
   def add(self, metrics: dict) -> None:
     for k, v in metrics.items():
-      m = clu_metrics.Average.from_model_output(np.asarray(v, np.float32))
-      self.values[k] = m if k not in self.values else self.values[k].merge(m)
+      total, count = self.values.get(k, (np.float32(0.0), np.int32(0)))
+      self.values[k] = [np.float32(total + np.float32(v)), np.int32(count + 1)]
 
   def compute_and_reset(self) -> dict:
-    out = {k: float(m.compute()) for k, m in self.values.items()}
+    out = {k: float(total / np.float32(count)) for k, (total, count) in self.values.items()}
     self.values = {}
     return out
 
   def get_state(self) -> dict:
     """JSON-able; float32 totals round-trip exactly through Python floats."""
-    return {k: [float(np.asarray(m.total)), int(np.asarray(m.count))] for k, m in self.values.items()}
+    return {k: [float(total), int(count)] for k, (total, count) in self.values.items()}
 
   def set_state(self, state: dict) -> None:
-    self.values = {
-        k: clu_metrics.Average(total=np.float32(total), count=np.int32(count)) for k, (total, count) in state.items()
-    }
+    self.values = {k: [np.float32(total), np.int32(count)] for k, (total, count) in state.items()}
