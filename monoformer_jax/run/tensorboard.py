@@ -2,7 +2,7 @@
 
 tensorboardX appends records to an open local file. Its own `gs://` writer needs
 google-cloud-storage's client and its own credentials, and breaks on close when that is missing
-(PLATFORM.md). A bucket object cannot be appended to, so for a non-local log folder the event
+(it needs credentials of its own). A bucket object cannot be appended to, so for a non-local log folder the event
 file is kept in memory and the whole file is written as one object on every flush (tensorboardX
 flushes every `flush_secs`, and on `flush()` / `close()`): a single-object write is atomic, so a
 reader (TensorBoard, or a resumed run) sees an earlier complete file, never a torn one, and
@@ -11,8 +11,10 @@ nothing is written to the local disk. Event files are small (scalars, a few samp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 from typing import Optional
 
 from etils import epath
@@ -58,6 +60,20 @@ def _register(logdir: str) -> None:
   record_writer.register_writer_factory(logdir.split("://")[0], _EpathWriterFactory())
 
 
+@contextlib.contextmanager
+def _without_torch():
+  """tensorboardX imports torch wherever it is installed (~7 s a process) only to accept torch
+  tensors, and carries on without it: we log floats and NumPy arrays, so it is not offered."""
+  if "torch" in sys.modules:  # already paid for
+    yield
+    return
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+  try:
+    yield
+  finally:
+    del sys.modules["torch"]
+
+
 def has_events(logdir) -> bool:
   """Whether the folder `logdir` holds event files (of an earlier run in it)."""
   path = epath.Path(logdir)
@@ -72,8 +88,8 @@ def summary_writer(logdir, purge_step: Optional[int] = None, filename_suffix: st
   a second writer opened within the same second (file names hold the time in seconds) from
   writing over the first one's file.
   """
-  # tensorboardX imports torch where it is installed: only on use.
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  with _without_torch():
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # only on use
 
   logdir = os.fspath(logdir)
   if not paths.is_local(logdir):
