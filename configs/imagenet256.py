@@ -14,7 +14,7 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
         --config.data.image_path=/path/to/imagenet256_latents --config.vae.path=/path/to/sd-vae-ft-ema
 
-Official settings (MONOFORMER.md section 3): AdamW lr 1e-4 constant, weight decay 0, clip 2.0,
+Official settings (its scripts/train_imagenet.sh and configs): AdamW lr 1e-4 constant, weight decay 0, clip 2.0,
 global batch 256, EMA 0.9999 every step (no warm-up), bf16 compute, 1000-step linear-beta
 Gaussian diffusion with learned sigma, class names as text prompts with the official templates and
 10% prompt dropout, `adaln_before_decoder` (the released checkpoint). ImageNet-only training has no

@@ -173,7 +173,8 @@ def build(config, rows, seq_len, slots=1):
 def random_fid_state_dict(seed: int) -> dict:
   """A complete, signal-preserving random state dict (torch tensors) for pytorch-fid's FID
   Inception: He-scaled convolutions and near-identity batch norm, so activations keep their scale
-  through the 90-odd layers and the pooled features depend on the input (PLATFORM.md)."""
+  through the 90-odd layers and the pooled features depend on the input (nearly constant features
+  otherwise)."""
   import torch  # pylint: disable=import-outside-toplevel  # only the Inception tests need torch
   from pytorch_fid import inception as pytorch_fid_inception  # pylint: disable=import-outside-toplevel
 

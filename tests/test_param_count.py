@@ -18,7 +18,7 @@ def _count(config):
 
 def _reference_count(t_embed):
   """transformers' LlamaForCausalLM on the meta device (32,004 tokens) + the image modules, built
-  as torch modules from MONOFORMER.md's description of the official ones."""
+  as torch modules from the official code's description (layer by layer, as its models/ define them)."""
   cfg = transformers.LlamaConfig(
       vocab_size=32004,
       hidden_size=2048,
