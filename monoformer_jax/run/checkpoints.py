@@ -178,7 +178,8 @@ class Checkpointer:
     """
 
     def restore(step):
-      self._check_shapes(step, abstract_state.params)
+      if hasattr(abstract_state, "params"):  # a train state; other trees are restored unchecked
+        self._check_shapes(step, abstract_state.params)
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
       restored = self.manager.restore(step, args=args)
       return step, restored["state"], dict(restored["extra"])
