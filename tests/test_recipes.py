@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -25,8 +24,13 @@ from monoformer_jax import main as train_main
 from monoformer_jax import sample as sample_main
 from monoformer_jax import cli
 from monoformer_jax.data import tokenizer as tok_lib
+from monoformer_jax.data.image_sources import load_image
+from monoformer_jax.data.pipeline import make_text_iterator
+from monoformer_jax.data.sources import ChatJsonlSource
 from monoformer_jax.evaluation import sample_dirs, t2i_samples
+from monoformer_jax.inference import InferenceError, InferenceModel
 from monoformer_jax.run.open import open_run
+from monoformer_jax.sampling import chat as chat_lib
 from monoformer_jax.train.scheduler import StepScheduler
 from monoformer_jax.tools import compile_for, extract_latents
 from tests.helpers import ROOT, random_fid_state_dict, write_tiny_diffusers_vae
@@ -256,8 +260,13 @@ def clip_scored(t2i_run, stand_ins):
   """The documented evaluation (CLIP score and FID of PartiPrompts-style samples), two samples a
   prompt so that FID has some spread to measure."""
   # Batches of 8 16x16 images: the Inception compile of test_imagenet_smoke's FID (the session's
-  # compilation cache holds one for both).
-  extra = ["--config.eval.samples_per_prompt=4", "--config.eval.inception_batch_size=8", "--config.eval.is_splits=2"]
+  # compilation cache holds one for both), and the sampler's of the split test below.
+  extra = [
+      "--config.eval.samples_per_prompt=4",
+      "--config.eval.chunk=8",
+      "--config.eval.inception_batch_size=8",
+      "--config.eval.is_splits=2",
+  ]
   run_documented("t2i256", stand_ins, "monoformer_jax.evaluate", extra)
   return json.loads((t2i_run / "eval" / "report.json").read_text())
 
@@ -297,13 +306,13 @@ def test_clip_score_matches_transformers_on_the_samples(clip_scored, t2i_run, st
 
 def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, stand_ins, tmp_path, monkeypatch):
   """Process p of 2 draws chunks p, p + 2, ...; together they write the images one process
-  wrote; a directory made with other settings is refused by name, an existing one resumed."""
+  wrote in chunks of another size; a directory made with other settings is refused by name."""
   run = open_run(str(t2i_run))
   prompts = t2i_samples.read_prompts(str(stand_ins["/path/to/parti_prompts.json"]))
   for process in (1, 0):
     monkeypatch.setattr("jax.process_index", lambda p=process: p)
     monkeypatch.setattr("jax.process_count", lambda: 2)
-    t2i_samples.generate(run, str(tmp_path), prompts, samples_per_prompt=4, chunk=4, devices=jax.local_devices()[:1])
+    t2i_samples.generate(run, str(tmp_path), prompts, samples_per_prompt=4, chunk=4)
     written = sorted(p.name for p in tmp_path.glob("samples_*.npz"))
     assert written == [f"samples_00000000{i}.npz" for i in ((4,) if process else (0, 4, 8))]
   monkeypatch.undo()
@@ -349,3 +358,78 @@ def test_mllm_recipe_reads_llava_through_clip_beside_captions(mllm_run):
   assert understood and all(np.isfinite(r["loss_understand"]) and r["answer_tokens"] > 0 for r in understood)
   config = json.loads((mllm_run / "config.json").read_text())
   assert config["input_images"]["encoder"] == "clip" and config["model"]["bidirectional_input_image"] is False
+
+
+def test_chat_and_t2i_samples_of_the_chat_recipe(chat_run, stand_ins, capsys):
+  """The documented sample commands: an image from a caption, one question, a dialogue from a file."""
+  capsys.readouterr()
+  run_documented("t2i_chat256", stand_ins, "monoformer_jax.sample")
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  turns = ["Can you briefly introduce Berlin?", "Can you briefly introduce Berlin?", "And Paris?"]
+  assert [line["user"] for line in lines] == turns and all(isinstance(line["assistant"], str) for line in lines)
+  assert np.asarray(Image.open(stand_ins[""] / "bus.png")).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("template", ["none", "human_assistant"])
+def test_chat_prompts_with_what_the_training_rows_hold(chat_run, stand_ins, template, monkeypatch):
+  """The round trip: the ids `InferenceModel.chat` feeds the model for a dialogue's second turn
+  are the ids the training row of that dialogue holds before the second answer (the text
+  pipeline's row, in the same template), and the first answer it wrote stands where the row's
+  answer does."""
+  model = InferenceModel.from_workdir(str(chat_run))
+  model.run_config.data.chat_template = template
+  seen = []
+  original = chat_lib.generate_tokens
+
+  def spy(params, config, prompts, **kw):
+    seen.append(list(prompts[0]))
+    return original(params, config, prompts, **kw)
+
+  monkeypatch.setattr(chat_lib, "generate_tokens", spy)
+  dialogue = DIALOGUES[0]
+  answers = model.chat([dialogue[0], dialogue[2]], greedy=True, max_new_tokens=6)
+  assert len(answers) == 2 and len(seen) == 2
+  source = ChatJsonlSource(str(stand_ins["/path/to/ultrachat"] / "train_0.jsonl"), last_pair_only=False)
+  row = make_text_iterator(
+      source,
+      model.tokenizer,
+      batch_size=1,
+      seq_len=256,  # the whole dialogue (the tiny tokenizer spells "###" in bytes)
+      template=template,
+      packing=False,
+      shuffle=False,
+      num_epochs=1,
+      shard_index=0,
+      shard_count=1,
+  )
+  tokens = next(row)["tokens"][0].tolist()
+  tok = model.tokenizer
+  first_answer = tok.encode(dialogue[1]) + [tok.eos_id]
+  # The first prompt: the row up to its first answer; the second: the row up to its second
+  # answer, with the model's own first answer where the row has the dataset's.
+  assert tokens[: len(seen[0])] == seen[0]
+  assert tokens[len(seen[0]) : len(seen[0]) + len(first_answer)] == first_answer
+  written = tok.encode(answers[0]) + [tok.eos_id]
+  assert seen[1][: len(seen[0])] == seen[0] and seen[1][len(seen[0]) : len(seen[0]) + len(written)] == written
+  assert (
+      seen[1][len(seen[0]) + len(written) :]
+      == tokens[len(seen[0]) + len(first_answer) : len(seen[1]) - len(written) + len(first_answer)]
+  )
+
+
+def test_describe_free_form_on_the_clip_recipe(mllm_run, stand_ins):
+  """`sample --describe A.jpg,B.png --question Q` on the CLIP run: image files centre-cropped to
+  the pixels it reads, free-form answers; the API's describe and a one-turn chat that reads the
+  image give the same (greedy) answers."""
+  run_documented("mllm256", stand_ins, "monoformer_jax.sample")
+  answers = json.loads((stand_ins[""] / "answers.json").read_text())
+  assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  model = InferenceModel.from_workdir(str(mllm_run))
+  assert model.reading_shape == (32, 32, 3)
+  files = [str(stand_ins[""] / name) for name in ("bus.jpg", "street.png")]
+  images = np.stack([load_image(f, 32, 3) for f in files])  # as the command reads them
+  question = "What is unusual about this image?"
+  assert model.describe(images, question) == answers
+  assert model.chat(f"<image>\n{question}", images=images[:1], greedy=True) == answers[0]
+  with pytest.raises(InferenceError, match="reads 1 <image> but was given 0"):
+    model.chat("<image>\nWhat is this?")
