@@ -30,11 +30,12 @@ AdamW lr 1e-4 constant, weight decay 0, clip 2.0, global batch 256 (8 x 16 x 2 a
 sigma, the `add_before_image_tokens` t-token (the repository's configs), captions prefixed
 "Please generate an image of " and cut to 128 tokens (`source_max_length`), 10% prompt dropout,
 loss weights diffusion 1.0 / LM 0.01 (an image row carries no LM loss: only the diffusion loss
-trains here). Not official: rows are as long as the longest prompt and its image need (128 + 258
-tokens) instead of the collator's 512-token limit, which no image row reaches (padding only);
-checkpoints every 10k steps (the README's; the script's 50k). Sampling:
-the official text-to-image sampler's 20 respaced DDPM steps, CFG 4 on the first three eps
-channels (`official_first3`, sample_t2i.py / scripts/sample_t2i.sh).
+trains here). Not official: rows are as long as the longest prompt and its image need (387
+tokens: <s>, 128 prompt tokens, <|im_start|>, the t-token, 256 image tokens; the untrained
+`<|im_end|>\n</s>` after the image changes no loss) and the official truncation at 512 tokens
+(`tokenizer_max_length`) never cuts one; checkpoints every 10k steps (the README's; the script's
+50k). Sampling: the official text-to-image sampler's 20 respaced DDPM steps, CFG 4 on the first
+three eps channels (`official_first3`, sample_t2i.py / scripts/sample_t2i.sh).
 
 Variants: `smoke` is the same recipe and code path shrunk to run in seconds on a CPU (a tiny
 model on 16x16 images through a 2-level VAE: 8x8x4 latents; a tiny LLaMA in Hugging Face format

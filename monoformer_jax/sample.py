@@ -47,7 +47,7 @@ from etils import epath
 
 from monoformer_jax import cli, paths
 from monoformer_jax.compilation_cache import enable_compilation_cache
-from monoformer_jax.data.image_sources import load_image
+from monoformer_jax.data.image_sources import IMAGE_EXTENSIONS, load_image
 from monoformer_jax.data.registry import DataConfigError, names_from_json
 from monoformer_jax.data.sources import BadRecordError
 from monoformer_jax.host_memory import tune_for_xla_cpu
@@ -202,30 +202,37 @@ def _write_images(out, images, rows, **arrays):
   print(f"wrote {len(images)} images to {out}", file=sys.stderr)
 
 
-def _read_describe(fv) -> str:
-  """--describe's value, with --out and --question checked (the images are read once the run's
-  reading shape is known: `_describe_images`)."""
+def _read_describe(fv):
+  """--describe's images: an .npz's `images` array, or the image files it names (checked here,
+  read once the run's reading shape is known: `_describe_images`)."""
   if not fv.out or not fv.out.endswith(".json"):
     raise UsageError("--describe: give --out answers.json (the answers, a JSON list)")
   if fv.question is not None and not fv.question.strip():
     raise UsageError("--question: empty question")
-  return fv.describe
+  if fv.describe.endswith(".npz"):
+    return _read_images_npz(fv.describe, "--describe")
+  files = [f.strip() for f in fv.describe.split(",")]
+  for f in files:
+    if not f.lower().endswith(IMAGE_EXTENSIONS):
+      raise UsageError(
+          f"--describe: cannot read {f!r}: give an .npz of images or image files ({', '.join(IMAGE_EXTENSIONS)})"
+      )
+    if not epath.Path(f).is_file():
+      raise UsageError(f"--describe: no such image file {f!r}")
+  return files
 
 
-def _describe_images(value: str, shape) -> np.ndarray:
-  """The images --describe names: an .npz's `images`, or image files centre-cropped to `shape`."""
-  if value.endswith(".npz"):
-    return _read_images_npz(value, "--describe")
+def _describe_images(images, shape) -> np.ndarray:
+  """The images to describe: an .npz's array as it is, or image files centre-cropped to `shape`."""
+  if not isinstance(images, list):
+    return images
   if shape is None:
     raise UsageError("--describe: this model does not read images (train it with understand steps)")
   height, width, channels = shape
   if height != width:
     raise UsageError(f"--describe: image files are centre-cropped square; this run reads {height}x{width} images")
-  files = [f.strip() for f in value.split(",")]
-  if not all(files):
-    raise UsageError(f"--describe: empty entry in {value!r}")
   try:
-    return np.stack([load_image(f, height, channels) for f in files])
+    return np.stack([load_image(f, height, channels) for f in images])
   except BadRecordError as e:
     raise UsageError(f"--describe: {e}") from None
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import mllm256
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import chat_format, conversations, llava
 from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax.data.sources import BadRecordError
+from monoformer_jax.run import config as config_lib
 from monoformer_jax.train.steps import batch_normalisers, make_loss_fn
 from monoformer_jax.vision.encoders import patch_encoder
 from tests.helpers import random_params, tiny_config
@@ -230,3 +232,17 @@ def test_bad_records_are_named_by_index_or_skipped_and_counted(tmp_path, rng, to
     llava.LlavaSource(str(cut))
   with pytest.raises(ValueError, match="unknown chat template 'chatml'"):
     _rows(tok, source, template="chatml")
+
+
+def test_config_names_a_bad_template_or_a_conversation_source_without_its_file():
+  c = mllm256.get_config()
+  c.data.chat_template = "chatml"
+  c.input_images.encoder = "patch"  # no CLIP folder to find here
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.chat_template: unknown chat template 'chatml'"):
+    config_lib.validate_config(c, ["diffusion"], num_devices=1)
+  c = mllm256.get_config("smoke")
+  c.input_images.encoder = "patch"  # no CLIP folder to find: the check of the LLaVA file comes next
+  with pytest.raises(
+      config_lib.ConfigError, match=r"config\.data\.understand_path: required for understand_source='llava'"
+  ):
+    config_lib.validate_config(c, ["understand"], num_devices=1)

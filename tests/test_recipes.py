@@ -370,14 +370,19 @@ def test_chat_and_t2i_samples_of_the_chat_recipe(chat_run, stand_ins, capsys):
   assert np.asarray(Image.open(stand_ins[""] / "bus.png")).shape == (16, 16, 3)
 
 
+@pytest.fixture(scope="module")
+def chat_model(chat_run):
+  return InferenceModel.from_workdir(str(chat_run))
+
+
 @pytest.mark.parametrize("template", ["none", "human_assistant"])
-def test_chat_prompts_with_what_the_training_rows_hold(chat_run, stand_ins, template, monkeypatch):
+def test_chat_prompts_with_what_the_training_rows_hold(chat_model, stand_ins, template, monkeypatch):
   """The round trip: the ids `InferenceModel.chat` feeds the model for a dialogue's second turn
   are the ids the training row of that dialogue holds before the second answer (the text
   pipeline's row, in the same template), and the first answer it wrote stands where the row's
   answer does."""
-  model = InferenceModel.from_workdir(str(chat_run))
-  model.run_config.data.chat_template = template
+  model = chat_model
+  monkeypatch.setitem(model.run_config.data, "chat_template", template)
   seen = []
   original = chat_lib.generate_tokens
 

@@ -218,7 +218,7 @@ def input_image_shape(model: ModelConfig, input_images=None) -> tuple:
   """The shape of the images the `understand` steps read: RGB pixels of
   `input_images.image_size` when set, else those the model generates (pixels, or latents of the
   same VAE); a CLIP encoder resizes whatever it gets."""
-  size = input_images.image_size if input_images is not None else 0
+  size = input_images.get("image_size", 0) if input_images is not None else 0  # 0 in runs before the field
   if size:
     return (size, size, 3)
   return (model.image_height, model.image_width, model.image_channels)
