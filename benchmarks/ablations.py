@@ -29,7 +29,7 @@ with text steps spend a tenth of their steps on text, no_lm_loss none.
 Runs live in --workdir/seed_S/ARM (logs in --workdir/logs). A rerun of the same command skips
 what is done: finished runs (train_summary.json), evaluated ones (eval.json), and continues a
 stopped run from its last checkpoint. Other settings need another --workdir (refused otherwise).
-`--test` runs the configs' `_test` shrinks (tests/test_ablations.py).
+`--test` runs the configs' `test` shrinks (`ARM,test`; tests/test_ablations.py).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def run_jobs(jobs: list, parallel: int, env: dict) -> list:
 
 def plan(args, cfgs) -> tuple[list, dict]:
   """The jobs of every seed and arm, and {(arm, seed): workdir}."""
-  suffix = "_test" if args.test else ""
+  suffix = ",test" if args.test else ""
   workdirs, jobs = {}, []
   logs = os.path.join(args.workdir, "logs")
   eval_flags = ["--num_per_class", str(args.num_per_class)]
@@ -311,8 +311,8 @@ def evaluate_run(workdir: str, num_per_class: int, classifier_cache: str, images
           run.tokenizer,
           list(mnist.CLASS_NAMES),
           labels,
+          options=run.image_sampling,
           seed=0,
-          **classes.image_options(run.config.sampling),
       )
       samples = images_lib.to_uint8(images_lib.decode_images(samples, run.config.vae.path, run.config.vae.scale))
       scores = digit_classifier.digit_scores(samples, labels, mnist_images[held], clf)
@@ -569,7 +569,7 @@ def main(argv=None) -> None:
   p.add_argument("--arms", default="", help="comma-separated subset of the config's arms (default: all)")
   p.add_argument("--num_per_class", type=int, default=20, help="samples per digit at every evaluation")
   p.add_argument("--classifier_cache", default="", help="the digit classifier's cache folder (default: ~/.cache)")
-  p.add_argument("--test", action="store_true", help="the configs' _test shrinks (the smoke test)")
+  p.add_argument("--test", action="store_true", help="the configs' test shrinks (the smoke test)")
   p.add_argument("--evaluate", default="", metavar="WORKDIR", help=argparse.SUPPRESS)  # one run (a job)
   p.add_argument("--images", action="store_true", help=argparse.SUPPRESS)  # ... its digits too
   args = p.parse_args(argv)

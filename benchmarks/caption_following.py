@@ -79,7 +79,7 @@ def main(argv=None):
   model = InferenceModel.from_workdir(args.workdir)
   report = follow(model, args.per_class, args.seed, digit_classifier.load_or_train(), args.guidance_scale)
   report["workdir"], report["per_class"], report["seed"] = args.workdir, args.per_class, args.seed
-  report["guidance_scale"] = args.guidance_scale or model.defaults.get("guidance_scale")
+  report["guidance_scale"] = args.guidance_scale or model.image_sampling.guidance_scale
   print(json.dumps(report), flush=True)
 
 

@@ -85,7 +85,7 @@ def image_rates(params, config, batch, steps, repeats):
   rng = np.random.default_rng(0)
   prompts = [[1, *rng.integers(3, 1000, 10), 1026] for _ in range(batch)]
   obj = diffusion.make_objective("gaussian")
-  kw = dict(uncond_prompt=[1, 1026], guidance_scale=4.0, num_steps=steps)
+  kw = dict(uncond_prompt=[1, 1026], options=diffusion.ImageSampling(guidance_scale=4.0, num_steps=steps))
   cached = lambda: image_lib.sample_images(params, config, obj, prompts, **kw)  # noqa: E731
   full = lambda: image_lib.sample_images_full_recompute(params, config, obj, prompts, **kw)  # noqa: E731
   official = lambda: image_lib.sample_images_full_recompute(  # noqa: E731

@@ -15,6 +15,7 @@ it names the digit's class and no other (as a word or a numeral). Writes WORKDIR
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -51,13 +52,11 @@ def main():
   args = p.parse_args()
   run = open_run(args.workdir)
   config, model_config, params, tok = run.config, run.model_config, run.params, run.tokenizer
-  options = classes.image_options(config.sampling)
-  if args.guidance_scale is not None:
-    options["guidance_scale"] = args.guidance_scale
+  options = run.image_sampling.replace(guidance_scale=args.guidance_scale)
   labels = np.repeat(np.arange(10), args.num_per_class)
   t0 = time.perf_counter()
   images = classes.sample_classes(
-      params, model_config, run.objective, tok, list(mnist.CLASS_NAMES), labels, seed=args.seed, **options
+      params, model_config, run.objective, tok, list(mnist.CLASS_NAMES), labels, options=options, seed=args.seed
   )
   sample_s = time.perf_counter() - t0
   images = images_lib.to_uint8(images_lib.decode_images(images, config.vae.path, config.vae.scale))
@@ -66,7 +65,7 @@ def main():
   _, held = mnist.split_indices(len(mnist_images))
   scores = digit_classifier.digit_scores(images, labels, mnist_images[held], clf)
   report = {
-      "sampling": {**options, "num_samples": int(len(labels)), "seconds": sample_s},
+      "sampling": {**dataclasses.asdict(options), "num_samples": int(len(labels)), "seconds": sample_s},
       "digit_accuracy": scores["accuracy"],
       "digit_accuracy_per_class": scores["per_class"],
       "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),

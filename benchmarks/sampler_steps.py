@@ -50,7 +50,7 @@ def main():
   rows = []
   for sampler in args.samplers.split(","):
     for steps in (int(s) for s in args.steps.split(",")):
-      options = dict(classes.image_options(config.sampling), sampler=sampler, num_steps=steps)
+      options = run.image_sampling.replace(sampler=sampler, num_steps=steps)
       draw = lambda: classes.sample_classes(  # noqa: E731
           run.params,
           run.model_config,
@@ -58,9 +58,9 @@ def main():
           run.tokenizer,
           list(mnist.CLASS_NAMES),
           labels,
+          options=options,
           seed=args.seed,
           batch_size=len(labels),
-          **options,
       )
       draw()  # compile
       t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from monoformer_jax.host_memory import tune_for_xla_cpu  # noqa: E402
 from monoformer_jax.model.config import ModelConfig  # noqa: E402
 from monoformer_jax.run import sharding, state as state_lib  # noqa: E402
 from monoformer_jax.sampling.image import sample_images  # noqa: E402
+from monoformer_jax.diffusion.options import ImageSampling  # noqa: E402
 from monoformer_jax.train import steps  # noqa: E402
 
 BOS, EOS, IMS, IME, NEWLINE = 1, 2, 3, 4, 5  # any ids of a random model's vocabulary
@@ -197,10 +198,9 @@ def run(args) -> dict:
           objective,
           prompts,
           uncond_prompt=[BOS, IMS],
-          guidance_scale=args.cfg_scale,
-          cfg_mode="official_first3",
-          sampler=args.sampler,
-          num_steps=args.steps,
+          options=ImageSampling(
+              guidance_scale=args.cfg_scale, cfg_mode="official_first3", sampler=args.sampler, num_steps=args.steps
+          ),
           rng=jax.random.key(2),
       )
 

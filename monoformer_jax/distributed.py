@@ -7,7 +7,7 @@ MONOFORMER_COORDINATOR, JAX finds the processes itself: TPU pods, and SLURM from
 variables srun sets (launch/gpu_slurm.sbatch; tests/test_slurm_launch.py simulates it).
 
 `initialize` also installs JAX's SIGTERM notifier and preemption sync service, on which the
-trainer's preemption handling relies under jax.distributed (train/trainer.py, `_Preemption`).
+trainer's preemption handling relies under jax.distributed (train/preemption.py).
 """
 
 import os

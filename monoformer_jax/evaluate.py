@@ -205,9 +205,8 @@ def _clip_score(workdir: str, e, report: dict) -> str:
   prompts = t2i_samples.read_prompts(_path(e.prompts))[: e.num_prompts or None]
   out_dir = _path(e.sample_dir) or os.path.join(workdir, "eval", "clip_score_samples")
   overrides = {"sampler": e.sampler, "num_steps": e.num_steps, "guidance_scale": e.guidance_scale}
-  opened = open_run(workdir, use_ema=e.use_ema)
   t2i_samples.generate(
-      opened,
+      workdir,
       out_dir,
       prompts,
       samples_per_prompt=e.samples_per_prompt,

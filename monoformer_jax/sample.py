@@ -36,6 +36,7 @@ depend on the batch size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -50,9 +51,11 @@ from monoformer_jax.compilation_cache import enable_compilation_cache
 from monoformer_jax.data.image_sources import IMAGE_EXTENSIONS, load_image
 from monoformer_jax.data.registry import DataConfigError, names_from_json
 from monoformer_jax.data.sources import BadRecordError
+from monoformer_jax.diffusion.options import ImageSampling, SamplingOptionError
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.inference import InferenceError, InferenceModel
 from monoformer_jax.run import images as images_lib
+from monoformer_jax.run.open import DTYPES, PRETRAINED_PREFIX
 from monoformer_jax.sampling.describe import IMAGE_PLACEHOLDER
 
 
@@ -97,15 +100,20 @@ def define_flags(fv, argv=()):
       flag_values=fv,
   )
   flags.DEFINE_integer("max_images", 1, "Images per prompt with --interleaved.", flag_values=fv)
+  # The image-sampling options (diffusion/options.py: ImageSampling); unset = the run's defaults.
   flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m (gaussian), euler | heun | ab2 (flow).", flag_values=fv)
   flags.DEFINE_integer("num_steps", None, "Sampling steps.", flag_values=fv)
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 1).", flag_values=fv)
   flags.DEFINE_enum("cfg_mode", None, ["eps", "official_first3"], "Guided channels.", flag_values=fv)
   flags.DEFINE_float("eta", None, "DDIM eta.", flag_values=fv)
   flags.DEFINE_bool(
-      "clip_denoised",
+      "clip_denoised", None, "Clamp the predicted x0 to [-1, 1] at every Gaussian step (pixels).", flag_values=fv
+  )
+  flags.DEFINE_enum("dtype", None, list(DTYPES), "Weights' dtype in memory (default: float32).", flag_values=fv)
+  flags.DEFINE_string(
+      "mesh",
       None,
-      "Clamp the predicted x0 to [-1, 1] at every Gaussian step (pixel-space models; default: the run's config).",
+      "Shard the weights over this process's devices, e.g. 'fsdp=4,tensor=2' (default: one device).",
       flag_values=fv,
   )
   flags.DEFINE_integer("seed", None, "Random seed (default: the run's sampling.seed, 0).", flag_values=fv)
@@ -115,7 +123,9 @@ def define_flags(fv, argv=()):
   flags.DEFINE_integer("top_k", None, "Top-k filter (0 = off).", flag_values=fv)
   flags.DEFINE_float("top_p", None, "Nucleus filter (1 = off).", flag_values=fv)
   flags.DEFINE_bool("greedy", False, "Greedy decoding (argmax).", flag_values=fv)
-  flags.DEFINE_bool("use_ema", True, "Use the EMA weights of a run.", flag_values=fv)
+  flags.DEFINE_bool(
+      "use_ema", None, "EMA weights (the default where the run has them); --nouse_ema: the raw ones.", flag_values=fv
+  )
   flags.DEFINE_string(
       "describe",
       None,
@@ -139,6 +149,7 @@ def define_flags(fv, argv=()):
 
 
 UsageError = cli.UsageError
+IMAGE_FLAGS = tuple(f.name for f in dataclasses.fields(ImageSampling))
 
 
 def _read_lines(path, flag):
@@ -147,31 +158,33 @@ def _read_lines(path, flag):
   return [line for line in epath.Path(path).read_text().split("\n") if line.strip()]
 
 
-def load_model(workdir=None, official=None, hf=None, tokenizer=None, class_names_file=None, use_ema=True):
-  sources = [s for s in (workdir, official, hf) if s]
+def load_model(fv) -> InferenceModel:
+  """The model of --workdir / --official_checkpoint / --hf_checkpoint, in --dtype on --mesh."""
+  sources = [x for x in (fv.workdir, fv.official_checkpoint, fv.hf_checkpoint) if x]
   if len(sources) != 1:
     raise UsageError("give exactly one of --workdir, --official_checkpoint, --hf_checkpoint")
-  if workdir:
-    if not epath.Path(workdir).is_dir():
-      raise UsageError(f"--workdir: no such run directory {workdir!r}")
-    return InferenceModel.from_workdir(workdir, use_ema=use_ema)
-  path = official or hf
+  placement = dict(dtype=fv.dtype, mesh=fv.mesh)
+  if fv.workdir:
+    if not fv.workdir.startswith(PRETRAINED_PREFIX) and not epath.Path(fv.workdir).is_dir():
+      raise UsageError(f"--workdir: no such run directory {fv.workdir!r}")
+    return InferenceModel.from_workdir(fv.workdir, use_ema=fv.use_ema, **placement)
+  path = sources[0]
   if not epath.Path(path).is_dir():
     raise UsageError(f"no such checkpoint folder {path!r}")
-  tokenizer = tokenizer or os.path.join(path, "tokenizer.model")
+  tokenizer = fv.tokenizer or os.path.join(path, "tokenizer.model")
   if not epath.Path(tokenizer).is_file():
     raise UsageError(f"--tokenizer: no SentencePiece model at {tokenizer!r}")
-  if hf:
-    return InferenceModel.from_hf(hf, tokenizer=tokenizer)
+  if fv.hf_checkpoint:
+    return InferenceModel.from_hf(path, tokenizer=tokenizer, **placement)
   names = None
-  if class_names_file:
-    if not epath.Path(class_names_file).is_file():
-      raise UsageError(f"--class_names_file: no such file {class_names_file!r}")
+  if fv.class_names_file:
+    if not epath.Path(fv.class_names_file).is_file():
+      raise UsageError(f"--class_names_file: no such file {fv.class_names_file!r}")
     try:
-      names = names_from_json(json.loads(epath.Path(class_names_file).read_text()), class_names_file)
+      names = names_from_json(json.loads(epath.Path(fv.class_names_file).read_text()), fv.class_names_file)
     except (ValueError, DataConfigError) as e:
       raise UsageError(f"--class_names_file: {e}") from None
-  return InferenceModel.from_official(official, tokenizer=tokenizer, class_names=names)
+  return InferenceModel.from_official(path, tokenizer=tokenizer, class_names=names, **placement)
 
 
 def sample_images(model, classes, num_per_class, **kw):
@@ -272,53 +285,51 @@ def _images_per_prompt(prompts, images) -> list:
   return [images[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def run(fv, args) -> int:
-  if args:
-    raise UsageError(f"unexpected arguments {args}")
-  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
-  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
-  logging.set_verbosity(logging.WARNING)
+def _image_overrides(fv) -> dict:
+  """The image-sampling flags that were given, checked now (before the model loads)."""
+  given = {name: fv[name].value for name in IMAGE_FLAGS if fv[name].value is not None}
+  try:
+    ImageSampling().replace(**given)
+  except SamplingOptionError as e:
+    raise UsageError(f"--{e}") from None
+  return given
+
+
+def _requests(fv) -> dict:
+  """What the command line asks for, checked for consistency before anything loads."""
   prompts = list(fv.prompt) + (_read_lines(fv.prompt_file, "prompt_file") if fv.prompt_file else [])
   t2i = list(fv.t2i_prompt) + (_read_lines(fv.t2i_prompt_file, "t2i_prompt_file") if fv.t2i_prompt_file else [])
   if (fv["prompt"].present or fv.prompt_file) and (not prompts or any(not p.strip() for p in prompts)):
     raise UsageError("--prompt: empty prompt")
   if (fv["t2i_prompt"].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
     raise UsageError("--t2i_prompt: empty prompt")
-  describe_images = _read_describe(fv) if fv.describe is not None else None
+  describe = _read_describe(fv) if fv.describe is not None else None
   chat = _read_chat(fv)
   read_images = None
   if fv.read_images is not None:
     if not fv.interleaved or not prompts:
       raise UsageError("--read_images: the images are read by --interleaved --prompt ... <image> ...")
     read_images = _images_per_prompt(prompts, _read_images_npz(fv.read_images, "--read_images"))
-  if not prompts and not t2i and fv.classes is None and describe_images is None and not chat:
+  if not prompts and not t2i and fv.classes is None and describe is None and not chat:
     raise UsageError(
         "nothing to do: give --classes or --t2i_prompt (images), --prompt (text), --chat (a dialogue) "
         "and/or --describe (answers)"
     )
-  if chat and describe_images is not None:
+  if chat and describe is not None:
     raise UsageError("--chat and --describe both write answers: run them separately")
-  if describe_images is not None and (t2i or fv.classes is not None or fv.interleaved):
+  if describe is not None and (t2i or fv.classes is not None or fv.interleaved):
     raise UsageError("--describe writes --out too: run it apart from --classes / --t2i_prompt / --interleaved")
   if t2i and fv.classes is not None:
     raise UsageError("--classes and --t2i_prompt both write --out: run them separately")
   if (t2i or fv.classes is not None or fv.interleaved) and not fv.out:
     raise UsageError("--out: give the file to write the images to")
-  if fv.guidance_scale is not None and fv.guidance_scale < 1:
-    raise UsageError(f"--guidance_scale must be >= 1 (1 = no guidance), got {fv.guidance_scale}")
-  model = load_model(
-      fv.workdir, fv.official_checkpoint, fv.hf_checkpoint, fv.tokenizer, fv.class_names_file, fv.use_ema
+  return dict(
+      prompts=prompts, t2i=t2i, describe=describe, chat=chat, read_images=read_images, image=_image_overrides(fv)
   )
-  image_kw = dict(
-      seed=fv.seed,
-      guidance_scale=fv.guidance_scale,
-      cfg_mode=fv.cfg_mode,
-      sampler=fv.sampler,
-      num_steps=fv.num_steps,
-      eta=fv.eta,
-      clip_denoised=fv.clip_denoised,
-  )
-  text_kw = dict(
+
+
+def _text_options(fv) -> dict:
+  return dict(
       seed=fv.seed,
       max_new_tokens=fv.max_new_tokens,
       temperature=fv.temperature,
@@ -326,50 +337,68 @@ def run(fv, args) -> int:
       top_p=fv.top_p,
       greedy=fv.greedy,
   )
+
+
+def _answer(fv, model, images) -> None:
+  sampled = fv.temperature is not None or fv.top_k is not None or fv.top_p is not None
+  answers = model.describe(
+      images,
+      fv.question,
+      max_new_tokens=fv.max_new_tokens,
+      greedy=not sampled or fv.greedy,
+      temperature=fv.temperature,
+      top_k=fv.top_k,
+      top_p=fv.top_p,
+      seed=fv.seed,
+  )
+  epath.Path(paths.absolute(fv.out)).parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(paths.absolute(fv.out), json.dumps(answers, ensure_ascii=False, indent=1))
+  print(f"wrote {len(answers)} answers to {fv.out}", file=sys.stderr)
+
+
+def _chat(fv, model, turns) -> None:
+  """A dialogue's answers, as JSON lines {"user", "assistant"} (and to --out X.json, a list)."""
+  answers = model.chat(turns, **_text_options(fv))
+  dialogue = [{"user": u, "assistant": a} for u, a in zip(turns, answers)]
+  for turn in dialogue:
+    print(json.dumps(turn, ensure_ascii=False))
+  if fv.out and fv.out.endswith(".json"):
+    paths.write_text_atomic(paths.absolute(fv.out), json.dumps(dialogue, ensure_ascii=False, indent=1))
+
+
+def _interleave(fv, model, prompts, read_images, image_options) -> None:
+  stem = os.path.splitext(fv.out)[0]
+  results = model.generate(prompts, max_images=fv.max_images, images=read_images, **_text_options(fv), **image_options)
+  for i, (p, parts) in enumerate(zip(prompts, results)):
+    shown = []
+    for kind, value in parts:
+      if kind == "text":
+        shown.append({"text": value})
+        continue
+      path = f"{stem}_p{i}_{sum('image' in s for s in shown)}.png"
+      images_lib.save_png(paths.absolute(path), images_lib.to_uint8(model.decode(value[None]))[0])
+      shown.append({"image": path})
+    print(json.dumps({"prompt": p, "parts": shown}, ensure_ascii=False))
+
+
+def run(fv, args) -> int:
+  if args:
+    raise UsageError(f"unexpected arguments {args}")
+  tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
+  enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
+  logging.set_verbosity(logging.WARNING)
+  asked = _requests(fv)
   try:
-    if describe_images is not None:
-      sampled = fv.temperature is not None or fv.top_k is not None or fv.top_p is not None
-      answers = model.describe(
-          _describe_images(describe_images, model.reading_shape),
-          fv.question,
-          max_new_tokens=fv.max_new_tokens,
-          greedy=not sampled or fv.greedy,
-          temperature=fv.temperature,
-          top_k=fv.top_k,
-          top_p=fv.top_p,
-          seed=fv.seed,
-      )
-      epath.Path(paths.absolute(fv.out)).parent.mkdir(parents=True, exist_ok=True)
-      paths.write_text_atomic(paths.absolute(fv.out), json.dumps(answers, ensure_ascii=False, indent=1))
-      print(f"wrote {len(answers)} answers to {fv.out}", file=sys.stderr)
-    if chat:
-      answers = model.chat(chat, **text_kw)
-      dialogue = [{"user": u, "assistant": a} for u, a in zip(chat, answers)]
-      for turn in dialogue:
-        print(json.dumps(turn, ensure_ascii=False))
-      if fv.out and fv.out.endswith(".json"):
-        paths.write_text_atomic(paths.absolute(fv.out), json.dumps(dialogue, ensure_ascii=False, indent=1))
-    if prompts and fv.interleaved:
-      stem = os.path.splitext(fv.out)[0]
-      results = model.generate(
-          prompts,
-          max_images=fv.max_images,
-          images=read_images,
-          **text_kw,
-          **{k: v for k, v in image_kw.items() if k != "seed"},
-      )
-      for i, (p, parts) in enumerate(zip(prompts, results)):
-        shown = []
-        for kind, value in parts:
-          if kind == "text":
-            shown.append({"text": value})
-            continue
-          path = f"{stem}_p{i}_{sum('image' in s for s in shown)}.png"
-          images_lib.save_png(paths.absolute(path), images_lib.to_uint8(model.decode(value[None]))[0])
-          shown.append({"image": path})
-        print(json.dumps({"prompt": p, "parts": shown}, ensure_ascii=False))
-    elif prompts:
-      for p, t in zip(prompts, model.generate_text(prompts, **text_kw)):
+    model = load_model(fv)
+    image_options = dict(asked["image"], seed=fv.seed)
+    if asked["describe"] is not None:
+      _answer(fv, model, _describe_images(asked["describe"], model.reading_shape))
+    if asked["chat"]:
+      _chat(fv, model, asked["chat"])
+    if asked["prompts"] and fv.interleaved:
+      _interleave(fv, model, asked["prompts"], asked["read_images"], asked["image"])
+    elif asked["prompts"]:
+      for p, t in zip(asked["prompts"], model.generate_text(asked["prompts"], **_text_options(fv))):
         print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False))
     if fv.classes is not None:
       images, labels = sample_images(
@@ -379,12 +408,12 @@ def run(fv, args) -> int:
           template=fv.template,
           use_label_embedding=fv.use_label_embedding,
           batch_size=fv.batch_size,
-          **image_kw,
+          **image_options,
       )
       _write_images(fv.out, images, len(np.unique(labels)), labels=labels)
-    if t2i:
-      images = images_lib.to_uint8(model.decode(model.text_to_image(t2i, batch_size=fv.batch_size, **image_kw)))
-      _write_images(fv.out, images, 1, prompts=np.asarray(t2i))
+    if asked["t2i"]:
+      drawn = model.text_to_image(asked["t2i"], batch_size=fv.batch_size, **image_options)
+      _write_images(fv.out, images_lib.to_uint8(model.decode(drawn)), 1, prompts=np.asarray(asked["t2i"]))
   except InferenceError as e:
     raise UsageError(str(e)) from e
   return 0

@@ -76,6 +76,30 @@ def shared_tiny_run(tmp_path_factory):
   )
 
 
+# Understand steps 0, 2 and 5 of the 6 (weights 4 : 1 : 4; the variant's 1 in 6 gives one), one
+# in each logging window, so the logged loss_understand can be seen to fall.
+THREE_UNDERSTAND_STEPS = "--config.schedule.understand=4.0"
+
+
+def shared_all_in_one_run(tmp_path_factory):
+  """The 6-step `mnist_tiny.py:all_in_one,test` run (digits, prose, and reading digits; three
+  understand steps: THREE_UNDERSTAND_STEPS), trained
+  once per session for every module that reads it; its training's stdout is saved beside it, as
+  `shared_all_in_one_run.stdout`."""
+
+  def train(work):
+    proc = run_module(
+        "-m",
+        "monoformer_jax.main",
+        "--config=configs/mnist_tiny.py:all_in_one,test",
+        f"--workdir={work}",
+        THREE_UNDERSTAND_STEPS,
+    )
+    work.parent.joinpath("shared_all_in_one_run.stdout").write_text(proc.stdout)
+
+  return session_shared(tmp_path_factory, "shared_all_in_one_run", train)
+
+
 def shared_digit_classifier(tmp_path_factory):
   """The embedded default's digit classifier (evaluation/digit_classifier.py), trained once per
   session into the cache folder returned. Trained with XLA's default flags (its training is

@@ -1,4 +1,4 @@
-"""benchmarks/ablations.py end to end on configs/mnist_ablations.py's `_test` shrinks: one seed, the
+"""benchmarks/ablations.py end to end on configs/mnist_ablations.py's `test` shrinks: one seed, the
 text pretraining and every arm for a few steps, two evaluation points each, then the table, JSON
 and plot; a second invocation finds everything done, and other settings in the same workdir are
 refused."""

@@ -90,7 +90,7 @@ def caption_run(tmp_path_factory):
       tmp_path_factory,
       "caption_run",
       lambda work: run_module(
-          "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:captions_test", f"--workdir={work}"
+          "-m", "monoformer_jax.main", "--config=configs/mnist_tiny.py:captions,test", f"--workdir={work}"
       ),
   )
 

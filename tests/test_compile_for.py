@@ -21,6 +21,20 @@ pytest.importorskip("libtpu", reason="the TPU compiler: pip install -e '.[tpu]' 
 pytestmark = pytest.mark.slow
 TOPOLOGY, CHIPS = "v5e:2x2", 4
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+REPLICATED = ["--config.mesh.data=-1", "--config.mesh.fsdp=1"]
+# mnist_tiny.py:test's model, counted by hand: hidden 32, 2 layers, vocabulary 516, 28x28x1
+# images in 7x7 patches (learn_sigma: 2 x 49 outputs a patch), a 256-frequency timestep embedder.
+N_PARAMS = (
+    2 * 516 * 32  # embedding and LM head
+    + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32)  # q, o; k, v (2 KV heads of 8); MLP; 2 norms
+    + 32  # final norm
+    + (32 * 64 + 64)  # adaLN before the decoder (shift, scale)
+    + (32 * 64 + 64)
+    + (32 * 98 + 98)  # final layer: its adaLN and the linear to patches
+    + (256 * 32 + 32)
+    + (32 * 32 + 32)  # timestep embedder
+    + (49 * 32 + 32)  # x_embedder
+)
 
 
 def _compile_for(tmp_path, *flags):
@@ -68,16 +82,25 @@ def test_tiny_config_on_a_small_slice(tmp_path):
   assert report["topology"] == TOPOLOGY and report["num_chips"] == CHIPS and report["devices_per_chip"] == 1
   assert report["mesh"] == {"data": 1, "fsdp": CHIPS, "tensor": 1}
   n_params, state_bytes = _own_state_count(CHIPS)
-  assert report["n_params"] == n_params
+  assert report["n_params"] == n_params == N_PARAMS == 69_954
   assert report["state_bytes_per_chip"] == state_bytes
   assert set(report["steps"]) == {"diffusion", "ar", "sample"}  # the test config's schedule + sampler
   for kind, step in report["steps"].items():
     assert step["kind"] == kind and step["fits"] is True
     assert {"bytes_per_chip", "hbm_bytes_per_chip", "flops_per_step", "optimal_seconds", "predicted_mfu"} <= set(step)
     assert step["hbm_bytes_per_chip"] == 16 * 1024**3  # a v5e chip
-    assert 0 < step["predicted_mfu"] <= 1
     if kind != "sample":  # the train steps: the compiler's FLOPs and ours agree to what each counts
+      assert 0 < step["predicted_mfu"] <= 1
       assert 0.8 < step["compiler_flops_per_chip"] / step["flops_per_chip"] < 1.6, (kind, step)
+  # The sampler's MFU cannot be predicted (its loop is counted once): null, with the reason.
+  assert report["steps"]["sample"]["predicted_mfu"] is None
+  assert "counts the denoising loop's body once" in report["steps"]["sample"]["predicted_mfu_note"]
+  # On one chip, as `sample --dtype bfloat16` opens it: the weights alone, two bytes a parameter.
+  one = report["sample_one_chip"]
+  assert one["fits"] is True and one["weights_dtype"] == "bfloat16" and one["predicted_mfu"] is None
+  # (TPU layouts pad this model's small arrays to tiles: the compiler holds more than our count.)
+  assert one["weight_bytes"] == 2 * n_params and one["argument_bytes"] >= one["weight_bytes"]
+  assert one["bytes_per_chip"] == one["argument_bytes"] + one["output_bytes"] + one["temp_bytes"] - one["alias_bytes"]
   for kind in ("diffusion", "ar"):
     step = report["steps"][kind]
     # The compiler holds at least our count of the sharded state as arguments (TPU layouts pad
@@ -88,19 +111,23 @@ def test_tiny_config_on_a_small_slice(tmp_path):
         == step["argument_bytes"] + step["output_bytes"] + step["temp_bytes"] - step["alias_bytes"]
     )
   assert "step s:" in proc.stdout and "fits" in proc.stdout  # the table
-  # Without FSDP every chip holds the whole state.
-  _, replicated = _own_state_count(1)
-  assert replicated > 3 * state_bytes
+  # Sharded over 4 chips: well under the whole state (the tool's own replicated figure: below).
+  assert state_bytes < 4 * N_PARAMS * 4 / 3
 
 
 def test_a_config_too_large_for_the_slice_is_refused(tmp_path):
-  proc, report = _compile_for(tmp_path, *FSDP, "--config.data.image_batch_size=262144", "--config.schedule.ar=0")
+  """Without FSDP (data parallel only: every chip holds the whole state), too large a batch."""
+  proc, report = _compile_for(tmp_path, *REPLICATED, "--config.data.image_batch_size=262144", "--config.schedule.ar=0")
   assert proc.returncode == 2, proc.stderr[-3000:]
   error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(error) == 1 and "does not fit v5e:2x2" in error[0], proc.stderr[-3000:]
   assert "diffusion needs" in error[0] and "Largest state arrays per chip" in error[0] and "mesh.fsdp" in error[0]
   assert "Traceback" not in proc.stderr
   assert report["steps"]["diffusion"]["fits"] is False  # the report is written all the same
+  assert report["mesh"] == {"data": CHIPS, "fsdp": 1, "tensor": 1}
+  # Params, EMA and Adam's two moments (float32), whole on every chip, and three int32 counters.
+  assert report["n_params"] == N_PARAMS
+  assert report["state_bytes_per_chip"] == 4 * N_PARAMS * 4 + 3 * 4 == _own_state_count(1)[1]
 
 
 def test_an_unknown_topology_is_one_message(tmp_path):

@@ -213,12 +213,21 @@ def test_forward_with_cfg_official_semantics(seed):
 
 
 def test_flow_samplers_integrate_exactly_where_they_should(seed):
-  """Constant velocity: Euler and Heun land on x_T - v. Point-mass data: Euler hits it."""
+  """Constant velocity: every sampler lands on x_T - v. Velocity affine in t: Heun (the
+  trapezoidal rule) lands exactly, Euler misses by half a step's worth of the slope. Point-mass
+  data: Euler hits it."""
   x_T, v = _rand(seed, 15, (4, 3, 2)), _rand(seed, 16, (1, 3, 2))
   const = lambda x, t: jnp.broadcast_to(v, x.shape)  # noqa: E731
   for sampler in dif.FLOW_SAMPLERS:
     out = dif.flow_sample_loop(const, x_T, 7, sampler)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x_T - v), rtol=1e-5, atol=1e-5)
+  slope = _rand(seed, 24, (1, 3, 2))
+  affine = lambda x, model_t: v + slope * (model_t / 1000.0).reshape(-1, 1, 1)  # noqa: E731
+  # x_0 = x_1 - integral_0^1 (v + slope t) dt; Euler's left (t = 1 first) sums add slope / (2 n).
+  exact = np.asarray(x_T - v - slope / 2)
+  np.testing.assert_allclose(np.asarray(dif.flow_sample_loop(affine, x_T, 7, "heun")), exact, rtol=1e-5, atol=1e-5)
+  euler = np.asarray(dif.flow_sample_loop(affine, x_T, 7, "euler"))
+  np.testing.assert_allclose(euler, exact - np.asarray(slope) / 14, rtol=1e-5, atol=1e-5)
   target = _rand(seed, 17, (1, 3, 2))
 
   def exact_velocity(x, model_t):  # E[noise - x0 | x_t] for data == target
@@ -327,17 +336,21 @@ def test_dpm_solver_pp_2m_converges_faster_than_ddim(seed):
   assert err("dpmpp_2m", 10) < err("ddim", 10), (err("dpmpp_2m", 10), err("ddim", 10))
 
 
-def test_flow_ab2_is_second_order(seed):
-  """Adams-Bashforth 2 on dx/dt = v with a smooth, x- and t-dependent v: halving the step cuts
-  the error about 4x (Euler: 2x), measured against a 2,000-step Heun solution."""
+def test_flow_ab2_and_heun_are_second_order(seed):
+  """Adams-Bashforth 2 and Heun on dx/dt = v with a smooth, x- and t-dependent v: halving the
+  step cuts the error about 4x (Euler: 2x), measured against the exact solution."""
   x_T = _rand(seed, 32, (8, 3, 2))
 
   def velocity(x, model_t):
     t = (model_t / 1000.0).reshape(-1, 1, 1)
     return 0.8 * x * jnp.cos(2.0 * t) + 0.3 * jnp.sin(3.0 * t)
 
-  exact = np.asarray(dif.flow_sample_loop(velocity, x_T, 2000, "heun"))
+  # Linear in x: with A(t) = 0.4 sin(2t) (A' = 0.8 cos(2t), A(0) = 0), from t = 1 to 0
+  # x_0 = exp(-A(1)) x_1 - integral_0^1 exp(-A(s)) 0.3 sin(3s) ds (Simpson's rule, float64).
+  s = np.linspace(0.0, 1.0, 2001)
+  f = np.exp(-0.4 * np.sin(2 * s)) * 0.3 * np.sin(3 * s)
+  integral = (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()) / (3 * 2000)
+  exact = np.exp(-0.4 * np.sin(2.0)) * np.asarray(x_T, np.float64) - integral
   err = lambda sampler, n: np.abs(np.asarray(dif.flow_sample_loop(velocity, x_T, n, sampler)) - exact).max()  # noqa: E731
-  ab2_ratio = err("ab2", 20) / err("ab2", 40)
-  euler_ratio = err("euler", 20) / err("euler", 40)
-  assert 3.0 < ab2_ratio < 5.0 and 1.6 < euler_ratio < 2.4, (ab2_ratio, euler_ratio)
+  ratios = {sampler: err(sampler, 20) / err(sampler, 40) for sampler in ("ab2", "heun", "euler")}
+  assert 3.0 < ratios["ab2"] < 5.0 and 3.0 < ratios["heun"] < 5.0 and 1.6 < ratios["euler"] < 2.4, ratios

@@ -36,7 +36,7 @@ CASES = [
     (
         main,
         [
-            "--config=configs/mnist_tiny.py:all_in_one_test",
+            "--config=configs/mnist_tiny.py:all_in_one,test",
             "--workdir=/tmp/x",
             "--config.model.input_embedder=x_embedder",
             "--config.input_images.patch_size=4",

@@ -113,6 +113,13 @@ def test_fid_is_the_same_on_one_and_eight_devices(run_dir, tmp_path, tmp_path_fa
   diff = np.abs(img1.astype(int) - img8.astype(int))
   print(f"1 vs 8 devices: {np.count_nonzero(diff)} of {diff.size} pixels differ, max {diff.max()}")
   np.testing.assert_array_equal(img1, img8)
+  # The weights sharded over each process's devices (a model one device cannot hold): the same
+  # digits, to float32 rounding of the sharded sums (at most one grey level).
+  sharded = tmp_path / "sharded"
+  fid_samples.generate(str(run_dir), str(sharded), 24, chunk=16, devices=jax.devices()[:4], mesh="fsdp=2,tensor=2")
+  imgs, labs = fid_samples.load_samples(str(sharded))
+  np.testing.assert_array_equal(labs, lab1)
+  assert np.abs(imgs.astype(int) - img1.astype(int)).max() <= 1
   # The digit FID against real held-out MNIST digits (the classifier never trained on them).
   images, _ = mnist.load_mnist5k()
   _, held = mnist.split_indices(len(images))

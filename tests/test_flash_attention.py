@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax import diffusion
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.batch import KIND_IMAGE, KIND_INPUT_IMAGE
 from monoformer_jax.model import attention, mask as mask_lib
 from monoformer_jax.model.flash_attention import flash_attention
@@ -157,8 +158,7 @@ def test_cached_decoding_and_sampling_equal_the_einsum(rng, seed, impl):
         [p + [IMS] for p in prompts],
         uncond_prompt=[1, IMS],
         labels=[0, 2],
-        guidance_scale=3.0,
-        num_steps=2,
+        options=ImageSampling(guidance_scale=3.0, num_steps=2),
         rng=jax.random.key(seed),
     )
   assert np.array_equal(np.asarray(texts["einsum"]), np.asarray(texts[impl]))

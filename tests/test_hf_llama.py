@@ -81,13 +81,16 @@ def test_export_reloads_in_transformers(hf_dir, tmp_path, rng):
 
 
 def test_vocabulary_growth_and_fresh_image_path(hf_dir, seed):
-  path, _ = hf_dir
+  path, model = hf_dir
   config, params = checkpoints.load_llama_checkpoint(str(path), vocab_size=215, rng=jax.random.key(seed))
   assert config.vocab_size == 215
-  emb = params["embed_tokens"]["embedding"]
-  assert emb.shape == (215, 48) and params["lm_head"]["kernel"].shape == (48, 215)
+  emb, head = np.asarray(params["embed_tokens"]["embedding"]), np.asarray(params["lm_head"]["kernel"])
+  assert emb.shape == (215, 48) and head.shape == (48, 215)
+  # The 211 tokens the checkpoint knows keep its rows and columns, each in its place.
+  np.testing.assert_array_equal(emb[:211], model.model.embed_tokens.weight.detach().numpy())
+  np.testing.assert_array_equal(head[:, :211], model.lm_head.weight.detach().numpy().T)
   # New rows ~ N(0, initializer_range): small, non-zero.
-  assert 0.005 < emb[211:].std() < 0.05
+  assert 0.005 < emb[211:].std() < 0.05 and 0.005 < head[:, 211:].std() < 0.05
   # Official init of the image path: x_embedder and adaLN zero, t_embedder N(0, 0.02).
   assert not params["x_embedder"]["kernel"].any() and not params["adaln_module"]["kernel"].any()
   assert 0.01 < params["t_embedder"]["fc1"]["kernel"].std() < 0.03

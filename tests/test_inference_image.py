@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax import diffusion
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.convert import golden_cases as gc
 from monoformer_jax.sampling import (
     decode,
@@ -102,8 +103,7 @@ def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny, rng):
   kw = dict(
       uncond_prompt=[1, IMS],
       labels=[0, 2, 1],
-      guidance_scale=3.0,
-      num_steps=4,
+      options=ImageSampling(guidance_scale=3.0, num_steps=4),
       rng=jax.random.key(int(rng.integers(1 << 30))),
   )
   cached = sample_images(params, config, diffusion.make_objective("gaussian"), prompts, **kw)
@@ -121,7 +121,11 @@ def test_sample_images_equals_full_recompute_with_cfg_and_labels(tiny, rng):
   )
   np.testing.assert_allclose(alone[0], cached[2], rtol=0, atol=1e-5 * np.abs(full).max())
   with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
-    sample_images(params, config, diffusion.make_objective("gaussian"), prompts, **dict(kw, guidance_scale=0.5))
+    ImageSampling(guidance_scale=0.5)
+  with pytest.raises(ValueError, match="does not sample a 'gaussian' objective"):
+    sample_images(
+        params, config, diffusion.make_objective("gaussian"), prompts, **dict(kw, options=ImageSampling(sampler="heun"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +149,7 @@ def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler
   kw = dict(
       uncond_prompt=[1, IMS],
       labels=[2, 0],
-      guidance_scale=2.5,
-      sampler=sampler,
-      num_steps=3,
-      eta=eta,
-      clip_denoised=clip,
+      options=ImageSampling(guidance_scale=2.5, sampler=sampler, num_steps=3, eta=eta, clip_denoised=clip),
       rng=jax.random.key(int(rng.integers(1 << 30))),
   )
   cached = sample_images(params, config, objective, prompts, **kw)
@@ -161,11 +161,15 @@ def test_every_sampler_cached_equals_full_recompute(t_token_model, kind, sampler
   # the scale is the unclamped chain's (seed sweep: worst 1.7e-7 of it, 1e-4 of the output).
   scale = np.abs(full).max()
   if clip:
-    unclipped = sample_images(params, config, objective, prompts, **dict(kw, clip_denoised=False))
+    unclipped = sample_images(
+        params, config, objective, prompts, **dict(kw, options=kw["options"].replace(clip_denoised=False))
+    )
     scale = max(scale, np.abs(unclipped).max())
   np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5 * scale)
   if eta:  # eta > 0 draws fresh noise at every step: another sample than eta = 0
-    deterministic = sample_images(params, config, objective, prompts, **dict(kw, eta=0.0))
+    deterministic = sample_images(
+        params, config, objective, prompts, **dict(kw, options=kw["options"].replace(eta=0.0))
+    )
     assert np.abs(deterministic - cached).max() > 1e-3 * np.abs(full).max()
   if clip:  # DDIM's last step returns the clamped x0 itself; unclamped, the chain differs
     assert np.abs(cached).max() <= 1.0 + 1e-6
@@ -195,7 +199,7 @@ def test_the_lm_head_is_never_applied_while_drawing(t_token_model):
   assert config.vocab_size not in (config.hidden_size, config.intermediate_size)
   headless = {k: v for k, v in params.items() if k != "lm_head"}
   objective = diffusion.make_objective("gaussian")
-  opts = dict(guided=True, scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2, eta=0.0, clip_denoised=False)
+  opts = dict(options=ImageSampling(guidance_scale=2.0, cfg_mode="eps", sampler="ddpm", num_steps=2))
   ids, lengths = image_lib.pad_prompts([[1, 5, 7, IMS], [1, IMS]])
   cached = jax.make_jaxpr(
       lambda p: image_lib._sample_cached(  # pylint: disable=protected-access
@@ -293,7 +297,12 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch,
   objective = diffusion.make_objective("gaussian")
   m, span = 8, span_length(config)
   kw = dict(
-      image_token=IMS, end_token=IME, uncond_prompt=[1, IMS], max_new_tokens=m, guidance_scale=2.0, num_steps=3, rng=key
+      image_token=IMS,
+      end_token=IME,
+      uncond_prompt=[1, IMS],
+      max_new_tokens=m,
+      options=ImageSampling(guidance_scale=2.0, num_steps=3),
+      rng=key,
   )
   # Without a trigger row 0 writes text only; its first new token not in its prompt becomes
   # the trigger (tiny random models repeat themselves: a few prompts may be needed).
@@ -330,8 +339,7 @@ def test_model_opens_an_image_mid_text_and_writes_on_after_it(tiny, monkeypatch,
       prefixes,
       uncond_prompt=[1, IMS],
       labels=[config.num_classes] * 2,
-      guidance_scale=2.0,
-      num_steps=3,
+      options=ImageSampling(guidance_scale=2.0, num_steps=3),
       rng=jax.random.fold_in(key, 1),
   )
   np.testing.assert_allclose(images[:, 0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -206,18 +206,18 @@ def test_latent_default_trains_end_to_end(trained_vae, tmp_path):
       sys.executable,
       "-m",
       "monoformer_jax.main",
-      "--config=configs/mnist_tiny.py:latent_test",
+      "--config=configs/mnist_tiny.py:latent,test",
       f"--workdir={run}",
       f"--config.data.image_path={data_dir}",
       f"--config.vae.path={workdir / 'vae'}",
-      f"--config.vae.scale={scale}",
   ]
   env = subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   with open(run / "config.json") as f:
     resolved = json.load(f)
-  # vae.scale and data.latent_scale are one reference: the override set both.
+  # vae.scale 0 took the VAE's scaling_factor when the run started, and data.latent_scale, one
+  # reference with it, took it too.
   assert resolved["data"]["latent_scale"] == pytest.approx(scale)
   assert resolved["vae"] == {"path": str(workdir / "vae"), "scale": pytest.approx(scale)}
   assert (resolved["model"]["image_height"], resolved["model"]["image_channels"]) == (7, 4)

@@ -179,6 +179,9 @@ def test_scan_and_remat_give_the_same_outputs(setup, rng):
     np.testing.assert_allclose(out["image"], ref["image"], atol=1e-5, rtol=1e-5)
 
 
+BF16_OF_SCALE = 3e-2
+
+
 def test_bfloat16_compute_is_close_and_params_stay_float32(setup, rng):
   config, params = setup
   batch = build(config, [[image_sample(config, rng, 4)]], 24)
@@ -187,8 +190,13 @@ def test_bfloat16_compute_is_close_and_params_stay_float32(setup, rng):
   out, state = run(bf16, params, batch, mutable=["intermediates"])
   assert out["logits"].dtype == jnp.float32
   assert state["intermediates"]["final_hidden"][0].dtype == jnp.bfloat16  # really computed in bf16
-  scale = float(np.abs(ref["image"]).max())
-  assert np.abs(np.asarray(out["image"], np.float32) - ref["image"]).max() < 0.1 * scale
+  # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%), compounded over the layers:
+  # both outputs within BF16_OF_SCALE of their largest value (worst seen: RESULTS.md).
+  for key in ("image", "logits"):
+    scale = float(np.abs(ref[key]).max())
+    np.testing.assert_allclose(
+        np.asarray(out[key], np.float32), ref[key], rtol=0, atol=BF16_OF_SCALE * scale, err_msg=key
+    )
   # Fresh parameters of the bf16-compute model are float32, every leaf.
   fresh = jax.eval_shape(lambda: nn.unbox(init_params(bf16, jax.random.key(0))))
   dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(fresh)}

@@ -13,6 +13,7 @@ import pytest
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax import diffusion
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.data import interleaved as interleaved_data
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.model.monoformer import MonoFormer
@@ -147,7 +148,7 @@ def _full_recompute_images(params, config, objective, prefixes, slots, sample_id
   denoise = diffusion.guided_denoise_fn(cond_fn, uncond_fn, scale, "eps", config.learn_sigma)
   run = jax.jit(
       lambda r: image_lib.run_sampler(
-          objective, denoise, r, jnp.asarray(sample_ids, jnp.int32), SHAPE, sampler="ddpm", num_steps=num_steps, eta=0.0
+          objective, denoise, r, jnp.asarray(sample_ids, jnp.int32), SHAPE, ImageSampling(num_steps=num_steps)
       )
   )
   return np.asarray(run(rng))
@@ -169,8 +170,7 @@ def test_one_call_writes_text_an_image_text_about_it_and_another_image(models, r
       uncond_prompt=[1, IMS],
       max_new_tokens=m,
       max_images=max_images,
-      guidance_scale=2.0,
-      num_steps=3,
+      options=ImageSampling(guidance_scale=2.0, num_steps=3),
       rng=key,
   )
   # Triggers found one by one: a new token of the plain text, then one after the first image

@@ -118,7 +118,7 @@ def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
           "MONOFORMER_REPO_URL": f"file://{ROOT}",  # this clone's committed HEAD
           "MONOFORMER_WORKDIR": str(work / "run"),  # empty: the notebook trains there
           # Generation, text and reading in one tiny run: every cell has something to show.
-          "MONOFORMER_TRAIN_CONFIG": "configs/mnist_tiny.py:all_in_one_test",
+          "MONOFORMER_TRAIN_CONFIG": "configs/mnist_tiny.py:all_in_one,test",
           "MONOFORMER_TRAIN_STEPS": "6",
           "MONOFORMER_NUM_STEPS": "2",
           "MONOFORMER_NUM_PER_CLASS": "1",

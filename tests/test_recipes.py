@@ -29,7 +29,6 @@ from monoformer_jax.data.pipeline import make_text_iterator
 from monoformer_jax.data.sources import ChatJsonlSource
 from monoformer_jax.evaluation import sample_dirs, t2i_samples
 from monoformer_jax.inference import InferenceError, InferenceModel
-from monoformer_jax.run.open import open_run
 from monoformer_jax.sampling import chat as chat_lib
 from monoformer_jax.train.scheduler import StepScheduler
 from monoformer_jax.tools import compile_for, extract_latents
@@ -307,12 +306,11 @@ def test_clip_score_matches_transformers_on_the_samples(clip_scored, t2i_run, st
 def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, stand_ins, tmp_path, monkeypatch):
   """Process p of 2 draws chunks p, p + 2, ...; together they write the images one process
   wrote in chunks of another size; a directory made with other settings is refused by name."""
-  run = open_run(str(t2i_run))
   prompts = t2i_samples.read_prompts(str(stand_ins["/path/to/parti_prompts.json"]))
   for process in (1, 0):
     monkeypatch.setattr("jax.process_index", lambda p=process: p)
     monkeypatch.setattr("jax.process_count", lambda: 2)
-    t2i_samples.generate(run, str(tmp_path), prompts, samples_per_prompt=4, chunk=4)
+    t2i_samples.generate(str(t2i_run), str(tmp_path), prompts, samples_per_prompt=4, chunk=4)
     written = sorted(p.name for p in tmp_path.glob("samples_*.npz"))
     assert written == [f"samples_00000000{i}.npz" for i in ((4,) if process else (0, 4, 8))]
   monkeypatch.undo()
@@ -320,7 +318,7 @@ def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, st
   whole, _ = sample_dirs.load_samples(str(t2i_run / "eval" / "clip_score_samples"))
   np.testing.assert_array_equal(split, whole)
   with pytest.raises(ValueError, match=r"other settings \(seed: 0 on disk, 1 now\)"):
-    t2i_samples.generate(run, str(tmp_path), prompts, samples_per_prompt=4, chunk=4, seed=1)
+    t2i_samples.generate(str(t2i_run), str(tmp_path), prompts, samples_per_prompt=4, chunk=4, seed=1)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": " "}]))
     t2i_samples.read_prompts(str(tmp_path / "bad.json"))

@@ -106,7 +106,7 @@ def test_errors(run_dir, tmp_path, capsys):
   with open(other / "config.json", "w") as f:
     json.dump(cfg, f)
   for args, message in (
-      ([f"--workdir={other}", "--prompt=x"], "another model shape"),
+      ([f"--workdir={other}", "--prompt=x"], "holds a model of another shape than the config"),
       ([f"--workdir={run_dir}", "--t2i_prompt= ", f"--out={tmp_path}/x.npz"], "empty prompt"),
       ([f"--workdir={run_dir}", "--prompt=x", "--interleaved"], "--out"),
       ([f"--workdir={run_dir}", "--classes=3", "--guidance_scale=0.9", f"--out={tmp_path}/x.npz"], "must be >= 1"),

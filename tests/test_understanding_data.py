@@ -92,7 +92,7 @@ def test_read_images_are_stored_ones_moved_by_at_most_max_shift(tok, seed):
 def test_a_shift_as_large_as_the_image_is_named(tok, seed):
   with pytest.raises(ValueError, match="max_shift 10 is not in 0..9"):
     _read(tok, _Digits(seed), 10)
-  c = mnist_tiny.get_config("all_in_one_test")
+  c = mnist_tiny.get_config("all_in_one,test")
   c.data.understand_max_shift = 28
   with pytest.raises(config_lib.ConfigError, match=r"data.understand_max_shift.*28 is not in 0..27"):
     config_lib.validate_config(c, ["diffusion", "ar", "understand"], num_devices=1)

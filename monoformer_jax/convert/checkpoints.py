@@ -167,8 +167,27 @@ def save_hf_llama(params: dict, config: ModelConfig, out_dir: str, *, overwrite:
   _save(state, _hf_config(config), out_dir, overwrite)
 
 
-def save_official(params: dict, config: ModelConfig, out_dir: str, *, overwrite: bool = False):
-  """Writes every parameter under the official key names, with an official-style config.json."""
+# The fields the official `MonoFormerForCausalLM` reads from its config.json beyond LLaMA's own
+# (models/monoformer.py and models/modeling.py of its single_image branch, which made the released
+# checkpoint); a missing one is an AttributeError when the official code loads the folder.
+OFFICIAL_CONFIG_FIELDS = (
+    "image_size",
+    "in_channels",
+    "patch_size",
+    "learn_sigma",
+    "decoder_t_embed",
+    "use_bi_attn_img_tokens",
+    "use_pos_embed",
+    "add_pos_embed_each_layer",
+    "use_adaln_final_layer",
+    "image_token_index",
+    "use_flash_attn",
+)
+
+
+def official_config(config: ModelConfig, image_token_index: int) -> dict:
+  """The official config.json of `config` (LLaMA fields + OFFICIAL_CONFIG_FIELDS).
+  `image_token_index`: the id of the tokenizer's `<image>` (32001 with TinyLlama's)."""
   if config.image_height != config.image_width or config.num_classes:
     raise ValueError(
         "the official layout describes square SD-VAE latents (image_size = 8 x latent) and has no label embedding"
@@ -186,12 +205,24 @@ def save_official(params: dict, config: ModelConfig, out_dir: str, *, overwrite:
           "use_pos_embed": config.use_pos_embed,
           "add_pos_embed_each_layer": False,
           "use_adaln_final_layer": True,
+          "image_token_index": int(image_token_index),
+          # The official code refuses flash attention with its mask (it needs the dense one).
+          "use_flash_attn": False,
       }
   )
-  _save(params_to_state_dict(params, config), cfg, out_dir, overwrite)
+  return cfg
+
+
+def save_official(
+    params: dict, config: ModelConfig, out_dir: str, *, image_token_index: int = 32001, overwrite: bool = False
+):
+  """Writes every parameter under the official key names, with the official config.json."""
+  _save(params_to_state_dict(params, config), official_config(config, image_token_index), out_dir, overwrite)
 
 
 __all__ = [
+    "OFFICIAL_CONFIG_FIELDS",
+    "official_config",
     "load_llama_checkpoint",
     "load_official_checkpoint",
     "save_hf_llama",

@@ -35,6 +35,7 @@ from monoformer_jax.diffusion.losses import (
 )
 from monoformer_jax.diffusion.noise import per_sample_noise_fn, sample_noise, step_noise
 from monoformer_jax.diffusion.objective import (OBJECTIVE_KINDS, FlowObjective, GaussianObjective, make_objective)
+from monoformer_jax.diffusion.options import OFFICIAL, ImageSampling, SamplingOptionError
 from monoformer_jax.diffusion.samplers import (
     ddim_reverse_loop,
     ddim_sample_loop,
@@ -59,8 +60,11 @@ __all__ = [
     "FlowObjective",
     "GaussianDiffusion",
     "GaussianObjective",
+    "ImageSampling",
     "ModelPrediction",
+    "OFFICIAL",
     "Posterior",
+    "SamplingOptionError",
     "cfg_denoise_fn",
     "cosine_betas",
     "create_gaussian_diffusion",

@@ -25,7 +25,6 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from monoformer_jax import cli, paths
 from monoformer_jax.compilation_cache import enable_compilation_cache
@@ -35,8 +34,7 @@ from monoformer_jax.evaluation import sample_dirs
 from monoformer_jax.evaluation.sample_dirs import load_samples  # noqa: F401  (the public name)
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.run import images as images_lib
-from monoformer_jax.run import sharding as sharding_lib
-from monoformer_jax.run.open import open_run
+from monoformer_jax.run import open as open_lib
 from monoformer_jax.sampling import classes as classes_lib
 
 # Labels come from fold_in(fold_in(key(seed), LABEL_STREAM), i), noise from fold_in(key(seed), i)
@@ -52,12 +50,27 @@ def sample_labels(seed: int, indices: np.ndarray, num_classes: int) -> np.ndarra
 
 
 def generate(
-    workdir: str, out_dir: str, num_samples: int, *, seed: int = 0, chunk: int = 256, devices=None, use_ema: bool = True
+    workdir: str,
+    out_dir: str,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    chunk: int = 256,
+    devices=None,
+    use_ema: bool = True,
+    mesh: str = "",
+    dtype=None,
 ) -> list[str]:
-  """Writes the missing chunks of this process; returns the paths of all chunks of the run."""
+  """Writes the missing chunks of this process; returns the paths of all chunks of the run.
+
+  Each process draws its chunks on its local devices (`devices`): by default each holds the
+  whole model and takes a share of the batch; `mesh` ('fsdp=4,tensor=2') shards the weights
+  over them instead, for a model one device cannot hold."""
   if num_samples < 1 or chunk < 1:
     raise ValueError(f"num_samples and chunk must be positive, got {num_samples} and {chunk}")
-  run = open_run(workdir, use_ema=use_ema)
+  devices = list(devices or jax.local_devices())
+  mesh = open_lib.mesh_from_spec(mesh or "", devices)
+  run = open_lib.open_run(workdir, use_ema=use_ema, dtype=dtype, mesh=mesh)
   if not run.class_names:
     raise ValueError(f"{workdir}: not a class-conditional run (no class names)")
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -70,13 +83,11 @@ def generate(
           "seed": int(seed),
           "use_ema": bool(use_ema),
           "step": run.step,
+          **({"dtype": dtype} if dtype not in (None, "float32") else {}),
           "workdir": paths.absolute(workdir),
       },
   )
-  devices = list(devices or jax.local_devices())
-  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  params = jax.device_put(run.params, NamedSharding(mesh, PartitionSpec()))
-  options = classes_lib.image_options(run.config.sampling)
+  options = run.image_sampling
   starts = list(range(0, num_samples, chunk))
   for c, start in enumerate(starts):
     path = sample_dirs.chunk_path(out_dir, start)
@@ -87,18 +98,18 @@ def generate(
     padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
     labels = sample_labels(seed, padded, len(run.class_names))
     images = classes_lib.sample_classes(
-        params,
+        run.params,
         run.model_config,
         run.objective,
         run.tokenizer,
         run.class_names,
         labels,
+        options=options,
         seed=seed,
         sample_ids=padded,
         batch_size=len(padded),
         mesh=mesh,
-        rules=sharding_lib.DEFAULT_RULES,
-        **options,
+        rules=run.rules,
     )
     images = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))[
         : len(idx)
@@ -115,6 +126,10 @@ def define_flags(fv, argv=()):
   flags.DEFINE_integer("num_samples", 10000, "Samples to draw.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("chunk", 256, "Samples per chunk file.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the labels and the noise.", flag_values=fv)
+  flags.DEFINE_string(
+      "mesh", "", "Shard the weights over each process's devices, e.g. 'fsdp=4' (default: replicated).", flag_values=fv
+  )
+  flags.DEFINE_enum("dtype", None, list(open_lib.DTYPES), "Weights' dtype (default: float32).", flag_values=fv)
   flags.DEFINE_bool(
       "score_mnist", False, "Score with the project's digit classifier (the embedded default).", flag_values=fv
   )
@@ -141,7 +156,7 @@ def run(fv, args) -> int:
   enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
-  generate(fv.workdir, fv.out_dir, fv.num_samples, seed=fv.seed, chunk=fv.chunk)
+  generate(fv.workdir, fv.out_dir, fv.num_samples, seed=fv.seed, chunk=fv.chunk, mesh=fv.mesh, dtype=fv.dtype)
   if jax.process_count() > 1:
     # Chunks are dealt round-robin to the processes: process 0 may score only once every process
     # has written its share (load_samples would otherwise fail, or race a chunk's write).

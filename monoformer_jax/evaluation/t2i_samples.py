@@ -15,6 +15,7 @@ with others is refused, naming them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,13 +23,12 @@ import os
 import jax
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 
 from monoformer_jax import paths
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.evaluation import sample_dirs
 from monoformer_jax.run import images as images_lib
-from monoformer_jax.run import sharding as sharding_lib
+from monoformer_jax.run import open as open_lib
 from monoformer_jax.sampling import classes as classes_lib
 from monoformer_jax.sampling.image import sample_images
 
@@ -94,7 +94,7 @@ def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
 
 
 def generate(
-    run,
+    workdir: str,
     out_dir: str,
     prompts: list[str],
     *,
@@ -104,12 +104,18 @@ def generate(
     sampling: dict | None = None,
     use_ema: bool = True,
     devices=None,
+    mesh: str = "",
+    dtype=None,
 ) -> dict:
-  """Draws this process's missing chunks for an opened run (`run.open.open_run`); returns the
-  manifest. `sampling` overrides the run's image-sampler options (classes.IMAGE_OPTIONS)."""
+  """Draws this process's missing chunks of a run's prompt samples; returns the manifest.
+  `sampling` overrides the run's image-sampling options (diffusion.ImageSampling fields);
+  `devices`, `mesh` and `dtype` as fid_samples.generate takes them."""
   if samples_per_prompt < 1 or chunk < 1:
     raise ValueError(f"samples_per_prompt and chunk must be positive, got {samples_per_prompt} and {chunk}")
-  options = {**classes_lib.image_options(run.config.sampling), **(sampling or {})}
+  devices = list(devices or jax.local_devices())
+  mesh = open_lib.mesh_from_spec(mesh or "", devices)
+  run = open_lib.open_run(workdir, use_ema=use_ema, dtype=dtype, mesh=mesh)
+  options = run.image_sampling.replace(**(sampling or {}))
   max_tokens = int(run.config.data.max_prompt_tokens)
   num_samples = len(prompts) * samples_per_prompt
   manifest = {
@@ -122,8 +128,9 @@ def generate(
       "seed": int(seed),
       "use_ema": bool(use_ema),
       "step": run.step,
-      "workdir": paths.absolute(run.workdir),
-      "sampling": options,
+      **({"dtype": dtype} if dtype not in (None, "float32") else {}),
+      "workdir": paths.absolute(workdir),
+      "sampling": dataclasses.asdict(options),
       "prompt_prefix": seq.T2I_PREFIX,
       "max_prompt_tokens": max_tokens,
   }
@@ -131,9 +138,6 @@ def generate(
   sample_dirs.check_and_write_manifest(out_dir, manifest, MUST_MATCH)
   ids = [prompt_ids(run.tokenizer, p, max_tokens) for p in prompts]
   pad_to = max(map(len, ids))
-  devices = list(devices or jax.local_devices())
-  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  params = jax.device_put(run.params, NamedSharding(mesh, PartitionSpec()))
   for c, start in enumerate(range(0, num_samples, chunk)):
     path = sample_dirs.chunk_path(out_dir, start)
     idx = sample_dirs.chunk_indices(start, chunk, num_samples)
@@ -142,17 +146,17 @@ def generate(
     padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
     which = padded % len(prompts)
     images = sample_images(
-        params,
+        run.params,
         run.model_config,
         run.objective,
         [ids[k] for k in which],
+        options=options,
         uncond_prompt=classes_lib.unconditional_prompt(run.tokenizer),
         rng=jax.random.key(seed),
         sample_ids=padded,
         pad_to=pad_to,
         mesh=mesh,
-        rules=sharding_lib.DEFAULT_RULES,
-        **options,
+        rules=run.rules,
     )
     pixels = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))
     pixels = pixels[: len(idx)]

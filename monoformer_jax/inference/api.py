@@ -1,10 +1,12 @@
 """`InferenceModel`: params + config + tokenizer + objective + sampling defaults, strings in.
 
     model = InferenceModel.from_workdir("runs/mnist_tiny")            # a training run (EMA)
+    model = InferenceModel.from_workdir("gs://b/in256", dtype="bfloat16", mesh="fsdp=4,tensor=2")
     model = InferenceModel.from_official("MonoFormer_ImageNet_256/", tokenizer="tokenizer.model")
     model = InferenceModel.from_hf("TinyLlama-1.1B/", tokenizer="TinyLlama-1.1B/tokenizer.model")
     texts = model.generate_text(["The"], max_new_tokens=32)
     images, labels = model.sample_classes(["seven", 3], num_per_class=4)   # float, model space
+    images, labels = model.sample_classes(["seven"], 4, guidance_scale=2.0, num_steps=20)
     images = model.text_to_image(["a red circle"])
     parts = model.generate(["Draw a seven: <|im_start|>"])   # [('text', s) | ('image', a), ...]
     parts = model.generate(["<image> is a seven. Another: <|im_start|>"], images=[[digit]])
@@ -12,7 +14,8 @@
     answers = model.chat(["Can you briefly introduce Berlin?", "And Paris?"])   # the run's template
 
 Every option defaults to the run's `config.sampling` (or the official settings for converted
-checkpoints); images come back in the model's space ([-1, 1] pixels, or latents: see
+checkpoints): the image options are one `ImageSampling`, overridden per call by its field names
+(or replaced by `sampling=ImageSampling(...)`); images come back in the model's space ([-1, 1] pixels, or latents: see
 `decode`, which applies the run's VAE).
 """
 
@@ -32,8 +35,10 @@ from monoformer_jax.data import registry
 from monoformer_jax.data.tokenizer import load_sentencepiece
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.run import images as images_lib
-from monoformer_jax.run.open import open_run
+from monoformer_jax.run import open as open_lib
+from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.run.input_encoder import build_input_encoder
 from monoformer_jax.sampling import chat as chat_lib
 from monoformer_jax.sampling import classes as classes_lib
@@ -43,19 +48,8 @@ from monoformer_jax.sampling import interleaved as interleaved_lib
 from monoformer_jax.sampling import text as text_lib
 from monoformer_jax.sampling.tokens import TokenSampling
 
-OFFICIAL_SAMPLING = dict(
-    sampler="ddpm",
-    num_steps=50,
-    guidance_scale=4.0,
-    cfg_mode="eps",
-    eta=0.0,
-    clip_denoised=False,
-    temperature=0.7,
-    top_k=50,
-    top_p=0.95,
-    max_new_tokens=64,
-    seed=0,
-)
+# The official code's text sampling (infer_llm.py); its image sampling is diffusion.OFFICIAL.
+OFFICIAL_TEXT = dict(temperature=0.7, top_k=50, top_p=0.95, max_new_tokens=64, seed=0)
 
 
 class InferenceError(ValueError):
@@ -78,13 +72,42 @@ def check_params(params, config: ModelConfig, source: str = "checkpoint") -> Non
     )
 
 
+def _mesh(mesh):
+  """A jax Mesh, a spec string ('fsdp=4,tensor=2') over the local devices, or None."""
+  if mesh is None or not isinstance(mesh, str):
+    return mesh
+  try:
+    return open_lib.mesh_from_spec(mesh)
+  except ValueError as e:
+    raise InferenceError(str(e)) from None
+
+
+def _placed(params, config: ModelConfig, mesh, dtype):
+  """Host weights of a converted checkpoint onto `mesh` (sharded by the default rules), in
+  `dtype`; as they are (the default device) without either."""
+  if mesh is None and dtype is None:
+    return params
+  mesh = open_lib.one_device_mesh() if mesh is None else mesh
+  try:
+    open_lib.check_mesh_fits(config, mesh)
+    abstract = open_lib.abstract_params(config, mesh, sharding_lib.DEFAULT_RULES, dtype)
+  except ValueError as e:
+    raise InferenceError(str(e)) from None
+  check_params(params, config)
+  return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x).astype(a.dtype), a.sharding), params, abstract)
+
+
 @dataclasses.dataclass
 class InferenceModel:
+  """Weights + model config + tokenizer + objective + sampling defaults (`image_sampling` for
+  images; `defaults` for text: temperature, top_k, top_p, max_new_tokens, seed)."""
+
   params: Any
   config: ModelConfig
   tokenizer: Any
   objective: Any
-  defaults: dict
+  image_sampling: ImageSampling = diffusion.OFFICIAL
+  defaults: dict = dataclasses.field(default_factory=dict)
   class_names: Optional[Sequence[str]] = None
   run_config: Any = None  # the training run's ConfigDict (VAE settings), if any
   mesh: Any = None
@@ -93,16 +116,20 @@ class InferenceModel:
 
   def __post_init__(self):
     check_params(self.params, self.config)
-    self.defaults = {**OFFICIAL_SAMPLING, **dict(self.defaults)}
+    self.defaults = {**OFFICIAL_TEXT, **dict(self.defaults)}
 
   # -- loading ---------------------------------------------------------------------------------
   @classmethod
-  def from_workdir(cls, workdir: str, *, use_ema: bool = True) -> "InferenceModel":
-    """A training run's newest good checkpoint (run.open.open_run)."""
+  def from_workdir(cls, workdir: str, *, use_ema: Optional[bool] = None, dtype=None, mesh=None) -> "InferenceModel":
+    """A run's newest good checkpoint, or an exported folder (run.open.open_run): its EMA
+    weights (`use_ema`), in `dtype` ('bfloat16' halves them), sharded over `mesh` (a Mesh or
+    'fsdp=4,tensor=2' over the local devices) when one device is too small."""
     try:
-      run = open_run(workdir, use_ema=use_ema)
+      run = open_lib.open_run(workdir, use_ema=use_ema, dtype=dtype, mesh=_mesh(mesh))
     except FileNotFoundError:
       raise
+    except ValueError as e:
+      raise InferenceError(str(e)) from e
     except Exception as e:  # pylint: disable=broad-except  # orbax names shapes, not the cause
       raise InferenceError(
           f"the checkpoint in {workdir} does not fit the model of its "
@@ -114,60 +141,74 @@ class InferenceModel:
         run.model_config,
         run.tokenizer,
         run.objective,
-        dict(run.config.sampling),
+        run.image_sampling,
+        {k: run.config.sampling[k] for k in (*OFFICIAL_TEXT, "num_per_class")},
         run.class_names,
         run_config=run.config,
+        mesh=run.mesh,
+        rules=run.rules,
         step=run.step,
     )
 
   @classmethod
   def from_official(
-      cls, path: str, *, tokenizer: str, class_names=None, objective=None, **defaults
+      cls, path: str, *, tokenizer: str, class_names=None, objective=None, dtype=None, mesh=None, **defaults
   ) -> "InferenceModel":
-    """An official MonoFormer checkpoint folder (config.json + weights or ema/)."""
+    """An official MonoFormer checkpoint folder (config.json + weights or ema/). `defaults`:
+    image-sampling options (ImageSampling fields) and text ones, over the official settings."""
     config, params = convert_checkpoints.load_official_checkpoint(path)
-    return cls(
-        params,
-        config,
-        load_sentencepiece(tokenizer),
-        objective or diffusion.make_objective("gaussian", learn_sigma=config.learn_sigma),
-        defaults,
-        class_names,
-    )
+    return cls._converted(config, params, load_sentencepiece(tokenizer), objective, class_names, dtype, mesh, defaults)
 
   @classmethod
   def from_hf(
-      cls, path: str, *, tokenizer: str, vocab_size: Optional[int] = None, objective=None, **defaults
+      cls,
+      path: str,
+      *,
+      tokenizer: str,
+      vocab_size: Optional[int] = None,
+      objective=None,
+      dtype=None,
+      mesh=None,
+      **defaults,
   ) -> "InferenceModel":
     """A transformers LLaMA folder; the image path is freshly initialised (text only, really)."""
     tok = load_sentencepiece(tokenizer)
     config, params = convert_checkpoints.load_llama_checkpoint(path, vocab_size=vocab_size or tok.vocab_size)
-    return cls(params, config, tok, objective or diffusion.make_objective("gaussian"), defaults)
+    return cls._converted(config, params, tok, objective, None, dtype, mesh, defaults)
+
+  @classmethod
+  def _converted(cls, config, params, tokenizer, objective, class_names, dtype, mesh, defaults):
+    mesh = _mesh(mesh)
+    image_names = {f.name for f in dataclasses.fields(ImageSampling)}
+    try:
+      image = diffusion.OFFICIAL.replace(**{k: v for k, v in defaults.items() if k in image_names})
+    except diffusion.SamplingOptionError as e:
+      raise InferenceError(str(e)) from None
+    return cls(
+        _placed(params, config, mesh, dtype),
+        config,
+        tokenizer,
+        objective or diffusion.make_objective("gaussian", learn_sigma=config.learn_sigma),
+        image,
+        {k: v for k, v in defaults.items() if k not in image_names},
+        class_names,
+        mesh=mesh,
+        rules=None if mesh is None else sharding_lib.DEFAULT_RULES,
+    )
 
   def _opt(self, name, value):
     return self.defaults[name] if value is None else value
 
-  def _image_options(self, guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised):
-    scale = float(self._opt("guidance_scale", guidance_scale))
-    if scale < 1.0:
-      raise InferenceError(f"guidance_scale must be >= 1 (1 = no guidance), got {scale}")
-    steps = int(self._opt("num_steps", num_steps))
-    if steps < 1:
-      raise InferenceError(f"num_steps must be >= 1, got {steps}")
-    clip = bool(self._opt("clip_denoised", clip_denoised))
-    if clip and self.objective.kind != "gaussian":
-      raise InferenceError(
-          f"clip_denoised clamps the Gaussian sampler's x0; the "
-          f"{self.objective.kind!r} objective's samplers have no x0 to clamp"
-      )
-    return dict(
-        guidance_scale=scale,
-        cfg_mode=self._opt("cfg_mode", cfg_mode),
-        sampler=self._opt("sampler", sampler),
-        num_steps=steps,
-        eta=float(self._opt("eta", eta)),
-        clip_denoised=clip,
-    )
+  def options(self, sampling: Optional[ImageSampling] = None, **overrides) -> ImageSampling:
+    """The image-sampling options of a call: `sampling` (default: this model's), with the
+    `overrides` that are not None (guidance_scale=..., num_steps=...), checked against the
+    objective and the model's space."""
+    try:
+      options = (sampling or self.image_sampling).replace(**overrides)
+      options.check_objective(self.objective.kind, latent=bool(self.run_config and self.run_config.vae.path))
+    except diffusion.SamplingOptionError as e:
+      raise InferenceError(str(e)) from None
+    return options
 
   # -- prompts ---------------------------------------------------------------------------------
   def image_prompt(self, text: str) -> list[int]:
@@ -205,18 +246,15 @@ class InferenceModel:
       use_label_embedding: Optional[bool] = None,
       seed: Optional[int] = None,
       batch_size: int = 64,
-      guidance_scale=None,
-      cfg_mode=None,
-      sampler=None,
-      num_steps=None,
-      eta=None,
-      clip_denoised=None,
+      sampling: Optional[ImageSampling] = None,
+      **overrides,
   ) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, H, W, C), labels (N,)), `num_per_class` per class, in class order.
 
     Classes go in as text through `template` (official: "Please generate an image of {}."), and
     as labels to the label embedding when the model has one (`use_label_embedding`). Sample n is
     drawn with sample id n: the same images as the run's periodic grid for the same seed.
+    `sampling` / `overrides` (guidance_scale=4.0, num_steps=10, ...): see `options`.
     """
     if num_per_class < 1:
       raise InferenceError(f"num_per_class must be >= 1, got {num_per_class}")
@@ -230,12 +268,8 @@ class InferenceModel:
         use_label_embedding=use_label_embedding,
         seed=seed,
         batch_size=batch_size,
-        guidance_scale=guidance_scale,
-        cfg_mode=cfg_mode,
-        sampler=sampler,
-        num_steps=num_steps,
-        eta=eta,
-        clip_denoised=clip_denoised,
+        sampling=sampling,
+        **overrides,
     )
     return images, labels
 
@@ -248,12 +282,8 @@ class InferenceModel:
       use_label_embedding: Optional[bool] = None,
       seed: Optional[int] = None,
       batch_size: int = 64,
-      guidance_scale=None,
-      cfg_mode=None,
-      sampler=None,
-      num_steps=None,
-      eta=None,
-      clip_denoised=None,
+      sampling: Optional[ImageSampling] = None,
+      **overrides,
   ) -> np.ndarray:
     """Images (N, H, W, C) of class ids `labels`, sample i drawn with id `sample_ids[i]`
     (default 0..N-1): the image an FID sample directory holds for that index and label."""
@@ -267,6 +297,7 @@ class InferenceModel:
         self.tokenizer,
         self.class_names,
         labels,
+        options=self.options(sampling, **overrides),
         seed=int(self._opt("seed", seed)),
         sample_ids=sample_ids,
         template=template or classes_lib.DEFAULT_CLASS_TEMPLATE,
@@ -274,7 +305,6 @@ class InferenceModel:
         batch_size=batch_size,
         mesh=self.mesh,
         rules=self.rules,
-        **self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised),
     )
 
   def text_to_image(
@@ -283,15 +313,13 @@ class InferenceModel:
       *,
       seed: Optional[int] = None,
       batch_size: int = 64,
-      guidance_scale=None,
-      cfg_mode=None,
-      sampler=None,
-      num_steps=None,
-      eta=None,
-      clip_denoised=None,
+      sampling: Optional[ImageSampling] = None,
+      **overrides,
   ) -> np.ndarray:
+    """Images (N, H, W, C) in model space for free-text prompts (the official
+    `<s>{prompt}<|im_start|>`), sample i drawn with id i."""
     _check_prompts(prompts)
-    opts = self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised)
+    options = self.options(sampling, **overrides)
     ids = [self.image_prompt(p) for p in prompts]
     rng = jax.random.key(int(self._opt("seed", seed)))
     return np.concatenate(
@@ -301,12 +329,12 @@ class InferenceModel:
                 self.config,
                 self.objective,
                 ids[start : start + batch_size],
+                options=options,
                 uncond_prompt=self.unconditional_prompt(),
                 rng=rng,
                 sample_ids=np.arange(start, min(start + batch_size, len(ids))),
                 mesh=self.mesh,
                 rules=self.rules,
-                **opts,
             )
             for start in range(0, len(ids), batch_size)
         ]
@@ -367,13 +395,9 @@ class InferenceModel:
       top_p=None,
       greedy: bool = False,
       seed: Optional[int] = None,
-      guidance_scale=None,
-      cfg_mode=None,
-      sampler=None,
-      num_steps=None,
-      eta=None,
-      clip_denoised=None,
       images: Optional[Sequence] = None,
+      sampling: Optional[ImageSampling] = None,
+      **overrides,
   ) -> list[list[tuple]]:
     """Text and images in one call. Per prompt, the new parts in order: ('text', str) and
     ('image', (H, W, C) array in model space). A prompt may end with `<|im_start|>`.
@@ -381,7 +405,8 @@ class InferenceModel:
     `images` (a run that reads images): per prompt, the images it reads (uint8 pixels or
     model-space floats), one for each `<image>` in its text, read as understanding rows read
     them (`<|im_start|>` [image] `<|im_end|>`); everything after reads them. Prompts of one
-    token length are generated together, one call per length."""
+    token length are generated together, one call per length. `sampling` / `overrides`: the
+    image-sampling options (see `options`)."""
     _check_prompts(prompts)
     tok = self.tokenizer
     kw = dict(
@@ -392,10 +417,10 @@ class InferenceModel:
         sampling=self._token_sampling(temperature, top_k, top_p, greedy),
         stop_tokens=(tok.eos_id,),
         max_images=max_images,
+        options=self.options(sampling, **overrides),
         rng=jax.random.key(int(self._opt("seed", seed))),
         mesh=self.mesh,
         rules=self.rules,
-        **self._image_options(guidance_scale, cfg_mode, sampler, num_steps, eta, clip_denoised),
     )
     if images is None:
       ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]

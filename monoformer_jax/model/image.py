@@ -1,4 +1,5 @@
-"""MonoFormer's image path: patch (un)folding, 2-D positions, timestep embedder, diffusion head.
+"""MonoFormer's image path: patch (un)folding, where image tokens sit in the sequence, 2-D
+positions, timestep embedder, diffusion head.
 
 The official code flattens a patch in (C, ph, pw) order on the way in and reads the output in
 (ph, pw, C) order (as DiT does); the two orders differ and both are reproduced here.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.layers import normal_init, zeros_init
 
@@ -41,6 +43,30 @@ def unpatchify(tokens: Array, patch: int, height: int, width: int) -> Array:
   return x.reshape(*lead, height, width, c)
 
 
+def gather_tokens(values: Array, index: Array) -> Array:
+  """values (B, N, D), index (B, L) -> (B, L, D)."""
+  return jnp.take_along_axis(values, index[..., None], axis=1)
+
+
+def place_input_tokens(x: Array, values: Array, kinds: Array, patch_index: Array) -> Array:
+  """x with its KIND_INPUT_IMAGE tokens replaced by `values` (B, K * Q, D), token i of input
+  slot k (patch_index k * Q + i) taking row k * Q + i."""
+  is_input = (kinds == batch_lib.KIND_INPUT_IMAGE)[..., None]
+  index = jnp.where(is_input[..., 0], patch_index, 0)
+  return jnp.where(is_input, gather_tokens(values, index).astype(x.dtype), x)
+
+
+def image_token_positions(kinds: Array, patch_index: Array, num_slots: int) -> Array:
+  """(B, num_slots): where in the sequence each generated-image patch sits (0 for absent ones)."""
+  seq = jnp.broadcast_to(jnp.arange(kinds.shape[1], dtype=jnp.int32), kinds.shape)
+  target = jnp.where(kinds == batch_lib.KIND_IMAGE, patch_index, num_slots)  # num_slots: dropped
+
+  def one_row(t, s):
+    return jnp.zeros((num_slots,), jnp.int32).at[t].set(s, mode="drop")
+
+  return jax.vmap(one_row)(target, seq)
+
+
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
   out = np.outer(pos.reshape(-1).astype(np.float64), omega)
@@ -56,6 +82,14 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
   emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
   return emb.astype(np.float32)
+
+
+def add_position_embedding(x: Array, is_image: Array, patch_index: Array, config: ModelConfig) -> Array:
+  """x plus the 2-D table's row of each image token (`is_image` (B, L, 1)); patch_index modulo
+  the patches of an image is the token's place in its image."""
+  table = jnp.asarray(sincos_pos_embed_2d(config.hidden_size, *config.grid_size))
+  pos = jnp.take(table, patch_index % config.num_patches, axis=0)
+  return x + jnp.where(is_image, pos, 0).astype(config.compute_dtype)
 
 
 def timestep_frequencies(t: Array, dim: int, max_period: float = 10000.0) -> Array:

@@ -9,6 +9,9 @@ each other. The official code merges every generated span of a row into one bidi
 (it allows one generated image per sample); here each image is its own block. An input image (one
 the model reads: image understanding) is a bidirectional block of its own too when
 `model.bidirectional_input_image` (the official main branch keeps it causal).
+
+`decoder_mask` builds it for one forward pass: with a key/value cache the keys are the cache's
+slots, whose attributes the cache keeps (`cache["meta"]`) so that later steps can mask them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from monoformer_jax.batch import KIND_IMAGE, KIND_INPUT_IMAGE
+from monoformer_jax.model import attention
+from monoformer_jax.model.config import ModelConfig
 
 Array = jax.Array
 
@@ -70,3 +75,37 @@ def kernel_spans(q: dict, k: dict, bidirectional: bool) -> dict:
     block_end = jax.lax.cummin(ends, axis=1, reverse=True)
     reach = jnp.where(image >= 0, jnp.take_along_axis(order, block_end, axis=1), order)
   return {"q_segment": q["segment_ids"], "q_reach": reach, "k_segment": k["segment_ids"]}
+
+
+def decoder_mask(config: ModelConfig, batch: dict, input_tokens: int, cache=None, cache_index=0) -> tuple:
+  """What the decoder's attention reads for `batch` (B, L) and the updated cache metadata.
+
+  The mask is (B, L, K) boolean, or the flash kernel's spans when the attention runs in it (the
+  kernel builds its own tiles); K is L, or the cache's size with a cache. `input_tokens` is the
+  number of tokens an input image has (each is a bidirectional block of that many). The cache
+  metadata (None without a cache) is `cache["meta"]` with this batch's tokens written at
+  `cache_index`.
+  """
+  b, length = batch["tokens"].shape
+  order = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (b, length))
+  q = token_meta(
+      batch["segment_ids"],
+      batch["kinds"],
+      batch["patch_index"],
+      config.num_patches,
+      order,
+      input_tokens=input_tokens,
+      bidirectional_input=config.bidirectional_input_image,
+  )
+  k, cache_meta = q, None
+  if cache is not None:
+    cache_meta = {
+        key: jax.lax.dynamic_update_slice_in_dim(cache["meta"][key], q[key], cache_index, 1)
+        for key in ("segment_ids", "image_id")
+    }
+    size = cache["meta"]["segment_ids"].shape[1]
+    k = dict(cache_meta, order=jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size)))
+  impl = attention.resolve(config.attention, config.compute_dtype, config.dim_per_head, length, k["order"].shape[1])
+  if impl == "pallas":
+    return kernel_spans(q, k, config.bidirectional_image), cache_meta
+  return attention_mask(q, k, config.bidirectional_image), cache_meta

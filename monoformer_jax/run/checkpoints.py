@@ -95,9 +95,17 @@ def _warn(message: str) -> None:
 class Checkpointer:
   """`clean_unfinished`: warn about and delete saves a killed job left half-written. Only the
   training job itself may: a reader (sampling from a running job's workdir) would delete the
-  save in progress."""
+  save in progress. `read_only`: a reader that writes nothing (no folder is created)."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, clean_unfinished: bool = False):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      max_to_keep: int = 3,
+      async_save: bool = True,
+      clean_unfinished: bool = False,
+      read_only: bool = False,
+  ):
     self.directory = checkpoint_dir(workdir)
     self._repairs = clean_unfinished  # the training job moves bad steps aside; readers never do
     if clean_unfinished and jax.process_index() == 0 and self.directory.is_dir():
@@ -106,14 +114,16 @@ class Checkpointer:
           _warn(f"ignoring and deleting the unfinished save {path} (a job was stopped while writing it)")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        create=True,
+        enable_async_checkpointing=async_save and not read_only,
+        create=not read_only,
         cleanup_tmp_directories=clean_unfinished,
     )
     # Handlers named up front, so a step's metadata (its arrays' shapes) reads before a restore.
+    # PyTreeRestore reads a part of the state (the weights alone: `restore_weights`).
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add("state", args_type, ocp.StandardCheckpointHandler())
+    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
     for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add("extra", args_type, ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
@@ -166,6 +176,37 @@ class Checkpointer:
     `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings, so arrays come back
     already sharded on the current mesh (which may differ from the one that saved them).
     """
+
+    def restore(step):
+      self._check_shapes(step, abstract_state.params)
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
+      restored = self.manager.restore(step, args=args)
+      return step, restored["state"], dict(restored["extra"])
+
+    return self._newest(restore, at_most)
+
+  def restore_weights(
+      self, abstract_params, *, ema: bool = True, at_most: Optional[int] = None
+  ) -> Optional[tuple[int, Any]]:
+    """(step, weights) of the newest loadable checkpoint: its EMA weights (or, `ema=False`, the
+    raw ones) and nothing else. The optimizer's arrays are never read from storage, and each
+    weight is read straight into the dtype and sharding of its `abstract_params` leaf."""
+    name = "ema_params" if ema else "params"
+    item = {name: abstract_params}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape), item
+    )
+
+    def restore(step):
+      self._check_shapes(step, abstract_params, name)
+      args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      return step, self.manager.restore(step, args=ocp.args.Composite(state=args))["state"][name]
+
+    return self._newest(restore, at_most)
+
+  def _newest(self, restore, at_most: Optional[int]):
+    """restore(step) of the newest step that loads (at or before `at_most`), falling back past
+    unfinished and corrupt ones; None if none loads."""
     for step in reversed([s for s in self.steps() if at_most is None or s <= at_most]):
       if not (self.directory / str(step) / COMMIT_SUCCESS_FILE).exists():
         _warn(
@@ -174,12 +215,10 @@ class Checkpointer:
         )
         self._move_aside(step)
         continue
-      self._check_shapes(step, abstract_state)
       try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
-        )
-        return step, restored["state"], dict(restored["extra"])
+        return restore(step)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except  # corruption: try the previous
         if any(pattern in str(e) for pattern in NOT_CORRUPTION):
           # Restoring an older step would fail the same way (or roll the run back for nothing).
@@ -219,14 +258,21 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     self.manager.reload()
 
-  def _check_shapes(self, step: int, abstract_state) -> None:
+  def _check_shapes(self, step: int, abstract_params, name: str = "params") -> None:
     """Raises CheckpointMismatchError when step's readable metadata holds parameters of other
-    shapes than `abstract_state` (unreadable metadata is left to the restore, as corruption)."""
+    shapes than `abstract_params`, or no `name` weights at all (unreadable metadata is left to
+    the restore, as corruption)."""
     try:
-      stored = self.manager.item_metadata(step)["state"]["params"]
+      state = self.manager.item_metadata(step)["state"]
+      keys = list(state.keys())
     except Exception:  # pylint: disable=broad-except  # unreadable: the restore decides
       return
-    problems = shape_mismatches(stored, abstract_state.params)
+    if name not in keys:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} holds no {name} (it has {', '.join(sorted(keys))})"
+          + ("; open its raw weights instead (use_ema=False, --nouse_ema)" if name == "ema_params" else "")
+      )
+    problems = shape_mismatches(state[name], abstract_params)
     if problems:
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} holds a model of another shape than the config "

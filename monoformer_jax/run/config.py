@@ -17,14 +17,14 @@ from etils import epath
 
 from monoformer_jax import diffusion, paths
 from monoformer_jax.data import chat_format, registry
-from monoformer_jax.diffusion.flow import FLOW_SAMPLERS
-from monoformer_jax.diffusion.objective import GAUSSIAN_SAMPLERS
+from monoformer_jax.diffusion.options import ImageSampling, SamplingOptionError
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.vision import registry as vision_registry
 
 OBJECTIVES = ("gaussian", "flow")
 CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.json"
 
 # Fields a run cannot change once it has checkpoints (shapes, token ids, what the model learns).
 # A resumed run may change anything else (intervals, learning rate, steps, mesh, batch sizes); the
@@ -70,14 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Defaults of `python -m monoformer_jax.sample` and of the periodic samples (drawn with `seed`,
   # like every sampler: the same seed gives the same images in training, FID and the API).
+  # The image options and their defaults are ImageSampling's (diffusion/options.py).
   c.sampling = ml_collections.ConfigDict(
       dict(
-          sampler="ddpm",
-          num_steps=250,
-          guidance_scale=1.5,
-          cfg_mode="eps",
-          eta=0.0,
-          clip_denoised=False,  # clamp predicted x0 to [-1, 1] (pixels; official: off)
+          **dataclasses.asdict(ImageSampling()),
           num_per_class=4,
           grid_classes=16,  # rows of the periodic grid (its first classes): bounded at any scale
           temperature=0.7,
@@ -106,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
   # A non-finite loss or gradient norm: "stop" (exit 3, checkpoints intact) or "rollback" (restore
   # the last checkpoint, skip the batches read since, scale the learning rate by lr_factor, go on;
-  # stop after max_tries rollbacks without a new checkpoint in between). train/trainer.py.
+  # stop after max_tries rollbacks without a new checkpoint in between). train/nonfinite.py.
   c.nonfinite = ml_collections.ConfigDict(dict(policy="stop", lr_factor=0.5, max_tries=3))
 
   # Loss weights of the mixed step (official: 1.0 * L_diff + 0.01 * L_LM); understanding answers
@@ -365,32 +361,53 @@ def _check_objective_and_sampling(config):
         f"--config.objective.min_snr_gamma=0 for the flow objective)",
     )
   # The sampler is only used after training: a mismatch must fail now, not after hours.
-  s = config.sampling
-  samplers = FLOW_SAMPLERS if kind == "flow" else GAUSSIAN_SAMPLERS
-  if s.sampler not in samplers:
-    _fail("sampling.sampler", f"{s.sampler!r} does not sample a {kind!r} objective; use one of {samplers}")
-  if s.guidance_scale < 1:
-    _fail("sampling.guidance_scale", f"must be >= 1 (1 = no guidance), got {s.guidance_scale}")
-  if s.num_steps < 1:
-    _fail("sampling.num_steps", "must be >= 1")
-  # x0 clipping bounds pixels; latents are unbounded, and the ODE samplers have no x0 step.
-  if s.clip_denoised and (kind != "gaussian" or config.vae.path):
-    _fail(
-        "sampling.clip_denoised",
-        "clamps the predicted x0 to [-1, 1]: only for the gaussian "
-        f"objective in pixel space (objective.kind={kind!r}, vae.path={config.vae.path!r})",
-    )
+  image_sampling(config)
 
 
-def _check_vae(config):
-  if not config.vae.path:
-    return
+def image_sampling(config) -> ImageSampling:
+  """The run's image-sampling options (`config.sampling`), checked against its objective and
+  space; ConfigError names the field."""
+  try:
+    options = ImageSampling.from_config(config.sampling)
+    options.check_objective(config.objective.kind, latent=bool(config.vae.path))
+  except SamplingOptionError as e:
+    raise ConfigError(f"config.sampling.{e.field}: {e.reason}") from None
+  return options
+
+
+def _vae_scaling_factor(config):
+  """The scaling_factor of the VAE folder `vae.path` (None if its config.json names none)."""
   path = epath.Path(config.vae.path) / "config.json"
   if not path.is_file():
     _fail("vae.path", f"no VAE config at {str(path)!r}")
   scaling = json.loads(path.read_text()).get("scaling_factor")
-  if scaling is not None and abs(float(scaling) - float(config.vae.scale)) > 1e-6 * abs(scaling):
-    _fail("vae.scale", f"{config.vae.scale} differs from the VAE's scaling_factor {scaling} ({path})")
+  return None if scaling is None else float(scaling)
+
+
+def _check_vae(config):
+  if not config.vae.path:
+    if not config.vae.scale:
+      _fail("vae.scale", "0 takes the VAE's scaling_factor, but there is no vae.path")
+    return
+  scaling = _vae_scaling_factor(config)
+  if not config.vae.scale:  # taken from the VAE when the run starts (resolve_config)
+    if scaling is None:
+      _fail("vae.scale", f"is 0 (the VAE's scaling_factor), but {config.vae.path}/config.json names none")
+    return
+  if scaling is not None and abs(scaling - float(config.vae.scale)) > 1e-6 * abs(scaling):
+    _fail("vae.scale", f"{config.vae.scale} differs from the VAE's scaling_factor {scaling} ({config.vae.path})")
+
+
+def resolve_config(config) -> None:
+  """Fills in what a config leaves to the run's start: `vae.scale` 0 becomes the VAE folder's
+  scaling_factor (and `data.latent_scale` with it when it is 0 too or one reference with it)."""
+  if config.vae.path and not config.vae.scale:
+    scaling = _vae_scaling_factor(config)
+    if scaling is None:
+      _fail("vae.scale", f"is 0 (the VAE's scaling_factor), but {config.vae.path}/config.json names none")
+    config.vae.scale = scaling
+    if not config.data.latent_scale:
+      config.data.latent_scale = scaling
 
 
 def read_run_config(workdir) -> ml_collections.ConfigDict:
@@ -448,6 +465,13 @@ def save_resolved_config(config, workdir, is_main: bool, *, has_checkpoints: boo
   if is_main:
     paths.write_text_atomic(path, config.to_json(indent=2, sort_keys=True))
   return changes
+
+
+def save_class_names(workdir, names) -> None:
+  """WORKDIR/class_names.json: the names a run's class prompts use, kept with the run (its data
+  may not be where a reader of the run is)."""
+  if names:
+    paths.write_text_atomic(epath.Path(workdir) / CLASS_NAMES_FILE, json.dumps(list(names), indent=1))
 
 
 def build_objective(config):

@@ -7,10 +7,12 @@ same code as what the API returns.
 
     from monoformer_jax import sampling
     tokens = sampling.generate_tokens(params, config, [[1, 450, 4799]], max_new_tokens=32)
+    options = ImageSampling(sampler="ddpm", num_steps=50, guidance_scale=4.0)
     images = sampling.sample_images(params, config, objective, prompts, uncond_prompt=[bos, ims],
-                                    guidance_scale=4.0, sampler="ddpm", num_steps=50)
+                                    options=options)
 """
 
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.sampling.cache import (cache_logical_axes, cache_shardings, constrain_cache, init_cache)
 from monoformer_jax.sampling.decode import decode_until, generate_tokens, pad_prompts, prefill
 from monoformer_jax.sampling.image import (cached_model_fn, sample_images, sample_images_full_recompute, span_length)
@@ -18,6 +20,7 @@ from monoformer_jax.sampling.interleaved import (draw_pending, generate_interlea
 from monoformer_jax.sampling.tokens import TokenSampling, choose_tokens, filter_logits
 
 __all__ = [
+    "ImageSampling",
     "TokenSampling",
     "cache_logical_axes",
     "cache_shardings",

@@ -15,15 +15,10 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.sampling.image import sample_images
 
 DEFAULT_CLASS_TEMPLATE = "Please generate an image of {}."
-IMAGE_OPTIONS = ("sampler", "num_steps", "guidance_scale", "cfg_mode", "eta", "clip_denoised")
-
-
-def image_options(sampling_config) -> dict:
-  """The image-sampler options of a run's `config.sampling`."""
-  return {k: sampling_config[k] for k in IMAGE_OPTIONS}
 
 
 def image_prompt(tokenizer, text: str) -> list[int]:
@@ -44,6 +39,7 @@ def sample_classes(
     class_names: Sequence[str],
     labels,
     *,
+    options: ImageSampling,
     seed: int,
     sample_ids=None,
     template: str = DEFAULT_CLASS_TEMPLATE,
@@ -51,10 +47,9 @@ def sample_classes(
     batch_size: int = 64,
     mesh=None,
     rules=None,
-    **options,
 ) -> np.ndarray:
-  """Images (N, H, W, C) in model space for class ids `labels` (N,); `options` are the
-  image-sampler options (see IMAGE_OPTIONS). `sample_ids` default to 0..N-1."""
+  """Images (N, H, W, C) in model space for class ids `labels` (N,), drawn with `options`.
+  `sample_ids` default to 0..N-1."""
   labels = np.asarray(labels, np.int32).reshape(-1)
   sample_ids = np.arange(len(labels)) if sample_ids is None else np.asarray(sample_ids)
   if len(sample_ids) != len(labels):
@@ -78,9 +73,9 @@ def sample_classes(
             rng=rng,
             sample_ids=sample_ids[start:stop],
             pad_to=pad_to,
+            options=options,
             mesh=mesh,
             rules=rules,
-            **options,
         )
     )
   return np.concatenate(chunks)

@@ -28,6 +28,7 @@ from monoformer_jax.sampling import cache as cache_lib
 from monoformer_jax.sampling.decode import mesh_context, pad_prompts, text_batch, to_host
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.model.config import ModelConfig
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.model.monoformer import MonoFormer
 
 
@@ -138,78 +139,48 @@ def prompt_cache(params, config: ModelConfig, ids, lengths, cache_size: int) -> 
   return cache_lib.constrain_cache(out["cache"])
 
 
-def denoiser(model_fn, guided: bool, scale: float, cfg_mode: str, learn_sigma: bool):
+def denoiser(model_fn, options: ImageSampling, learn_sigma: bool):
   """The sampler's denoise_fn: model_fn on [cond; uncond] rows with CFG, or as is."""
-  if not guided:
+  if not options.guided:
     return model_fn
-  return diffusion.cfg_denoise_fn(model_fn, scale, cfg_mode, learn_sigma)
+  return diffusion.cfg_denoise_fn(model_fn, options.guidance_scale, options.cfg_mode, learn_sigma)
 
 
-def run_sampler(objective, denoise_fn, rng, sample_ids, shape, *, sampler, num_steps, eta, clip_denoised=False):
+def run_sampler(objective, denoise_fn, rng, sample_ids, shape, options: ImageSampling):
   """x_T from fold_in(rng, sample id), then the objective's compiled loop."""
   x_t = diffusion.sample_noise(rng, sample_ids, shape)
-  kw = dict(sampler=sampler, num_steps=num_steps, sample_ids=sample_ids)
+  kw = dict(sampler=options.sampler, num_steps=options.num_steps, sample_ids=sample_ids)
   if objective.kind == "gaussian":
-    kw.update(eta=eta, clip_denoised=clip_denoised)
+    kw.update(eta=options.eta, clip_denoised=options.clip_denoised)
   return objective.sample(denoise_fn, x_t, rng, **kw)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "guided", "scale", "cfg_mode", "sampler", "num_steps", "eta", "clip_denoised")
-)
+@functools.partial(jax.jit, static_argnames=("config", "options"))
 def _sample_cached(
-    params,
-    ids,
-    lengths,
-    labels,
-    rng,
-    sample_ids,
-    objective,
-    *,
-    config: ModelConfig,
-    guided: bool,
-    scale: float,
-    cfg_mode: str,
-    sampler: str,
-    num_steps: int,
-    eta: float,
-    clip_denoised: bool,
+    params, ids, lengths, labels, rng, sample_ids, objective, *, config: ModelConfig, options: ImageSampling
 ):
   rows, p = ids.shape
   cache = prompt_cache(params, config, ids, lengths, p + span_length(config))
   model_fn = cached_model_fn(
       params, config, cache, p, lengths, jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), bool), labels=labels[:, None]
   )
-  denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
-  return run_sampler(
-      objective,
-      denoise,
-      rng,
-      sample_ids,
-      image_shape(config),
-      sampler=sampler,
-      num_steps=num_steps,
-      eta=eta,
-      clip_denoised=clip_denoised,
-  )
+  denoise = denoiser(model_fn, options, config.learn_sigma)
+  return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), options)
 
 
-def _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode):
-  if guidance_scale < 1.0:
-    raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-  if cfg_mode not in diffusion.CFG_MODES:
-    raise ValueError(f"unknown cfg_mode {cfg_mode!r}; one of {diffusion.CFG_MODES}")
-  guided = guidance_scale > 1.0
+def cfg_rows(config, prompts, uncond_prompt, labels, options: ImageSampling, objective):
+  """(rows, their labels): the prompts, then as many unconditional rows when guided."""
+  options.check_objective(objective.kind)
   n = len(prompts)
   labels = np.full((n,), config.num_classes) if labels is None else np.asarray(labels)
-  if guided:
+  if options.guided:
     if uncond_prompt is None:
       raise ValueError(
           "guidance_scale > 1 needs the unconditional prompt (e.g. [<s>, <|im_start|>], see unconditional_prompt)"
       )
     # Unconditional rows get the null class of the optional label embedding, as in training.
-    return (list(prompts) + [uncond_prompt] * n, np.concatenate([labels, np.full((n,), config.num_classes)]), guided)
-  return list(prompts), labels, guided
+    return list(prompts) + [uncond_prompt] * n, np.concatenate([labels, np.full((n,), config.num_classes)])
+  return list(prompts), labels
 
 
 def sample_images(
@@ -218,14 +189,9 @@ def sample_images(
     objective,
     prompts: Sequence[Sequence[int]],
     *,
+    options: ImageSampling,
     uncond_prompt: Optional[Sequence[int]] = None,
     labels=None,
-    guidance_scale: float = 1.0,
-    cfg_mode: str = "eps",
-    sampler: str = "ddpm",
-    num_steps: int = 50,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
     rng=None,
     sample_ids=None,
     pad_to: int = 0,
@@ -238,7 +204,7 @@ def sample_images(
   depend on the batch it is drawn in (bit for bit when `pad_to` fixes the padded prompt length,
   e.g. to the longest prompt of a class list). `labels` feed the optional label embedding.
   """
-  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode)
+  rows, row_labels = cfg_rows(config, prompts, uncond_prompt, labels, options, objective)
   ids, lengths = pad_prompts(rows)
   if pad_to > ids.shape[1]:
     ids = np.pad(ids, ((0, 0), (0, pad_to - ids.shape[1])))
@@ -259,13 +225,7 @@ def sample_images(
         jnp.asarray(sample_ids, jnp.int32),
         objective,
         config=config,
-        guided=guided,
-        scale=float(guidance_scale),
-        cfg_mode=cfg_mode,
-        sampler=sampler,
-        num_steps=int(num_steps),
-        eta=float(eta),
-        clip_denoised=bool(clip_denoised),
+        options=options,
     )
   return to_host(out)
 
@@ -285,37 +245,8 @@ def full_sequence_batch(config: ModelConfig, prompts, labels, seq_len: Optional[
   return {k: v for k, v in batch.items() if k not in ("images", "image_mask", "targets", "loss_mask")}
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "config",
-        "guided",
-        "scale",
-        "cfg_mode",
-        "sampler",
-        "num_steps",
-        "eta",
-        "clip_denoised",
-        "with_lm_head",
-    ),
-)
-def _sample_full(
-    params,
-    batch,
-    rng,
-    sample_ids,
-    objective,
-    *,
-    config,
-    guided,
-    scale,
-    cfg_mode,
-    sampler,
-    num_steps,
-    eta,
-    clip_denoised,
-    with_lm_head,
-):
+@functools.partial(jax.jit, static_argnames=("config", "options", "with_lm_head"))
+def _sample_full(params, batch, rng, sample_ids, objective, *, config, options, with_lm_head):
   model = MonoFormer(config)
 
   def model_fn(x, t):
@@ -325,18 +256,8 @@ def _sample_full(
       image = image + 0.0 * jnp.sum(out["logits"][:, :1, :1])
     return image
 
-  denoise = denoiser(model_fn, guided, scale, cfg_mode, config.learn_sigma)
-  return run_sampler(
-      objective,
-      denoise,
-      rng,
-      sample_ids,
-      image_shape(config),
-      sampler=sampler,
-      num_steps=num_steps,
-      eta=eta,
-      clip_denoised=clip_denoised,
-  )
+  denoise = denoiser(model_fn, options, config.learn_sigma)
+  return run_sampler(objective, denoise, rng, sample_ids, image_shape(config), options)
 
 
 def sample_images_full_recompute(
@@ -345,20 +266,15 @@ def sample_images_full_recompute(
     objective,
     prompts,
     *,
+    options: ImageSampling,
     uncond_prompt=None,
     labels=None,
-    guidance_scale=1.0,
-    cfg_mode="eps",
-    sampler="ddpm",
-    num_steps=50,
-    eta=0.0,
-    clip_denoised=False,
     rng=None,
     sample_ids=None,
     with_lm_head=False,
 ) -> np.ndarray:
   """The same samples as `sample_images`, recomputing prompt + image every step (official)."""
-  rows, row_labels, guided = _cfg_rows(config, prompts, uncond_prompt, labels, guidance_scale, cfg_mode)
+  rows, row_labels = cfg_rows(config, prompts, uncond_prompt, labels, options, objective)
   batch = jax.tree.map(jnp.asarray, full_sequence_batch(config, rows, row_labels))
   rng = jax.random.key(0) if rng is None else rng
   sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
@@ -370,13 +286,7 @@ def sample_images_full_recompute(
           jnp.asarray(sample_ids, jnp.int32),
           objective,
           config=config,
-          guided=guided,
-          scale=float(guidance_scale),
-          cfg_mode=cfg_mode,
-          sampler=sampler,
-          num_steps=int(num_steps),
-          eta=float(eta),
-          clip_denoised=bool(clip_denoised),
+          options=options,
           with_lm_head=with_lm_head,
       )
   )

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import diffusion
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.sampling import cache as cache_lib
 from monoformer_jax.sampling import decode
 from monoformer_jax.sampling import image as image_lib
@@ -39,21 +40,7 @@ IMAGE_ID_STRIDE = 1 << 20
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "config",
-        "image_token",
-        "end_token",
-        "max_images",
-        "guided",
-        "scale",
-        "cfg_mode",
-        "sampler",
-        "num_steps",
-        "eta",
-        "clip_denoised",
-    ),
-    donate_argnames=("state",),
+    jax.jit, static_argnames=("config", "image_token", "end_token", "max_images", "options"), donate_argnames=("state",)
 )
 def draw_pending(
     params,
@@ -66,13 +53,7 @@ def draw_pending(
     image_token: int,
     end_token: int,
     max_images: int,
-    guided: bool,
-    scale: float,
-    cfg_mode: str,
-    sampler: str,
-    num_steps: int,
-    eta: float,
-    clip_denoised: bool,
+    options: ImageSampling,
 ) -> dict:
   """One image phase for every live row whose next token is `image_token` (the cache needs
   1 + span free slots after state['index']; `state` is donated)."""
@@ -98,7 +79,7 @@ def draw_pending(
       params, config, cache, at, start, slots, pending, num_slots=max_images, labels=null
   )
   denoise = cond_fn
-  if guided:
+  if options.guided:
     u = uncond_ids.shape[0]
     u_ids = jnp.broadcast_to(uncond_ids[None, :], (b, u))
     u_cache = image_lib.prompt_cache(params, config, u_ids, jnp.full((b,), u, jnp.int32), u + span)
@@ -112,19 +93,11 @@ def draw_pending(
         jnp.ones((b,), bool),
         labels=null[:, :1],
     )
-    denoise = diffusion.guided_denoise_fn(cond_fn, uncond_fn, scale, cfg_mode, config.learn_sigma)
+    denoise = diffusion.guided_denoise_fn(
+        cond_fn, uncond_fn, options.guidance_scale, options.cfg_mode, config.learn_sigma
+    )
   ids = state["sample_ids"] + state["images_drawn"] * IMAGE_ID_STRIDE
-  x0 = image_lib.run_sampler(
-      objective,
-      denoise,
-      rng,
-      ids,
-      image_lib.image_shape(config),
-      sampler=sampler,
-      num_steps=num_steps,
-      eta=eta,
-      clip_denoised=clip_denoised,
-  )
+  x0 = image_lib.run_sampler(objective, denoise, rng, ids, image_lib.image_shape(config), options)
   # 3. the clean image into the cache (t = 0 is the clean end for both objectives).
   cache = image_lib.write_clean_image(
       params, config, cache, at, start, slots, pending, x0, 0.0, num_slots=max_images, labels=null
@@ -180,12 +153,7 @@ def run_interleaved(
     sampling: TokenSampling = TokenSampling(),
     stop_tokens: Sequence[int] = (),
     max_images: int = 1,
-    guidance_scale: float = 1.0,
-    cfg_mode: str = "eps",
-    sampler: str = "ddpm",
-    num_steps: int = 50,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
+    options: ImageSampling = ImageSampling(guidance_scale=1.0, num_steps=50),
     rng: Optional[jax.Array] = None,
     sample_ids=None,
     mesh=None,
@@ -193,13 +161,13 @@ def run_interleaved(
     prompt_inputs: Optional[dict] = None,
 ) -> dict:
   """`generate_interleaved`'s final decode state (the cache included: every token fed, text
-  and clean images, at the slots where segment_ids > 0). `prompt_inputs`: images the prompts
-  read (decode.prefill's: their `kinds`, `patch_index` and `input_features`), so a row can read
-  an image and then draw others; every text and image after reads it."""
+  and clean images, at the slots where segment_ids > 0). Images are drawn with `options`.
+  `prompt_inputs`: images the prompts read (decode.prefill's: their `kinds`, `patch_index` and
+  `input_features`), so a row can read an image and then draw others; every text and image
+  after reads it."""
   if max_images < 1:
     raise ValueError(f"max_images must be >= 1, got {max_images}")
-  if guidance_scale < 1.0:
-    raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+  options.check_objective(objective.kind)
   ids, lengths = decode.pad_prompts(prompts)
   b, span = len(prompts), image_lib.span_length(config)
   phases = b * max_images
@@ -253,12 +221,6 @@ def run_interleaved(
           image_token=image_token,
           end_token=end_token,
           max_images=max_images,
-          guided=guidance_scale > 1.0,
-          scale=float(guidance_scale),
-          cfg_mode=cfg_mode,
-          sampler=sampler,
-          num_steps=int(num_steps),
-          eta=float(eta),
-          clip_denoised=bool(clip_denoised),
+          options=options,
       )
   return state

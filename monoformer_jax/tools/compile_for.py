@@ -14,6 +14,11 @@ roofline: the step takes at least max(FLOPs / peak, bytes / HBM bandwidth, colle
 interconnect bandwidth), so the predicted step time is a lower bound and the predicted MFU and
 tokens/s/chip upper bounds. With scanned layers the compiler counts the loop body once, so the
 cost figures come from a second compile with the layers unrolled (memory from the config as is).
+The sampler has no predicted MFU (the compiler counts its loop once: see SAMPLER_MFU_NOTE).
+
+A second sampler row, `sample_one_chip`, is what a sampling job needs: the sampler compiled for
+one chip with the weights alone in `--sample_dtype` (bfloat16 by default, as `sample --dtype
+bfloat16` opens them): the weights' bytes, the compiler's temporaries, and whether they fit.
 
 A config that does not fit exits with status 2 and a message naming the largest arrays per chip
 and the settings that shrink them (the report is still written with --out).
@@ -38,10 +43,12 @@ from ml_collections import config_flags
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax import cli
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.model import attention
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import chips as chips_lib
 from monoformer_jax.run import config as config_lib
+from monoformer_jax.run import open as open_lib
 from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.run import state as state_lib
 from monoformer_jax.sampling import image as image_lib
@@ -78,6 +85,13 @@ def define_flags(fv, argv=()):
   )
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16, v4:4x4x4, v5p:4x4x4, v6e:16x16.", flag_values=fv)
   flags.DEFINE_string("out", None, "Write the report as JSON here.", flag_values=fv)
+  flags.DEFINE_enum(
+      "sample_dtype",
+      "bfloat16",
+      list(open_lib.DTYPES),
+      "Weights' dtype of the one-chip sampler row (what `sample --dtype` opens).",
+      flag_values=fv,
+  )
   flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
 
 
@@ -189,10 +203,10 @@ def sample_rows(config) -> tuple[int, int]:
   return (2 * n if config.sampling.guidance_scale > 1 else n), config.data.max_prompt_tokens + 2
 
 
-def _lower_sampler(config, model_config, objective, mesh, rules):
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
-  params = _with_shardings(abstract.params, shardings.params)
+def _lower_sampler(config, model_config, objective, mesh, rules, dtype=None):
+  """The cached-prefix sampler at the periodic grid's batch, its weights as a sampling job opens
+  them (run.open: the weights alone, in `dtype`, sharded by the rules over `mesh`)."""
+  params = open_lib.abstract_params(model_config, mesh, rules, dtype)
   rows, prompt = sample_rows(config)
   replicated = sharding_lib.replicated(mesh)
   ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=replicated)
@@ -212,13 +226,7 @@ def _lower_sampler(config, model_config, objective, mesh, rules):
         ints(n),
         objective,
         config=model_config,
-        guided=s.guidance_scale > 1,
-        scale=float(s.guidance_scale),
-        cfg_mode=s.cfg_mode,
-        sampler=s.sampler,
-        num_steps=int(s.num_steps),
-        eta=float(s.eta),
-        clip_denoised=bool(s.clip_denoised),
+        options=ImageSampling.from_config(s),
     )
   return lowered, {"params": params}
 
@@ -255,10 +263,18 @@ def _out_of_memory(error: Exception, chip, own_flops: float) -> dict:
   }
 
 
-def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, tokens: float) -> dict:
+# Why the sampler's report has no predicted MFU: a figure the tool cannot compute stays null.
+SAMPLER_MFU_NOTE = (
+    "the compiler counts the denoising loop's body once, so the roofline's compute term is our own "
+    "FLOP count and an MFU from it would be 1 by construction; measure the sampler on a chip"
+)
+
+
+def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, tokens: float, sampler=False) -> dict:
   """The report of one step: bytes per device, costs, roofline. `chip`: one device's share of a
   chip. For the sampler the compiler's costs of its denoising loop are to be read with care (see
-  benchmarks/RESULTS.md): the roofline's compute term takes the larger of its count and ours."""
+  benchmarks/RESULTS.md): the roofline's compute term takes the larger of its count and ours,
+  and no MFU is predicted (`predicted_mfu_note` says why)."""
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -298,13 +314,40 @@ def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, token
       "roofline_seconds": {"compute": compute_s, "hbm": hbm_s, "interconnect": ici_s},
       "bound": max(("compute", compute_s), ("hbm", hbm_s), ("interconnect", ici_s), key=lambda kv: kv[1])[0],
       "predicted_step_seconds": predicted,
-      "predicted_mfu": own_per_chip / (predicted * chip.peak_flops) if predicted > 0 else None,
+      "predicted_mfu": own_per_chip / (predicted * chip.peak_flops) if predicted > 0 and not sampler else None,
+      **({"predicted_mfu_note": SAMPLER_MFU_NOTE} if sampler else {}),
       "tokens_per_s_per_chip": tokens / predicted / num_chips if predicted > 0 else None,
   }
 
 
-def compile_report(config, topology: str, devices=None, log=print) -> dict:
-  """Compiles every step kind of `config`'s schedule and the sampler for `topology`."""
+def _sampler_report(config, model_config, lowered, cost, device, num_devices: int) -> dict:
+  rows, prompt = sample_rows(config)
+  tokens = rows * config.sampling.num_steps * image_lib.span_length(model_config)
+  return {
+      "kind": "sample",
+      "rows": rows,
+      "row_length": prompt + image_lib.span_length(model_config),
+      "num_steps": int(config.sampling.num_steps),
+      **analyse(lowered, cost, device, num_devices, _sample_flops(config, model_config), tokens, sampler=True),
+  }
+
+
+def sample_on_one_chip(config, model_config, objective, devices, device, dtype) -> dict:
+  """The sampler as a sampling job runs it on one chip of the slice (a laptop-sized job: one
+  device, the weights alone in `dtype`): the bytes that device holds (the weights, which we
+  count, plus the compiler's temporaries and outputs) and whether they fit its HBM."""
+  one = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices[:1])
+  rules = sharding_lib.rules_from_config(config.logical_axis_rules)
+  lowered, shapes = _lower_sampler(config, model_config, objective, one, rules, dtype)
+  out = _sampler_report(config, model_config, lowered, None, device, 1)
+  out["weights_dtype"] = dtype or "float32"
+  out["weight_bytes"] = shard_bytes(shapes["params"])
+  return out
+
+
+def compile_report(config, topology: str, devices=None, log=print, sample_dtype: str = "bfloat16") -> dict:
+  """Compiles every step kind of `config`'s schedule and the sampler for `topology`: on the
+  training mesh, and on one chip with its weights in `sample_dtype` (report["sample_one_chip"])."""
   chip = chips_lib.tpu_chip(topology)
   devices = tpu_devices(topology) if devices is None else devices
   # v4 slices come as one device per TensorCore (two a chip): each holds half the chip.
@@ -355,23 +398,11 @@ def compile_report(config, topology: str, devices=None, log=print) -> dict:
     t0 = time.perf_counter()
     lowered, _ = _lower_sampler(config, model_config, objective, mesh, rules)
     cost = None if unrolled is None else _lower_sampler(config, unrolled, objective, mesh, rules)[0]
-    rows, prompt = sample_rows(config)
-    tokens = rows * config.sampling.num_steps * image_lib.span_length(model_config)
-    report["steps"]["sample"] = {
-        "kind": "sample",
-        "rows": rows,
-        "row_length": prompt + image_lib.span_length(model_config),
-        "num_steps": int(config.sampling.num_steps),
-        **analyse(
-            lowered,
-            cost,
-            device,
-            len(devices),
-            _sample_flops(config, model_config),
-            tokens,
-        ),
-    }
+    report["steps"]["sample"] = _sampler_report(config, model_config, lowered, cost, device, len(devices))
     log(f"compiled the sampler in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    report["sample_one_chip"] = sample_on_one_chip(config, model_config, objective, devices, device, sample_dtype)
+    log(f"compiled the sampler for one chip in {time.perf_counter() - t0:.0f} s")
   return report
 
 
@@ -412,22 +443,28 @@ def format_table(report) -> str:
       f"{report['topology']}: {report['num_chips']} chips ({report['device_kind']}, "
       f"{report['devices_per_chip']} device(s) a chip; figures per device), mesh {report['mesh']}, "
       f"{report['n_params']:,} parameters, state {report['state_bytes_per_chip'] / gib:.2f} GiB per chip",
-      f"{'step':<10}{'fits':>5}{'GiB/chip':>10}{'of HBM':>8}{'TFLOP/chip':>12}{'compiler':>10}"
+      f"{'step':<20}{'fits':>5}{'GiB/chip':>10}{'of HBM':>8}{'TFLOP/chip':>12}{'compiler':>10}"
       f"{'bound':>14}{'step s >=':>11}{'MFU <=':>8}{'tok/s/chip <=':>15}",
   ]
-  for kind, s in report["steps"].items():
+  rows = list(report["steps"].items())
+  if "sample_one_chip" in report:
+    rows.append((f"sample@1 ({report['sample_one_chip']['weights_dtype']})", report["sample_one_chip"]))
+  for kind, s in rows:
     if s["predicted_step_seconds"] is None:  # refused by the compiler for its memory
-      lines.append(f"{kind:<10}{'NO':>5}{(s['bytes_per_chip'] or 0) / gib:>10.2f}{s['hbm_bytes_per_chip'] / gib:>8.0f}")
+      lines.append(f"{kind:<20}{'NO':>5}{(s['bytes_per_chip'] or 0) / gib:>10.2f}{s['hbm_bytes_per_chip'] / gib:>8.0f}")
       continue
     mfu = f"{100 * s['predicted_mfu']:.1f}%" if s["predicted_mfu"] is not None else "-"
     tok = f"{s['tokens_per_s_per_chip']:,.0f}" if s["tokens_per_s_per_chip"] is not None else "-"
     lines.append(
-        f"{kind:<10}{'yes' if s['fits'] else 'NO':>5}{s['bytes_per_chip'] / gib:>10.2f}"
+        f"{kind:<20}{'yes' if s['fits'] else 'NO':>5}{s['bytes_per_chip'] / gib:>10.2f}"
         f"{s['hbm_bytes_per_chip'] / gib:>8.0f}"
         f"{s['flops_per_chip'] / 1e12:>12.3f}{s['compiler_flops_per_chip'] / 1e12:>10.3f}{s['bound']:>14}"
         f"{s['predicted_step_seconds']:>11.4f}{mfu:>8}{tok:>15}"
     )
-  lines.append("step s: a roofline lower bound (MFU and tokens/s: upper bounds); see --help.")
+  lines.append(
+      "step s: a roofline lower bound (MFU and tokens/s: upper bounds; none for the sampler); "
+      "sample@1: the sampler on one chip with its weights alone, as `sample --dtype` opens them; see --help."
+  )
   return "\n".join(lines)
 
 
@@ -436,7 +473,9 @@ def run(fv, args) -> int:
     raise cli.UsageError(f"unexpected arguments {args}")
   # TPU executables cannot be loaded back on this host: keep them out of any persistent cache.
   jax.config.update("jax_enable_compilation_cache", False)
-  report = compile_report(fv.config, fv.topology, log=lambda m: print(m, file=sys.stderr, flush=True))
+  report = compile_report(
+      fv.config, fv.topology, log=lambda m: print(m, file=sys.stderr, flush=True), sample_dtype=fv.sample_dtype
+  )
   print(format_table(report))
   if fv.out:
     epath.Path(fv.out).write_text(json.dumps(report, indent=2))

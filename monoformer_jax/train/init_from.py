@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from monoformer_jax.convert import checkpoints as convert_checkpoints
 from monoformer_jax.convert.monoformer_weights import stack_layers
 from monoformer_jax.model.config import from_official_config
 from monoformer_jax.run.config import ConfigError
-from monoformer_jax.run.open import open_run
+from monoformer_jax.run.open import is_export, open_run
 from monoformer_jax.run.state import place_params
+from monoformer_jax.train.reporting import report
 
 # Fields the loaded weights must share with the config (the image path is created when missing).
 _SHAPE_FIELDS = (
@@ -65,8 +67,9 @@ def _raise_on_mismatch(config, pairs: dict) -> None:
     )
 
 
-def load_init_params(config, model_config, rng):
-  """(ModelConfig of the loaded weights, host params) of `config.init_from`."""
+def load_init_params(config, model_config, rng, mesh=None):
+  """(ModelConfig of the loaded weights, params) of `config.init_from`: host arrays, or for a
+  run of ours its raw weights (an export: the weights it holds) placed on `mesh` as it reads them."""
   kind, path = config.init_from.split(":", 1)
   if kind == "hf":
     return convert_checkpoints.load_llama_checkpoint(
@@ -74,18 +77,19 @@ def load_init_params(config, model_config, rng):
     )
   if kind == "official":
     return convert_checkpoints.load_official_checkpoint(path)
-  run = open_run(path, use_ema=False)
+  run = open_run(path, use_ema=None if is_export(path) else False, mesh=mesh)
   return run.model_config, run.params
 
 
 def initialise_from(config, state, shardings, model_config, optimizer, rng):
   """Replaces fresh params (and EMA) by converted ones; the optimizer state restarts."""
-  loaded_cfg, params = load_init_params(config, model_config, rng)
+  mesh = jax.tree.leaves(shardings.params)[0].mesh
+  loaded_cfg, params = load_init_params(config, model_config, rng, mesh)
   _raise_on_mismatch(config, {f: (getattr(loaded_cfg, f), getattr(model_config, f)) for f in _SHAPE_FIELDS})
   if model_config.scan_layers and "layers" not in params:
     params = stack_layers(params, model_config.num_layers)
   params = place_params(params, shardings.params)
-  ema = place_params(jax.device_get(params), shardings.ema_params)
+  ema = jax.tree.map(jnp.copy, params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  print(f"initialised from {config.init_from}", flush=True)
+  report(f"initialised from {config.init_from}")
   return state.replace(params=params, ema_params=ema, opt_state=opt_state)

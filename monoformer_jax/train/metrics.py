@@ -1,4 +1,4 @@
-"""Metric writing (JSONL + TensorBoard via tensorboardX), FLOP counting and MFU.
+"""Metric writing (JSONL + TensorBoard via tensorboardX), FLOP counting and peak FLOP/s (for MFU).
 
 Only process 0 writes. `clu.metrics` accumulates per-step values between log points.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Optional
 
 import jax
@@ -19,6 +18,7 @@ from monoformer_jax import paths
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import chips as chips_lib
 from monoformer_jax.run import tensorboard
+from monoformer_jax.train.reporting import report
 
 # Dense bf16 peak FLOP/s of GPUs, keyed by a substring of `device.device_kind` (TPUs: run/chips.py).
 PEAK_FLOPS = (
@@ -37,6 +37,12 @@ def peak_flops(device_kind: str) -> Optional[float]:
     if key.lower() in device_kind.lower():
       return value
   return None
+
+
+def local_peak_flops() -> Optional[float]:
+  """The peak FLOP/s of one of this process's devices (None: unknown, or devices of mixed kinds)."""
+  kinds = {d.device_kind for d in jax.local_devices()}
+  return peak_flops(kinds.pop()) if len(kinds) == 1 else None
 
 
 def forward_flops_per_sequence(config: ModelConfig, seq_len: int, image_tokens: int, lm_head: bool) -> float:
@@ -127,10 +133,9 @@ class MetricWriter:
       paths.write_text_atomic(self.path, "".join(kept))
       if self._rows is not None:
         self._rows = kept
-      print(
+      report(
           f"dropped {dropped} metrics.jsonl rows past step {step} (logged after the checkpoint "
-          "training goes on from)",
-          flush=True,
+          "training goes on from)"
       )
     return dropped
 
@@ -200,37 +205,3 @@ class Accumulator:
     self.values = {
         k: clu_metrics.Average(total=np.float32(total), count=np.int32(count)) for k, (total, count) in state.items()
     }
-
-
-class Throughput:
-  """Tokens/s, images/s, TFLOP/s and MFU over a logging window (compile time left out)."""
-
-  def __init__(self):
-    self.reset()
-    kinds = {d.device_kind for d in jax.local_devices()}
-    self.device_kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    self.peak = peak_flops(self.device_kind)
-
-  def reset(self):
-    self.start = time.perf_counter()
-    self.tokens = self.images = self.flops = 0.0
-    self.steps = 0
-
-  def add(self, tokens: float, images: float, flops: float):
-    self.tokens += tokens
-    self.images += images
-    self.flops += flops
-    self.steps += 1
-
-  def report(self) -> dict:
-    dt = max(time.perf_counter() - self.start, 1e-9)
-    n = jax.device_count()
-    out = {
-        "step_time_s": dt / max(self.steps, 1),
-        "tokens_per_s": self.tokens / dt,
-        "images_per_s": self.images / dt,
-        "tflops_per_device": self.flops / dt / n / 1e12,
-    }
-    if self.peak:
-      out["mfu"] = self.flops / dt / n / self.peak
-    return out

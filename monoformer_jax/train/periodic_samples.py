@@ -18,10 +18,12 @@ import numpy as np
 from etils import epath
 
 from monoformer_jax.data import registry
+from monoformer_jax.diffusion.options import ImageSampling
 from monoformer_jax.run import images as images_lib
 from monoformer_jax.sampling import classes as classes_lib
 from monoformer_jax.sampling import text as text_lib
 from monoformer_jax.sampling.tokens import TokenSampling
+from monoformer_jax.train.reporting import report
 
 TEXT_OPENINGS = ("The", "A class", "If the")
 
@@ -48,6 +50,7 @@ class PeriodicSampler:
     self.mesh, self.rules = mesh, rules
     self.dir = epath.Path(workdir) / "samples"
     self.class_names = registry.class_names(config.data)
+    self.options = ImageSampling.from_config(config.sampling)
 
   def discard_after(self, step: int) -> None:
     """Deletes sample files of steps past `step` (written by a killed run after its last
@@ -70,10 +73,10 @@ class PeriodicSampler:
         self.tokenizer,
         self.class_names,
         labels,
+        options=self.options,
         seed=s.seed,
         mesh=self.mesh,
         rules=self.rules,
-        **classes_lib.image_options(s),
     )
     return images_lib.to_uint8(images_lib.decode_images(images, self.config.vae.path, self.config.vae.scale))
 
@@ -105,4 +108,4 @@ class PeriodicSampler:
         (self.dir / f"step_{step}.txt").write_text(body + "\n")
         self.writer.write_text(step, "text_samples", body)
     if self.is_main:
-      print(f"wrote samples for step {step} to {self.dir}", flush=True)
+      report(f"wrote samples for step {step} to {self.dir}")

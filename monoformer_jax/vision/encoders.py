@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from monoformer_jax.model.monoformer import patchify
+from monoformer_jax.model.image import patchify
 
 
 def patch_features(images: jax.Array, patch: int) -> jax.Array:
