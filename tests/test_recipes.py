@@ -303,17 +303,18 @@ def test_clip_score_matches_transformers_on_the_samples(clip_scored, t2i_run, st
   assert abs(clip_scored["clip_score"]["clip_score"] - want) < 0.5, (clip_scored["clip_score"]["clip_score"], want)
 
 
-def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, stand_ins, tmp_path, monkeypatch):
-  """Process p of 2 draws chunks p, p + 2, ...; together they write the images one process
-  wrote in chunks of another size; a directory made with other settings is refused by name."""
+def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, stand_ins, tmp_path):
+  """Share p of 2 (a host of two) draws chunks p, p + 2, ...; together they write the images one
+  process wrote in chunks of another size; a rerun finds every chunk there and draws nothing; a
+  directory made with other settings is refused by name."""
   prompts = t2i_samples.read_prompts(str(stand_ins["/path/to/parti_prompts.json"]))
   for process in (1, 0):
-    monkeypatch.setattr("jax.process_index", lambda p=process: p)
-    monkeypatch.setattr("jax.process_count", lambda: 2)
-    t2i_samples.generate(str(t2i_run), str(tmp_path), prompts, samples_per_prompt=4, chunk=4)
+    t2i_samples.generate(str(t2i_run), str(tmp_path), prompts, samples_per_prompt=4, chunk=4, share=(process, 2))
     written = sorted(p.name for p in tmp_path.glob("samples_*.npz"))
     assert written == [f"samples_00000000{i}.npz" for i in ((4,) if process else (0, 4, 8))]
-  monkeypatch.undo()
+  written = {p: p.stat().st_mtime_ns for p in tmp_path.glob("samples_*.npz")}
+  t2i_samples.generate(str(t2i_run), str(tmp_path), prompts, samples_per_prompt=4, chunk=4)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("samples_*.npz")} == written
   split, _ = sample_dirs.load_samples(str(tmp_path))
   whole, _ = sample_dirs.load_samples(str(t2i_run / "eval" / "clip_score_samples"))
   np.testing.assert_array_equal(split, whole)

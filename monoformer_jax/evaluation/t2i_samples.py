@@ -106,10 +106,13 @@ def generate(
     devices=None,
     mesh: str = "",
     dtype=None,
+    share: tuple[int, int] | None = None,
 ) -> dict:
   """Draws this process's missing chunks of a run's prompt samples; returns the manifest.
   `sampling` overrides the run's image-sampling options (diffusion.ImageSampling fields);
-  `devices`, `mesh` and `dtype` as fid_samples.generate takes them."""
+  `devices`, `mesh` and `dtype` as fid_samples.generate takes them. `share` (index, count): the
+  chunks c with c mod count = index (default: this process's of jax.distributed's; independent
+  jobs without it can split the work so too)."""
   if samples_per_prompt < 1 or chunk < 1:
     raise ValueError(f"samples_per_prompt and chunk must be positive, got {samples_per_prompt} and {chunk}")
   devices = list(devices or jax.local_devices())
@@ -136,12 +139,13 @@ def generate(
   }
   epath.Path(out_dir, "images").mkdir(parents=True, exist_ok=True)
   sample_dirs.check_and_write_manifest(out_dir, manifest, MUST_MATCH)
+  index, count = share or (jax.process_index(), jax.process_count())
   ids = [prompt_ids(run.tokenizer, p, max_tokens) for p in prompts]
   pad_to = max(map(len, ids))
   for c, start in enumerate(range(0, num_samples, chunk)):
     path = sample_dirs.chunk_path(out_dir, start)
     idx = sample_dirs.chunk_indices(start, chunk, num_samples)
-    if c % jax.process_count() != jax.process_index() or sample_dirs.chunk_is_complete(path, idx):
+    if c % count != index or sample_dirs.chunk_is_complete(path, idx):
       continue
     padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
     which = padded % len(prompts)
