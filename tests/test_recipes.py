@@ -243,6 +243,7 @@ def t2i_run(stand_ins):
   return stand_ins["gs://BUCKET/runs"] / "t2i256"
 
 
+@pytest.mark.slow
 def test_t2i_recipe_trains_on_captions(t2i_run):
   extraction = json.loads((t2i_run.parent.parent / "latents" / "extraction.json").read_text())
   assert extraction["num_records"] == len(CAPTIONS), extraction  # the missing image skipped
@@ -270,6 +271,7 @@ def clip_scored(t2i_run, stand_ins):
   return json.loads((t2i_run / "eval" / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_clip_score_and_fid_of_prompt_samples_with_their_settings(clip_scored, t2i_run, stand_ins):
   report = clip_scored["clip_score"]
   assert 0 < report["clip_score"] <= 100 and report["num_samples"] == 12 and report["num_prompts"] == 3
@@ -285,6 +287,7 @@ def test_clip_score_and_fid_of_prompt_samples_with_their_settings(clip_scored, t
   assert manifest["prompt_prefix"] == "Please generate an image of " and manifest["max_prompt_tokens"] == 16
 
 
+@pytest.mark.slow
 def test_clip_score_matches_transformers_on_the_samples(clip_scored, t2i_run, stand_ins):
   """The suite's score is transformers' CLIPModel on the written images (CLIPImageProcessor's
   preprocessing within its rounding) and the raw prompts (sample i draws prompt i mod 3)."""
@@ -303,6 +306,7 @@ def test_clip_score_matches_transformers_on_the_samples(clip_scored, t2i_run, st
   assert abs(clip_scored["clip_score"]["clip_score"] - want) < 0.5, (clip_scored["clip_score"]["clip_score"], want)
 
 
+@pytest.mark.slow
 def test_clip_score_samples_resume_and_split_over_hosts(clip_scored, t2i_run, stand_ins, tmp_path):
   """Share p of 2 (a host of two) draws chunks p, p + 2, ...; together they write the images one
   process wrote in chunks of another size; a rerun finds every chunk there and draws nothing; a
@@ -332,6 +336,7 @@ def chat_run(stand_ins, t2i_run):
   return stand_ins["gs://BUCKET/runs"] / "t2i_chat256"
 
 
+@pytest.mark.slow
 def test_t2i_chat_recipe_trains_captions_and_dialogues_9_to_1(chat_run):
   rows = _metrics(chat_run)
   texts = [r for r in rows if "steps_ar" in r]
@@ -350,6 +355,7 @@ def mllm_run(stand_ins, t2i_run):
   return stand_ins["gs://BUCKET/runs"] / "mllm256"
 
 
+@pytest.mark.slow
 def test_mllm_recipe_reads_llava_through_clip_beside_captions(mllm_run):
   rows = _metrics(mllm_run)
   assert {k for r in rows for k in r if k.startswith("steps_")} == {"steps_diffusion", "steps_understand"}
@@ -359,6 +365,7 @@ def test_mllm_recipe_reads_llava_through_clip_beside_captions(mllm_run):
   assert config["input_images"]["encoder"] == "clip" and config["model"]["bidirectional_input_image"] is False
 
 
+@pytest.mark.slow
 def test_chat_and_t2i_samples_of_the_chat_recipe(chat_run, stand_ins, capsys):
   """The documented sample commands: an image from a caption, one question, a dialogue from a file."""
   capsys.readouterr()
@@ -374,6 +381,7 @@ def chat_model(chat_run):
   return InferenceModel.from_workdir(str(chat_run))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["none", "human_assistant"])
 def test_chat_prompts_with_what_the_training_rows_hold(chat_model, stand_ins, template, monkeypatch):
   """The round trip: the ids `InferenceModel.chat` feeds the model for a dialogue's second turn
@@ -421,6 +429,7 @@ def test_chat_prompts_with_what_the_training_rows_hold(chat_model, stand_ins, te
   )
 
 
+@pytest.mark.slow
 def test_describe_free_form_on_the_clip_recipe(mllm_run, stand_ins):
   """`sample --describe A.jpg,B.png --question Q` on the CLIP run: image files centre-cropped to
   the pixels it reads, free-form answers; the API's describe and a one-turn chat that reads the
