@@ -12,7 +12,10 @@ by default every suite whose input is given):
               MNIST-5k (or digit_reference).
   fid         FID and Inception Score of `samples` (uint8 (N, H, W, 3 or 1)) with the FID Inception
               from inception_weights against `reference` (ADM .npz with mu/sigma or arr_0, or an
-              image folder).
+              image folder); with clip_score and no `samples`, of clip_score's samples.
+  clip_score  text-to-image samples of a prompts file (PartiPrompts, as the official sampler reads
+              it), drawn from the run into sample_dir (images, a manifest of the settings;
+              resumable, split over hosts) and scored by the CLIP model `clip_model`.
 The language suites load the run's weights (EMA unless use_ema=false) and tokenizer through
 `run.open.open_run`; the image suites need no checkpoint. Results go to
 DIR/eval/report.json and as TensorBoard scalars (tags "eval/<suite>/...") to DIR/eval/tensorboard,
@@ -22,6 +25,9 @@ at the run's latest checkpoint step (0 without checkpoints).
         --config.eval.text_file=held_out.txt --config.eval.samples=runs/mnist_tiny/samples.npz
     python -m monoformer_jax.evaluate --workdir runs/tinyllama \\
         --config.eval.tasks_dir=~/commonsense --config.eval.limit=500
+    python -m monoformer_jax.evaluate --suite clip_score,fid --workdir runs/t2i256 \\
+        --prompts parti_prompts.json --config.eval.clip_model=clip-vit-large-patch14 \\
+        --config.eval.inception_weights=pt_inception.pth --config.eval.reference=coco_val_images
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import time
 import jax
 from absl import flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from monoformer_jax import cli, paths
 from monoformer_jax.compilation_cache import enable_compilation_cache
-from monoformer_jax.evaluation import image_suites, loglikelihood, multiple_choice, perplexity
+from monoformer_jax.evaluation import clip_score, image_suites, loglikelihood, multiple_choice, perplexity
+from monoformer_jax.evaluation import sample_dirs, t2i_samples
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.run import tensorboard
 from monoformer_jax.run.checkpoints import step_dirs
@@ -45,7 +53,7 @@ from monoformer_jax.run.open import open_run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluation", "eval_config.py")
 
-SUITES = ("mc", "perplexity", "mnist", "fid")
+SUITES = ("mc", "perplexity", "mnist", "fid", "clip_score")
 
 
 def latest_step(workdir: str) -> int:
@@ -96,6 +104,7 @@ def choose_suites(e) -> list[str]:
         "perplexity": e.text_file,
         "fid": e.inception_weights,
         "mnist": e.samples and not e.inception_weights,
+        "clip_score": e.prompts,
     }
     suites = [s for s in SUITES if given[s]]
   unknown = sorted(set(suites) - set(SUITES))
@@ -103,13 +112,14 @@ def choose_suites(e) -> list[str]:
     raise ValueError(
         f"choose suites from {', '.join(SUITES)} with config.eval.suite (got "
         f"{', '.join(unknown) or 'none'}); by default a suite runs when its input "
-        "(config.eval.tasks_dir, text_file, samples, inception_weights) is given"
+        "(config.eval.tasks_dir, text_file, samples, inception_weights, prompts) is given"
     )
   needs = {
       "mc": ("tasks_dir",),
       "perplexity": ("text_file",),
       "mnist": ("samples",),
-      "fid": ("samples", "inception_weights", "reference"),
+      "fid": ("inception_weights", "reference") + (() if "clip_score" in suites else ("samples",)),
+      "clip_score": ("prompts", "clip_model"),
   }
   for suite in suites:
     for field in needs[suite]:
@@ -156,8 +166,12 @@ def run_evaluation(workdir: str, config) -> dict:
           f"{report['perplexity']['bits_per_byte']:.4f} bits/byte",
           flush=True,
       )
+  samples = _path(e.samples)
+  if "clip_score" in suites:
+    drawn = _clip_score(workdir, e, report)
+    samples = samples or drawn
   if jax.process_index() == 0 and ("mnist" in suites or "fid" in suites):
-    images, labels = image_suites.load_images(_path(e.samples))
+    images, labels = image_suites.load_images(samples)
     if "mnist" in suites:
       report["mnist"] = image_suites.mnist_suite(
           images, labels, _path(e.digit_reference), _path(e.classifier_cache), name=e.samples
@@ -171,6 +185,8 @@ def run_evaluation(workdir: str, config) -> dict:
       report["fid"] = image_suites.fid_suite(
           images, _path(e.inception_weights), _path(e.reference), batch_size=e.inception_batch_size, splits=e.is_splits
       )
+      if epath.Path(samples).is_dir():  # the settings the samples were drawn with, beside the score
+        report["fid"]["samples"] = {"path": samples, **(sample_dirs.read_manifest(samples) or {})}
       print(
           f"fid: FID {report['fid']['fid']:.3f}, Inception Score "
           f"{report['fid']['inception_score']:.3f} over {report['fid']['num_samples']} "
@@ -181,6 +197,34 @@ def run_evaluation(workdir: str, config) -> dict:
   if jax.process_index() == 0:
     print(f"report: {write_report(workdir, report, report['step'])}", flush=True)
   return report
+
+
+def _clip_score(workdir: str, e, report: dict) -> str:
+  """Draws the prompts' samples (every process its chunks), then scores them (process 0);
+  returns the sample directory."""
+  prompts = t2i_samples.read_prompts(_path(e.prompts))[: e.num_prompts or None]
+  out_dir = _path(e.sample_dir) or os.path.join(workdir, "eval", "clip_score_samples")
+  overrides = {"sampler": e.sampler, "num_steps": e.num_steps, "guidance_scale": e.guidance_scale}
+  t2i_samples.generate(
+      workdir,
+      out_dir,
+      prompts,
+      samples_per_prompt=e.samples_per_prompt,
+      seed=e.seed,
+      chunk=e.chunk,
+      sampling={k: v for k, v in overrides.items() if v},
+      use_ema=e.use_ema,
+  )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("clip_score: every chunk written")
+  if jax.process_index() == 0:
+    report["clip_score"] = clip_score.clip_score_suite(out_dir, prompts, _path(e.clip_model), e.clip_batch_size)
+    print(
+        f"clip_score: {report['clip_score']['clip_score']:.3f} over {report['clip_score']['num_samples']} samples "
+        f"of {len(prompts)} prompts ({out_dir})",
+        flush=True,
+    )
+  return out_dir
 
 
 def define_flags(fv, argv=()):
@@ -200,6 +244,8 @@ def define_flags(fv, argv=()):
       "Training run directory (config.json, checkpoints); the report goes to WORKDIR/eval.",
       flag_values=fv,
   )
+  flags.DEFINE_string("suite", None, "Comma-separated suites (sets config.eval.suite).", flag_values=fv)
+  flags.DEFINE_string("prompts", None, "The clip_score prompts file (sets config.eval.prompts).", flag_values=fv)
   flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
@@ -209,6 +255,9 @@ def run(fv, args) -> int:
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore drown the results
+  for name in ("suite", "prompts"):
+    if fv[name].value is not None:
+      fv.config.eval[name] = fv[name].value
   run_evaluation(fv.workdir, fv.config)
   return 0
 

@@ -8,14 +8,22 @@
         --prompt "Please generate an image of seven.<|im_start|>"
     python -m monoformer_jax.sample --workdir DIR --describe digits.npz \\
         --question "Which digit is this?" --out answers.json    # a run that reads images
+    python -m monoformer_jax.sample --workdir DIR --describe bus.jpg,street.png \\
+        --question "What is unusual about this image?" --out answers.json     # a CLIP run
+    python -m monoformer_jax.sample --workdir DIR --chat "Can you briefly introduce Berlin?"
+    python -m monoformer_jax.sample --workdir DIR --chat_file questions.txt    # one turn a line
     python -m monoformer_jax.sample --workdir DIR --interleaved --out parts \\
         --read_images digits.npz --prompt "<image> is a seven. Another: <|im_start|>"
     python -m monoformer_jax.sample --official_checkpoint MonoFormer_ImageNet_256 \\
         --tokenizer tokenizer.model --class_names_file imagenet_labels.json --classes 207 ...
 
 `--describe FILE.npz` answers a question about each image of its `images` array (uint8 0-255,
-(N, H, W, C), the run's image shape, e.g. (N, 28, 28, 1) digits): greedy unless a sampling flag
-says otherwise, written to `--out answers.json` as a JSON list of N strings, in order.
+(N, H, W, C), the shape the run reads, e.g. (N, 28, 28, 1) digits), `--describe A.jpg,B.png`
+about image files (centre-cropped to that shape): greedy unless a sampling flag says otherwise,
+written to `--out answers.json` as a JSON list of N strings, in order.
+`--chat` (repeatable) / `--chat_file` (one a line): the user turns of one dialogue, each answered
+in turn in the run's chat template (data.chat_template) until `</s>`, the answers part of what
+later turns read; printed as JSON lines {"user", "assistant"} (and to `--out X.json`, a list).
 `--read_images FILE.npz` (with --interleaved): the prompts read its `images` where they say
 `<image>`, in order over the prompts (as many images as placeholders).
 `--out X.npz` writes `images` (uint8, N x H x W x C; MNIST: white digits on black) and `labels`
@@ -40,7 +48,9 @@ from etils import epath
 
 from monoformer_jax import cli, paths
 from monoformer_jax.compilation_cache import enable_compilation_cache
+from monoformer_jax.data.image_sources import IMAGE_EXTENSIONS, load_image
 from monoformer_jax.data.registry import DataConfigError, names_from_json
+from monoformer_jax.data.sources import BadRecordError
 from monoformer_jax.diffusion.options import ImageSampling, SamplingOptionError
 from monoformer_jax.host_memory import tune_for_xla_cpu
 from monoformer_jax.inference import InferenceError, InferenceModel
@@ -119,9 +129,14 @@ def define_flags(fv, argv=()):
   flags.DEFINE_string(
       "describe",
       None,
-      "An .npz whose `images` (uint8, N x H x W x C) the model answers --question about.",
+      "An .npz whose `images` (uint8, N x H x W x C) the model answers --question about, or image files "
+      "(comma-separated; centre-cropped to the shape the run reads).",
       flag_values=fv,
   )
+  flags.DEFINE_multi_string(
+      "chat", [], "A user turn of a dialogue (repeat for several, answered in turn).", flag_values=fv
+  )
+  flags.DEFINE_string("chat_file", None, "A dialogue's user turns, one a line (after any --chat).", flag_values=fv)
   flags.DEFINE_string(
       "read_images",
       None,
@@ -200,13 +215,46 @@ def _write_images(out, images, rows, **arrays):
   print(f"wrote {len(images)} images to {out}", file=sys.stderr)
 
 
-def _read_describe(fv) -> np.ndarray:
-  """The `images` of --describe's .npz, checked (uint8, N x H x W x C)."""
+def _read_describe(fv):
+  """--describe's images: an .npz's `images` array, or the image files it names (checked here,
+  read once the run's reading shape is known: `_describe_images`)."""
   if not fv.out or not fv.out.endswith(".json"):
     raise UsageError("--describe: give --out answers.json (the answers, a JSON list)")
   if fv.question is not None and not fv.question.strip():
     raise UsageError("--question: empty question")
-  return _read_images_npz(fv.describe, "--describe")
+  if fv.describe.endswith(".npz"):
+    return _read_images_npz(fv.describe, "--describe")
+  files = [f.strip() for f in fv.describe.split(",")]
+  for f in files:
+    if not f.lower().endswith(IMAGE_EXTENSIONS):
+      raise UsageError(
+          f"--describe: cannot read {f!r}: give an .npz of images or image files ({', '.join(IMAGE_EXTENSIONS)})"
+      )
+    if not epath.Path(f).is_file():
+      raise UsageError(f"--describe: no such image file {f!r}")
+  return files
+
+
+def _describe_images(images, shape) -> np.ndarray:
+  """The images to describe: an .npz's array as it is, or image files centre-cropped to `shape`."""
+  if not isinstance(images, list):
+    return images
+  if shape is None:
+    raise UsageError("--describe: this model does not read images (train it with understand steps)")
+  height, width, channels = shape
+  if height != width:
+    raise UsageError(f"--describe: image files are centre-cropped square; this run reads {height}x{width} images")
+  try:
+    return np.stack([load_image(f, height, channels) for f in images])
+  except BadRecordError as e:
+    raise UsageError(f"--describe: {e}") from None
+
+
+def _read_chat(fv) -> list[str]:
+  turns = list(fv.chat) + (_read_lines(fv.chat_file, "chat_file") if fv.chat_file else [])
+  if (fv["chat"].present or fv.chat_file) and (not turns or any(not t.strip() for t in turns)):
+    raise UsageError("--chat: empty turn")
+  return turns
 
 
 def _read_images_npz(path: str, flag: str) -> np.ndarray:
@@ -256,22 +304,28 @@ def _requests(fv) -> dict:
   if (fv["t2i_prompt"].present or fv.t2i_prompt_file) and (not t2i or any(not p.strip() for p in t2i)):
     raise UsageError("--t2i_prompt: empty prompt")
   describe = _read_describe(fv) if fv.describe is not None else None
+  chat = _read_chat(fv)
   read_images = None
   if fv.read_images is not None:
     if not fv.interleaved or not prompts:
       raise UsageError("--read_images: the images are read by --interleaved --prompt ... <image> ...")
     read_images = _images_per_prompt(prompts, _read_images_npz(fv.read_images, "--read_images"))
-  if not prompts and not t2i and fv.classes is None and describe is None:
+  if not prompts and not t2i and fv.classes is None and describe is None and not chat:
     raise UsageError(
-        "nothing to do: give --classes or --t2i_prompt (images), --prompt (text) and/or --describe (answers)"
+        "nothing to do: give --classes or --t2i_prompt (images), --prompt (text), --chat (a dialogue) "
+        "and/or --describe (answers)"
     )
+  if chat and describe is not None:
+    raise UsageError("--chat and --describe both write answers: run them separately")
   if describe is not None and (t2i or fv.classes is not None or fv.interleaved):
     raise UsageError("--describe writes --out too: run it apart from --classes / --t2i_prompt / --interleaved")
   if t2i and fv.classes is not None:
     raise UsageError("--classes and --t2i_prompt both write --out: run them separately")
   if (t2i or fv.classes is not None or fv.interleaved) and not fv.out:
     raise UsageError("--out: give the file to write the images to")
-  return dict(prompts=prompts, t2i=t2i, describe=describe, read_images=read_images, image=_image_overrides(fv))
+  return dict(
+      prompts=prompts, t2i=t2i, describe=describe, chat=chat, read_images=read_images, image=_image_overrides(fv)
+  )
 
 
 def _text_options(fv) -> dict:
@@ -290,7 +344,7 @@ def _answer(fv, model, images) -> None:
   answers = model.describe(
       images,
       fv.question,
-      max_new_tokens=fv.max_new_tokens or 16,
+      max_new_tokens=fv.max_new_tokens,
       greedy=not sampled or fv.greedy,
       temperature=fv.temperature,
       top_k=fv.top_k,
@@ -300,6 +354,16 @@ def _answer(fv, model, images) -> None:
   epath.Path(paths.absolute(fv.out)).parent.mkdir(parents=True, exist_ok=True)
   paths.write_text_atomic(paths.absolute(fv.out), json.dumps(answers, ensure_ascii=False, indent=1))
   print(f"wrote {len(answers)} answers to {fv.out}", file=sys.stderr)
+
+
+def _chat(fv, model, turns) -> None:
+  """A dialogue's answers, as JSON lines {"user", "assistant"} (and to --out X.json, a list)."""
+  answers = model.chat(turns, **_text_options(fv))
+  dialogue = [{"user": u, "assistant": a} for u, a in zip(turns, answers)]
+  for turn in dialogue:
+    print(json.dumps(turn, ensure_ascii=False))
+  if fv.out and fv.out.endswith(".json"):
+    paths.write_text_atomic(paths.absolute(fv.out), json.dumps(dialogue, ensure_ascii=False, indent=1))
 
 
 def _interleave(fv, model, prompts, read_images, image_options) -> None:
@@ -328,7 +392,9 @@ def run(fv, args) -> int:
     model = load_model(fv)
     image_options = dict(asked["image"], seed=fv.seed)
     if asked["describe"] is not None:
-      _answer(fv, model, asked["describe"])
+      _answer(fv, model, _describe_images(asked["describe"], model.reading_shape))
+    if asked["chat"]:
+      _chat(fv, model, asked["chat"])
     if asked["prompts"] and fv.interleaved:
       _interleave(fv, model, asked["prompts"], asked["read_images"], asked["image"])
     elif asked["prompts"]:

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from monoformer_jax.data import chat_format
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data import tokenizer as tok_lib
 from monoformer_jax import batch as batch_lib
@@ -77,16 +78,17 @@ def test_class_prompts_use_official_templates(tok, rng):
 
 
 def test_chat_and_packing(tok, seed):
+  """Dialogues in the official plain format (chat_format.py): `<s>{user}{answer}</s>` per pair,
+  user turns untrained here; two samples packed into a row stay apart."""
   rng = random.Random(seed)
   words = ["alpha", "beta", "gamma", "delta"]
   turns = [
       (" ".join(rng.choices(words, k=rng.randint(1, 4))), " ".join(rng.choices(words, k=rng.randint(1, 4))))
       for _ in range(2)
   ]
-  segs = seq.chat_segments(tok, turns, train_on_prompt=False)
-  pieces = seq.text_sample(tok, segs, max_len=100)
+  pieces = chat_format.dialogue_pieces(tok, turns, "none", train_prompt=False)
   ids = [i for _, v, _ in pieces for i in v]
-  expected = [1] + [i for u, a in turns for i in tok.encode(u) + tok.encode(a)] + [2]
+  expected = [i for u, a in turns for i in [1, *tok.encode(u), *tok.encode(a), 2]]
   assert ids == expected
   other = seq.text_sample(tok, [(tok.encode("gamma delta"), True)], max_len=100)
   n1, n2 = len(ids), sum(len(v) for _, v, _ in other)
@@ -96,12 +98,13 @@ def test_chat_and_packing(tok, seed):
   rb.add(other)
   np.testing.assert_array_equal(batch["segment_ids"][0], [1] * n1 + [2] * n2 + [0, 0])
   np.testing.assert_array_equal(batch["positions"][0], [*range(n1), *range(n2), 0, 0])
-  # Targets never cross the segment boundary; user tokens are not trained on.
-  train = [False] + [t for ids_, t in segs for _ in ids_] + [True]
+  # Targets never cross the segment boundary; only the answers and their </s> are trained.
+  train = [t for _, v, t in pieces for _ in v]
   tgt = expected[1:] + [0]
   np.testing.assert_array_equal(batch["targets"][0, :n1], tgt)
   np.testing.assert_array_equal(batch["loss_mask"][0, :n1], [float(t) for t in train[1:]] + [0])
   assert batch["loss_mask"][0, n1 - 1] == 0 and batch["loss_mask"][0, -2:].sum() == 0
+  assert sum(train) == sum(len(tok.encode(a)) + 1 for _, a in turns)
 
 
 def test_text_truncation(tok):

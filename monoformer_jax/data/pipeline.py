@@ -34,6 +34,7 @@ import grain
 import jax
 import numpy as np
 
+from monoformer_jax.data import chat_format
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data.sources import BadRecordError
 from monoformer_jax import batch as batch_lib
@@ -547,7 +548,8 @@ def make_text_iterator(
     seq_len: int,
     seed: int = 0,
     packing: bool = True,
-    train_on_prompt: bool = True,
+    template: str = "none",
+    train_on_prompt: bool | None = None,
     image_shape=(1, 1, 1),
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -555,22 +557,25 @@ def make_text_iterator(
     shard_count: int | None = None,
     num_threads: int = 2,
 ) -> BatchIterator:
-  """Text batches `<s>...</s>` from {"text"} or chat {"turns"} records, cut to seq_len tokens.
+  """Text batches `<s>...</s>` from {"text"} records, or dialogues from chat {"turns"} records
+  in the chat `template` (data/chat_format.py), cut to seq_len tokens.
 
+  `train_on_prompt` (default: the official choice for the template) trains the user turns too.
   packing=True packs several samples per row (segment ids keep them apart); False pads each
   sample to seq_len. Batches carry one dummy image slot of `image_shape` (never marked real) so
   both objectives share the batch keys.
   """
   tok = tokenizer
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
+  if train_on_prompt is None:
+    train_on_prompt = chat_format.official_train_on_prompt(template)
 
   def make_sample(record, rng):
     del rng
     if "turns" in record:
-      segments = seq.chat_segments(tok, record["turns"], train_on_prompt)
-    else:
-      segments = [(tok.encode(record["text"]), True)]
-    return {"pieces": seq.text_sample(tok, segments, seq_len), "num_images": 0}
+      pieces = chat_format.dialogue_pieces(tok, record["turns"], template, train_prompt=train_on_prompt)
+      return {"pieces": seq.cut_document(pieces, {}, seq_len, 0, 0, tok.im_start_id), "num_images": 0}
+    return {"pieces": seq.text_sample(tok, [(tok.encode(record["text"]), True)], seq_len), "num_images": 0}
 
   ds = sample_dataset(
       source,

@@ -10,7 +10,7 @@ import json
 
 from etils import epath
 
-from monoformer_jax.data import captions, image_sources, mnist, sources, tfds_latents
+from monoformer_jax.data import captions, image_sources, llava, mnist, sources, tfds_latents
 
 
 class DataConfigError(ValueError):
@@ -145,12 +145,42 @@ def text_source(data, split: str = "train"):
   return TEXT_SOURCES[data.text_source](data, split)
 
 
+def _llava(data, image_shape, split="train"):
+  del split
+  if not data.understand_path:
+    raise DataConfigError("config.data.understand_path: required for understand_source='llava' (the JSON list)")
+  return llava.LlavaSource(
+      data.understand_path,
+      image_root=data.understand_image_root,
+      image_size=image_shape[0],
+      channels=image_shape[2],
+      skip_bad_records=data.skip_bad_records,
+  )
+
+
+# Sources of conversations about images ({"turns", ["image"]}) for the `understand` steps.
+CONVERSATION_SOURCES = {"llava": _llava}
+
+
+def conversation_source(data, image_shape, split: str = "train"):
+  """The conversations `data.understand_source` names (data.understand_path, its images under
+  data.understand_image_root), images centre-cropped to `image_shape` (H, W, C)."""
+  return CONVERSATION_SOURCES[data.understand_source](data, tuple(image_shape), split)
+
+
+def free_text_prompts(data, source) -> bool:
+  """Whether the image records of `source` carry free-text prompts (cut to
+  data.max_prompt_tokens) rather than class names: captioned latents carry them too."""
+  return data.image_source in FREE_TEXT_SOURCES or bool(getattr(source, "has_prompts", False))
+
+
 def understand_source(data, image_shape, split: str = "train"):
   """(source, class names) of the labelled images `data.understand_source` names, from the image
   sources (reading data.image_path / class_names_file as they do); the names are the answers."""
   if data.understand_source not in IMAGE_SOURCES:
     raise DataConfigError(
-        f"config.data.understand_source: {data.understand_source!r} is not one of {tuple(IMAGE_SOURCES)}"
+        f"config.data.understand_source: {data.understand_source!r} is not one of "
+        f"{tuple(IMAGE_SOURCES) + tuple(CONVERSATION_SOURCES)}"
     )
   view = data.copy_and_resolve_references()
   view.image_source = data.understand_source

@@ -4,7 +4,7 @@ A sample is a list of pieces ("text", ids, train) / ("image", array, label) (mod
 
   image sample  <s> prompt <|im_start|>  [t-token] <P image tokens>  <|im_end|> \\n </s>
   CFG dropout   <s> <|im_start|> [t] <P> <|im_end|> \\n </s>          (the prompt is dropped)
-  text sample   <s> user assistant </s>   (chat: every kept pair, in order)   or   <s> text </s>
+  text sample   <s> text </s>   (dialogues: chat_format.py)
   document      <s> text <|im_start|> [image] <|im_end|> \\n text <|im_start|> [image] ... </s>
                 (several images, generated or read, between text: `document_sample`)
 
@@ -87,19 +87,6 @@ def _truncate_text(pieces: list, max_len: int) -> list:
     out.append((kind, take, train))
     left -= len(take)
   return out
-
-
-def chat_segments(
-    tok: Tokenizer, turns: Sequence[tuple[str, str]], train_on_prompt: bool = True
-) -> list[tuple[list[int], bool]]:
-  """[(user, assistant), ...] -> token segments. Each message is encoded on its own (its leading
-  SentencePiece space separates it from the previous one). train_on_prompt=True is the official
-  `train_on_source` (loss on user turns too); False trains on the assistant turns only."""
-  segs = []
-  for user, assistant in turns:
-    segs.append((tok.encode(user), train_on_prompt))
-    segs.append((tok.encode(assistant), True))
-  return segs
 
 
 def sample_length(pieces, num_patches: int, t_token: bool) -> int:

@@ -224,6 +224,7 @@ class LatentSource(sources.Source):
     self.num_skipped_at_index = 0
     info = self._source.dataset_info
     self.latent_shape = tuple(info.features["mean"].shape)
+    self.has_prompts = "prompt" in info.features  # captioned images (extract_latents of image-text JSONL)
     # Record i's shard file and place in it, for messages: the source reads the split's file
     # instructions in order, `take` records each from `skip` on.
     instructions = info.splits[split].file_instructions

@@ -18,9 +18,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict(
       dict(
-          # Comma-separated suites: mc, perplexity, mnist, fid. Empty: every suite whose input is given
-          # (mc: tasks_dir; perplexity: text_file; fid: inception_weights; mnist: samples without
-          # inception_weights).
+          # Comma-separated suites: mc, perplexity, mnist, fid, clip_score. Empty: every suite whose
+          # input is given (mc: tasks_dir; perplexity: text_file; fid: inception_weights; mnist:
+          # samples without inception_weights; clip_score: prompts). `--suite` and `--prompts` set
+          # suite and prompts too.
           suite="",
           # mc: a directory of <task>.jsonl files; tasks: comma-separated (empty: every task file).
           tasks_dir="",
@@ -50,6 +51,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
           reference="",
           inception_batch_size=100,
           is_splits=10,  # Inception Score: mean and std over this many splits of the samples
+          # clip_score: text-to-image samples of the prompts file (the official sampler's
+          # parti_prompts.json: a JSON list of {"prompt"}; or JSONL, a TSV with a Prompt column, or
+          # one a line), prompt i mod P for sample i, scored by the CLIPModel folder clip_model.
+          # Drawn into sample_dir (empty: WORKDIR/eval/clip_score_samples, resumable; a later fid
+          # suite without samples scores them) with the run's config.sampling, or sampler /
+          # num_steps / guidance_scale when given (""/0: the run's).
+          prompts="",
+          clip_model="",
+          samples_per_prompt=1,
+          num_prompts=0,  # only the file's first prompts (0: all)
+          sample_dir="",
+          seed=0,
+          chunk=64,
+          sampler="",
+          num_steps=0,
+          guidance_scale=0.0,
+          clip_batch_size=64,
       )
   )
   return c

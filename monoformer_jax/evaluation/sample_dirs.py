@@ -38,11 +38,12 @@ def read_manifest(out_dir: str) -> dict | None:
 _MUST_MATCH = ("scheme", "seed", "chunk", "use_ema", "step")
 
 
-def check_and_write_manifest(out_dir: str, manifest: dict) -> None:
-  """Refuses to resume a directory made with another seed / chunk / weights; records num_samples."""
+def check_and_write_manifest(out_dir: str, manifest: dict, must_match=_MUST_MATCH) -> None:
+  """Refuses to resume a directory made with other settings (`must_match`: by default another
+  seed / chunk / weights); records num_samples."""
   old = read_manifest(out_dir)
   if old is not None:
-    changed = {k: (old.get(k), manifest[k]) for k in _MUST_MATCH if old.get(k) != manifest[k]}
+    changed = {k: (old.get(k), manifest[k]) for k in must_match if old.get(k) != manifest[k]}
     if changed:
       raise ValueError(
           f"{out_dir} holds samples made with other settings ("

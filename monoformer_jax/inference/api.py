@@ -11,6 +11,7 @@
     parts = model.generate(["Draw a seven: <|im_start|>"])   # [('text', s) | ('image', a), ...]
     parts = model.generate(["<image> is a seven. Another: <|im_start|>"], images=[[digit]])
     answers = model.describe(digits_uint8, "Which digit is this?")      # a run that reads images
+    answers = model.chat(["Can you briefly introduce Berlin?", "And Paris?"])   # the run's template
 
 Every option defaults to the run's `config.sampling` (or the official settings for converted
 checkpoints): the image options are one `ImageSampling`, overridden per call by its field names
@@ -30,6 +31,7 @@ import numpy as np
 
 from monoformer_jax import diffusion
 from monoformer_jax.convert import checkpoints as convert_checkpoints
+from monoformer_jax.data import registry
 from monoformer_jax.data.tokenizer import load_sentencepiece
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.model.monoformer import init_params
@@ -38,6 +40,7 @@ from monoformer_jax.run import images as images_lib
 from monoformer_jax.run import open as open_lib
 from monoformer_jax.run import sharding as sharding_lib
 from monoformer_jax.run.input_encoder import build_input_encoder
+from monoformer_jax.sampling import chat as chat_lib
 from monoformer_jax.sampling import classes as classes_lib
 from monoformer_jax.sampling import describe as describe_lib
 from monoformer_jax.sampling import image as image_lib
@@ -464,28 +467,32 @@ class InferenceModel:
       images,
       question: Optional[str] = None,
       *,
-      max_new_tokens: int = 16,
+      max_new_tokens: Optional[int] = None,
       greedy: bool = True,
       temperature=None,
       top_k=None,
       top_p=None,
       seed: Optional[int] = None,
   ) -> list[str]:
-    """One answer per image (N, H, W, C; uint8 pixels or model-space floats), written by the LM
-    through the KV cache after `<|im_start|>` [image] `<|im_end|>\n{question}` (default: the
-    run's `data.understand_question`). Greedy unless `greedy=False`."""
+    """One answer per image (N, H, W, C of `reading_shape`; uint8 pixels or model-space floats),
+    written by the LM through the KV cache after `<|im_start|>` [image] `<|im_end|>\n{question}`
+    in the template its understanding rows were trained in (default question: the run's
+    `data.understand_question`), until `</s>` or `max_new_tokens` (default: 16 for class names,
+    the run's sampling.max_new_tokens for a run that read conversations). Greedy unless
+    `greedy=False`."""
     self._check_reads_images()
     question = self.run_config.data.understand_question if question is None else question
-    encoder = self._input_encoder
+    conversations = self.run_config.data.understand_source in registry.CONVERSATION_SOURCES
     try:
-      return describe_lib.describe_images(
+      return chat_lib.describe_images(
           self.params,
           self.config,
           self.tokenizer,
-          encoder,
+          self._input_encoder,
           images,
           question,
-          max_new_tokens=max_new_tokens,
+          template=self.chat_template if conversations else "none",
+          max_new_tokens=max_new_tokens or (self.defaults["max_new_tokens"] if conversations else 16),
           sampling=self._token_sampling(temperature, top_k, top_p, greedy),
           seed=int(self._opt("seed", seed)),
           mesh=self.mesh,
@@ -493,6 +500,55 @@ class InferenceModel:
       )
     except ValueError as e:
       raise InferenceError(str(e)) from e
+
+  @property
+  def chat_template(self) -> str:
+    """The run's `data.chat_template` (data/chat_format.py): how its dialogues were written."""
+    return self.run_config.data.get("chat_template", "none") if self.run_config is not None else "none"
+
+  @property
+  def reading_shape(self) -> Optional[tuple]:
+    """The (H, W, C) of the images this model reads (None: it reads none)."""
+    return tuple(self._input_encoder.image_shape) if self.config.input_feature_dim and self.run_config else None
+
+  def chat(
+      self,
+      turns,
+      images: Sequence = (),
+      *,
+      max_new_tokens=None,
+      greedy: bool = False,
+      temperature=None,
+      top_k=None,
+      top_p=None,
+      seed: Optional[int] = None,
+  ):
+    """Answers in the run's chat template (`chat_template`), each until `</s>`: `turns` is one
+    question (the answer, a string, comes back) or a dialogue, a list of user turns (each
+    answered in order, its answer part of what the next reads) and (user, answer) pairs (history);
+    the list of the written answers comes back. `images`: read where the turns say `<image>`,
+    in order (a run that reads images; `reading_shape`)."""
+    one = isinstance(turns, str)
+    if len(images) > 0:
+      self._check_reads_images()
+    try:
+      answers = chat_lib.chat(
+          self.params,
+          self.config,
+          self.tokenizer,
+          [turns] if one else list(turns),
+          template=self.chat_template,
+          images=images,
+          encoder=self._input_encoder if len(images) > 0 else None,
+          max_new_tokens=int(self._opt("max_new_tokens", max_new_tokens)),
+          sampling=self._token_sampling(temperature, top_k, top_p, greedy),
+          seed=int(self._opt("seed", seed)),
+          mesh=self.mesh,
+          rules=self.rules,
+      )
+    except ValueError as e:
+      raise InferenceError(str(e)) from e
+    return answers[0] if one else answers
 
   @functools.cached_property
   def _input_encoder(self):

@@ -16,7 +16,7 @@ import ml_collections
 from etils import epath
 
 from monoformer_jax import diffusion, paths
-from monoformer_jax.data import registry
+from monoformer_jax.data import chat_format, registry
 from monoformer_jax.diffusion.options import ImageSampling, SamplingOptionError
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import sharding as sharding_lib
@@ -37,6 +37,7 @@ FIXED_FIELDS = (
     "data.image_source",
     "data.text_source",
     "data.class_names_file",
+    "data.chat_template",
     "vae",
     "input_images",
 )
@@ -113,7 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Image understanding (the `understand` steps): what the model reads images with
   # (vision/encoders.py: "patch" = the image's own patches through im_embedder, "clip" = a frozen
   # CLIP vision tower from a local transformers folder, its `clip_layer` without CLS).
-  c.input_images = ml_collections.ConfigDict(dict(encoder="none", patch_size=4, clip_path="", clip_layer=-2))
+  # image_size > 0: the images read are RGB pixels of that size (what CLIP reads beside a model
+  # that generates VAE latents); 0: the model's own images (pixels or latents).
+  c.input_images = ml_collections.ConfigDict(
+      dict(encoder="none", patch_size=4, clip_path="", clip_layer=-2, image_size=0)
+  )
 
   c.data = ml_collections.ConfigDict(
       dict(
@@ -130,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
           read_fraction=0.0,
           text_source="pydoc",  # pydoc | text_file | chat_jsonl
           text_path="",
+          # How dialogues are written, in training rows and chat prompts alike (data/chat_format.py):
+          # "none" (official default: <s>{user}{answer}</s>) or "human_assistant" (the official
+          # chat_template: <s>### Human: {user}### Assistant: {answer}</s>).
+          chat_template="none",
           text_batch_size=64,  # global batch of AR rows
           text_seq_len=128,
           packing=True,  # pack several text samples per row
@@ -140,7 +149,13 @@ def base_config() -> ml_collections.ConfigDict:
           max_prompt_tokens=64,  # free-text prompts (image-text JSONL) are cut to this
           worker_count=0,
           skip_bad_records=False,
-          understand_source="mnist",  # labelled images the `understand` steps read (image sources)
+          # What the `understand` steps read: labelled images (an image source; the answer is the
+          # class name) or conversations about images ("llava": understand_path, a JSON list, its
+          # images under understand_image_root; rows of understand_seq_len tokens).
+          understand_source="mnist",
+          understand_path="",
+          understand_image_root="",
+          understand_seq_len=0,  # 0: labelled images' exact length (conversations need a length)
           understand_batch_size=64,
           understand_question="Which digit is this?",  # the answer is the image's class name
           understand_max_shift=0,  # pixels the read training images move by, at random (0: none)
@@ -172,7 +187,9 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
     _fail("input_images.encoder", f"{enc.encoder!r} is not one of {vision_registry.ENCODERS}")
   if enc.encoder != "none":
     try:
-      width = vision_registry.input_feature_dim(enc.encoder, input_image_shape(model), enc.patch_size, enc.clip_path)
+      width = vision_registry.input_feature_dim(
+          enc.encoder, input_image_shape(model, enc), enc.patch_size, enc.clip_path
+      )
     except (ValueError, OSError) as e:
       raise ConfigError(f"config.input_images: {e}") from e
     if model.input_feature_dim not in (0, width):
@@ -193,9 +210,13 @@ def model_config_from(config, tokenizer=None) -> ModelConfig:
   return model
 
 
-def input_image_shape(model: ModelConfig) -> tuple:
-  """The shape of the images the `understand` steps read: those the model generates (pixels, or
-  latents of the same VAE); a CLIP encoder resizes whatever it gets."""
+def input_image_shape(model: ModelConfig, input_images=None) -> tuple:
+  """The shape of the images the `understand` steps read: RGB pixels of
+  `input_images.image_size` when set, else those the model generates (pixels, or latents of the
+  same VAE); a CLIP encoder resizes whatever it gets."""
+  size = input_images.get("image_size", 0) if input_images is not None else 0  # 0 in runs before the field
+  if size:
+    return (size, size, 3)
   return (model.image_height, model.image_width, model.image_channels)
 
 
@@ -229,18 +250,12 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
     if config.data.text_source not in registry.TEXT_SOURCES:
       _fail("data.text_source", f"{config.data.text_source!r} is not one of {tuple(registry.TEXT_SOURCES)}")
   if "understand" in step_kinds:
-    _check_batch(config, "data.understand_batch_size", data_ax * fsdp_ax, accum)
-    if config.input_images.encoder == "none":
-      _fail("input_images.encoder", "the schedule has understand steps: set 'patch' or 'clip'")
-    if config.data.understand_source not in registry.IMAGE_SOURCES:
-      _fail(
-          "data.understand_source", f"{config.data.understand_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}"
-      )
-    if not config.data.understand_question.strip():
-      _fail("data.understand_question", "is empty")
-    shape = input_image_shape(model)
-    if not 0 <= config.data.understand_max_shift < min(shape[:2]):
-      _fail("data.understand_max_shift", f"{config.data.understand_max_shift} is not in 0..{min(shape[:2]) - 1}")
+    _check_understand(config, model, data_ax * fsdp_ax, accum)
+  _check_input_images(config)
+  try:
+    chat_format.check_template(config.data.chat_template)
+  except ValueError as e:
+    _fail("data.chat_template", str(e))
   _check_objective_and_sampling(config)
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
@@ -260,6 +275,41 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
           f"{config.model.vocab_size} is smaller than the tokenizer's "
           f"{want} (data.tokenizer_vocab_size + 4 special tokens)",
       )
+
+
+def _check_understand(config, model, dp, accum):
+  d = config.data
+  _check_batch(config, "data.understand_batch_size", dp, accum)
+  if config.input_images.encoder == "none":
+    _fail("input_images.encoder", "the schedule has understand steps: set 'patch' or 'clip'")
+  if d.understand_source in registry.CONVERSATION_SOURCES:
+    if not d.understand_path:
+      _fail("data.understand_path", f"required for understand_source={d.understand_source!r}")
+    if d.understand_seq_len < 1:
+      _fail("data.understand_seq_len", f"conversations need a row length (official: 512), got {d.understand_seq_len}")
+    return
+  if d.understand_source not in registry.IMAGE_SOURCES:
+    known = tuple(registry.IMAGE_SOURCES) + tuple(registry.CONVERSATION_SOURCES)
+    _fail("data.understand_source", f"{d.understand_source!r} is not one of {known}")
+  if not d.understand_question.strip():
+    _fail("data.understand_question", "is empty")
+  shape = input_image_shape(model, config.input_images)
+  if not 0 <= d.understand_max_shift < min(shape[:2]):
+    _fail("data.understand_max_shift", f"{d.understand_max_shift} is not in 0..{min(shape[:2]) - 1}")
+
+
+def _check_input_images(config):
+  enc = config.input_images
+  if enc.image_size < 0:
+    _fail("input_images.image_size", f"must be >= 0, got {enc.image_size}")
+  if enc.image_size and config.data.read_fraction:
+    _fail("input_images.image_size", "documents read the model's own images (data.read_fraction > 0): set 0")
+  if enc.encoder == "clip" and config.vae.path and not enc.image_size:
+    _fail(
+        "input_images.image_size",
+        "CLIP reads pixels, and this model's images are latents (vae.path): give the pixel size read "
+        "(224 for ViT-L/14)",
+    )
 
 
 def _check_read_fraction(config, step_kinds):

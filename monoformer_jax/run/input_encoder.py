@@ -15,7 +15,7 @@ def build_input_encoder(config, model_config: ModelConfig) -> Optional[InputEnco
   enc = config.input_images
   return vision_registry.make_input_encoder(
       enc.encoder,
-      input_image_shape(model_config),
+      input_image_shape(model_config, enc),
       patch_size=enc.patch_size,
       clip_path=enc.clip_path,
       clip_layer=enc.clip_layer,

@@ -36,6 +36,8 @@ def tokenizer_corpus(config) -> list[str]:
     texts.extend(t.format(n) for n in names for t in seq.MAIN_TEMPLATES)
   if d.image_source == "mnist_captions":  # small and built in: every caption, as trained
     texts.extend(seq.T2I_PREFIX + c for c in captions.MnistCaptionSource("all").captions())
+  if d.understand_source in registry.CONVERSATION_SOURCES and d.understand_path:
+    texts.extend(registry.conversation_source(d, (1, 1, 3)).texts(200_000))
   return texts
 
 

@@ -7,7 +7,8 @@
 
 Sources: `mnist` (the embedded MNIST-5k; --input may name another mnist_5k.csv.gz; --split picks
 train / holdout / all of the fixed 90/10 split), `image_folder` (root/<class>/<image>: labels),
-`image_text_jsonl` (lines {"image": path, "prompt": str}; comma-separate several files).
+`image_text_jsonl` (lines {"image": path, "prompt": str}, or other field names: --image_key
+img_path reads JourneyDB's train_anno.jsonl; comma-separate several files).
 Folder and JSONL images get the official ADM centre crop to --image_size (`center_crop_arr`).
 
 Output: DATA_DIR/monoformer_latents/1.0.0 (TFDS ArrayRecord via `write_latents`; read it with
@@ -93,6 +94,10 @@ def define_flags(fv, argv=()):
       flag_values=fv,
   )
   flags.DEFINE_string("image_root", None, "image_text_jsonl: resolve relative image paths here.", flag_values=fv)
+  flags.DEFINE_string(
+      "image_key", "image", "image_text_jsonl: the field holding the image path (JourneyDB: img_path).", flag_values=fv
+  )
+  flags.DEFINE_string("prompt_key", "prompt", "image_text_jsonl: the field holding the caption.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 64, "Images per encoder batch.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("chunk_size", 4096, "Records per resumable chunk.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("workers", 8, "Image decoding threads.", lower_bound=1, flag_values=fv)
@@ -132,6 +137,8 @@ def _options(fv) -> types.SimpleNamespace:
               "split",
               "image_size",
               "image_root",
+              "image_key",
+              "prompt_key",
               "class_names",
               "batch_size",
               "chunk_size",
@@ -174,6 +181,8 @@ def open_source(args, channels: int):
       image_root=args.image_root,
       image_size=size,
       channels=channels,
+      image_key=args.image_key,
+      prompt_key=args.prompt_key,
       skip_bad_records=args.skip_bad_records,
   )
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import batch as batch_lib
-from monoformer_jax.data import interleaved, pipeline, registry
+from monoformer_jax.data import conversations, interleaved, pipeline, registry
 from monoformer_jax.data import understanding
 from monoformer_jax.model.config import ModelConfig
 from monoformer_jax.run import config as config_lib
@@ -186,12 +186,12 @@ def image_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int
       latent_scale=d.latent_scale,
       seq_len=d.image_seq_len or None,
       class_names=registry.class_names(d),
-      max_prompt_tokens=(d.max_prompt_tokens if d.image_source in registry.FREE_TEXT_SOURCES else None),
       null_label=model_config.num_classes if model_config.num_classes else None,
       num_threads=max(d.worker_count, 1),
       **options,
   )
   source = registry.image_source(d, image_shape)
+  options["max_prompt_tokens"] = d.max_prompt_tokens if registry.free_text_prompts(d, source) else None
   if d.max_images_per_row > 1:  # documents of 1..N images, each its own block and noise level
     if d.read_fraction:
       options.update(input_fraction=d.read_fraction, input_tokens=input_tokens)
@@ -209,6 +209,7 @@ def text_iterator(config, model_config: ModelConfig, tokenizer, batch_size: int,
       seq_len=d.text_seq_len,
       seed=config.seed + 1,
       packing=d.packing,
+      template=d.chat_template,
       image_shape=(model_config.image_height, model_config.image_width, model_config.image_channels),
       num_threads=max(d.worker_count, 1),
       **options,
@@ -227,6 +228,18 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
     return text_iterator(config, model_config, tokenizer, batch // procs)
 
   def understand_it(batch, encoder):
+    if d.understand_source in registry.CONVERSATION_SOURCES:
+      return conversations.make_conversation_iterator(
+          registry.conversation_source(d, input_shape),
+          tokenizer,
+          batch_size=batch // procs,
+          seq_len=d.understand_seq_len,
+          input_shape=input_shape,
+          input_tokens=encoder.tokens,
+          template=d.chat_template,
+          seed=config.seed + 2,
+          num_threads=max(d.worker_count, 1),
+      )
     source, answers = registry.understand_source(d, input_shape)
     return understanding.make_understanding_iterator(
         source,
@@ -242,7 +255,7 @@ def build_data(config, model_config: ModelConfig, tokenizer, step_kinds) -> dict
         num_threads=max(d.worker_count, 1),
     )
 
-  input_shape = config_lib.input_image_shape(model_config)
+  input_shape = config_lib.input_image_shape(model_config, config.input_images)
   reads = "understand" in step_kinds or d.read_fraction > 0
   encoder = build_input_encoder(config, model_config) if reads else None
   reader = encoder if d.read_fraction > 0 else None  # image rows that read images too

@@ -26,6 +26,20 @@ _SHAPE_FIELDS = (
     "patch_size",
 )
 
+# What a LLaMA checkpoint does not hold: the image path (and the reader of input images, for a
+# run that reads them) is made fresh with the run's own settings.
+_NEW_PATH_FIELDS = (
+    "image_height",
+    "image_width",
+    "image_channels",
+    "patch_size",
+    "t_embed",
+    "learn_sigma",
+    "num_classes",
+    "input_feature_dim",
+    "input_embedder",
+)
+
 
 def check_init_from(config, model_config) -> None:
   """Before any state is built: the `init_from` folder exists and its config.json describes
@@ -59,15 +73,7 @@ def load_init_params(config, model_config, rng, mesh=None):
   kind, path = config.init_from.split(":", 1)
   if kind == "hf":
     return convert_checkpoints.load_llama_checkpoint(
-        path,
-        vocab_size=model_config.vocab_size,
-        rng=rng,
-        image_height=model_config.image_height,
-        image_width=model_config.image_width,
-        image_channels=model_config.image_channels,
-        patch_size=model_config.patch_size,
-        t_embed=model_config.t_embed,
-        learn_sigma=model_config.learn_sigma,
+        path, vocab_size=model_config.vocab_size, rng=rng, **{f: getattr(model_config, f) for f in _NEW_PATH_FIELDS}
     )
   if kind == "official":
     return convert_checkpoints.load_official_checkpoint(path)

@@ -1,5 +1,7 @@
 """What the model reads images with: input-image encoders (encoders.py) and the frozen CLIP vision
-tower (clip.py, its transformers weights loaded by convert.py)."""
+tower (clip.py, its transformers weights loaded by convert.py); and a whole CLIP for scoring
+images against texts (clip_model.py: the text tower of clip_text.py, the projections, the BPE
+tokenizer of clip_tokenizer.py)."""
 
 from monoformer_jax.vision.clip import (
     CLIP_MEAN,

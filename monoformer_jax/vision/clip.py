@@ -190,9 +190,11 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-  """Bidirectional multi-head self-attention (no mask: every token sees every token)."""
+  """Multi-head self-attention: bidirectional (the vision tower: every token sees every token),
+  or causal (the text tower: a token sees itself and the tokens before it)."""
 
-  config: CLIPVisionConfig
+  config: Any  # CLIPVisionConfig, or clip_text.CLIPTextConfig (the same fields)
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
@@ -205,13 +207,16 @@ class Attention(nn.Module):
 
     q, k, v = proj("q_proj")(x_BxTxD), proj("k_proj")(x_BxTxD), proj("v_proj")(x_BxTxD)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype)).astype(jnp.float32) * hd**-0.5
+    if self.causal:
+      t = x_BxTxD.shape[1]
+      scores = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype)).astype(jnp.float32)
     return Dense((cfg.hidden_size,), 2, ("heads", "head_dim", "embed"), dtype, name="out_proj")(out)
 
 
 class MLP(nn.Module):
-  config: CLIPVisionConfig
+  config: Any
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -225,18 +230,20 @@ class MLP(nn.Module):
 class EncoderLayer(nn.Module):
   """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(.)). Returns (x, None), the nn.scan form."""
 
-  config: CLIPVisionConfig
+  config: Any
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, None]:
     cfg = self.config
-    x = x + Attention(cfg, name="self_attn")(LayerNorm(cfg.layer_norm_eps, name="layer_norm1")(x))
+    x = x + Attention(cfg, self.causal, name="self_attn")(LayerNorm(cfg.layer_norm_eps, name="layer_norm1")(x))
     x = x + MLP(cfg, name="mlp")(LayerNorm(cfg.layer_norm_eps, name="layer_norm2")(x))
     return x, None
 
 
 class Encoder(nn.Module):
-  config: CLIPVisionConfig
+  config: Any
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -247,7 +254,7 @@ class Encoder(nn.Module):
         length=self.config.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = stack(self.config, name="layers")(x)
+    x, _ = stack(self.config, self.causal, name="layers")(x)
     return x
 
 

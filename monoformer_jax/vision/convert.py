@@ -64,8 +64,8 @@ def _layout(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, tuple[i
         (shape[3], shape[2], shape[0], shape[1]),
         lambda w: w.transpose(2, 3, 1, 0),
     )
-  if leaf == "position_embedding":  # an nn.Embedding's table
-    return "embeddings.position_embedding.weight", shape, lambda w: w
+  if leaf in ("position_embedding", "token_embedding"):  # an nn.Embedding's table
+    return f"embeddings.{leaf}.weight", shape, lambda w: w
   if leaf == "class_embedding":
     return "embeddings.class_embedding", shape, lambda w: w
   name = ".".join(modules + ["bias" if leaf == "bias" else "weight"])  # kernel and norm scale: 'weight'
@@ -83,6 +83,12 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: CLIPVisionConfig
   """
   prefix, tensors = vision_tensors(state)
   abstract = jax.eval_shape(lambda: nn.unbox(init_params(config, jax.random.PRNGKey(0))))
+  return convert_tensors(tensors, abstract, prefix, "the CLIP vision config")
+
+
+def convert_tensors(tensors: Mapping[str, np.ndarray], abstract, prefix: str, what: str) -> dict:
+  """A tower's tensors (names without `prefix`) -> the Flax tree shaped as `abstract` (the
+  tower's parameter shapes); `what` the tower, in the error message."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   converted, used, problems = [], set(), []
 
@@ -108,11 +114,11 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: CLIPVisionConfig
   problems += [f"unexpected key {prefix}{name}" for name in sorted(set(tensors) - used)]
   if problems:
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-    raise ConversionError("state dict does not match the CLIP vision config:\n  " + "\n  ".join(shown))
+    raise ConversionError(f"state dict does not match {what}:\n  " + "\n  ".join(shown))
   return jax.tree_util.tree_unflatten(treedef, converted)
 
 
-def _clip_folder(path) -> str:
+def clip_folder(path) -> str:
   path = os.fspath(path)
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"no such CLIP directory: {path!r}")
@@ -121,7 +127,12 @@ def _clip_folder(path) -> str:
 
 def load_clip_config(path, dtype: str = "float32") -> CLIPVisionConfig:
   """The tower's config from a folder's config.json (a CLIPVisionConfig's or a CLIPConfig's)."""
-  folder = _clip_folder(path)
+  return tower_config(path, CLIPVisionConfig.from_transformers, dtype)
+
+
+def tower_config(path, from_transformers: Callable, dtype: str = "float32"):
+  """`from_transformers(fields, dtype=dtype)` of a CLIP folder's config.json; errors name the file."""
+  folder = clip_folder(path)
   config_path = os.path.join(folder, "config.json")
   if not epath.Path(config_path).is_file():
     raise FileNotFoundError(
@@ -135,12 +146,12 @@ def load_clip_config(path, dtype: str = "float32") -> CLIPVisionConfig:
   if not isinstance(fields, dict):
     raise ValueError(f"{config_path}: expected a JSON object of config fields, got a {type(fields).__name__}")
   try:
-    return CLIPVisionConfig.from_transformers(fields, dtype=dtype)
+    return from_transformers(fields, dtype=dtype)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{config_path}: {e}") from e
 
 
-def _weight_files(folder: str) -> str:
+def weight_files(folder: str) -> str:
   """The folder's weight file(s), to name in an error (load_state_dict picks which one it reads)."""
   names = sorted(
       p.name for p in epath.Path(folder).iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))
@@ -153,10 +164,10 @@ def load_clip_vision(path, dtype: str = "float32") -> tuple[CLIPVisionConfig, di
 
   `dtype` is the tower's matmul dtype (config.dtype); the parameters are float32 either way.
   """
-  folder = _clip_folder(path)
+  folder = clip_folder(path)
   config = load_clip_config(folder, dtype)
   state = load_state_dict(folder)
   try:
     return config, convert_state_dict(state, config)
   except ConversionError as e:
-    raise ConversionError(f"{_weight_files(folder)}: {e}") from e
+    raise ConversionError(f"{weight_files(folder)}: {e}") from e
