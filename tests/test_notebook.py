@@ -202,6 +202,9 @@ def test_the_saved_notebook_shows_its_pictures():
 @pytest.mark.slow
 def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
   python = _fresh_runtime(tmp_path)
+  # The environment of the kernel and what it starts (no PYTHONPATH: nothing finds this checkout).
+  env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+  env["JUPYTER_PATH"] = str(tmp_path / "jupyter")
   found = subprocess.run(
       [str(python), "-c", "import importlib.util as u; print(u.find_spec('monoformer_jax'))"],
       capture_output=True,
@@ -209,12 +212,11 @@ def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
       check=True,
       timeout=60,
       cwd=tmp_path,
+      env=env,
   )
   assert found.stdout.strip() == "None"
   work = tmp_path / "content"  # Colab's working directory, away from any checkout
   work.mkdir()
-  env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-  env["JUPYTER_PATH"] = str(tmp_path / "jupyter")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   for cell in _code_cells(nb):
     cell.outputs = []
@@ -261,5 +263,6 @@ def test_sampling_demo_notebook_runs_on_a_fresh_runtime(tmp_path):
       check=True,
       timeout=60,
       cwd=tmp_path,
+      env=env,
   ).stdout.strip()
   assert origin == str(work / "monoformer_jax_repo" / "monoformer_jax" / "__init__.py")
