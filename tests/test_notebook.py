@@ -88,7 +88,7 @@ def _install_cell(**params) -> str:
   return _code_cells(nb)[0].source
 
 
-def _run_install_cell(cwd, tmp_path, isolated=True, accel=(), params=None, **env):
+def _run_install_cell(cwd, tmp_path, isolated=True, accel=(), params=None, ok=True, **env):
   """The install cell in `cwd`; PATH holds git but no nvidia-smi unless `env` gives another PATH."""
   base = {
       k: v
@@ -113,6 +113,9 @@ def _run_install_cell(cwd, tmp_path, isolated=True, accel=(), params=None, **env
       text=True,
       timeout=120,
   )
+  if not ok:
+    assert proc.returncode != 0
+    return proc.stderr
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout.splitlines()[-1])
 
@@ -134,7 +137,9 @@ def test_install_cell_in_a_checkout_on_a_fresh_runtime_and_installed(tmp_path):
   # A TPU runtime: Colab's TPU address, or a TPU VM's chips.
   assert _run_install_cell(notebooks, tmp_path, COLAB_TPU_ADDR="10.0.0.2:8470")["calls"] == [pip + [ROOT + "[tpu]"]]
   assert _run_install_cell(notebooks, tmp_path, accel=["/dev/accel0"])["calls"] == [pip + [ROOT + "[tpu]"]]
-  # A fresh runtime (no checkout around): clones REPO_URL (the form field), installs the clone.
+  # A fresh runtime (no checkout around): clones REPO_URL (the form field), installs the clone;
+  # left at its placeholder, it says to set it.
+  assert "set REPO_URL" in _run_install_cell(str(tmp_path), tmp_path, ok=False)
   url, clone = "file:///somewhere/monoformer_jax.git", str(tmp_path / "monoformer_jax_repo")
   got = _run_install_cell(str(tmp_path), tmp_path, params={"REPO_URL": url})
   assert got["calls"] == [["git", "clone", "--quiet", "--depth=1", url, clone], pip + [clone]]
