@@ -4,7 +4,7 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
 
     # 1. latents, with human class names from ImageNet's synset mapping (class_names.json lands
     #    beside the latents and the run reads it from there):
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema --source image_folder \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse --source image_folder \
         --input /path/to/imagenet/train --image_size 256 \
         --class_names /path/to/LOC_synset_mapping.txt --out /path/to/imagenet256_latents
     # 2. before paying for a slice: does it fit, how fast will it be (nothing runs; minutes on a CPU)
@@ -12,7 +12,7 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
     # 3. train (the tokenizer is TinyLlama's tokenizer.model, found in the init_from folder)
     launch/tpu_pod.sh --config=configs/imagenet256.py --workdir=gs://BUCKET/runs/in256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/imagenet256_latents --config.vae.path=/path/to/sd-vae-ft-ema
+        --config.data.image_path=/path/to/imagenet256_latents --config.vae.path=/path/to/sd-vae-ft-mse
 
 Official settings (its scripts/train_imagenet.sh and configs): AdamW lr 1e-4 constant, weight decay 0, clip 2.0,
 global batch 256, EMA 0.9999 every step (no warm-up), bf16 compute, 1000-step linear-beta

@@ -6,14 +6,14 @@ ocr_vqa/, textvqa/, vg/ under one root) and `openai/clip-vit-large-patch14` (a t
 folder):
 
     # 1. latents with their captions, as configs/t2i256.py step 1
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse \
         --source image_text_jsonl --input /path/to/JourneyDB/train/train_anno.jsonl \
         --image_root /path/to/JourneyDB/train/images --image_key img_path --image_size 256 \
         --skip_bad_records --out /path/to/journeydb256_latents
     # 2. train (LLaVA's images are read and centre-cropped as the steps need them)
     launch/tpu_pod.sh --config=configs/mllm256.py --workdir=gs://BUCKET/runs/mllm256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-ema \
+        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-mse \
         --config.data.understand_path=/path/to/llava_v1_5_mix665k.json \
         --config.data.understand_image_root=/path/to/llava_images \
         --config.input_images.clip_path=/path/to/clip-vit-large-patch14

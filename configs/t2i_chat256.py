@@ -5,14 +5,14 @@ Given t2i256's files and UltraChat's JSONL (lines {"data": [user, assistant, ...
 ultrachat_200k's {"messages": [...]}):
 
     # 1. latents with their captions, as configs/t2i256.py step 1
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse \
         --source image_text_jsonl --input /path/to/JourneyDB/train/train_anno.jsonl \
         --image_root /path/to/JourneyDB/train/images --image_key img_path --image_size 256 \
         --skip_bad_records --out /path/to/journeydb256_latents
     # 2. train (the dialogues: comma-separate several files)
     launch/tpu_pod.sh --config=configs/t2i_chat256.py --workdir=gs://BUCKET/runs/t2i_chat256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-ema \
+        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-mse \
         --config.data.text_path=/path/to/ultrachat/train_0.jsonl,/path/to/ultrachat/train_1.jsonl
     # 3. samples: an image, and a dialogue (one question, or a file of them: one turn a line)
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/t2i_chat256 \
