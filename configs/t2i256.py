@@ -24,16 +24,16 @@ images and its train_anno.jsonl, lines {"img_path": ..., "prompt": ...}):
         --config.eval.inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth \
         --config.eval.reference=/path/to/coco_val_images
 
-Official settings (the repository's configs/train_journeydb.py and scripts/train_journeydb.sh):
+Official settings (MonoFormer's configs/train_journeydb.py and scripts/train_journeydb.sh):
 AdamW lr 1e-4 constant, weight decay 0, clip 2.0, global batch 256 (8 x 16 x 2 accumulation),
 500k steps, EMA 0.9999, bf16 compute, 1000-step linear-beta Gaussian diffusion with learned
-sigma, the `add_before_image_tokens` t-token (the repository's configs), captions prefixed
+sigma, the `add_before_image_tokens` t-token (the official repository's configs), captions prefixed
 "Please generate an image of " and cut to 128 tokens (`source_max_length`), 10% prompt dropout,
 loss weights diffusion 1.0 / LM 0.01 (an image row carries no LM loss: only the diffusion loss
 trains here). Not official: rows are as long as the longest prompt and its image need (387
 tokens: <s>, 128 prompt tokens, <|im_start|>, the t-token, 256 image tokens; the untrained
 `<|im_end|>\n</s>` after the image changes no loss) and the official truncation at 512 tokens
-(`tokenizer_max_length`) never cuts one; checkpoints every 10k steps (the README's; the script's
+(`tokenizer_max_length`) never cuts one; checkpoints every 10k steps (the official README's; its script's
 50k). Sampling: the official text-to-image sampler's 20 respaced DDPM steps, CFG 4 on the first
 three eps channels (`official_first3`, sample_t2i.py / scripts/sample_t2i.sh).
 

@@ -21,7 +21,7 @@ ultrachat_200k's {"messages": [...]}):
         --chat="Can you briefly introduce Berlin?"
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/t2i_chat256 --chat_file=questions.txt
 
-Official settings (configs/train_journeydb_ultrachat_9_1.py, its script): t2i256's, with
+Official settings (MonoFormer's configs/train_journeydb_ultrachat_9_1.py, its script): t2i256's, with
 JourneyDB and UltraChat mixed 9:1 by weight, global batch 128 (8 x 8 x 2), loss weights
 diffusion 1.0 / LM 0.01, dialogues without a chat template (`<s>{user}{answer}</s>`, the user
 turn trained too: `train_on_source`), UltraChat's last user / assistant pair of each dialogue
