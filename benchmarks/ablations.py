@@ -545,7 +545,7 @@ def write_report(args, cfgs, workdirs: dict, command: str) -> str:
       "eval_every": args.eval_every,
       "num_per_class": args.num_per_class,
       "test": args.test,
-      "workdir": args.workdir,
+      "workdir": os.path.relpath(args.workdir),  # relative: the committed report names no machine's paths
   }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "ablations.json"), "w") as f:

@@ -4,7 +4,7 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
 
     # 1. latents, with human class names from ImageNet's synset mapping (class_names.json lands
     #    beside the latents and the run reads it from there):
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema --source image_folder \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse --source image_folder \
         --input /path/to/imagenet/train --image_size 256 \
         --class_names /path/to/LOC_synset_mapping.txt --out /path/to/imagenet256_latents
     # 2. before paying for a slice: does it fit, how fast will it be (nothing runs; minutes on a CPU)
@@ -12,20 +12,20 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
     # 3. train (the tokenizer is TinyLlama's tokenizer.model, found in the init_from folder)
     launch/tpu_pod.sh --config=configs/imagenet256.py --workdir=gs://BUCKET/runs/in256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/imagenet256_latents --config.vae.path=/path/to/sd-vae-ft-ema
+        --config.data.image_path=/path/to/imagenet256_latents --config.vae.path=/path/to/sd-vae-ft-mse
 
-Official settings (its scripts/train_imagenet.sh and configs): AdamW lr 1e-4 constant, weight decay 0, clip 2.0,
-global batch 256, EMA 0.9999 every step (no warm-up), bf16 compute, 1000-step linear-beta
-Gaussian diffusion with learned sigma, class names as text prompts with the official templates and
-10% prompt dropout, `adaln_before_decoder` (the released checkpoint). ImageNet-only training has no
-LM loss, so only diffusion steps run. Sampling: 250 respaced DDPM steps, CFG 1.5 on the first three
-eps channels (`official_first3`, the official sampler behind the paper's FID). The state (params,
-EMA, Adam moments: 16 bytes a parameter, ~18 GB) is sharded over every chip (FSDP); on v5e:16x16
-each step fits a 16 GiB chip (benchmarks/RESULTS.md). Periodic samples: a grid of the first
-`sampling.grid_classes` classes x `num_per_class`, drawn on the training mesh from the sharded EMA
-weights and decoded through `vae.path` when given.
+Official settings (MonoFormer's scripts/train_imagenet.sh and configs): AdamW lr 1e-4 constant,
+weight decay 0, clip 2.0, global batch 256, EMA 0.9999 every step (no warm-up), bf16 compute,
+1000-step linear-beta Gaussian diffusion with learned sigma, class names as text prompts with the
+official templates and 10% prompt dropout, `adaln_before_decoder` (the released checkpoint).
+ImageNet-only training has no LM loss, so only diffusion steps run. Sampling: 250 respaced DDPM
+steps, CFG 1.5 on the first three eps channels (`official_first3`, the official sampler behind the
+paper's FID). The state (params, EMA, Adam moments: 16 bytes a parameter, ~18 GB) is sharded over
+every chip (FSDP); on v5e:16x16 each step fits a 16 GiB chip (benchmarks/RESULTS.md). Periodic
+samples: a grid of the first `sampling.grid_classes` classes x `num_per_class`, drawn on the
+training mesh from the sharded EMA weights and decoded through `vae.path` when given.
 
-Variants: `repo` uses the t-token conditioning of the repository's configs
+Variants: `repo` uses the t-token conditioning of the official repository's configs
 (`add_before_image_tokens`); `dp` replicates the state (pure data parallelism, small models
 only); `eps` guides every eps channel; `smoke` is the same recipe and code path shrunk to run in
 seconds on a CPU (a tiny model on 16x16 images through a 2-level VAE: 8x8x4 latents; tokenizer

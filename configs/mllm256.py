@@ -6,14 +6,14 @@ ocr_vqa/, textvqa/, vg/ under one root) and `openai/clip-vit-large-patch14` (a t
 folder):
 
     # 1. latents with their captions, as configs/t2i256.py step 1
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse \
         --source image_text_jsonl --input /path/to/JourneyDB/train/train_anno.jsonl \
         --image_root /path/to/JourneyDB/train/images --image_key img_path --image_size 256 \
         --skip_bad_records --out /path/to/journeydb256_latents
     # 2. train (LLaVA's images are read and centre-cropped as the steps need them)
     launch/tpu_pod.sh --config=configs/mllm256.py --workdir=gs://BUCKET/runs/mllm256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-ema \
+        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-mse \
         --config.data.understand_path=/path/to/llava_v1_5_mix665k.json \
         --config.data.understand_image_root=/path/to/llava_images \
         --config.input_images.clip_path=/path/to/clip-vit-large-patch14
@@ -23,14 +23,14 @@ folder):
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/mllm256 \
         --t2i_prompt="a red bus in the snow" --out=bus.png
 
-Official settings (configs/train_llava_journeydb.py, the main branch): t2i256's, with JourneyDB
+Official settings (MonoFormer's configs/train_llava_journeydb.py, its main branch): t2i256's, with JourneyDB
 and LLaVA mixed 1:1, CLIP ViT-L/14 frozen, read at its penultimate layer without CLS (256 tokens
 of 1024 for its 224x224 input) through `im_embedder` (Linear, GELU, Linear), the read image's
 tokens causal (`bidirectional_input_image` off, as the official mask leaves them), LLaVA rows of
 at most 512 tokens without a chat template, loss weights diffusion 1.0 / LM 0.01. Not official:
   * the mix is one diffusion step to one understanding step of the same batch size (the
     scheduler's weights) instead of a per-sample draw within each batch;
-  * global batch 256 for each step kind (the README's; the repository's script is a 2-GPU debug
+  * global batch 256 for each step kind (the official README's; its script is a 2-GPU debug
     run of 16 with a checkpoint every 10 steps);
   * only the answers are trained (the official code trains the questions too, train_on_source);
   * the image stands where its `<image>` placeholder does between `<|im_start|>` and

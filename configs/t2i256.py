@@ -5,7 +5,7 @@ Given only local files (a TinyLlama folder with its tokenizer.model, the SD-VAE,
 images and its train_anno.jsonl, lines {"img_path": ..., "prompt": ...}):
 
     # 1. latents with their captions (JourneyDB misses many images: they are skipped and counted)
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse \
         --source image_text_jsonl --input /path/to/JourneyDB/train/train_anno.jsonl \
         --image_root /path/to/JourneyDB/train/images --image_key img_path --image_size 256 \
         --skip_bad_records --out /path/to/journeydb256_latents
@@ -14,26 +14,26 @@ images and its train_anno.jsonl, lines {"img_path": ..., "prompt": ...}):
     # 3. train (the tokenizer is TinyLlama's tokenizer.model, found in the init_from folder)
     launch/tpu_pod.sh --config=configs/t2i256.py --workdir=gs://BUCKET/runs/t2i256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-ema
+        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-mse
     # 4. samples (the prompt gets the training prefix "Please generate an image of ")
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/t2i256 \
         --t2i_prompt="a lighthouse on a cliff at sunset" --out=lighthouse.png
     # 5. CLIP score on PartiPrompts (the official sampler's file) and FID against real images
     python -m monoformer_jax.evaluate --suite clip_score,fid --workdir=gs://BUCKET/runs/t2i256 \
         --prompts /path/to/parti_prompts.json --config.eval.clip_model=/path/to/clip-vit-large-patch14 \
-        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05.pth \
+        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth \
         --config.eval.reference=/path/to/coco_val_images
 
-Official settings (the repository's configs/train_journeydb.py and scripts/train_journeydb.sh):
+Official settings (MonoFormer's configs/train_journeydb.py and scripts/train_journeydb.sh):
 AdamW lr 1e-4 constant, weight decay 0, clip 2.0, global batch 256 (8 x 16 x 2 accumulation),
 500k steps, EMA 0.9999, bf16 compute, 1000-step linear-beta Gaussian diffusion with learned
-sigma, the `add_before_image_tokens` t-token (the repository's configs), captions prefixed
+sigma, the `add_before_image_tokens` t-token (the official repository's configs), captions prefixed
 "Please generate an image of " and cut to 128 tokens (`source_max_length`), 10% prompt dropout,
 loss weights diffusion 1.0 / LM 0.01 (an image row carries no LM loss: only the diffusion loss
 trains here). Not official: rows are as long as the longest prompt and its image need (387
 tokens: <s>, 128 prompt tokens, <|im_start|>, the t-token, 256 image tokens; the untrained
 `<|im_end|>\n</s>` after the image changes no loss) and the official truncation at 512 tokens
-(`tokenizer_max_length`) never cuts one; checkpoints every 10k steps (the README's; the script's
+(`tokenizer_max_length`) never cuts one; checkpoints every 10k steps (the official README's; its script's
 50k). Sampling: the official text-to-image sampler's 20 respaced DDPM steps, CFG 4 on the first
 three eps channels (`official_first3`, sample_t2i.py / scripts/sample_t2i.sh).
 

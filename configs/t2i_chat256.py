@@ -5,14 +5,14 @@ Given t2i256's files and UltraChat's JSONL (lines {"data": [user, assistant, ...
 ultrachat_200k's {"messages": [...]}):
 
     # 1. latents with their captions, as configs/t2i256.py step 1
-    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-ema \
+    python -m monoformer_jax.tools.extract_latents --vae /path/to/sd-vae-ft-mse \
         --source image_text_jsonl --input /path/to/JourneyDB/train/train_anno.jsonl \
         --image_root /path/to/JourneyDB/train/images --image_key img_path --image_size 256 \
         --skip_bad_records --out /path/to/journeydb256_latents
     # 2. train (the dialogues: comma-separate several files)
     launch/tpu_pod.sh --config=configs/t2i_chat256.py --workdir=gs://BUCKET/runs/t2i_chat256 \
         --config.init_from=hf:/path/to/TinyLlama-1.1B-Chat-v1.0 \
-        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-ema \
+        --config.data.image_path=/path/to/journeydb256_latents --config.vae.path=/path/to/sd-vae-ft-mse \
         --config.data.text_path=/path/to/ultrachat/train_0.jsonl,/path/to/ultrachat/train_1.jsonl
     # 3. samples: an image, and a dialogue (one question, or a file of them: one turn a line)
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/t2i_chat256 \
@@ -21,7 +21,7 @@ ultrachat_200k's {"messages": [...]}):
         --chat="Can you briefly introduce Berlin?"
     python -m monoformer_jax.sample --workdir=gs://BUCKET/runs/t2i_chat256 --chat_file=questions.txt
 
-Official settings (configs/train_journeydb_ultrachat_9_1.py, its script): t2i256's, with
+Official settings (MonoFormer's configs/train_journeydb_ultrachat_9_1.py, its script): t2i256's, with
 JourneyDB and UltraChat mixed 9:1 by weight, global batch 128 (8 x 8 x 2), loss weights
 diffusion 1.0 / LM 0.01, dialogues without a chat template (`<s>{user}{answer}</s>`, the user
 turn trained too: `train_on_source`), UltraChat's last user / assistant pair of each dialogue

@@ -27,7 +27,7 @@ at the run's latest checkpoint step (0 without checkpoints).
         --config.eval.tasks_dir=~/commonsense --config.eval.limit=500
     python -m monoformer_jax.evaluate --suite clip_score,fid --workdir runs/t2i256 \\
         --prompts parti_prompts.json --config.eval.clip_model=clip-vit-large-patch14 \\
-        --config.eval.inception_weights=pt_inception.pth --config.eval.reference=coco_val_images
+        --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth --config.eval.reference=coco_val_images
 """
 
 from __future__ import annotations

@@ -76,5 +76,7 @@ def test_clip_denoised_is_refused_for_flow_sampling(flow_run):
   from monoformer_jax.inference import InferenceError, InferenceModel  # pylint: disable=import-outside-toplevel
 
   model = InferenceModel.from_workdir(str(flow_run[0]))
-  with pytest.raises(InferenceError, match=r"clip_denoised clamps the predicted x0 .*only for the gaussian objective.*'flow' objective"):
+  with pytest.raises(
+      InferenceError, match=r"clip_denoised clamps the predicted x0 .*only for the gaussian objective.*'flow' objective"
+  ):
     model.sample_classes([3], clip_denoised=True)

@@ -49,9 +49,10 @@ def test_the_names_and_their_cards():
     weights = os.path.getsize(folder / "weights.safetensors")
     others = sum(os.path.getsize(p) for p in folder.rglob("*") if p.is_file() and p.name != "weights.safetensors")
     assert weights < 8_000_000 and others < 400_000, (weights, others)
-  assert json.loads((open_lib.PRETRAINED_DIR / "all_in_one" / "CARD.json").read_text())["quality"][
-      "reading_accuracy"
-  ] >= 0.95
+  assert (
+      json.loads((open_lib.PRETRAINED_DIR / "all_in_one" / "CARD.json").read_text())["quality"]["reading_accuracy"]
+      >= 0.95
+  )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -180,7 +180,7 @@ def stand_ins(tmp_path_factory, module_seed):
   for name in ("bus.jpg", "street.png"):
     Image.fromarray(rng.integers(0, 256, (28, 40, 3), dtype=np.uint8)).save(base / name)
   return {
-      "/path/to/sd-vae-ft-ema": base / "vae",
+      "/path/to/sd-vae-ft-mse": base / "vae",
       "/path/to/JourneyDB/train/train_anno.jsonl": anno,
       "/path/to/JourneyDB/train/images": images,
       "/path/to/journeydb256_latents": base / "latents",
@@ -190,7 +190,7 @@ def stand_ins(tmp_path_factory, module_seed):
       "/path/to/llava_images": llava_root,
       "/path/to/clip-vit-large-patch14": base / "clip",
       "/path/to/parti_prompts.json": base / "parti_prompts.json",
-      "/path/to/pt_inception-2015-12-05.pth": base / "inception.pth",
+      "/path/to/pt_inception-2015-12-05-6726825d.pth": base / "inception.pth",
       "/path/to/coco_val_images": reference,
       "gs://BUCKET/runs": base / "runs",
       "": base,  # relative file names (outputs, questions.txt, bus.jpg) are the stand-ins' folder's
