@@ -22,8 +22,6 @@ as `pipeline.BatchIterator` describes.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from monoformer_jax.data import pipeline
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data.tokenizer import Tokenizer
@@ -37,7 +35,7 @@ def document_seq_len(tok: Tokenizer, max_images: int, max_prompt_tokens: int, sp
   return 1 + max_images * max(generated, read if read_tokens else 0) + 1
 
 
-def make_interleaved_iterator(  # pylint: disable=too-many-arguments,too-many-locals  # public: a keyword per data option
+def make_interleaved_iterator(
     source,
     tokenizer: Tokenizer,
     *,
@@ -46,19 +44,12 @@ def make_interleaved_iterator(  # pylint: disable=too-many-arguments,too-many-lo
     patch_size: int,
     t_token: bool,
     image_shape,
-    class_names: Sequence[str] | None = None,
-    templates=seq.MAIN_TEMPLATES,
-    prompt_prefix: str = seq.T2I_PREFIX,
-    max_prompt_tokens: int | None = None,
-    text_dropout: float = 0.1,
-    train_text: bool = False,
-    null_label: int | None = None,
     input_fraction: float = 0.0,
     input_tokens: int = 0,
     latent_scale: float = 1.0,
     seq_len: int | None = None,
     packing: bool = False,
-    **read,
+    **options,
 ) -> pipeline.BatchIterator:
   """Batches of documents of 1..`max_images` images from an image source, one per row or packed
   while they fit: at most `max_images` images per row (its image slots), and as many read ones
@@ -66,29 +57,19 @@ def make_interleaved_iterator(  # pylint: disable=too-many-arguments,too-many-lo
   `seq_len` defaults to the smallest row that holds the longest document; a longer one is cut
   (`sequences.cut_document`). A document's bad records are left out of it (the skip count
   counts documents left with none). The other options are `pipeline.make_image_iterator`'s."""
-  tok = tokenizer
   if max_images < 1:
     raise ValueError(f"max_images must be >= 1, got {max_images}")
   if not 0 <= input_fraction <= 1 or (input_fraction and not input_tokens):
     raise ValueError(f"input_fraction {input_fraction} must be in [0, 1], and > 0 needs input_tokens")
-  stream = pipeline.StreamOptions(**read).resolved()
+  prompt_options, stream = pipeline.split_image_options(options)
   num_patches = pipeline.patch_count(image_shape, patch_size)
   span = num_patches + int(t_token)
-  prompts = pipeline.image_prompts(
-      source,
-      tok,
-      class_names=class_names,
-      templates=templates,
-      prompt_prefix=prompt_prefix,
-      max_prompt_tokens=max_prompt_tokens,
-      text_dropout=text_dropout,
-      null_label=null_label,
-  )
-  answers = [tok.encode(n) for n in prompts.names] if prompts.names is not None else []
+  prompts = pipeline.image_prompts(source, tokenizer, **prompt_options)
+  answers = [tokenizer.encode(n) for n in prompts.names] if prompts.names is not None else []
   if input_fraction and not answers:
     raise ValueError("input_fraction > 0 needs class names (the text after a read image)")
   read_tokens = input_tokens + max(map(len, answers)) if input_fraction else 0
-  seq_len = seq_len or document_seq_len(tok, max_images, prompts.max_tokens, span, read_tokens)
+  seq_len = seq_len or document_seq_len(tokenizer, max_images, prompts.max_tokens, span, read_tokens)
   lengths = {"image": span, "input": input_tokens}
   inputs = max_images if input_fraction else 0  # read-image slots of a row
 
@@ -99,7 +80,7 @@ def make_interleaved_iterator(  # pylint: disable=too-many-arguments,too-many-lo
     n = int(rng.integers(1, max_images + 1))
     if input_fraction and rng.random() < input_fraction:
       return {"parts": [("input", image), ("text", answers[int(record["label"])], True)], "n": n}
-    ids, label = prompts.draw(tok, record, rng)
+    ids, label = prompts.draw(tokenizer, record, rng)
     return {"parts": [("text", ids), ("image", image, label)], "n": n}
 
   def make_document(group):
@@ -107,14 +88,19 @@ def make_interleaved_iterator(  # pylint: disable=too-many-arguments,too-many-lo
     if not good:
       return {"bad": True}
     parts = [p for g in good[: good[0]["n"]] for p in g["parts"]]
-    pieces = seq.document_sample(tok, parts, train_text)
-    pieces = seq.cut_document(pieces, lengths, seq_len, max_images, inputs, tok.im_start_id)
+    pieces = seq.document_sample(tokenizer, parts, prompts.train)
+    pieces = seq.cut_document(pieces, lengths, seq_len, max_images, inputs, tokenizer.im_start_id)
     return {"pieces": pieces, "num_images": sum(1 for p in pieces if p[0] == "image")}
 
   layout = pipeline.RowLayout(
       seq_len, max_images, image_shape, num_patches, t_token, packing, inputs, image_shape, input_tokens
   )
-  check = pipeline.record_check(image_shape, prompts.names, prompts.model_classes, need_label=bool(input_fraction))
   return pipeline.source_batches(
-      source, make_part, layout, stream, batch_size=batch_size, check=check, group=(max_images, make_document)
+      source,
+      make_part,
+      layout,
+      stream,
+      batch_size=batch_size,
+      check=pipeline.record_check(image_shape, prompts.names, prompts.model_classes, need_label=bool(input_fraction)),
+      group=(max_images, make_document),
   )

@@ -489,7 +489,8 @@ class ImagePrompts:
   """How an image record becomes prompt ids and a label (`image_prompts` builds it): its free text
   after `prefix` or its class name (from `names`) in one of `templates`, cut to `max_tokens`;
   dropped with probability `dropout`, the label then `null_label` (CFG). `model_classes`: the
-  model's label count, where it has a label embedding."""
+  model's label count, where it has a label embedding; `train`: the prompt text is trained too
+  (the LM loss), and a row goes on after its image."""
 
   names: Sequence[str] | None
   templates: Sequence[str]
@@ -498,6 +499,7 @@ class ImagePrompts:
   dropout: float
   null_label: int
   model_classes: int | None
+  train: bool = False
 
   def draw(self, tok, record: dict, rng: np.random.Generator) -> tuple[list, int]:
     """(prompt ids, label) of `record`, the prompt and its dropout drawn with `rng`."""
@@ -518,6 +520,7 @@ def image_prompts(
     max_prompt_tokens: int | None = None,
     text_dropout: float = 0.1,
     null_label: int | None = None,
+    train_text: bool = False,
     free_text: bool = False,
 ) -> ImagePrompts:
   """The `ImagePrompts` of an image source: class names `class_names`, else the source's; the
@@ -532,7 +535,28 @@ def image_prompts(
     if free_text or names is None:
       raise ValueError("max_prompt_tokens is needed for free-text prompts")
     max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
-  return ImagePrompts(names, templates, prompt_prefix, max_prompt_tokens, text_dropout, null_label, model_classes)
+  return ImagePrompts(
+      names, templates, prompt_prefix, max_prompt_tokens, text_dropout, null_label, model_classes, train_text
+  )
+
+
+_PROMPT_OPTIONS = (
+    "class_names",
+    "templates",
+    "prompt_prefix",
+    "max_prompt_tokens",
+    "text_dropout",
+    "null_label",
+    "train_text",
+)
+
+
+def split_image_options(options: dict) -> tuple[dict, StreamOptions]:
+  """An image factory's `options`: the `image_prompts` keywords among them, and the others as
+  this process's `StreamOptions`."""
+  prompt = {k: options[k] for k in _PROMPT_OPTIONS if k in options}
+  stream = StreamOptions(**{k: v for k, v in options.items() if k not in prompt})
+  return prompt, stream.resolved()
 
 
 def patch_count(image_shape, patch_size: int) -> int:
@@ -571,7 +595,7 @@ def _source_image_shape(source, first: dict, image_shape, latent_scale: float) -
   return image_shape
 
 
-def make_image_iterator(  # pylint: disable=too-many-arguments  # public: a keyword per data option
+def make_image_iterator(
     source,
     tokenizer,
     *,
@@ -579,47 +603,31 @@ def make_image_iterator(  # pylint: disable=too-many-arguments  # public: a keyw
     patch_size: int,
     t_token: bool,
     image_shape=None,
-    class_names=None,
-    templates=seq.MAIN_TEMPLATES,
-    prompt_prefix: str = seq.T2I_PREFIX,
-    max_prompt_tokens: int | None = None,
-    text_dropout: float = 0.1,
-    train_text: bool = False,
-    null_label: int | None = None,
     latent_scale: float = 1.0,
     seq_len: int | None = None,
     packing: bool = False,
     images_per_row: int = 1,
-    **read,
+    **options,
 ) -> BatchIterator:
   """Image-generation batches from an image source (MNIST, image folder, image-text, latents).
 
   The prompt is the record's "prompt" (prefixed by `prompt_prefix`, cut to `max_prompt_tokens`) or
-  its class name ("class_name", else `class_names[label]`) in a random template. With probability
-  `text_dropout` the prompt is dropped and the label set to `null_label` (CFG). Unless
-  `train_text`, a sample ends with its image: the official `<|im_end|>\\n</s>` after it would carry
-  no target and nothing attends to it (sequences.image_sample). `seq_len` defaults to the smallest
-  length that holds one sample (exact for class prompts). With packing, up to `images_per_row`
-  samples share a row of `seq_len` tokens. `read`: the `StreamOptions` (seed, shuffle, num_epochs,
-  shard_index, shard_count, num_threads).
+  its class name ("class_name", else `class_names[label]`) in a random template (`templates`).
+  With probability `text_dropout` the prompt is dropped and the label set to `null_label` (CFG).
+  Unless `train_text`, a sample ends with its image: the
+  official `<|im_end|>\\n</s>` after it would carry no target and nothing attends to it
+  (sequences.image_sample). `seq_len` defaults to the smallest length that holds one sample
+  (exact for class prompts). With packing, up to `images_per_row` samples share a row of
+  `seq_len` tokens. `options`: these prompt options (`image_prompts`' keywords), and the
+  `StreamOptions` (seed, shuffle, num_epochs, shard_index, shard_count, num_threads).
   """
-  stream = StreamOptions(**read).resolved()
+  prompt_options, stream = split_image_options(options)
   first = _first_record(source, stream, batch_size)
   image_shape = _source_image_shape(source, first, image_shape, latent_scale)
   num_patches = patch_count(image_shape, patch_size)
-  prompts = image_prompts(
-      source,
-      tokenizer,
-      class_names=class_names,
-      templates=templates,
-      prompt_prefix=prompt_prefix,
-      max_prompt_tokens=max_prompt_tokens,
-      text_dropout=text_dropout,
-      null_label=null_label,
-      free_text="prompt" in first,
-  )
+  prompts = image_prompts(source, tokenizer, free_text="prompt" in first, **prompt_options)
   # Untrained image text: the row ends with the image (sequences.image_sample: exact).
-  one = seq.image_seq_len(prompts.max_tokens, num_patches, t_token, tokenizer, tail=train_text)
+  one = seq.image_seq_len(prompts.max_tokens, num_patches, t_token, tokenizer, tail=prompts.train)
   seq_len = seq_len or one * (images_per_row if packing else 1)
   if seq_len < one:
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
@@ -627,7 +635,10 @@ def make_image_iterator(  # pylint: disable=too-many-arguments  # public: a keyw
   def make_sample(record, rng):
     image = record_image(record, rng, latent_scale)
     ids, label = prompts.draw(tokenizer, record, rng)
-    return {"pieces": seq.image_sample(tokenizer, ids, image, label, train_text, tail=train_text), "num_images": 1}
+    return {
+        "pieces": seq.image_sample(tokenizer, ids, image, label, prompts.train, tail=prompts.train),
+        "num_images": 1,
+    }
 
   layout = RowLayout(seq_len, images_per_row if packing else 1, image_shape, num_patches, t_token, packing)
   return source_batches(
