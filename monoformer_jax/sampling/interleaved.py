@@ -25,7 +25,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from monoformer_jax import diffusion
 from monoformer_jax.diffusion.options import ImageSampling
@@ -182,7 +181,6 @@ def run_interleaved(  # pylint: disable=too-many-arguments  # public: a keyword 
   ids, lengths = decode.pad_prompts(prompts)
   total = _cache_length(config, ids, lengths, max_new_tokens, max_images)
   rng = jax.random.key(0) if rng is None else rng
-  sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
 
   def write_text(state):
     return decode.decode_until(
@@ -211,16 +209,7 @@ def run_interleaved(  # pylint: disable=too-many-arguments  # public: a keyword 
     )
 
   with decode.mesh_context(mesh, rules):
-    state = decode.prefill(
-        params,
-        jnp.asarray(ids),
-        jnp.asarray(lengths),
-        jnp.asarray(sample_ids),
-        prompt_inputs,
-        config=config,
-        cache_size=decode.cache_size_for(ids.shape[1], total),
-        max_new_tokens=max_new_tokens,
-    )
+    state = decode.prefill_rows(params, config, ids, lengths, sample_ids, prompt_inputs, max_new_tokens, total)
     state["images"] = jnp.zeros((len(prompts), max_images) + image_lib.image_shape(config), jnp.float32)
     return _alternate(state, write_text, draw_images, image_token, 1 + image_lib.span_length(config), total)
 
