@@ -2,7 +2,7 @@
 absl flags (ml_collections config files where a config exists) on a FlagValues of their own.
 
 Each entry point defines `define_flags(fv, argv)` and `run(fv, args) -> exit code`, and its `main(argv)`
-is `cli.main(__doc__, define_flags, run, argv)`:
+is `cli.entry_point(__doc__, define_flags, run)` (`cli.main(__doc__, define_flags, run, argv)`):
   * `--help` prints the module's documentation and its flags;
   * a bad flag, an unknown config field, a missing file or any other bad input is one line on
     stderr (`error: ...`) and exit status 2, never a traceback (MONOFORMER_TRACEBACK=1 shows one);
@@ -16,6 +16,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from absl import flags
+from ml_collections import config_flags
 
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
@@ -92,6 +93,27 @@ def main(
     print(f"error: {' '.join(str(e).split()) if isinstance(e, OSError) else e}", file=sys.stderr)
     return EXIT_USAGE
   return int(status or 0)
+
+
+def entry_point(doc: Optional[str], define_flags: Callable, run: Callable) -> Callable[..., int]:
+  """An entry point's `main(argv=None) -> exit status`: `main(doc, define_flags, run, argv)`."""
+
+  def entry(argv: Optional[Sequence[str]] = None) -> int:
+    return main(doc, define_flags, run, argv)
+
+  return entry
+
+
+def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str, default: Optional[str] = None) -> None:
+  """The `--config` flag of an entry point that reads a config file (configs/*.py[:VARIANT]): locked,
+  its --config.FIELD overrides read from `argv` (the command line) as it is defined."""
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv, lock_config=True, sys_argv=list(argv))
+
+
+def refuse_arguments(args: Sequence[str]) -> None:
+  """Entry points take flags only: positional arguments are a usage error."""
+  if args:
+    raise UsageError(f"unexpected arguments {args}")
 
 
 def run_as_script(module_main: Callable[[], int]) -> None:

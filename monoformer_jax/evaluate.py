@@ -40,7 +40,6 @@ import jax
 from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from monoformer_jax import cli, paths
 from monoformer_jax.compilation_cache import enable_compilation_cache
@@ -229,14 +228,12 @@ def _clip_score(workdir: str, e, report: dict) -> str:
 
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
-  config_flags.DEFINE_config_file(
-      "config",
-      DEFAULT_CONFIG,
+  cli.define_config(
+      fv,
+      argv,
       "Evaluation config file (default: the package's "
       "evaluation/eval_config.py); override fields with --config.eval.FIELD=VALUE.",
-      flag_values=fv,
-      lock_config=True,
-      sys_argv=list(argv),
+      default=DEFAULT_CONFIG,
   )
   flags.DEFINE_string(
       "workdir",
@@ -262,8 +259,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ MONOFORMER_PROCESS_ID (see launch/local_multiprocess.sh).
 """
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from monoformer_jax import cli
 from monoformer_jax.compilation_cache import enable_compilation_cache
@@ -20,14 +19,7 @@ from monoformer_jax.train.trainer import train_and_evaluate
 
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
-  config_flags.DEFINE_config_file(
-      "config",
-      None,
-      "Training config file (configs/*.py[:VARIANT]).",
-      flag_values=fv,
-      lock_config=True,
-      sys_argv=list(argv),
-  )
+  cli.define_config(fv, argv, "Training config file (configs/*.py[:VARIANT]).")
   flags.DEFINE_string(
       "workdir", None, "Directory (or gs:// path) for checkpoints, metrics and samples.", flag_values=fv
   )

@@ -29,10 +29,12 @@ from monoformer_jax.model.monoformer import init_params
 _IMAGE_KEY_PREFIXES = ("x_embedder", "t_embedder", "adaLN_module", "t_projector", "final_layer", "y_embedder")
 
 
-def read_checkpoint_config(path: str) -> dict:
+def read_checkpoint_config(path: str, expected: str = "") -> dict:
+  """The fields of a checkpoint folder's config.json (a JSON object), errors naming the file;
+  `expected`: what the folder should be, said where it has no config.json."""
   cfg_path = os.path.join(path, "config.json")
   if not epath.Path(cfg_path).is_file():
-    raise FileNotFoundError(f"no config.json in {path!r}")
+    raise FileNotFoundError(f"no config.json in {path!r}" + (f" ({expected})" if expected else ""))
   try:
     fields = json.loads(epath.Path(cfg_path).read_text())
   except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:

@@ -43,53 +43,22 @@ def make_conversation_iterator(
     input_shape,
     input_tokens: int,
     template: str = "none",
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_threads: int = 2,
+    **read,
 ) -> pipeline.BatchIterator:
   """Batches of one conversation per row from a source of {"turns", ["image"]} records; images
-  of `input_shape`, `input_tokens` tokens each once encoded."""
+  of `input_shape`, `input_tokens` tokens each once encoded. `read`: the `pipeline.StreamOptions`."""
   chat_format.check_template(template)
   if seq_len < input_tokens + 8:
     raise ValueError(
         f"seq_len {seq_len} leaves no room for a question and an answer beside a {input_tokens}-token image"
     )
-  shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
+  stream = pipeline.StreamOptions(**read).resolved()
 
   def make_sample(record, rng):
     del rng
     return {"pieces": conversation_pieces(tokenizer, record, template, input_tokens, seq_len), "num_images": 0}
 
-  ds = pipeline.sample_dataset(
-      source,
-      make_sample,
-      seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      block=batch_size,
-      check=_image_check(input_shape),
-  )
-  return pipeline.BatchIterator(
-      ds,
-      batch_size=batch_size,
-      seq_len=seq_len,
-      num_image_slots=1,
-      image_shape=(1, 1, 1),
-      num_patches=1,
-      t_token=False,
-      packing=False,
-      num_threads=num_threads,
-      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
-      shard_index=shard_index,
-      shard_count=shard_count,
-      num_input_slots=1,
-      input_shape=input_shape,
-      input_tokens=input_tokens,
-      bad_run_limit=2 * len(source) + 1,  # every record read twice and skipped: none is good
-      source_name=repr(source),
+  layout = pipeline.RowLayout(seq_len, num_input_slots=1, input_shape=input_shape, input_tokens=input_tokens)
+  return pipeline.source_batches(
+      source, make_sample, layout, stream, batch_size=batch_size, check=_image_check(input_shape)
   )

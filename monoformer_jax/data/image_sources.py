@@ -17,7 +17,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from monoformer_jax import paths as paths_lib
-from monoformer_jax.data.sources import BadRecordError, Source, _check_files, _read_json_line
+from monoformer_jax.data.sources import BadRecordError, JsonLinesSource, Source
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -172,7 +172,7 @@ class ImageFolderSource(Source):
     )
 
 
-class ImageTextJsonlSource(Source):
+class ImageTextJsonlSource(JsonLinesSource):
   """JSONL lines {"image": path, "prompt": str} (JourneyDB-style) -> {"image", "prompt"}.
 
   Relative image paths are resolved against `image_root` (default: the JSONL file's folder).
@@ -188,18 +188,11 @@ class ImageTextJsonlSource(Source):
       prompt_key: str = "prompt",
       skip_bad_records: bool = False,
   ):
-    self.paths = _check_files(paths)
     self.image_root, self.image_size, self.channels = image_root, image_size, channels
-    self.image_key, self.prompt_key, self.skip_bad_records = image_key, prompt_key, skip_bad_records
-    self.index = self._line_index("line", "records")
+    self.image_key, self.prompt_key = image_key, prompt_key
+    super().__init__(paths, skip_bad_records)
 
-  def __len__(self) -> int:
-    return len(self.index)
-
-  def __getitem__(self, i: int):
-    obj = _read_json_line(self.index, i)
-    if isinstance(obj, BadRecordError):
-      return self._bad(str(obj))
+  def _record(self, obj, i: int):
     where = self.index.where(i)
     if not isinstance(obj, dict):
       return self._bad(f"{where}: expected a JSON object")
@@ -212,9 +205,6 @@ class ImageTextJsonlSource(Source):
     except BadRecordError as e:
       return self._bad(f"{where}: {e}")
     return {"image": array, "prompt": prompt}
-
-  def record_name(self, i: int) -> str:
-    return self.index.where(i)
 
   def __repr__(self) -> str:
     return (

@@ -22,8 +22,6 @@ as `pipeline.BatchIterator` describes.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from monoformer_jax.data import pipeline
 from monoformer_jax.data import sequences as seq
 from monoformer_jax.data.tokenizer import Tokenizer
@@ -46,24 +44,12 @@ def make_interleaved_iterator(
     patch_size: int,
     t_token: bool,
     image_shape,
-    class_names: Sequence[str] | None = None,
-    templates=seq.MAIN_TEMPLATES,
-    prompt_prefix: str = seq.T2I_PREFIX,
-    max_prompt_tokens: int | None = None,
-    text_dropout: float = 0.1,
-    train_text: bool = False,
-    null_label: int | None = None,
     input_fraction: float = 0.0,
     input_tokens: int = 0,
     latent_scale: float = 1.0,
     seq_len: int | None = None,
     packing: bool = False,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_threads: int = 2,
+    **options,
 ) -> pipeline.BatchIterator:
   """Batches of documents of 1..`max_images` images from an image source, one per row or packed
   while they fit: at most `max_images` images per row (its image slots), and as many read ones
@@ -71,30 +57,21 @@ def make_interleaved_iterator(
   `seq_len` defaults to the smallest row that holds the longest document; a longer one is cut
   (`sequences.cut_document`). A document's bad records are left out of it (the skip count
   counts documents left with none). The other options are `pipeline.make_image_iterator`'s."""
-  tok = tokenizer
   if max_images < 1:
     raise ValueError(f"max_images must be >= 1, got {max_images}")
   if not 0 <= input_fraction <= 1 or (input_fraction and not input_tokens):
     raise ValueError(f"input_fraction {input_fraction} must be in [0, 1], and > 0 needs input_tokens")
-  index, count = pipeline.resolve_shard(shard_index, shard_count)
-  h, w, _ = image_shape
-  if h % patch_size or w % patch_size:
-    raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
-  span = (h // patch_size) * (w // patch_size) + int(t_token)
-  names = class_names if class_names is not None else getattr(source, "class_names", None)
-  model_classes = null_label
-  if null_label is None:
-    null_label = len(names) if names is not None else 0
-  if max_prompt_tokens is None:
-    if names is None:
-      raise ValueError("max_prompt_tokens is needed for free-text prompts")
-    max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
-  answers = [tok.encode(n) for n in names] if names is not None else []
+  prompt_options, stream = pipeline.split_image_options(options)
+  num_patches = pipeline.patch_count(image_shape, patch_size)
+  span = num_patches + int(t_token)
+  prompts = pipeline.image_prompts(source, tokenizer, **prompt_options)
+  answers = [tokenizer.encode(n) for n in prompts.names] if prompts.names is not None else []
   if input_fraction and not answers:
     raise ValueError("input_fraction > 0 needs class names (the text after a read image)")
   read_tokens = input_tokens + max(map(len, answers)) if input_fraction else 0
-  seq_len = seq_len or document_seq_len(tok, max_images, max_prompt_tokens, span, read_tokens)
+  seq_len = seq_len or document_seq_len(tokenizer, max_images, prompts.max_tokens, span, read_tokens)
   lengths = {"image": span, "input": input_tokens}
+  inputs = max_images if input_fraction else 0  # read-image slots of a row
 
   def make_part(record, rng):
     """One record's part of a document (decided with the record's own rng) and the document
@@ -103,10 +80,7 @@ def make_interleaved_iterator(
     n = int(rng.integers(1, max_images + 1))
     if input_fraction and rng.random() < input_fraction:
       return {"parts": [("input", image), ("text", answers[int(record["label"])], True)], "n": n}
-    label = int(record.get("label", null_label))
-    ids = tok.encode(pipeline.record_prompt(record, rng, names, templates, prompt_prefix))[:max_prompt_tokens]
-    if rng.random() < text_dropout:
-      ids, label = [], null_label
+    ids, label = prompts.draw(tokenizer, record, rng)
     return {"parts": [("text", ids), ("image", image, label)], "n": n}
 
   def make_document(group):
@@ -114,39 +88,19 @@ def make_interleaved_iterator(
     if not good:
       return {"bad": True}
     parts = [p for g in good[: good[0]["n"]] for p in g["parts"]]
-    pieces = seq.document_sample(tok, parts, train_text)
-    inputs = max_images if input_fraction else 0
-    pieces = seq.cut_document(pieces, lengths, seq_len, max_images, inputs, tok.im_start_id)
+    pieces = seq.document_sample(tokenizer, parts, prompts.train)
+    pieces = seq.cut_document(pieces, lengths, seq_len, max_images, inputs, tokenizer.im_start_id)
     return {"pieces": pieces, "num_images": sum(1 for p in pieces if p[0] == "image")}
 
-  records = pipeline.sample_dataset(
+  layout = pipeline.RowLayout(
+      seq_len, max_images, image_shape, num_patches, t_token, packing, inputs, image_shape, input_tokens
+  )
+  return pipeline.source_batches(
       source,
       make_part,
-      seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=index,
-      shard_count=count,
-      block=batch_size * max_images,
-      check=pipeline.record_check(image_shape, names, model_classes, need_label=bool(input_fraction)),
-  )
-  documents = records.batch(max_images, batch_fn=list).map(make_document)
-  return pipeline.BatchIterator(
-      documents,
+      layout,
+      stream,
       batch_size=batch_size,
-      seq_len=seq_len,
-      num_image_slots=max_images,
-      image_shape=image_shape,
-      num_patches=span - int(t_token),
-      t_token=t_token,
-      packing=packing,
-      num_threads=num_threads,
-      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
-      shard_index=index,
-      shard_count=count,
-      num_input_slots=max_images if input_fraction else 0,
-      input_shape=image_shape,
-      input_tokens=input_tokens,
-      bad_run_limit=2 * len(source) + 1,  # every record read twice and skipped: none is good
-      source_name=repr(source),
+      check=pipeline.record_check(image_shape, prompts.names, prompts.model_classes, need_label=bool(input_fraction)),
+      group=(max_images, make_document),
   )

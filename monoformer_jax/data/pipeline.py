@@ -27,8 +27,9 @@ run sees the batches the saved one would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import grain
 import jax
@@ -90,29 +91,40 @@ class _MarkBad:
     return repr(self.source)
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+  """How one process reads a source: the shuffle `seed`, `shuffle`, `num_epochs` (None: forever),
+  its shard (`shard_index` of `shard_count`; both None: this JAX process's) and grain's
+  `num_threads` reading ahead. The `make_*_iterator` factories take these as keywords."""
+
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+  shard_index: int | None = None
+  shard_count: int | None = None
+  num_threads: int = 2
+
+  def resolved(self) -> StreamOptions:
+    """The same options with the shard made explicit (`resolve_shard`)."""
+    index, count = resolve_shard(self.shard_index, self.shard_count)
+    return dataclasses.replace(self, shard_index=index, shard_count=count)
+
+
 def sample_dataset(
-    source,
-    make_sample: Callable,
-    *,
-    seed: int,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    block: int = 1,
-    check: Callable | None = None,
+    source, make_sample: Callable, stream: StreamOptions, *, block: int = 1, check: Callable | None = None
 ) -> grain.MapDataset:
   """The random-access part of the pipeline. `make_sample(record, rng)` -> sample dict; records
   a source skipped (None), or that `check` found bad (`_MarkBad`), come through as {"bad": True}
   so the iterator can count them."""
-  index, count = resolve_shard(shard_index, shard_count)
+  stream = stream.resolved()
+  seed = stream.seed
   ds = shard_stream(
       _MarkBad(source, check),
       seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=index,
-      shard_count=count,
+      shuffle=stream.shuffle,
+      num_epochs=stream.num_epochs,
+      shard_index=stream.shard_index,
+      shard_count=stream.shard_count,
       block=block,
   )
 
@@ -184,45 +196,62 @@ def shard_indices(
   return [int(ds[i][1]) for i in range(len(ds))]
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  """What a batch row holds (batch.py): `seq_len` tokens; `num_image_slots` generated images of
+  `image_shape`, `num_patches` tokens each (and a t token with `t_token`); `num_input_slots` read
+  images of `input_shape`, `input_tokens` tokens each. `packing`: consecutive samples share a row
+  while they fit (tokens and image slots), else one sample a row."""
+
+  seq_len: int
+  num_image_slots: int = 1
+  image_shape: tuple = (1, 1, 1)
+  num_patches: int = 1
+  t_token: bool = False
+  packing: bool = False
+  num_input_slots: int = 0
+  input_shape: tuple = ()
+  input_tokens: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_shape", tuple(self.image_shape))
+    object.__setattr__(self, "input_shape", tuple(self.input_shape))
+
+  def empty_batch(self, batch_size: int) -> dict:
+    return batch_lib.empty_batch(
+        batch_size, self.seq_len, self.num_image_slots, self.image_shape, self.num_input_slots, self.input_shape
+    )
+
+  def row_builder(self, batch: dict, row: int) -> batch_lib.RowBuilder:
+    return batch_lib.RowBuilder(batch, row, self.num_patches, self.t_token, self.input_tokens)
+
+
 class BatchIterator:
   """Yields host-local NumPy batches in the model/inputs.py format; resumable via get/set_state.
 
-  packing=True puts consecutive samples into a row while they fit (tokens and image slots);
-  packing=False puts one sample per row. The last batch of a finite run is padded with empty rows.
+  Samples are laid into rows as `layout` says (packed or one a row). The last batch of a finite
+  run is padded with empty rows.
   """
 
   def __init__(
       self,
       dataset: grain.MapDataset,
+      layout: RowLayout,
       *,
       batch_size: int,
-      seq_len: int,
-      num_image_slots: int,
-      image_shape,
-      num_patches: int,
-      t_token: bool,
-      packing: bool,
+      shard: tuple[int, int] = (0, 1),
       num_threads: int = 2,
       prefetch: int = 16,
       skipped_at_index: int = 0,
-      shard_index: int = 0,
-      shard_count: int = 1,
-      num_input_slots: int = 0,
-      input_shape=(),
-      input_tokens: int = 0,
       bad_run_limit: int = 0,
       source_name: str = "the source",
   ):
-    """`shard_index` / `shard_count`: the shard `dataset` reads (sample_dataset's, in blocks of
-    `batch_size`): what a combined state's positions are translated with. `num_input_slots`
-    input images of `input_shape` per row, `input_tokens` tokens each: rows that read images.
-    `bad_run_limit` (0: none): that many skipped records in a row is an error, not a hang (a
-    source whose every record is bad, read forever); `source_name` names the source then."""
-    self.num_input_slots, self.input_shape, self.input_tokens = num_input_slots, tuple(input_shape), input_tokens
-    self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
-    self.shard_index, self.shard_count = shard_index, shard_count
-    self.num_image_slots, self.image_shape = num_image_slots, tuple(image_shape)
-    self.num_patches, self.t_token = num_patches, t_token
+    """`shard`: the (index, count) `dataset` reads (sample_dataset's, in blocks of `batch_size`):
+    what a combined state's positions are translated with. `bad_run_limit` (0: none): that many
+    skipped records in a row is an error, not a hang (a source whose every record is bad, read
+    forever); `source_name` names the source then."""
+    self.layout, self.batch_size = layout, batch_size
+    self.shard_index, self.shard_count = shard
     self.skipped_at_index = skipped_at_index
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     self._it = iter(dataset.to_iter_dataset(options))
@@ -241,50 +270,50 @@ class BatchIterator:
     return next(self._it), state
 
   def __next__(self) -> dict:
-    batch = batch_lib.empty_batch(
-        self.batch_size, self.seq_len, self.num_image_slots, self.image_shape, self.num_input_slots, self.input_shape
-    )
+    batch = self.layout.empty_batch(self.batch_size)
     row, placed = 0, 0
-    builder = self._builder(batch, 0)
+    builder = self.layout.row_builder(batch, 0)
     while row < self.batch_size:
       try:
-        sample, state = self._read()
+        sample, state = self._read_good()
       except StopIteration:
         if not placed:
           raise
         break
-      if sample.get("bad"):
-        self.num_skipped += 1
-        self._bad_run += 1
-        if self.bad_run_limit and self._bad_run >= self.bad_run_limit:
-          raise BadRecordError(
-              f"{self.source_name}: the last {self._bad_run} records read were all bad and skipped "
-              "(data.skip_bad_records): no good record left to read? (the warnings above name them)"
-          )
-        continue
-      self._bad_run = 0
       pieces, num_images = sample["pieces"], sample["num_images"]
       if not builder.fits(pieces, num_images):
         if builder.cursor == 0:
           raise ValueError(
               f"a sample of {builder.sample_length(pieces)} tokens / {num_images} images does not "
-              f"fit an empty row (seq_len {self.seq_len}, {self.num_image_slots} image slots)"
+              f"fit an empty row (seq_len {self.layout.seq_len}, {self.layout.num_image_slots} image slots)"
           )
         row += 1
         if row == self.batch_size:
           self._pending = (sample, state)
           break
-        builder = self._builder(batch, row)
+        builder = self.layout.row_builder(batch, row)
       builder.add(pieces)
       placed += 1
-      if not self.packing:
+      if not self.layout.packing:
         row += 1
         if row < self.batch_size:
-          builder = self._builder(batch, row)
+          builder = self.layout.row_builder(batch, row)
     return batch
 
-  def _builder(self, batch, row):
-    return batch_lib.RowBuilder(batch, row, self.num_patches, self.t_token, self.input_tokens)
+  def _read_good(self):
+    """The next good (sample, state), counting the bad ones read on the way."""
+    sample, state = self._read()
+    while sample.get("bad"):
+      self.num_skipped += 1
+      self._bad_run += 1
+      if self.bad_run_limit and self._bad_run >= self.bad_run_limit:
+        raise BadRecordError(
+            f"{self.source_name}: the last {self._bad_run} records read were all bad and skipped "
+            "(data.skip_bad_records): no good record left to read? (the warnings above name them)"
+        )
+      sample, state = self._read()
+    self._bad_run = 0
+    return sample, state
 
   @property
   def stats(self) -> dict:
@@ -365,6 +394,37 @@ def combine_states(states: list[dict]) -> dict:
   }
 
 
+def source_batches(
+    source,
+    make_sample: Callable,
+    layout: RowLayout,
+    stream: StreamOptions,
+    *,
+    batch_size: int,
+    check: Callable | None = None,
+    group: tuple[int, Callable] | None = None,
+) -> BatchIterator:
+  """The whole pipeline over `source`: this process's samples (`sample_dataset`, dealt out in
+  blocks of `batch_size`) laid into rows of `layout`. `group` (n, make_document): every n
+  consecutive samples make one (interleaved documents), dealt out in blocks of `batch_size` of them."""
+  stream = stream.resolved()
+  n, make_document = group or (1, None)
+  ds = sample_dataset(source, make_sample, stream, block=batch_size * n, check=check)
+  if make_document is not None:
+    ds = ds.batch(n, batch_fn=list).map(make_document)
+  return BatchIterator(
+      ds,
+      layout,
+      batch_size=batch_size,
+      shard=(stream.shard_index, stream.shard_count),
+      num_threads=stream.num_threads,
+      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
+      # Every record of the source read twice, each one skipped: none is good.
+      bad_run_limit=2 * len(source) + 1,
+      source_name=repr(source),
+  )
+
+
 # ----------------------------------------------------------------------------------------------
 # Image objective.
 
@@ -424,6 +484,117 @@ def record_prompt(record: dict, rng, names, templates, prompt_prefix: str) -> st
   return seq.class_prompt(record.get("class_name") or names[int(record["label"])], rng, templates)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImagePrompts:
+  """How an image record becomes prompt ids and a label (`image_prompts` builds it): its free text
+  after `prefix` or its class name (from `names`) in one of `templates`, cut to `max_tokens`;
+  dropped with probability `dropout`, the label then `null_label` (CFG). `model_classes`: the
+  model's label count, where it has a label embedding; `train`: the prompt text is trained too
+  (the LM loss), and a row goes on after its image."""
+
+  names: Sequence[str] | None
+  templates: Sequence[str]
+  prefix: str
+  max_tokens: int
+  dropout: float
+  null_label: int
+  model_classes: int | None
+  train: bool = False
+
+  def draw(self, tok, record: dict, rng: np.random.Generator) -> tuple[list, int]:
+    """(prompt ids, label) of `record`, the prompt and its dropout drawn with `rng`."""
+    label = int(record.get("label", self.null_label))
+    ids = tok.encode(record_prompt(record, rng, self.names, self.templates, self.prefix))[: self.max_tokens]
+    if rng.random() < self.dropout:
+      ids, label = [], self.null_label
+    return ids, label
+
+
+def image_prompts(
+    source,
+    tok,
+    *,
+    class_names=None,
+    templates=seq.MAIN_TEMPLATES,
+    prompt_prefix: str = seq.T2I_PREFIX,
+    max_prompt_tokens: int | None = None,
+    text_dropout: float = 0.1,
+    null_label: int | None = None,
+    train_text: bool = False,
+    free_text: bool = False,
+) -> ImagePrompts:
+  """The `ImagePrompts` of an image source: class names `class_names`, else the source's; the
+  null label `null_label` (the model's class count), else one past the names; `max_prompt_tokens`
+  needed where the prompts are free text (`free_text`) or there are no names, else the longest
+  class prompt."""
+  names = class_names if class_names is not None else getattr(source, "class_names", None)
+  model_classes = null_label  # given: the model's label embedding has that many classes
+  if null_label is None:
+    null_label = len(names) if names is not None else 0
+  if max_prompt_tokens is None:
+    if free_text or names is None:
+      raise ValueError("max_prompt_tokens is needed for free-text prompts")
+    max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
+  return ImagePrompts(
+      names, templates, prompt_prefix, max_prompt_tokens, text_dropout, null_label, model_classes, train_text
+  )
+
+
+_PROMPT_OPTIONS = (
+    "class_names",
+    "templates",
+    "prompt_prefix",
+    "max_prompt_tokens",
+    "text_dropout",
+    "null_label",
+    "train_text",
+)
+
+
+def split_image_options(options: dict) -> tuple[dict, StreamOptions]:
+  """An image factory's `options`: the `image_prompts` keywords among them, and the others as
+  this process's `StreamOptions`."""
+  prompt = {k: options[k] for k in _PROMPT_OPTIONS if k in options}
+  stream = StreamOptions(**{k: v for k, v in options.items() if k not in prompt})
+  return prompt, stream.resolved()
+
+
+def patch_count(image_shape, patch_size: int) -> int:
+  """Patches of an (H, W, C) image cut into `patch_size` squares."""
+  h, w, _ = image_shape
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
+  return (h // patch_size) * (w // patch_size)
+
+
+def _first_record(source, stream: StreamOptions, batch_size: int) -> dict:
+  """A good record of this process's own part (each process reads only its shard)."""
+  own = shard_indices(
+      len(source), stream.shard_index, stream.shard_count, seed=stream.seed, shuffle=stream.shuffle, block=batch_size
+  )[:100]
+  first = next((r for r in (source[i] for i in own) if r is not None), None)
+  if first is None:
+    raise ValueError(
+        f"{source!r}: no good record among the first of shard {stream.shard_index}; cannot infer the image shape"
+    )
+  return first
+
+
+def _source_image_shape(source, first: dict, image_shape, latent_scale: float) -> tuple:
+  """The shape of the source's images (its `first` record's), checked against `image_shape`."""
+  first_shape = record_image(first, np.random.default_rng(0), latent_scale).shape
+  if image_shape is None:
+    return first_shape
+  if tuple(first_shape) != tuple(image_shape):
+    # The whole source, not one record: images are cropped to the model's size, and a latent
+    # dataset has one shape (tfds_latents checks every record against it).
+    raise ValueError(
+        f"{source!r}: images of shape {tuple(first_shape)}, but the model diffuses {tuple(image_shape)} "
+        "(the model's image_height / image_width / image_channels, or the source's image size)"
+    )
+  return image_shape
+
+
 def make_image_iterator(
     source,
     tokenizer,
@@ -431,108 +602,52 @@ def make_image_iterator(
     batch_size: int,
     patch_size: int,
     t_token: bool,
-    seed: int = 0,
     image_shape=None,
-    class_names=None,
-    templates=seq.MAIN_TEMPLATES,
-    prompt_prefix: str = seq.T2I_PREFIX,
-    max_prompt_tokens: int | None = None,
-    text_dropout: float = 0.1,
-    train_text: bool = False,
-    null_label: int | None = None,
     latent_scale: float = 1.0,
     seq_len: int | None = None,
     packing: bool = False,
     images_per_row: int = 1,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_threads: int = 2,
+    **options,
 ) -> BatchIterator:
   """Image-generation batches from an image source (MNIST, image folder, image-text, latents).
 
   The prompt is the record's "prompt" (prefixed by `prompt_prefix`, cut to `max_prompt_tokens`) or
-  its class name ("class_name", else `class_names[label]`) in a random template. With probability
-  `text_dropout` the prompt is dropped and the label set to `null_label` (CFG). Unless
-  `train_text`, a sample ends with its image: the official `<|im_end|>\\n</s>` after it would carry
-  no target and nothing attends to it (sequences.image_sample). `seq_len` defaults to the smallest
-  length that holds one sample (exact for class prompts). With packing, up to `images_per_row`
-  samples share a row of `seq_len` tokens.
+  its class name ("class_name", else `class_names[label]`) in a random template (`templates`).
+  With probability `text_dropout` the prompt is dropped and the label set to `null_label` (CFG).
+  Unless `train_text`, a sample ends with its image: the
+  official `<|im_end|>\\n</s>` after it would carry no target and nothing attends to it
+  (sequences.image_sample). `seq_len` defaults to the smallest length that holds one sample
+  (exact for class prompts). With packing, up to `images_per_row` samples share a row of
+  `seq_len` tokens. `options`: these prompt options (`image_prompts`' keywords), and the
+  `StreamOptions` (seed, shuffle, num_epochs, shard_index, shard_count, num_threads).
   """
-  tok = tokenizer
-  shard_index, shard_count = resolve_shard(shard_index, shard_count)
-  # Inspect a record of this process's own part (each process reads only its shard).
-  own = shard_indices(len(source), shard_index, shard_count, seed=seed, shuffle=shuffle, block=batch_size)[:100]
-  first = next((r for r in (source[i] for i in own) if r is not None), None)
-  if first is None:
-    raise ValueError(f"{source!r}: no good record among the first of shard {shard_index}; cannot infer the image shape")
-  first_shape = record_image(first, np.random.default_rng(0), latent_scale).shape
-  if image_shape is None:
-    image_shape = first_shape
-  elif tuple(first_shape) != tuple(image_shape):
-    # The whole source, not one record: images are cropped to the model's size, and a latent
-    # dataset has one shape (tfds_latents checks every record against it).
-    raise ValueError(
-        f"{source!r}: images of shape {tuple(first_shape)}, but the model diffuses {tuple(image_shape)} "
-        "(the model's image_height / image_width / image_channels, or the source's image size)"
-    )
-  h, w, _ = image_shape
-  if h % patch_size or w % patch_size:
-    raise ValueError(f"image shape {tuple(image_shape)} is not divisible by patch {patch_size}")
-  num_patches = (h // patch_size) * (w // patch_size)
-  names = class_names if class_names is not None else getattr(source, "class_names", None)
-  model_classes = null_label  # given: the model's label embedding has that many classes
-  if null_label is None:
-    null_label = len(names) if names is not None else 0
-  has_prompt = "prompt" in first
-  if max_prompt_tokens is None:
-    if has_prompt or names is None:
-      raise ValueError("max_prompt_tokens is needed for free-text prompts")
-    max_prompt_tokens = seq.max_class_prompt_tokens(tok, names, templates)
+  prompt_options, stream = split_image_options(options)
+  first = _first_record(source, stream, batch_size)
+  image_shape = _source_image_shape(source, first, image_shape, latent_scale)
+  num_patches = patch_count(image_shape, patch_size)
+  prompts = image_prompts(source, tokenizer, free_text="prompt" in first, **prompt_options)
   # Untrained image text: the row ends with the image (sequences.image_sample: exact).
-  one = seq.image_seq_len(max_prompt_tokens, num_patches, t_token, tok, tail=train_text)
+  one = seq.image_seq_len(prompts.max_tokens, num_patches, t_token, tokenizer, tail=prompts.train)
   seq_len = seq_len or one * (images_per_row if packing else 1)
   if seq_len < one:
     raise ValueError(f"seq_len {seq_len} cannot hold one image sample ({one} tokens)")
 
-  check = record_check(image_shape, names, model_classes)
-
   def make_sample(record, rng):
     image = record_image(record, rng, latent_scale)
-    label = int(record.get("label", null_label))
-    ids = tok.encode(record_prompt(record, rng, names, templates, prompt_prefix))[:max_prompt_tokens]
-    if rng.random() < text_dropout:
-      ids, label = [], null_label
-    return {"pieces": seq.image_sample(tok, ids, image, label, train_text, tail=train_text), "num_images": 1}
+    ids, label = prompts.draw(tokenizer, record, rng)
+    return {
+        "pieces": seq.image_sample(tokenizer, ids, image, label, prompts.train, tail=prompts.train),
+        "num_images": 1,
+    }
 
-  ds = sample_dataset(
+  layout = RowLayout(seq_len, images_per_row if packing else 1, image_shape, num_patches, t_token, packing)
+  return source_batches(
       source,
       make_sample,
-      seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      block=batch_size,
-      check=check,
-  )
-  return BatchIterator(
-      ds,
+      layout,
+      stream,
       batch_size=batch_size,
-      seq_len=seq_len,
-      num_image_slots=images_per_row if packing else 1,
-      image_shape=image_shape,
-      num_patches=num_patches,
-      t_token=t_token,
-      packing=packing,
-      num_threads=num_threads,
-      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
-      shard_index=shard_index,
-      shard_count=shard_count,
-      # Every record of the source read twice, each one skipped: none is good.
-      bad_run_limit=2 * len(source) + 1,
-      source_name=repr(source),
+      check=record_check(image_shape, prompts.names, prompts.model_classes),
   )
 
 
@@ -546,16 +661,11 @@ def make_text_iterator(
     *,
     batch_size: int,
     seq_len: int,
-    seed: int = 0,
     packing: bool = True,
     template: str = "none",
     train_on_prompt: bool | None = None,
     image_shape=(1, 1, 1),
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_threads: int = 2,
+    **read,
 ) -> BatchIterator:
   """Text batches `<s>...</s>` from {"text"} records, or dialogues from chat {"turns"} records
   in the chat `template` (data/chat_format.py), cut to seq_len tokens.
@@ -563,10 +673,10 @@ def make_text_iterator(
   `train_on_prompt` (default: the official choice for the template) trains the user turns too.
   packing=True packs several samples per row (segment ids keep them apart); False pads each
   sample to seq_len. Batches carry one dummy image slot of `image_shape` (never marked real) so
-  both objectives share the batch keys.
+  both objectives share the batch keys. `read`: the `StreamOptions`.
   """
   tok = tokenizer
-  shard_index, shard_count = resolve_shard(shard_index, shard_count)
+  stream = StreamOptions(**read).resolved()
   if train_on_prompt is None:
     train_on_prompt = chat_format.official_train_on_prompt(template)
 
@@ -577,30 +687,5 @@ def make_text_iterator(
       return {"pieces": seq.cut_document(pieces, {}, seq_len, 0, 0, tok.im_start_id), "num_images": 0}
     return {"pieces": seq.text_sample(tok, [(tok.encode(record["text"]), True)], seq_len), "num_images": 0}
 
-  ds = sample_dataset(
-      source,
-      make_sample,
-      seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      block=batch_size,
-  )
-  return BatchIterator(
-      ds,
-      batch_size=batch_size,
-      seq_len=seq_len,
-      num_image_slots=1,
-      image_shape=image_shape,
-      num_patches=1,
-      t_token=False,
-      packing=packing,
-      num_threads=num_threads,
-      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
-      shard_index=shard_index,
-      shard_count=shard_count,
-      # Every record of the source read twice, each one skipped: none is good.
-      bad_run_limit=2 * len(source) + 1,
-      source_name=repr(source),
-  )
+  layout = RowLayout(seq_len, image_shape=image_shape, packing=packing)
+  return source_batches(source, make_sample, layout, stream, batch_size=batch_size)

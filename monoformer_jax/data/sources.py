@@ -309,16 +309,12 @@ def _parse_chat(obj, last_pair_only: bool):
   return pairs[-1:] if last_pair_only else pairs
 
 
-class ChatJsonlSource(Source):
-  """JSONL chat dialogues: {"turns": [(user, assistant), ...]}.
+class JsonLinesSource(Source):
+  """Base of the sources over JSON-lines files `paths`, a record a line: a subclass turns each
+  line's parsed JSON into its record (`_record`); a line that is not JSON is a bad record."""
 
-  `last_pair_only=True` (default) keeps only the dialogue's last user/assistant pair, as the
-  official UltraChat loader does; False keeps every pair.
-  """
-
-  def __init__(self, paths, last_pair_only: bool = True, skip_bad_records: bool = False):
-    self.paths = _check_files(paths)
-    self.last_pair_only, self.skip_bad_records = last_pair_only, skip_bad_records
+  def __init__(self, paths, skip_bad_records: bool = False):
+    self.paths, self.skip_bad_records = _check_files(paths), skip_bad_records
     self.index = self._line_index("line", "records")
 
   def __len__(self) -> int:
@@ -328,13 +324,32 @@ class ChatJsonlSource(Source):
     obj = _read_json_line(self.index, i)
     if isinstance(obj, BadRecordError):
       return self._bad(str(obj))
+    return self._record(obj, i)
+
+  def _record(self, obj, i: int):
+    """Line i's record from its parsed JSON `obj` (or `_bad(...)` naming what is wrong)."""
+    raise NotImplementedError
+
+  def record_name(self, i: int) -> str:
+    return self.index.where(i)
+
+
+class ChatJsonlSource(JsonLinesSource):
+  """JSONL chat dialogues: {"turns": [(user, assistant), ...]}.
+
+  `last_pair_only=True` (default) keeps only the dialogue's last user/assistant pair, as the
+  official UltraChat loader does; False keeps every pair.
+  """
+
+  def __init__(self, paths, last_pair_only: bool = True, skip_bad_records: bool = False):
+    self.last_pair_only = last_pair_only
+    super().__init__(paths, skip_bad_records)
+
+  def _record(self, obj, i: int):
     turns = _parse_chat(obj, self.last_pair_only)
     if isinstance(turns, str):
       return self._bad(f"{self.index.where(i)}: {turns}")
     return {"turns": turns}
-
-  def record_name(self, i: int) -> str:
-    return self.index.where(i)
 
   def __repr__(self) -> str:
     return f"ChatJsonlSource(paths={self.paths!r}, last_pair_only={self.last_pair_only}, n={len(self)})"

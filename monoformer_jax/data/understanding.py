@@ -62,23 +62,19 @@ def make_understanding_iterator(
     input_tokens: int,
     class_names: Sequence[str],
     question: str = DEFAULT_QUESTION,
-    seed: int = 0,
     latent_scale: float = 1.0,
     max_shift: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_threads: int = 2,
+    **read,
 ) -> pipeline.BatchIterator:
   """Batches of one understanding sample per row from a labelled image source; `max_shift` > 0
-  moves each read image by up to that many pixels along each axis (a fresh draw per epoch)."""
+  moves each read image by up to that many pixels along each axis (a fresh draw per epoch).
+  `read`: the `pipeline.StreamOptions`."""
   tok = tokenizer
   if not question.strip():
     raise ValueError("the understanding question is empty")
   if not 0 <= max_shift < min(input_shape[:2]):
     raise ValueError(f"the read images' max_shift {max_shift} is not in 0..{min(input_shape[:2]) - 1}")
-  shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
+  stream = pipeline.StreamOptions(**read).resolved()
   question_ids = tok.encode(question)
   answers = [tok.encode(name) for name in class_names]
   seq_len = understanding_seq_len(tok, input_tokens, question, class_names)
@@ -88,33 +84,6 @@ def make_understanding_iterator(
     answer = answers[int(record["label"])]
     return {"pieces": understanding_sample(tok, image, question_ids, answer), "num_images": 0}
 
-  ds = pipeline.sample_dataset(
-      source,
-      make_sample,
-      seed=seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      block=batch_size,
-      check=pipeline.record_check(input_shape, class_names, need_label=True),
-  )
-  return pipeline.BatchIterator(
-      ds,
-      batch_size=batch_size,
-      seq_len=seq_len,
-      num_image_slots=1,
-      image_shape=(1, 1, 1),
-      num_patches=1,
-      t_token=False,
-      packing=False,
-      num_threads=num_threads,
-      skipped_at_index=getattr(source, "num_skipped_at_index", 0),
-      shard_index=shard_index,
-      shard_count=shard_count,
-      num_input_slots=1,
-      input_shape=input_shape,
-      input_tokens=input_tokens,
-      bad_run_limit=2 * len(source) + 1,  # every record read twice and skipped: none is good
-      source_name=repr(source),
-  )
+  layout = pipeline.RowLayout(seq_len, num_input_slots=1, input_shape=input_shape, input_tokens=input_tokens)
+  check = pipeline.record_check(input_shape, class_names, need_label=True)
+  return pipeline.source_batches(source, make_sample, layout, stream, batch_size=batch_size, check=check)

@@ -36,8 +36,7 @@ def define_flags(fv, argv=()):
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   if not fv.workdir:
     raise cli.UsageError("--workdir: give a run directory or pretrained:NAME")
   if not fv.workdir.startswith(PRETRAINED_PREFIX) and not epath.Path(fv.workdir).is_dir():
@@ -66,8 +65,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

@@ -124,19 +124,8 @@ def _shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> n
   return augment.translate(batch, max_shift - dy, max_shift - dx, max_shift)
 
 
-def train_digit_classifier(
-    seed: int = 0, epochs: int = 10, batch_size: int = 64, learning_rate: float = 3e-3, verbose: bool = False
-):
-  """Trains on the MNIST-5k train split; returns (DigitClassifier, info dict)."""
-  start = time.time()
-  images, labels = mnist.load_mnist5k()
-  train_idx, held_idx = mnist.split_indices(len(images))
-  x_train, y_train = _as_input(images[train_idx]), np.asarray(labels[train_idx])
-  params = DigitCNN().init(jax.random.key(seed), x_train[:1])["params"]
-  steps_per_epoch = len(x_train) // batch_size
-  schedule = optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch)
-  optimizer = optax.adam(schedule)
-  opt_state = optimizer.init(params)
+def _train_step(optimizer):
+  """The compiled step (params, opt_state, x, y) -> (params, opt_state, loss) of `optimizer`."""
 
   @jax.jit
   def step(params, opt_state, x, y):
@@ -148,6 +137,23 @@ def train_digit_classifier(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return step
+
+
+def train_digit_classifier(
+    seed: int = 0, epochs: int = 10, batch_size: int = 64, learning_rate: float = 3e-3, verbose: bool = False
+):
+  """Trains on the MNIST-5k train split; returns (DigitClassifier, info dict)."""
+  start = time.time()
+  images, labels = mnist.load_mnist5k()
+  train_idx, held_idx = mnist.split_indices(len(images))
+  x_train, y_train = _as_input(images[train_idx]), np.asarray(labels[train_idx])
+  params = DigitCNN().init(jax.random.key(seed), x_train[:1])["params"]
+  steps_per_epoch = len(x_train) // batch_size
+  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch))
+  opt_state = optimizer.init(params)
+
+  step = _train_step(optimizer)
   rng = np.random.default_rng(seed)
   for epoch in range(epochs):
     order = rng.permutation(len(x_train))

@@ -87,15 +87,8 @@ def generate(
           "workdir": paths.absolute(workdir),
       },
   )
-  options = run.image_sampling
-  starts = list(range(0, num_samples, chunk))
-  for c, start in enumerate(starts):
-    path = sample_dirs.chunk_path(out_dir, start)
-    idx = sample_dirs.chunk_indices(start, chunk, num_samples)
-    if c % jax.process_count() != jax.process_index() or sample_dirs.chunk_is_complete(path, idx):
-      continue
-    # Pad the batch to a multiple of the device count; padded samples are dropped afterwards.
-    padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
+
+  def draw(idx, padded):
     labels = sample_labels(seed, padded, len(run.class_names))
     images = classes_lib.sample_classes(
         run.params,
@@ -104,19 +97,17 @@ def generate(
         run.tokenizer,
         run.class_names,
         labels,
-        options=options,
+        options=run.image_sampling,
         seed=seed,
         sample_ids=padded,
         batch_size=len(padded),
         mesh=mesh,
         rules=run.rules,
     )
-    images = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))[
-        : len(idx)
-    ]
-    # A chunk is either complete on disk or absent.
-    paths.save_npz(path, images=images, labels=labels[: len(idx)], indices=idx)
-  return [sample_dirs.chunk_path(out_dir, s0) for s0 in starts]
+    images = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))
+    return images[: len(idx)], labels[: len(idx)]
+
+  return sample_dirs.draw_missing_chunks(out_dir, num_samples, chunk, len(devices), draw)
 
 
 def define_flags(fv, argv=()):
@@ -148,8 +139,7 @@ def define_flags(fv, argv=()):
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   if fv.inception_weights and not fv.reference:
     raise cli.UsageError("--inception_weights needs --reference")
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
@@ -175,8 +165,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

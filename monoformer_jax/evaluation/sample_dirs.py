@@ -63,6 +63,29 @@ def chunk_is_complete(path: str, expected: np.ndarray) -> bool:
     return np.array_equal(z["indices"], expected)
 
 
+def draw_missing_chunks(
+    out_dir: str, num_samples: int, chunk: int, num_devices: int, draw, share: tuple[int, int] | None = None
+) -> list[str]:
+  """Draws and writes this process's missing chunks; returns the paths of all chunks.
+
+  Chunk c (`chunk` consecutive indices) is this process's when c mod count = index (`share`:
+  (index, count), default this JAX process's) and it is not complete on disk. `draw(indices,
+  padded)` -> (uint8 images, labels) of `indices`, drawn as one batch of `padded` (the indices
+  padded to a multiple of `num_devices` with the last one). A chunk is written last: on disk it
+  is complete, or absent."""
+  index, count = share or (jax.process_index(), jax.process_count())
+  starts = list(range(0, num_samples, chunk))
+  for c, start in enumerate(starts):
+    path = chunk_path(out_dir, start)
+    idx = chunk_indices(start, chunk, num_samples)
+    if c % count != index or chunk_is_complete(path, idx):
+      continue
+    padded = np.concatenate([idx, np.full(((-len(idx)) % num_devices,), idx[-1])])
+    images, labels = draw(idx, padded)
+    paths.save_npz(path, images=images, labels=labels, indices=idx)
+  return [chunk_path(out_dir, s) for s in starts]
+
+
 def _span(indices: np.ndarray) -> str:
   return f"{indices[0]}..{indices[-1]}" if len(indices) else "none"
 

@@ -139,15 +139,10 @@ def generate(
   }
   epath.Path(out_dir, "images").mkdir(parents=True, exist_ok=True)
   sample_dirs.check_and_write_manifest(out_dir, manifest, MUST_MATCH)
-  index, count = share or (jax.process_index(), jax.process_count())
   ids = [prompt_ids(run.tokenizer, p, max_tokens) for p in prompts]
   pad_to = max(map(len, ids))
-  for c, start in enumerate(range(0, num_samples, chunk)):
-    path = sample_dirs.chunk_path(out_dir, start)
-    idx = sample_dirs.chunk_indices(start, chunk, num_samples)
-    if c % count != index or sample_dirs.chunk_is_complete(path, idx):
-      continue
-    padded = np.concatenate([idx, np.full(((-len(idx)) % len(devices),), idx[-1])])
+
+  def draw(idx, padded):
     which = padded % len(prompts)
     images = sample_images(
         run.params,
@@ -164,8 +159,9 @@ def generate(
     )
     pixels = images_lib.to_uint8(images_lib.decode_images(images, run.config.vae.path, run.config.vae.scale))
     pixels = pixels[: len(idx)]
-    for i, image in zip(idx, pixels):
+    for i, image in zip(idx, pixels):  # before the chunk: a chunk on disk has its PNGs too
       images_lib.save_png(os.path.join(out_dir, "images", f"{i:06d}.png"), image)
-    # Written last: a chunk on disk is a complete one (its PNGs are there too).
-    paths.save_npz(path, images=pixels, labels=which[: len(idx)].astype(np.int32), indices=idx)
+    return pixels, which[: len(idx)].astype(np.int32)
+
+  sample_dirs.draw_missing_chunks(out_dir, num_samples, chunk, len(devices), draw, share)
   return manifest

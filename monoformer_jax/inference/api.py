@@ -157,7 +157,16 @@ class InferenceModel:
     """An official MonoFormer checkpoint folder (config.json + weights or ema/). `defaults`:
     image-sampling options (ImageSampling fields) and text ones, over the official settings."""
     config, params = convert_checkpoints.load_official_checkpoint(path)
-    return cls._converted(config, params, load_sentencepiece(tokenizer), objective, class_names, dtype, mesh, defaults)
+    return cls._converted(
+        config,
+        params,
+        load_sentencepiece(tokenizer),
+        objective=objective,
+        class_names=class_names,
+        dtype=dtype,
+        mesh=mesh,
+        defaults=defaults,
+    )
 
   @classmethod
   def from_hf(
@@ -174,10 +183,12 @@ class InferenceModel:
     """A transformers LLaMA folder; the image path is freshly initialised (text only, really)."""
     tok = load_sentencepiece(tokenizer)
     config, params = convert_checkpoints.load_llama_checkpoint(path, vocab_size=vocab_size or tok.vocab_size)
-    return cls._converted(config, params, tok, objective, None, dtype, mesh, defaults)
+    return cls._converted(
+        config, params, tok, objective=objective, class_names=None, dtype=dtype, mesh=mesh, defaults=defaults
+    )
 
   @classmethod
-  def _converted(cls, config, params, tokenizer, objective, class_names, dtype, mesh, defaults):
+  def _converted(cls, config, params, tokenizer, *, objective, class_names, dtype, mesh, defaults):
     mesh = _mesh(mesh)
     image_names = {f.name for f in dataclasses.fields(ImageSampling)}
     try:
@@ -195,6 +206,11 @@ class InferenceModel:
         mesh=mesh,
         rules=None if mesh is None else sharding_lib.DEFAULT_RULES,
     )
+
+  @property
+  def on_mesh(self) -> dict:
+    """The samplers' `mesh` and `rules` keywords: where this model's weights are placed."""
+    return {"mesh": self.mesh, "rules": self.rules}
 
   def _opt(self, name, value):
     return self.defaults[name] if value is None else value
@@ -303,8 +319,7 @@ class InferenceModel:
         template=template or classes_lib.DEFAULT_CLASS_TEMPLATE,
         use_label_embedding=use_label_embedding,
         batch_size=batch_size,
-        mesh=self.mesh,
-        rules=self.rules,
+        **self.on_mesh,
     )
 
   def text_to_image(
@@ -333,8 +348,7 @@ class InferenceModel:
                 uncond_prompt=self.unconditional_prompt(),
                 rng=rng,
                 sample_ids=np.arange(start, min(start + batch_size, len(ids))),
-                mesh=self.mesh,
-                rules=self.rules,
+                **self.on_mesh,
             )
             for start in range(0, len(ids), batch_size)
         ]
@@ -380,8 +394,7 @@ class InferenceModel:
         sampling=self._token_sampling(temperature, top_k, top_p, greedy),
         seed=int(self._opt("seed", seed)),
         stop_tokens=stop_tokens,
-        mesh=self.mesh,
-        rules=self.rules,
+        **self.on_mesh,
     )
 
   def generate(
@@ -419,8 +432,7 @@ class InferenceModel:
         max_images=max_images,
         options=self.options(sampling, **overrides),
         rng=jax.random.key(int(self._opt("seed", seed))),
-        mesh=self.mesh,
-        rules=self.rules,
+        **self.on_mesh,
     )
     if images is None:
       ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
@@ -495,8 +507,7 @@ class InferenceModel:
           max_new_tokens=max_new_tokens or (self.defaults["max_new_tokens"] if conversations else 16),
           sampling=self._token_sampling(temperature, top_k, top_p, greedy),
           seed=int(self._opt("seed", seed)),
-          mesh=self.mesh,
-          rules=self.rules,
+          **self.on_mesh,
       )
     except ValueError as e:
       raise InferenceError(str(e)) from e
@@ -543,8 +554,7 @@ class InferenceModel:
           max_new_tokens=int(self._opt("max_new_tokens", max_new_tokens)),
           sampling=self._token_sampling(temperature, top_k, top_p, greedy),
           seed=int(self._opt("seed", seed)),
-          mesh=self.mesh,
-          rules=self.rules,
+          **self.on_mesh,
       )
     except ValueError as e:
       raise InferenceError(str(e)) from e

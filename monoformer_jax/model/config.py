@@ -72,16 +72,26 @@ class ModelConfig:
     for name, size in (("image_height", self.image_height), ("image_width", self.image_width)):
       if size % self.patch_size:
         errors.append(f"patch_size={self.patch_size} does not divide {name}={size}")
-    if self.t_embed not in T_EMBED_VARIANTS:
-      errors.append(f"t_embed={self.t_embed!r} is not one of {T_EMBED_VARIANTS}")
-    if self.remat not in REMAT_POLICIES:
-      errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      errors.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    for name, known in (
+        ("t_embed", T_EMBED_VARIANTS),
+        ("remat", REMAT_POLICIES),
+        ("attention", ATTENTION_IMPLEMENTATIONS),
+    ):
+      if getattr(self, name) not in known:
+        errors.append(f"{name}={getattr(self, name)!r} is not one of {known}")
     if self.attention_block < 8 or self.attention_block % 8:
       errors.append(f"attention_block={self.attention_block} must be a positive multiple of 8")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
+    errors += self._input_errors()
+    if self.timestep_freq_dim % 2:
+      errors.append(f"timestep_freq_dim={self.timestep_freq_dim} must be even")
+    if errors:
+      raise ValueError("invalid model config: " + "; ".join(errors))
+
+  def _input_errors(self) -> list[str]:
+    """What is wrong with the fields of the read-image path."""
+    errors = []
     if self.input_feature_dim < 0:
       errors.append(f"input_feature_dim={self.input_feature_dim} must be >= 0")
     if self.input_embedder not in INPUT_EMBEDDERS:
@@ -93,10 +103,7 @@ class ModelConfig:
       )
     elif self.input_embedder == "x_embedder" and self.has_t_token:
       errors.append("input_embedder='x_embedder' needs t_embed='adaln_before_decoder' (a read image has no t-token)")
-    if self.timestep_freq_dim % 2:
-      errors.append(f"timestep_freq_dim={self.timestep_freq_dim} must be even")
-    if errors:
-      raise ValueError("invalid model config: " + "; ".join(errors))
+    return errors
 
   @property
   def dim_per_head(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,8 +37,10 @@ LANES, SUBLANES = 128, 8  # per-token arrays are broadcast to the TPU's (8, 128)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf on a masked row
 
 
-def _tile_mask(qseg_ref, qreach_ref, kseg_ref, k_block: int, block_k: int):
-  """The (block_q, block_k) allowed mask of a tile, and whether any of it can be allowed."""
+def _tile_mask(mask_refs, k_block: int, block_k: int):
+  """The (block_q, block_k) allowed mask of a tile, and whether any of it can be allowed;
+  `mask_refs`: (qseg, qreach, kseg)."""
+  qseg_ref, qreach_ref, kseg_ref = mask_refs
   qseg = jnp.max(qseg_ref[0], axis=1, keepdims=True)  # (bq, 1): every lane holds the value
   reach = jnp.max(qreach_ref[0], axis=1, keepdims=True)
   kseg = jnp.max(kseg_ref[0], axis=0, keepdims=True)  # (1, bk): every sublane holds it
@@ -51,9 +54,10 @@ def _scores(q, k, scale):
   return s * scale
 
 
-def _forward_kernel(
-    qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, block_k
-):
+def _forward_kernel(*refs, scale, block_k):
+  """refs as pallas_call passes them: the inputs (qseg, qreach, kseg, q, k, v), the outputs (o,
+  lse) and the scratch (running max m, running sum l, accumulator)."""
+  mask_refs, (q_ref, k_ref, v_ref), (o_ref, lse_ref), (m_sc, l_sc, acc_sc) = refs[:3], refs[3:6], refs[6:8], refs[8:]
   j = pl.program_id(3)
 
   @pl.when(j == 0)
@@ -62,7 +66,7 @@ def _forward_kernel(
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  allowed, visible = _tile_mask(qseg_ref, qreach_ref, kseg_ref, j, block_k)
+  allowed, visible = _tile_mask(mask_refs, j, block_k)
 
   @pl.when(visible)
   def _step():
@@ -87,9 +91,11 @@ def _forward_kernel(
     lse_ref[0, 0] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _MASKED), lse_ref.shape[2:])
 
 
-def _recompute(qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, k_block, scale, block_k):
-  """p, ds of a tile from the saved log-sum-exp (the standard flash backward)."""
-  allowed, _ = _tile_mask(qseg_ref, qreach_ref, kseg_ref, k_block, block_k)
+def _recompute(in_refs, k_block, scale, block_k):
+  """p, ds of a tile from the saved log-sum-exp (the standard flash backward); `in_refs`: the
+  backward kernels' inputs (qseg, qreach, kseg, q, k, v, do, lse, di)."""
+  mask_refs, (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref) = in_refs[:3], in_refs[3:]
+  allowed, _ = _tile_mask(mask_refs, k_block, block_k)
   lse = jnp.max(lse_ref[0, 0], axis=1, keepdims=True)
   di = jnp.max(di_ref[0, 0], axis=1, keepdims=True)
   p = jnp.where(allowed, jnp.exp(_scores(q_ref[0, 0], k_ref[0, 0], scale) - lse), 0.0)
@@ -97,21 +103,21 @@ def _recompute(qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_
   return p, p * (dp - di)
 
 
-def _dq_kernel(
-    qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, scale, block_k
-):
+def _dq_kernel(*refs, scale, block_k):
+  """refs: the inputs (as `_recompute`), the output dq and its scratch accumulator."""
+  in_refs, (dq_ref, dq_sc) = refs[:9], refs[9:]
   j = pl.program_id(3)
 
   @pl.when(j == 0)
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  _, visible = _tile_mask(qseg_ref, qreach_ref, kseg_ref, j, block_k)
+  _, visible = _tile_mask(in_refs[:3], j, block_k)
 
   @pl.when(visible)
   def _step():
-    _, ds = _recompute(qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, j, scale, block_k)
-    k = k_ref[0, 0]
+    _, ds = _recompute(in_refs, j, scale, block_k)
+    k = in_refs[4][0, 0]
     dq_sc[...] += jax.lax.dot_general(
         ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -121,24 +127,9 @@ def _dq_kernel(
     dq_ref[0, 0] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    qseg_ref,
-    qreach_ref,
-    kseg_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    di_ref,
-    dk_ref,
-    dv_ref,
-    dk_sc,
-    dv_sc,
-    *,
-    scale,
-    block_k,
-):
+def _dkv_kernel(*refs, scale, block_k):
+  """refs: the inputs (as `_recompute`), the outputs dk, dv and their scratch accumulators."""
+  in_refs, (dk_ref, dv_ref, dk_sc, dv_sc) = refs[:9], refs[9:]
   j, i = pl.program_id(2), pl.program_id(3)
 
   @pl.when(i == 0)
@@ -146,12 +137,12 @@ def _dkv_kernel(
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  _, visible = _tile_mask(qseg_ref, qreach_ref, kseg_ref, j, block_k)
+  _, visible = _tile_mask(in_refs[:3], j, block_k)
 
   @pl.when(visible)
   def _step():
-    p, ds = _recompute(qseg_ref, qreach_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, j, scale, block_k)
-    q, do = q_ref[0, 0], do_ref[0, 0]
+    p, ds = _recompute(in_refs, j, scale, block_k)
+    q, do = in_refs[3][0, 0], in_refs[6][0, 0]
     dv_sc[...] += jax.lax.dot_general(
         p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -198,7 +189,16 @@ def _params(interpret: bool, args, outs, matmuls: int, reread: dict):
   )
 
 
-def _forward(q, k, v, qseg, qreach, kseg, *, block_q, block_k, interpret):
+class _Blocks(NamedTuple):
+  """The kernels' static tiling: query and key block sizes, and whether to run interpreted."""
+
+  block_q: int
+  block_k: int
+  interpret: bool
+
+
+def _forward(q, k, v, qseg, qreach, kseg, blocks: _Blocks):
+  block_q, block_k = blocks.block_q, blocks.block_k
   b, h, lq, d = q.shape
   kvh, lk = k.shape[1], k.shape[2]
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(h // kvh, block_q, block_k, d, True)
@@ -212,62 +212,77 @@ def _forward(q, k, v, qseg, qreach, kseg, *, block_q, block_k, interpret):
       out_specs=[q_rows, q_lanes],
       out_shape=outs,
       scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32)] * 2 + [pltpu.VMEM((block_q, d), jnp.float32)],
-      **_params(interpret, args, outs, 2, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
+      **_params(blocks.interpret, args, outs, 2, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
   )(*args)
 
 
-def _backward(q, k, v, qseg, qreach, kseg, o, lse, do, *, block_q, block_k, interpret):
+def _backward_dq(args, blocks: _Blocks, groups: int):
+  """dq (B, H, Lq, D) of the backward kernels' inputs `args` (as `_recompute`)."""
+  block_q, block_k = blocks.block_q, blocks.block_k
+  q, k = args[3], args[4]
   b, h, lq, d = q.shape
-  kvh, lk = k.shape[1], k.shape[2]
-  groups = h // kvh
-  scale = float(d) ** -0.5
-  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-  di = jnp.broadcast_to(di, (b, h, lq, LANES))
-  args = (qseg, qreach, kseg, q, k, v, do, lse, di)
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(groups, block_q, block_k, d, True)
   dq_out = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, block_k=block_k),
-      grid=(b, h, lq // block_q, lk // block_k),
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, scale=float(d) ** -0.5, block_k=block_k),
+      grid=(b, h, lq // block_q, k.shape[2] // block_k),
       in_specs=[per_q, per_q, per_k, q_rows, kv_rows, kv_rows, q_rows, q_lanes, q_lanes],
       out_specs=q_rows,
       out_shape=dq_out,
       scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
-      **_params(interpret, args, [dq_out], 3, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
+      **_params(blocks.interpret, args, [dq_out], 3, {2: lq // block_q, 4: lq // block_q, 5: lq // block_q}),
   )(*args)
+
+
+def _backward_dkv(args, blocks: _Blocks, groups: int):
+  """dk, dv (B, H, Lk, D) float32, one per query head, of the backward kernels' inputs `args`."""
+  block_q, block_k = blocks.block_q, blocks.block_k
+  q, k = args[3], args[4]
+  b, h, lq, d = q.shape
+  lk = k.shape[2]
   per_q, per_k, q_rows, kv_rows, q_lanes = _specs(groups, block_q, block_k, d, False)
   # One dk / dv per query head (each kernel instance owns its output block), summed per group.
   k_rows = pl.BlockSpec((1, 1, block_k, d), lambda b_, h_, j, i: (b_, h_, j, 0))
   dkv_out = [jax.ShapeDtypeStruct((b, h, lk, d), jnp.float32)] * 2
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, block_k=block_k),
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=float(d) ** -0.5, block_k=block_k),
       grid=(b, h, lk // block_k, lq // block_q),
       in_specs=[per_q, per_q, per_k, q_rows, kv_rows, kv_rows, q_rows, q_lanes, q_lanes],
       out_specs=[k_rows, k_rows],
       out_shape=dkv_out,
       scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32)] * 2,
-      **_params(interpret, args, dkv_out, 4, {n: lk // block_k for n in (0, 1, 3, 6, 7, 8)}),
+      **_params(blocks.interpret, args, dkv_out, 4, {n: lk // block_k for n in (0, 1, 3, 6, 7, 8)}),
   )(*args)
 
+
+def _backward(residuals, do, blocks: _Blocks):
+  q, k, v, qseg, qreach, kseg, o, lse = residuals
+  b, h, lq, _ = q.shape
+  kvh = k.shape[1]
+  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  di = jnp.broadcast_to(di, (b, h, lq, LANES))
+  args = (qseg, qreach, kseg, q, k, v, do, lse, di)
+  dq = _backward_dq(args, blocks, h // kvh)
+  dk, dv = _backward_dkv(args, blocks, h // kvh)
+
   def per_kv_head(x, like):
-    return x.reshape(b, kvh, groups, lk, d).sum(axis=2).astype(like.dtype)
+    return x.reshape(b, kvh, h // kvh, *x.shape[2:]).sum(axis=2).astype(like.dtype)
 
   return dq, per_kv_head(dk, k), per_kv_head(dv, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, qseg, qreach, kseg, block_q, block_k, interpret):
-  return _forward(q, k, v, qseg, qreach, kseg, block_q=block_q, block_k=block_k, interpret=interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, qseg, qreach, kseg, blocks: _Blocks):
+  return _forward(q, k, v, qseg, qreach, kseg, blocks)[0]
 
 
-def _flash_fwd(q, k, v, qseg, qreach, kseg, block_q, block_k, interpret):
-  o, lse = _forward(q, k, v, qseg, qreach, kseg, block_q=block_q, block_k=block_k, interpret=interpret)
+def _flash_fwd(q, k, v, qseg, qreach, kseg, blocks: _Blocks):
+  o, lse = _forward(q, k, v, qseg, qreach, kseg, blocks)
   return o, (q, k, v, qseg, qreach, kseg, o, lse)
 
 
-def _flash_bwd(block_q, block_k, interpret, residuals, do):
-  q, k, v, qseg, qreach, kseg, o, lse = residuals
-  dq, dk, dv = _backward(q, k, v, qseg, qreach, kseg, o, lse, do, block_q=block_q, block_k=block_k, interpret=interpret)
+def _flash_bwd(blocks: _Blocks, residuals, do):
+  dq, dk, dv = _backward(residuals, do, blocks)
   return dq, dk, dv, None, None, None
 
 
@@ -310,7 +325,7 @@ def flash_attention(
   kseg = jnp.broadcast_to(kseg[:, None, :], (kseg.shape[0], SUBLANES, kseg.shape[1]))
 
   def call(*args):
-    return _flash(*args, bq, bk, interpret)
+    return _flash(*args, _Blocks(bq, bk, interpret))
 
   mesh = _context_mesh()
   if mesh is not None and mesh.size > 1:

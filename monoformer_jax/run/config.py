@@ -237,20 +237,7 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
   accum = config.optimizer.grad_accum_steps
   if accum < 1:
     _fail("optimizer.grad_accum_steps", f"must be >= 1, got {accum}")
-  images, text = bool({"diffusion", "mixed"} & set(step_kinds)), bool({"ar", "mixed"} & set(step_kinds))
-  if images:
-    _check_batch(config, "data.image_batch_size", data_ax * fsdp_ax, accum)
-    if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 1:
-      _fail("data.max_images_per_row", f"must be an integer >= 1, got {config.data.max_images_per_row!r}")
-    if config.data.image_source not in registry.IMAGE_SOURCES:
-      _fail("data.image_source", f"{config.data.image_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}")
-    _check_read_fraction(config, step_kinds)
-  if text:
-    _check_batch(config, "data.text_batch_size", data_ax * fsdp_ax, accum)
-    if config.data.text_source not in registry.TEXT_SOURCES:
-      _fail("data.text_source", f"{config.data.text_source!r} is not one of {tuple(registry.TEXT_SOURCES)}")
-  if "understand" in step_kinds:
-    _check_understand(config, model, data_ax * fsdp_ax, accum)
+  _check_streams(config, model, step_kinds, data_ax * fsdp_ax, accum)
   _check_input_images(config)
   try:
     chat_format.check_template(config.data.chat_template)
@@ -259,12 +246,7 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
   _check_objective_and_sampling(config)
   if not 0 <= config.data.prompt_dropout < 1:
     _fail("data.prompt_dropout", f"must be in [0, 1), got {config.data.prompt_dropout}")
-  if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
-    _fail("init_from", f"{config.init_from!r}: use hf:DIR, official:DIR or run:WORKDIR")
-  if config.num_train_steps < 0:
-    _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got {config.num_train_steps}")
-  if config.log_every_steps < 1:
-    _fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}")
+  _check_run(config)
   _check_nonfinite(config.nonfinite)
   _check_vae(config)
   if config.data.tokenizer == "train":
@@ -275,6 +257,34 @@ def validate_config(config, step_kinds, num_devices: Optional[int] = None) -> No
           f"{config.model.vocab_size} is smaller than the tokenizer's "
           f"{want} (data.tokenizer_vocab_size + 4 special tokens)",
       )
+
+
+def _check_streams(config, model, step_kinds, dp: int, accum: int) -> None:
+  """The data of each step kind the schedule runs: its batch size over `dp` data-parallel
+  devices and `accum` micro-steps, its source, its row options."""
+  if {"diffusion", "mixed"} & set(step_kinds):
+    _check_batch(config, "data.image_batch_size", dp, accum)
+    if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 1:
+      _fail("data.max_images_per_row", f"must be an integer >= 1, got {config.data.max_images_per_row!r}")
+    if config.data.image_source not in registry.IMAGE_SOURCES:
+      _fail("data.image_source", f"{config.data.image_source!r} is not one of {tuple(registry.IMAGE_SOURCES)}")
+    _check_read_fraction(config, step_kinds)
+  if {"ar", "mixed"} & set(step_kinds):
+    _check_batch(config, "data.text_batch_size", dp, accum)
+    if config.data.text_source not in registry.TEXT_SOURCES:
+      _fail("data.text_source", f"{config.data.text_source!r} is not one of {tuple(registry.TEXT_SOURCES)}")
+  if "understand" in step_kinds:
+    _check_understand(config, model, dp, accum)
+
+
+def _check_run(config) -> None:
+  """The run's own fields: where it starts from, how long it trains, how often it logs."""
+  if config.init_from and config.init_from.split(":", 1)[0] not in ("hf", "official", "run"):
+    _fail("init_from", f"{config.init_from!r}: use hf:DIR, official:DIR or run:WORKDIR")
+  if config.num_train_steps < 0:
+    _fail("num_train_steps", f"must be >= 0 (0: only initialise and save step 0), got {config.num_train_steps}")
+  if config.log_every_steps < 1:
+    _fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}")
 
 
 def _check_understand(config, model, dp, accum):

@@ -19,7 +19,7 @@ import numpy as np
 from monoformer_jax.data import chat_format
 from monoformer_jax.sampling import describe as describe_lib
 from monoformer_jax.sampling.decode import generate_tokens
-from monoformer_jax.sampling.text import continuation
+from monoformer_jax.sampling.text import continuation, generate_ids
 from monoformer_jax.sampling.tokens import TokenSampling
 
 
@@ -102,34 +102,16 @@ def describe_images(
     question: str,
     *,
     template: str,
-    max_new_tokens: int = 16,
-    sampling: TokenSampling = TokenSampling(),
-    seed: int = 0,
-    mesh=None,
-    rules=None,
+    **options,
 ) -> list[str]:
   """One answer per image (N, H, W, C; uint8 pixels or model-space floats of the encoder's
   shape) to `<image>\\n{question}` in the template, all in one batch (the prompts share a
   length). Under the template "none" this is the understanding rows' prompt
-  (data/understanding.py: `<s><|im_start|>` [image] `<|im_end|>\\n{question}`)."""
-  floats = describe_lib.model_space_images(images, encoder.image_shape)
-  if floats.shape[0] == 0:
-    raise ValueError("no images to describe")
-  if not question.strip():
-    raise ValueError("the question is empty")
+  (data/understanding.py: `<s><|im_start|>` [image] `<|im_end|>\\n{question}`). `options`:
+  `text.generate_ids`' (max_new_tokens, default 16, sampling, seed, mesh, rules)."""
+  floats = describe_lib.images_to_describe(images, encoder, question)
   turn = f"{chat_format.IMAGE_PLACEHOLDER}\n{question}"
   prompts = [chat_format.dialogue_pieces(tokenizer, [(turn, None)], template, [image]) for image in floats]
   ids, inputs = describe_lib.prompt_batch(encoder, prompts)
-  out = generate_tokens(
-      params,
-      model_config,
-      ids,
-      max_new_tokens=int(max_new_tokens),
-      sampling=sampling,
-      rng=jax.random.key(seed),
-      stop_tokens=(tokenizer.eos_id,),
-      mesh=mesh,
-      rules=rules,
-      prompt_inputs=inputs,
-  )
+  out = generate_ids(params, model_config, ids, stop_tokens=(tokenizer.eos_id,), prompt_inputs=inputs, **options)
   return [answer_text(tokenizer, pieces, new) for pieces, new in zip(prompts, out)]

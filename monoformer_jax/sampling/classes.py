@@ -31,7 +31,7 @@ def unconditional_prompt(tokenizer) -> list[int]:
   return [tokenizer.bos_id, tokenizer.im_start_id]
 
 
-def sample_classes(
+def sample_classes(  # pylint: disable=too-many-arguments  # public: a keyword per sampling option
     params,
     model_config,
     objective,

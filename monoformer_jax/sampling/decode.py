@@ -244,6 +244,22 @@ def decode_until(
   return jax.lax.while_loop(cond, body, state)
 
 
+def prefill_rows(params, config: ModelConfig, ids, lengths, sample_ids, prompt_inputs, max_new_tokens: int, total: int):
+  """`prefill` of padded prompt rows (`pad_prompts`' host arrays; `sample_ids` default 0..B-1)
+  into a cache sized for `total` slots at most (`cache_size_for`)."""
+  sample_ids = np.arange(len(ids)) if sample_ids is None else np.asarray(sample_ids)
+  return prefill(
+      params,
+      jnp.asarray(ids),
+      jnp.asarray(lengths),
+      jnp.asarray(sample_ids),
+      prompt_inputs,
+      config=config,
+      cache_size=cache_size_for(ids.shape[1], total),
+      max_new_tokens=max_new_tokens,
+  )
+
+
 def generate_tokens(
     params,
     config: ModelConfig,
@@ -276,18 +292,8 @@ def generate_tokens(
         f"exceed the model's max_position_embeddings={config.max_position_embeddings}"
     )
   rng = jax.random.key(0) if rng is None else rng
-  sample_ids = np.arange(len(prompts)) if sample_ids is None else np.asarray(sample_ids)
   with mesh_context(mesh, rules):
-    state = prefill(
-        params,
-        jnp.asarray(ids),
-        jnp.asarray(lengths),
-        jnp.asarray(sample_ids),
-        prompt_inputs,
-        config=config,
-        cache_size=cache_size_for(ids.shape[1], total),
-        max_new_tokens=max_new_tokens,
-    )
+    state = prefill_rows(params, config, ids, lengths, sample_ids, prompt_inputs, max_new_tokens, total)
     while True:
       state = decode_until(
           params, state, rng, config=config, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens)

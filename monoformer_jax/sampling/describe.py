@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax.data import pipeline
 from monoformer_jax.data.understanding import understanding_prefix
-from monoformer_jax.sampling.decode import generate_tokens
-from monoformer_jax.sampling.text import continuation
-from monoformer_jax.sampling.tokens import TokenSampling
+from monoformer_jax.sampling.text import continuation, generate_ids
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt of `reading_pieces` reads one of its images
 
@@ -76,41 +73,27 @@ def model_space_images(images, shape) -> np.ndarray:
 
 
 def describe_images(
-    params,
-    model_config,
-    tokenizer,
-    encoder,
-    images: np.ndarray,
-    question: str,
-    *,
-    max_new_tokens: int = 16,
-    sampling: TokenSampling = TokenSampling(),
-    seed: int = 0,
-    mesh=None,
-    rules=None,
+    params, model_config, tokenizer, encoder, images: np.ndarray, question: str, **options
 ) -> list[str]:
   """One answer per image of `images` (N, H, W, C): uint8 pixels, or floats in the model's space
-  ([-1, 1] pixels or latents), of the encoder's image shape."""
+  ([-1, 1] pixels or latents), of the encoder's image shape. `options`: `text.generate_ids`'
+  (max_new_tokens, default 16, sampling, seed, mesh, rules)."""
+  floats = images_to_describe(images, encoder, question)
+  question_ids = tokenizer.encode(question)
+  ids, inputs = prompt_rows(tokenizer, encoder, floats, question_ids)
+  out = generate_ids(params, model_config, ids, stop_tokens=(tokenizer.eos_id,), prompt_inputs=inputs, **options)
+  return [continuation(tokenizer, question_ids, [t for t in new if t != tokenizer.eos_id]).strip() for new in out]
+
+
+def images_to_describe(images, encoder, question: str) -> np.ndarray:
+  """`images` in the model's space (`model_space_images`), refused when there are none or the
+  question about them is empty."""
   floats = model_space_images(images, encoder.image_shape)
   if floats.shape[0] == 0:
     raise ValueError("no images to describe")
   if not question.strip():
     raise ValueError("the question is empty")
-  question_ids = tokenizer.encode(question)
-  ids, inputs = prompt_rows(tokenizer, encoder, floats, question_ids)
-  out = generate_tokens(
-      params,
-      model_config,
-      ids,
-      max_new_tokens=int(max_new_tokens),
-      sampling=sampling,
-      rng=jax.random.key(seed),
-      stop_tokens=(tokenizer.eos_id,),
-      mesh=mesh,
-      rules=rules,
-      prompt_inputs=inputs,
-  )
-  return [continuation(tokenizer, question_ids, [t for t in new if t != tokenizer.eos_id]).strip() for new in out]
+  return floats
 
 
 def answer_names(answers: Sequence[str], class_names: Sequence[str]) -> list[int]:

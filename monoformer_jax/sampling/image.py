@@ -77,7 +77,7 @@ def place_in_slots(x, slots, num_slots: int):
 
 
 def cached_model_fn(
-    params, config: ModelConfig, cache: dict, index, start_positions, slots, live, num_slots: int = 1, labels=None
+    params, config: ModelConfig, cache: dict, index, start_positions, slots, live, *, num_slots: int = 1, labels=None
 ):
   """model_fn(x_t (B,H,W,C), model_t (B,)) -> model output for the span, over a cached prefix."""
   model = MonoFormer(config)
@@ -102,11 +102,12 @@ def write_clean_image(
     slots,
     live,
     x0,
+    *,
     clean_model_t,
     num_slots: int = 1,
     labels=None,
 ) -> dict:
-  """The finished image into the cache as clean tokens (image input path at t = clean)."""
+  """The finished image into the cache as clean tokens (image input path at t = `clean_model_t`)."""
   batch = span_batch(config, start_positions, slots, live, labels)
   t = jnp.full((x0.shape[0], num_slots), clean_model_t, jnp.float32)
   out = MonoFormer(config).apply(

@@ -25,7 +25,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from monoformer_jax import diffusion
 from monoformer_jax.diffusion.options import ImageSampling
@@ -57,9 +56,7 @@ def draw_pending(
 ) -> dict:
   """One image phase for every live row whose next token is `image_token` (the cache needs
   1 + span free slots after state['index']; `state` is donated)."""
-  b, max_new = state["generated"].shape
-  rows = jnp.arange(b)
-  span = image_lib.span_length(config)
+  b = state["generated"].shape[0]
   pending = (~state["done"]) & (state["next_token"] == image_token)
   # 1. <|im_start|> of the drawing rows.
   out = MonoFormer(config).apply(
@@ -78,34 +75,47 @@ def draw_pending(
   cond_fn = image_lib.cached_model_fn(
       params, config, cache, at, start, slots, pending, num_slots=max_images, labels=null
   )
-  denoise = cond_fn
-  if options.guided:
-    u = uncond_ids.shape[0]
-    u_ids = jnp.broadcast_to(uncond_ids[None, :], (b, u))
-    u_cache = image_lib.prompt_cache(params, config, u_ids, jnp.full((b,), u, jnp.int32), u + span)
-    uncond_fn = image_lib.cached_model_fn(
-        params,
-        config,
-        u_cache,
-        u,
-        jnp.full((b,), u, jnp.int32),
-        jnp.zeros((b,), jnp.int32),
-        jnp.ones((b,), bool),
-        labels=null[:, :1],
-    )
-    denoise = diffusion.guided_denoise_fn(
-        cond_fn, uncond_fn, options.guidance_scale, options.cfg_mode, config.learn_sigma
-    )
+  denoise = _guided(cond_fn, params, config, uncond_ids, null, options)
   ids = state["sample_ids"] + state["images_drawn"] * IMAGE_ID_STRIDE
   x0 = image_lib.run_sampler(objective, denoise, rng, ids, image_lib.image_shape(config), options)
   # 3. the clean image into the cache (t = 0 is the clean end for both objectives).
   cache = image_lib.write_clean_image(
-      params, config, cache, at, start, slots, pending, x0, 0.0, num_slots=max_images, labels=null
+      params, config, cache, at, start, slots, pending, x0, clean_model_t=0.0, num_slots=max_images, labels=null
   )
+  return _after_drawing(state, pending, slots, x0, cache, end_token, image_lib.span_length(config))
+
+
+def _guided(cond_fn, params, config: ModelConfig, uncond_ids, null, options: ImageSampling):
+  """`cond_fn` guided against the unconditional prompt `uncond_ids` (a small cache of its own)
+  when `options` guide, else as it is; `null` (B, slots): the null class labels."""
+  if not options.guided:
+    return cond_fn
+  b, u = null.shape[0], uncond_ids.shape[0]
+  u_ids = jnp.broadcast_to(uncond_ids[None, :], (b, u))
+  u_cache = image_lib.prompt_cache(
+      params, config, u_ids, jnp.full((b,), u, jnp.int32), u + image_lib.span_length(config)
+  )
+  uncond_fn = image_lib.cached_model_fn(
+      params,
+      config,
+      u_cache,
+      u,
+      jnp.full((b,), u, jnp.int32),
+      jnp.zeros((b,), jnp.int32),
+      jnp.ones((b,), bool),
+      labels=null[:, :1],
+  )
+  return diffusion.guided_denoise_fn(cond_fn, uncond_fn, options.guidance_scale, options.cfg_mode, config.learn_sigma)
+
+
+def _after_drawing(state: dict, pending, slots, x0, cache: dict, end_token: int, span: int) -> dict:
+  """The decode state after an image phase: the drawing rows' images `x0` in their `slots`, the
+  span's `span` slots of `cache` taken, and <|im_end|> their next token (recorded as generated)."""
+  b, max_new = state["generated"].shape
+  rows = jnp.arange(b)
   images = (
       state["images"].at[rows, slots].set(jnp.where(pending[:, None, None, None], x0, state["images"][rows, slots]))
   )
-  # 4. <|im_end|> is the drawing rows' next token (recorded as generated text).
   n = state["num_generated"]
   col = jnp.minimum(n, max_new - 1)
   generated = state["generated"].at[rows, col].set(jnp.where(pending, end_token, state["generated"][rows, col]))
@@ -140,7 +150,7 @@ def generate_interleaved(
   ]
 
 
-def run_interleaved(
+def run_interleaved(  # pylint: disable=too-many-arguments  # public: a keyword per sampling option
     params,
     config: ModelConfig,
     objective,
@@ -169,58 +179,63 @@ def run_interleaved(
     raise ValueError(f"max_images must be >= 1, got {max_images}")
   options.check_objective(objective.kind)
   ids, lengths = decode.pad_prompts(prompts)
-  b, span = len(prompts), image_lib.span_length(config)
-  phases = b * max_images
-  total = ids.shape[1] - 1 + max_new_tokens + phases * (1 + span)
+  total = _cache_length(config, ids, lengths, max_new_tokens, max_images)
+  rng = jax.random.key(0) if rng is None else rng
+
+  def write_text(state):
+    return decode.decode_until(
+        params,
+        state,
+        jax.random.fold_in(rng, 0),
+        config=config,
+        sampling=sampling,
+        stop_tokens=tuple(int(t) for t in stop_tokens),
+        image_token=image_token,
+        max_images=max_images,
+    )
+
+  def draw_images(state):
+    return draw_pending(
+        params,
+        state,
+        jnp.asarray(uncond_prompt, jnp.int32),
+        jax.random.fold_in(rng, 1),
+        objective,
+        config=config,
+        image_token=image_token,
+        end_token=end_token,
+        max_images=max_images,
+        options=options,
+    )
+
+  with decode.mesh_context(mesh, rules):
+    state = decode.prefill_rows(params, config, ids, lengths, sample_ids, prompt_inputs, max_new_tokens, total)
+    state["images"] = jnp.zeros((len(prompts), max_images) + image_lib.image_shape(config), jnp.float32)
+    return _alternate(state, write_text, draw_images, image_token, 1 + image_lib.span_length(config), total)
+
+
+def _cache_length(config: ModelConfig, ids, lengths, max_new_tokens: int, max_images: int) -> int:
+  """The most cache slots the padded prompts `ids` can come to need: every row's text, and an
+  image phase (1 + span slots for every row) each time a row opens one (B * max_images at most).
+  Raises where a row's prompt, text and images exceed the model's positions."""
+  span = image_lib.span_length(config)
   if int(lengths.max()) + max_new_tokens + max_images * (1 + span) > config.max_position_embeddings:
     raise ValueError(
         f"prompt + max_new_tokens + {max_images} image(s) of {span} tokens exceed "
         f"max_position_embeddings={config.max_position_embeddings}"
     )
-  rng = jax.random.key(0) if rng is None else rng
-  text_rng, image_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
-  sample_ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
-  stops = tuple(int(t) for t in stop_tokens)
-  with decode.mesh_context(mesh, rules):
-    state = decode.prefill(
-        params,
-        jnp.asarray(ids),
-        jnp.asarray(lengths),
-        jnp.asarray(sample_ids),
-        prompt_inputs,
-        config=config,
-        cache_size=decode.cache_size_for(ids.shape[1], total),
-        max_new_tokens=max_new_tokens,
-    )
-    state["images"] = jnp.zeros((b, max_images) + image_lib.image_shape(config), jnp.float32)
-    while True:
-      state = decode.decode_until(
-          params,
-          state,
-          text_rng,
-          config=config,
-          sampling=sampling,
-          stop_tokens=stops,
-          image_token=image_token,
-          max_images=max_images,
-      )
-      done, pending = jax.device_get((state["done"], (~state["done"]) & (state["next_token"] == image_token)))
-      if done.all():
-        break
-      if not pending.any():  # the loop stopped on a full cache
-        state = decode.ensure_room(state, 1, total)
-        continue
-      state = decode.ensure_room(state, 1 + span, total)
-      state = draw_pending(
-          params,
-          state,
-          jnp.asarray(uncond_prompt, jnp.int32),
-          image_rng,
-          objective,
-          config=config,
-          image_token=image_token,
-          end_token=end_token,
-          max_images=max_images,
-          options=options,
-      )
-  return state
+  return ids.shape[1] - 1 + max_new_tokens + ids.shape[0] * max_images * (1 + span)
+
+
+def _alternate(state: dict, write_text, draw_images, image_token: int, phase_slots: int, total: int) -> dict:
+  """Text until every row is done, and an image phase (`phase_slots` cache slots, made room for
+  first) whenever a live row is about to feed `image_token`."""
+  while True:
+    state = write_text(state)
+    done, pending = jax.device_get((state["done"], (~state["done"]) & (state["next_token"] == image_token)))
+    if done.all():
+      return state
+    if not pending.any():  # the loop stopped on a full cache
+      state = decode.ensure_room(state, 1, total)
+      continue
+    state = draw_images(decode.ensure_room(state, phase_slots, total))

@@ -278,6 +278,18 @@ def _guided_fn(config: ModelConfig):
   return jax.jit(guided)
 
 
+def _sample_guided(config, params, cases, special, chain):
+  """(x, i) -> (guided model output, model t) of the recorded sample prompts at step i."""
+  ids = _need(cases, "sample_input_ids", "sample")
+  mask = _need(cases, "sample_attention_mask", "sample")
+  z = _need(cases, "sample_z", "sample")
+  scale = jnp.float32(_need(cases, "cfg_scale", "sample")[0])
+  length = gc.merged_length(config, ids, mask, special)
+  batch = jax.tree.map(jnp.asarray, gc.build_batch(config, ids, mask, length, special, z))
+  guided = functools.partial(_guided_fn(config), params, batch, chain)
+  return lambda x, i: guided(x, i, scale)
+
+
 def _sample_case(config, params, cases, special) -> dict:
   """The official respaced DDPM loop with forward_with_cfg, on the recorded noise.
 
@@ -288,20 +300,15 @@ def _sample_case(config, params, cases, special) -> dict:
   step_noise = _need(cases, "sample_noise", "sample")
   steps = len(step_noise)
   chain = diffusion.create_gaussian_diffusion(respacing=str(steps))
-  ids = _need(cases, "sample_input_ids", "sample")
-  mask = _need(cases, "sample_attention_mask", "sample")
-  z = _need(cases, "sample_z", "sample")
-  scale = jnp.float32(_need(cases, "cfg_scale", "sample")[0])
-  length = gc.merged_length(config, ids, mask, special)
-  batch = jax.tree.map(jnp.asarray, gc.build_batch(config, ids, mask, length, special, z))
-  guided = functools.partial(_guided_fn(config), params, batch, chain)
+  guided = _sample_guided(config, params, cases, special, chain)
+  z = cases["sample_z"]
   traj_ref = cases.get("sample_traj")
 
   x = jnp.asarray(gc.nchw_to_nhwc(z))
   traj, outs, preds, forced, t_models = [], [], [], [], []
   for k in range(steps):
     i = steps - 1 - k
-    out, t_model = guided(x, i, scale)
+    out, t_model = guided(x, i)
     t_vec = jnp.full((x.shape[0],), i, jnp.int32)
     x, pred = _ddpm_step_jit(chain, out, x, t_vec, jnp.asarray(gc.nchw_to_nhwc(step_noise[k])))
     traj.append(gc.nhwc_to_nchw(np.asarray(x)))
@@ -310,7 +317,7 @@ def _sample_case(config, params, cases, special) -> dict:
     t_models.append(np.asarray(t_model))
     if traj_ref is not None:
       prev = z if k == 0 else traj_ref[k - 1]
-      forced.append(gc.nhwc_to_nchw(np.asarray(guided(jnp.asarray(gc.nchw_to_nhwc(prev)), i, scale)[0])))
+      forced.append(gc.nhwc_to_nchw(np.asarray(guided(jnp.asarray(gc.nchw_to_nhwc(prev)), i)[0])))
   res = {
       "sample_traj": np.stack(traj),
       "sample_model_out": np.stack(outs),
@@ -441,8 +448,7 @@ def _run_command(fv, args) -> int:
   return run(args[0], fv.dump, fv.tolerance)[0]
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, _run_command, argv)
+main = cli.entry_point(__doc__, define_flags, _run_command)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -39,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from monoformer_jax import batch as batch_lib
 from monoformer_jax import cli
@@ -75,14 +75,7 @@ class DoesNotFitError(ValueError):
 
 
 def define_flags(fv, argv=()):
-  config_flags.DEFINE_config_file(
-      "config",
-      None,
-      "Training config file (configs/*.py[:VARIANT]).",
-      flag_values=fv,
-      lock_config=True,
-      sys_argv=list(argv),
-  )
+  cli.define_config(fv, argv, "Training config file (configs/*.py[:VARIANT]).")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16, v4:4x4x4, v5p:4x4x4, v6e:16x16.", flag_values=fv)
   flags.DEFINE_string("out", None, "Write the report as JSON here.", flag_values=fv)
   flags.DEFINE_enum(
@@ -281,16 +274,11 @@ def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, token
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return _out_of_memory(e, chip, own_flops)
-  memory = compiled.memory_analysis()
   cost_compiled = compiled if cost_lowered is None else cost_lowered.compile()
   costs = _costs(cost_compiled)
-  hlo = cost_compiled.as_text()
-  args, outs = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
-  temps, alias = int(memory.temp_size_in_bytes), int(memory.alias_size_in_bytes)
-  total = args + outs + temps - alias
   flops = float(costs.get("flops", 0.0))
   accessed = float(costs.get("bytes accessed", 0.0))
-  coll = collective_bytes(hlo)
+  coll = collective_bytes(cost_compiled.as_text())
   own_per_chip = own_flops / num_chips
   compute_s = max(flops, own_per_chip) / chip.peak_flops
   hbm_s = accessed / chip.hbm_bytes_per_s
@@ -298,13 +286,7 @@ def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, token
   predicted = max(compute_s, hbm_s, ici_s)
   optimal = costs.get("optimal_seconds")
   return {
-      "fits": total <= chip.hbm_bytes,
-      "bytes_per_chip": total,
-      "hbm_bytes_per_chip": chip.hbm_bytes,
-      "argument_bytes": args,
-      "output_bytes": outs,
-      "temp_bytes": temps,
-      "alias_bytes": alias,
+      **_memory(compiled, chip),
       "flops_per_step": own_flops,
       "flops_per_chip": own_per_chip,
       "compiler_flops_per_chip": flops,
@@ -317,6 +299,23 @@ def analyse(lowered, cost_lowered, chip, num_chips: int, own_flops: float, token
       "predicted_mfu": own_per_chip / (predicted * chip.peak_flops) if predicted > 0 and not sampler else None,
       **({"predicted_mfu_note": SAMPLER_MFU_NOTE} if sampler else {}),
       "tokens_per_s_per_chip": tokens / predicted / num_chips if predicted > 0 else None,
+  }
+
+
+def _memory(compiled, chip) -> dict:
+  """The bytes a device of the compiled step holds, and whether they fit `chip`'s HBM."""
+  memory = compiled.memory_analysis()
+  args, outs = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
+  temps, alias = int(memory.temp_size_in_bytes), int(memory.alias_size_in_bytes)
+  total = args + outs + temps - alias
+  return {
+      "fits": total <= chip.hbm_bytes,
+      "bytes_per_chip": total,
+      "hbm_bytes_per_chip": chip.hbm_bytes,
+      "argument_bytes": args,
+      "output_bytes": outs,
+      "temp_bytes": temps,
+      "alias_bytes": alias,
   }
 
 
@@ -360,10 +359,8 @@ def compile_report(config, topology: str, devices=None, log=print, sample_dtype:
   mesh = sharding_lib.make_mesh(config.mesh.to_dict(), devices)
   rules = sharding_lib.rules_from_config(config.logical_axis_rules)
   objective = config_lib.build_objective(config)
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  abstract, shardings = state_lib.state_shardings(model_config, optimizer, mesh, rules)
+  abstract, shardings = state_lib.state_shardings(model_config, state_lib.make_optimizer(config.optimizer), mesh, rules)
   state = _with_shardings(abstract, shardings)
-  n_params = int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(abstract.params)))
   report = {
       "topology": topology,
       "device_kind": devices[0].device_kind,
@@ -372,27 +369,16 @@ def compile_report(config, topology: str, devices=None, log=print, sample_dtype:
       "devices_per_chip": cores,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "attention": model_config.attention,
-      "n_params": n_params,
+      "n_params": int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(abstract.params))),
       "state_bytes_per_chip": shard_bytes(state),
       "largest_state_arrays_per_chip": _largest(state),
       "steps": {},
   }
+  lowering = _Lowering(config, model_config, unrolled, objective, mesh, rules)
   shapes = row_shapes(config, model_config)
   for kind in scheduler.weights:
     t0 = time.perf_counter()
-    rows, length, slots = shapes[kind]
-    lowered, _ = _lower_train_step(config, model_config, kind, objective, mesh, rules, shapes[kind])
-    cost = (
-        None if unrolled is None else _lower_train_step(config, unrolled, kind, objective, mesh, rules, shapes[kind])[0]
-    )
-    image_tokens = model_config.num_patches * slots if kind != "ar" else 0
-    own = metrics_lib.train_flops_per_step(model_config, rows, length, image_tokens, lm_head=kind != "diffusion")
-    report["steps"][kind] = {
-        "kind": kind,
-        "rows": rows,
-        "row_length": length,
-        **analyse(lowered, cost, device, len(devices), own, rows * length),
-    }
+    report["steps"][kind] = _train_step_report(lowering, kind, shapes[kind], device, len(devices))
     log(f"compiled the {kind} step in {time.perf_counter() - t0:.0f} s")
   if scheduler.weights.keys() & {"diffusion", "mixed"}:
     t0 = time.perf_counter()
@@ -404,6 +390,34 @@ def compile_report(config, topology: str, devices=None, log=print, sample_dtype:
     report["sample_one_chip"] = sample_on_one_chip(config, model_config, objective, devices, device, sample_dtype)
     log(f"compiled the sampler for one chip in {time.perf_counter() - t0:.0f} s")
   return report
+
+
+class _Lowering(NamedTuple):
+  """What a report's steps are lowered with; `unrolled`: the model with its layers unrolled, whose
+  costs the compiler counts (None: the layers are not scanned, the model's own are counted)."""
+
+  config: Any
+  model_config: ModelConfig
+  unrolled: ModelConfig | None
+  objective: Any
+  mesh: Any
+  rules: Any
+
+
+def _train_step_report(lowering: _Lowering, kind: str, shape, device, num_devices: int) -> dict:
+  """The report of the `kind` train step on rows of `shape` (rows, length, image slots)."""
+  config, model_config, unrolled, objective, mesh, rules = lowering
+  rows, length, slots = shape
+  lowered, _ = _lower_train_step(config, model_config, kind, objective, mesh, rules, shape)
+  cost = None if unrolled is None else _lower_train_step(config, unrolled, kind, objective, mesh, rules, shape)[0]
+  image_tokens = model_config.num_patches * slots if kind != "ar" else 0
+  own = metrics_lib.train_flops_per_step(model_config, rows, length, image_tokens, lm_head=kind != "diffusion")
+  return {
+      "kind": kind,
+      "rows": rows,
+      "row_length": length,
+      **analyse(lowered, cost, device, num_devices, own, rows * length),
+  }
 
 
 def _largest(state, n: int = 5) -> list:
@@ -469,8 +483,7 @@ def format_table(report) -> str:
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   # TPU executables cannot be loaded back on this host: keep them out of any persistent cache.
   jax.config.update("jax_enable_compilation_cache", False)
   report = compile_report(
@@ -483,8 +496,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ def define_flags(fv, argv=()):
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   record = export_lib.export_run(fv.workdir, fv.out, fmt=fv.format, dtype=fv.dtype, use_ema=fv.use_ema)
   print(json.dumps(record, indent=2))
@@ -47,8 +46,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def define_flags(fv, argv=()):
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   if not epath.Path(fv.weights).is_file():
     raise cli.UsageError(
         f"--weights: no such file: {fv.weights} (the FID Inception .pth must be "
@@ -73,8 +72,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

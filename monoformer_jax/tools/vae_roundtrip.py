@@ -84,8 +84,7 @@ def _batched(fn, array: np.ndarray, batch_size: int):
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   if not epath.Path(fv.vae).is_dir():
     raise cli.UsageError(
         f"--vae: no such directory: {fv.vae} (a local diffusers AutoencoderKL "
@@ -121,8 +120,7 @@ def run(fv, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class PeriodicSampler:
       workdir,
       writer,
       is_main,
+      *,
       draws_text: bool,
       mesh=None,
       rules=None,

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from monoformer_jax import cli
 from monoformer_jax.compilation_cache import enable_compilation_cache
@@ -121,13 +120,9 @@ def _save_grid(path: str, top: np.ndarray, bottom: np.ndarray) -> None:
   epath.Path(path).write_bytes(buf.getvalue())
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains, measures and saves; returns the metrics written to WORKDIR/vae_metrics.json."""
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  train_images, hold_images = mnist_splits(config)
-  if len(train_images) < config.batch_size:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} digits")
-  vae_config = vae_config_from(config)
+def _train(config, vae_config, train_images: np.ndarray):
+  """(params, the last logged step's metrics, seconds) of `config.num_train_steps` steps over
+  `train_images`, a fresh permutation of them every epoch."""
   model = AutoencoderKL(vae_config)
   rng = jax.random.key(config.seed)
   rng, init_rng = jax.random.split(rng)
@@ -163,7 +158,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
           flush=True,
       )
   jax.block_until_ready(params)
-  train_time = time.time() - start
+  return params, metrics, time.time() - start
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains, measures and saves; returns the metrics written to WORKDIR/vae_metrics.json."""
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  train_images, hold_images = mnist_splits(config)
+  if len(train_images) < config.batch_size:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} digits")
+  vae_config = vae_config_from(config)
+  params, metrics, train_time = _train(config, vae_config, train_images)
 
   recon = reconstruct(params, vae_config, hold_images)
   scale = latent_scaling_factor(params, vae_config, train_images[: config.num_scale_images], config.seed + 1)
@@ -196,24 +201,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def define_flags(fv, argv=()):
   """`argv`: the command line, where the config flag finds its --config.FIELD overrides."""
-  config_flags.DEFINE_config_file(
-      "config", None, "VAE training config file.", flag_values=fv, lock_config=True, sys_argv=list(argv)
-  )
+  cli.define_config(fv, argv, "VAE training config file.")
   flags.DEFINE_string("workdir", None, "Output directory (WORKDIR/vae, vae_metrics.json).", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
 def run(fv, args) -> int:
-  if args:
-    raise cli.UsageError(f"unexpected arguments {args}")
+  cli.refuse_arguments(args)
   tune_for_xla_cpu()  # before JAX's first computation (see host_memory.py)
   enable_compilation_cache()  # a later run loads what this one compiles (compilation_cache.py)
   train_and_evaluate(fv.config, fv.workdir)
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
+main = cli.entry_point(__doc__, define_flags, run)
 
 
 if __name__ == "__main__":

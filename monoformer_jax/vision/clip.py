@@ -52,6 +52,17 @@ _ACTIVATIONS = {
 }
 
 
+def check_tower(config) -> None:
+  """What a CLIP tower's config (vision or text) must hold: a known activation, and heads that
+  divide the hidden size."""
+  if config.hidden_act not in _ACTIVATIONS:
+    raise ValueError(f"hidden_act={config.hidden_act!r} unsupported (one of {sorted(_ACTIVATIONS)})")
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(
+        f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
   """The fields of transformers' CLIPVisionConfig that the tower uses (defaults: transformers').
@@ -71,12 +82,7 @@ class CLIPVisionConfig:
   dtype: str = "float32"  # matmul dtype; not a transformers field
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} unsupported (one of {sorted(_ACTIVATIONS)})")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(
-          f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
-      )
+    check_tower(self)
     if not 0 < self.patch_size <= self.image_size:
       raise ValueError(f"patch_size={self.patch_size} must be in 1..image_size={self.image_size}")
     if min(self.hidden_size, self.intermediate_size, self.num_channels) <= 0 or self.num_hidden_layers < 0:

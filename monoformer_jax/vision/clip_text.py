@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from monoformer_jax.vision.clip import _ACTIVATIONS, Encoder, LayerNorm, _param
+from monoformer_jax.vision.clip import Encoder, LayerNorm, _param, check_tower
 
 Array = jax.Array
 
@@ -43,12 +43,7 @@ class CLIPTextConfig:
   dtype: str = "float32"  # matmul dtype; not a transformers field
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} unsupported (one of {sorted(_ACTIVATIONS)})")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(
-          f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
-      )
+    check_tower(self)
     if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.max_position_embeddings) <= 0:
       raise ValueError(f"non-positive sizes in {self}")
 

@@ -14,7 +14,6 @@ so no torch is needed and no code from the file runs.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Mapping
 
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from monoformer_jax.convert.checkpoints import read_checkpoint_config
 from monoformer_jax.convert.torch_checkpoint import load_state_dict
 from monoformer_jax.vision.clip import CLIPVisionConfig, init_params
 
@@ -133,22 +133,13 @@ def load_clip_config(path, dtype: str = "float32") -> CLIPVisionConfig:
 def tower_config(path, from_transformers: Callable, dtype: str = "float32"):
   """`from_transformers(fields, dtype=dtype)` of a CLIP folder's config.json; errors name the file."""
   folder = clip_folder(path)
-  config_path = os.path.join(folder, "config.json")
-  if not epath.Path(config_path).is_file():
-    raise FileNotFoundError(
-        f"no config.json in {folder!r} (expected a transformers CLIPVisionModel or CLIPModel folder, "
-        "as written by save_pretrained)"
-    )
-  try:
-    fields = json.loads(epath.Path(config_path).read_text())
-  except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
-  if not isinstance(fields, dict):
-    raise ValueError(f"{config_path}: expected a JSON object of config fields, got a {type(fields).__name__}")
+  fields = read_checkpoint_config(
+      folder, "expected a transformers CLIPVisionModel or CLIPModel folder, as written by save_pretrained"
+  )
   try:
     return from_transformers(fields, dtype=dtype)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"{config_path}: {e}") from e
+    raise ValueError(f"{os.path.join(folder, 'config.json')}: {e}") from e
 
 
 def weight_files(folder: str) -> str:
