@@ -9,6 +9,7 @@ tolerances under them. Benchmarks and users run XLA's defaults.
 """
 
 import os
+import sys
 
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 SESSION_CACHE_VAR = "MONOFORMER_TEST_XLA_CACHE"
@@ -16,6 +17,9 @@ SESSION_CACHE_VAR = "MONOFORMER_TEST_XLA_CACHE"
 
 def subprocess_env(devices: int = 0, **extra) -> dict:
   """The environment of a `python -m monoformer_jax...` subprocess: CPU, the test XLA flags,
-  `devices` fake CPU devices (0: XLA's default, one), the session's compilation cache."""
+  `devices` fake CPU devices (0: XLA's default, one), the session's compilation cache. The
+  interpreter running the tests comes first on PATH, so that the launch scripts' `python` is
+  this one even where its venv was not activated (`.venv/bin/python -m pytest`)."""
   flags = TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **{k: str(v) for k, v in extra.items()})
+  path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PATH=path, **{k: str(v) for k, v in extra.items()})
