@@ -21,5 +21,6 @@ def subprocess_env(devices: int = 0, **extra) -> dict:
   interpreter running the tests comes first on PATH, so that the launch scripts' `python` is
   this one even where its venv was not activated (`.venv/bin/python -m pytest`)."""
   flags = TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-  path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PATH=path, **{k: str(v) for k, v in extra.items()})
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **{k: str(v) for k, v in extra.items()})
+  env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+  return env
