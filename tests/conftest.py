@@ -63,35 +63,6 @@ def pytest_unconfigure(config):
     shutil.rmtree(config.stash[_OWNS_CACHE], ignore_errors=True)
 
 
-# The heaviest modules first (worker-seconds of a quiet run, 2026-12-07): `--dist loadfile` hands
-# out whole modules in collection order, so a heavy module collected last keeps one worker busy
-# while the other has nothing left. The rest follow in their usual (alphabetical) order.
-HEAVIEST_FIRST = (
-    "test_train_system.py",
-    "test_recipes.py",
-    "test_multihost_preemption.py",
-    "test_train_extras.py",
-    "test_train_steps.py",
-    "test_latents_mnist.py",
-    "test_ablations.py",
-    "test_flash_attention.py",
-    "test_inference_image.py",
-    "test_compile_for.py",
-    "test_understanding_train.py",
-    "test_sample_converted.py",
-    "test_multi_image.py",
-    "test_notebook.py",
-    "test_kv_cache.py",
-    "test_imagenet_smoke.py",
-    "test_demo.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order kept
-
-
 def pytest_generate_tests(metafunc):
   sweep = metafunc.config.getoption("seed_sweep")
   if sweep and "seed_index" in metafunc.fixturenames:
