@@ -1,7 +1,7 @@
 """A screenshot of the browser demo (monoformer_jax/demo) after it has drawn, read and written:
 the picture on the front page (docs/images/demo.png).
 
-    python benchmarks/demo_screenshot.py --workdir runs/all_in_one --out docs/images/demo.png
+    python benchmarks/demo_screenshot.py --workdir pretrained:all_in_one --out docs/images/demo.png
 
 Serves the run in this process, opens the page in the distribution's headless Chromium (Debian:
 `apt-get install chromium chromium-driver`; the [test] extra has selenium), draws one digit of
