@@ -176,17 +176,6 @@ def _entry_point(name: str):
   return module
 
 
-@contextlib.contextmanager
-def _in_root():
-  """Config files are named relative to the repository root, where the commands are run."""
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    yield
-  finally:
-    os.chdir(cwd)
-
-
 def _launch_arguments(script: str, args: list[str]) -> list[str]:
   """What a launch script hands to `monoformer_jax.main`."""
   if script.endswith("tpu_pod.sh") and args[:1] == ["--dry_run"]:
@@ -222,7 +211,7 @@ def check_command(words: list[str]) -> str | None:
   fv = flags.FlagValues()
   argv = ["prog"] + args
   try:
-    with _in_root():
+    with contextlib.chdir(ROOT):  # config files are named relative to the root, where commands run
       module.define_flags(fv, argv)
       rest = fv(argv)[1:]
       for name in fv:  # a config file that did not load fails only when it is read
@@ -251,10 +240,7 @@ def check_commands(text: str, page: str) -> list[str]:
 
 def load_config(name: str, variant: str):
   """configs/NAME.py's get_config(variant), as `--config=configs/NAME.py:variant` loads it."""
-  spec = importlib.util.spec_from_file_location(f"docs_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return importlib.import_module(f"configs.{name}").get_config(variant)
 
 
 def config_mentions(text: str) -> set[tuple[str, str]]:

@@ -2,7 +2,6 @@
 digits the project's classifier recognises, and for all_in_one held-out digits read right."""
 
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -46,8 +45,8 @@ def test_the_names_and_their_cards():
     assert card["name"] == name and card["command"].startswith("python -m monoformer_jax.main --config=configs/")
     assert card["quality"]["digits_recognised"] >= 0.93 and card["code"]
     # Weights only: the folder is the weights, the tokenizer and a few KB.
-    weights = os.path.getsize(folder / "weights.safetensors")
-    others = sum(os.path.getsize(p) for p in folder.rglob("*") if p.is_file() and p.name != "weights.safetensors")
+    weights = (folder / "weights.safetensors").stat().st_size
+    others = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "weights.safetensors")
     assert weights < 8_000_000 and others < 400_000, (weights, others)
   assert (
       json.loads((open_lib.PRETRAINED_DIR / "all_in_one" / "CARD.json").read_text())["quality"]["reading_accuracy"]
