@@ -33,11 +33,11 @@ def _setup(seed):
   return args, cfg, image_batch, text_batch, params, model
 
 
-def _close(ours, theirs, what):
+def _close(ours, theirs, what, rel=2e-5):
   ours, theirs = np.asarray(ours), theirs.detach().numpy()
   scale = np.max(np.abs(ours))
   assert scale > 0, what
-  np.testing.assert_allclose(theirs, ours, atol=2e-5 * scale, rtol=0, err_msg=what)
+  np.testing.assert_allclose(theirs, ours, atol=rel * scale, rtol=0, err_msg=what)
 
 
 def test_image_loss_and_gradients_equal_ours(seed):
@@ -74,7 +74,10 @@ def test_image_loss_and_gradients_equal_ours(seed):
   theirs.backward()
   np.testing.assert_allclose(theirs.item(), float(loss), rtol=1e-5)
   _close(grads["x_embedder"]["kernel"], model.x_embedder.weight.grad.T, "x_embedder")
-  _close(grads["t_embedder"]["fc1"]["kernel"], model.t_fc1.weight.grad.T, "t_embedder fc1")
+  # fc1 reads the sinusoidal features of t up to 999, where torch's and XLA's float32 sin / cos
+  # differ by ~1e-7; its gradient carries that as an outer product (worst over 29 seeds: 2.2e-5
+  # of scale, against at most 1.1e-5 elsewhere; benchmarks/RESULTS.md, "Test suite").
+  _close(grads["t_embedder"]["fc1"]["kernel"], model.t_fc1.weight.grad.T, "t_embedder fc1", rel=5e-5)
   _close(grads["adaln_module"]["kernel"], model.adaln.weight.grad.T, "adaln")
   _close(
       grads["layers_0"]["self_attn"]["q_proj"]["kernel"].reshape(args.hidden, -1), model.layers[0].q.weight.grad.T, "q"
