@@ -10,7 +10,7 @@ import json
 
 from etils import epath
 
-from monoformer_jax.data import captions, image_sources, llava, mnist, sources
+from monoformer_jax.data import captions, image_sources, llava, mnist, sources, tfds_latents
 
 
 class DataConfigError(ValueError):
@@ -69,9 +69,6 @@ def _need_path(data, source_field: str) -> str:
 
 def _latents(data, image_shape, split="train"):
   del image_shape  # the latents carry their own
-  # Imported on use: tensorflow_datasets adds ~0.2 s to the start of every run that reads no latents.
-  from monoformer_jax.data import tfds_latents  # pylint: disable=import-outside-toplevel
-
   return tfds_latents.latent_source(
       _need_path(data, "image_source"),
       split,

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.model import flash_attention
+
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
@@ -101,9 +103,6 @@ def attend(q: Array, k: Array, v: Array, mask, impl: str = "einsum", block: int 
   pallas the spans of model/mask.kernel_spans. Returns (B, Lq, H, D) in q's dtype."""
   impl = resolve(impl, q.dtype, q.shape[-1], q.shape[1], k.shape[2])
   if impl == "pallas":
-    # Imported on use: Pallas and its TPU lowering add ~0.15 s to every process's start.
-    from monoformer_jax.model import flash_attention  # pylint: disable=import-outside-toplevel
-
     interpret = target_platform() != "tpu"
     return flash_attention.flash_attention(q, k, v, mask, block_q=block, block_k=block, interpret=interpret)
   if impl == "einsum":
